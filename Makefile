@@ -1,0 +1,44 @@
+# The README's two commands are `make run` and `make test`; both install first.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export ORCH_STATE_DIR ?= .orch
+export ORCH_DATABASE_URL ?= sqlite:///$(ORCH_STATE_DIR)/orch.db
+
+.PHONY: install run test unit integration bench lint nomad-dev clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	mkdir -p $(ORCH_STATE_DIR)
+	$(BIN)/orch products ensure demo
+	$(BIN)/orch serve
+
+test: install
+	$(BIN)/pytest -q tests/unit tests/integration
+
+unit: install
+	$(BIN)/pytest -q tests/unit
+
+integration: install
+	$(BIN)/pytest -q tests/integration
+
+bench: install
+	$(BIN)/python -m tests.bench
+
+lint: install
+	$(BIN)/python -m compileall -q app tests
+
+nomad-dev:
+	@command -v nomad >/dev/null && command -v consul >/dev/null || { echo "nomad-dev: needs the nomad and consul binaries on PATH (see nomad/README.md)"; exit 1; }
+	bash nomad/dev.sh
+
+clean:
+	rm -rf $(VENV) .orch .pytest_cache

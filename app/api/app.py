@@ -1,0 +1,155 @@
+"""The ASGI application: request ids, routing on the raw path, errors, and the lifespan that
+starts the registry, the driver and the background reconciler.
+
+Routing uses the raw path so that a percent-encoded user id (`a%2Fb`) is one segment, decoded
+and then refused for its '/', rather than silently becoming another route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+from app import crypto, errors, naming, registry
+from app.admit import Admitter
+from app.api import openapi
+from app.api.auth import Authenticator
+from app.api.errors import error_body, method_not_allowed, not_found, to_api_error
+from app.api.request import Request
+from app.api.routes import Services, match
+from app.config import Settings
+from app.drivers import make_driver
+from app.lifecycle import Lifecycle
+from app.reconciler import Reconciler
+
+log = logging.getLogger("orch.api")
+
+JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class OrchestratorApp:
+    def __init__(self, settings: Settings, run_reconciler: bool = True):
+        self.settings = settings
+        self.run_reconciler = run_reconciler
+        self.auth = Authenticator()
+        self.services: Services | None = None
+        self._reconciler_task: asyncio.Task[None] | None = None
+        self._openapi = json.dumps(openapi.document()).encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] == "http":
+            await self._http(scope, receive, send)
+
+    # ---- lifespan ----------------------------------------------------------------------------
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:  # uvicorn prints this and exits
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def startup(self) -> None:
+        registry.connect(self.settings.database_url, self.settings.db_timeout_s)
+        lifecycle = Lifecycle(self.settings, make_driver(self.settings), crypto.load_keybox(self.settings))
+        self.services = Services(lifecycle, Admitter(lifecycle))
+        if self.run_reconciler:
+            self._reconciler_task = asyncio.create_task(Reconciler(lifecycle).run_forever())
+
+    async def shutdown(self) -> None:
+        # Engines keep running: an orchestrator restart adopts them.
+        if self._reconciler_task:
+            self._reconciler_task.cancel()
+            await asyncio.gather(self._reconciler_task, return_exceptions=True)
+        if self.services:
+            await self.services.lifecycle.close()
+            await self.services.lifecycle.driver.close()
+        registry.db.close()
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    async def _http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        request = Request(scope, receive)
+        request_id = _request_id(request.headers.get("x-request-id"))
+        token = registry.request_id_var.set(request_id)
+        headers = [*JSON_HEADERS, (b"x-request-id", request_id.encode())]
+        try:
+            status, body = await self._dispatch(scope, request)
+            payload = body if isinstance(body, bytes) else json.dumps(body, separators=(",", ":")).encode()
+        except BaseException as exc:  # noqa: BLE001 - every failure gets the JSON error shape
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            error = to_api_error(exc, request_id)
+            status, payload = error.status, error_body(error.status, error.code, error.message, request_id)
+            headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+        finally:
+            registry.request_id_var.reset(token)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+    async def _dispatch(self, scope: dict[str, Any], request: Request) -> tuple[int, Any]:
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        raw_path = raw_path.split(b"?", 1)[0]
+        method = scope["method"]
+        if raw_path == b"/openapi.json" and method in ("GET", "HEAD"):
+            return 200, self._openapi
+        if raw_path in (b"/healthz", b"/readyz"):
+            return await self._health(raw_path == b"/readyz")
+        segments = raw_path.split(b"/")[1:]
+        text = [s.decode("latin-1") for s in segments]
+        handlers, user_segment = match(text)
+        if not handlers:
+            raise not_found()
+        handler = handlers.get(method)
+        if handler is None:
+            raise method_not_allowed(list(handlers))
+        product = self.auth.product(request.headers.get("x-platform-key"))
+        user_id = _decode_user_id(user_segment) if user_segment is not None else None
+        assert self.services is not None
+        return await handler(self.services, request, product, user_id)
+
+    async def _health(self, ready: bool) -> tuple[int, Any]:
+        if not ready:
+            return 200, {"status": "ok"}
+        try:
+            registry.db.execute_sql("SELECT 1")
+            assert self.services is not None
+            await self.services.lifecycle.driver.ping()
+        except Exception as exc:  # noqa: BLE001 - readiness reports, it does not raise
+            return 503, {"status": "unavailable", "reason": str(exc)[:200]}
+        return 200, {"status": "ready"}
+
+
+def _request_id(sent: str | None) -> str:
+    if sent and len(sent) <= 128 and sent.isprintable() and sent.isascii():
+        return sent
+    return uuid.uuid4().hex
+
+
+def _decode_user_id(segment: str) -> str:
+    try:
+        user_id = unquote_to_bytes(segment.encode("latin-1")).decode("utf-8")
+    except UnicodeDecodeError:
+        raise errors.invalid("user_id must be UTF-8") from None
+    problem = naming.user_id_problem(user_id)
+    if problem:
+        raise errors.invalid(problem)
+    return user_id
+
+
+def create_app(settings: Settings | None = None) -> OrchestratorApp:
+    return OrchestratorApp(settings or Settings.from_env())

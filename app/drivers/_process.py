@@ -1,0 +1,59 @@
+"""Processes of the local driver: launch in a new session, and tell whether a pid is still
+the process we launched (pids are reused), even when it is not our child any more because the
+orchestrator restarted and adopted it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+
+def launch(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
+    with open(log, "ab") as out:
+        # start_new_session: the engine gets its own process group, and outlives us.
+        return subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+
+
+def start_time(pid: int) -> int | None:
+    """The kernel's start time of `pid` in clock ticks: with the pid, a unique identity."""
+    stat = _stat(pid)
+    return int(stat[19]) if stat else None
+
+
+def status(pid: int, started: int | None) -> str:
+    """'running', 'stopped' (SIGSTOPped), or 'dead' (gone, zombie, or another process now)."""
+    stat = _stat(pid)
+    if stat is None or (started is not None and int(stat[19]) != started):
+        return "dead"
+    code = stat[0]
+    if code in ("Z", "X", "x"):
+        return "dead"
+    return "stopped" if code in ("T", "t") else "running"
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # The command name (field 2) may hold spaces and parentheses; split after the last ')'.
+    return raw[raw.rindex(")") + 2:].split()
+
+
+def signal_group(pid: int, sig: signal.Signals) -> bool:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def reap(pid: int) -> None:
+    """Collect our child's exit status so it does not linger as a zombie."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass

@@ -1,0 +1,201 @@
+"""The embedded driver: engines are child processes on this machine.
+
+Each engine runs in its own process group (its own session), listens on a port reserved in the
+registry's port table, keeps its brain under ORCH_BRAIN_ROOT/<name> and reads its key from a
+0600 file under <state dir>/run/<name>. Everything the driver knows about a running engine is in
+the `state` dict the lifecycle stores on the row (pid, its start time, port), so a restarted
+orchestrator adopts the engines it finds alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import time
+from pathlib import Path
+
+import peewee as pw
+
+from app import engine_http
+from app.config import Settings
+from app.drivers import _process
+from app.drivers.base import BootTimeout, Driver, EngineCrashed, EngineSpec, PortExhausted, Probe, State
+from app.registry import PortLease, db
+
+_APP_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+class LocalDriver(Driver):
+    name = "local"
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.brain_root = settings.brain_root.resolve()
+        self.run_root = settings.run_dir.resolve()
+        self.http = engine_http.client()
+
+    # ---- Driver interface ----------------------------------------------------------------
+
+    async def create(self, spec: EngineSpec, api_key: str) -> State:
+        port = self._reserve_port(spec.name)
+        try:
+            brain, run = self._dirs(spec)
+            brain.mkdir(mode=0o700, parents=True, exist_ok=True)
+            run.mkdir(mode=0o700, parents=True, exist_ok=True)
+            return await self.launch(spec, {"port": port}, api_key)
+        except BaseException:
+            await self.destroy(spec, {"port": port})
+            raise
+
+    async def launch(self, spec: EngineSpec, state: State, api_key: str) -> State:
+        port = state["port"]
+        if not _bindable(port):  # someone took our port while the engine was stopped
+            port = self._move_port(spec.name, port)
+        brain, run = self._dirs(spec)
+        brain.mkdir(mode=0o700, parents=True, exist_ok=True)
+        run.mkdir(mode=0o700, parents=True, exist_ok=True)
+        key_file = run / "api_key"
+        _write_secret(key_file, api_key)
+        env = self._env(spec, port, brain, key_file)
+        proc = _process.launch(list(self.settings.engine_cmd), env, run, run / "engine.log")
+        return {"port": port, "pid": proc.pid, "started": _process.start_time(proc.pid)}
+
+    async def wait_ready(self, spec: EngineSpec, state: State, timeout: float) -> tuple[State, str]:
+        url = _url(state["port"])
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            if self._status(state) == "dead":
+                _process.reap(state["pid"])
+                raise EngineCrashed(f"engine {spec.name} exited while booting", state)
+            if await engine_http.healthy(self.http, url, timeout=max(0.05, min(1.0, timeout))):
+                return state, url
+            if time.monotonic() >= deadline:
+                raise BootTimeout(f"engine {spec.name} was not healthy within {timeout:g}s", state)
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.1)
+
+    async def stop(self, spec: EngineSpec, state: State, grace: float) -> State:
+        pid = state.get("pid")
+        if pid and self._status(state) != "dead":
+            _process.signal_group(pid, signal.SIGTERM)
+            _process.signal_group(pid, signal.SIGCONT)  # a paused engine must run to exit
+            if not await self._wait_dead(state, grace):
+                _process.signal_group(pid, signal.SIGKILL)
+                await self._wait_dead(state, 5.0)
+        if pid:
+            _process.reap(pid)
+        return {"port": state.get("port")}
+
+    async def pause(self, spec: EngineSpec, state: State) -> None:
+        if self._status(state) != "dead":
+            _process.signal_group(state["pid"], signal.SIGSTOP)
+
+    async def resume(self, spec: EngineSpec, state: State) -> bool:
+        if not state.get("pid") or self._status(state) == "dead":
+            return False
+        return _process.signal_group(state["pid"], signal.SIGCONT)
+
+    async def set_key(self, spec: EngineSpec, state: State, api_key: str) -> None:
+        _, run = self._dirs(spec)
+        _write_secret(run / "api_key", api_key)
+        if state.get("pid") and self._status(state) != "dead":
+            os.kill(state["pid"], signal.SIGHUP)
+
+    async def destroy(self, spec: EngineSpec, state: State | None) -> None:
+        if state and state.get("pid"):
+            await self.stop(spec, state, min(self.settings.stop_grace_s, 5.0))
+        brain, run = self._dirs(spec)
+        shutil.rmtree(brain, ignore_errors=True)
+        shutil.rmtree(run, ignore_errors=True)
+        PortLease.delete().where(PortLease.engine_name == spec.name).execute()
+
+    async def probe(self, spec: EngineSpec, state: State) -> Probe:
+        status = self._status(state) if state.get("pid") else "dead"
+        if status == "dead":
+            return "dead"
+        if status == "stopped":
+            return "paused"
+        healthy = await engine_http.healthy(self.http, _url(state["port"]))
+        return "healthy" if healthy else "unhealthy"
+
+    async def list_names(self) -> set[str]:
+        names = {p.name for p in self.brain_root.iterdir()} if self.brain_root.exists() else set()
+        names |= {lease.engine_name for lease in PortLease.select()}
+        return names
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _dirs(self, spec: EngineSpec) -> tuple[Path, Path]:
+        # spec.name is [a-z0-9-] (app.naming), so these never leave their roots.
+        return self.brain_root / spec.name, self.run_root / spec.name
+
+    def _env(self, spec: EngineSpec, port: int, brain: Path, key_file: Path) -> dict[str, str]:
+        # The engine gets none of the orchestrator's secrets or scheduler credentials.
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("ORCH_", "NOMAD_", "CONSUL_"))}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_APP_ROOT, env.get("PYTHONPATH")]))
+        env.update(ENGINE_PORT=str(port), ENGINE_HOST="127.0.0.1", ENGINE_BRAIN_DIR=str(brain),
+                   ENGINE_API_KEY_FILE=str(key_file), ENGINE_USER_ID=spec.user_id,
+                   ENGINE_VERSION=spec.version)
+        return env
+
+    def _status(self, state: State) -> str:
+        return _process.status(state["pid"], state.get("started")) if state.get("pid") else "dead"
+
+    async def _wait_dead(self, state: State, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            _process.reap(state["pid"])
+            if self._status(state) == "dead":
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+
+    def _reserve_port(self, name: str) -> int:
+        low, high = self.settings.port_range
+        taken = {lease.port for lease in PortLease.select(PortLease.port)}
+        for port in range(low, high + 1):
+            if port in taken or not _bindable(port):
+                continue
+            try:
+                with db.atomic():
+                    PortLease.create(port=port, engine_name=name)
+                return port
+            except pw.IntegrityError:
+                continue  # another replica took it between our read and our insert
+        raise PortExhausted(f"no free port in ORCH_PORT_RANGE {low}-{high}")
+
+    def _move_port(self, name: str, old: int) -> int:
+        port = self._reserve_port(name)
+        PortLease.delete().where(PortLease.port == old).execute()
+        return port
+
+
+def _url(port: int) -> str:
+    return f"http://127.0.0.1:{port}"
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _write_secret(path: Path, value: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value)
+    os.replace(tmp, path)

@@ -1,0 +1,49 @@
+"""Talking to engines over HTTP: health, and confirming which key an engine accepts."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+
+KEYCHECK_PATH = "/v1/keycheck"
+
+
+def client() -> httpx.AsyncClient:
+    # trust_env=False: engine traffic must never go through a proxy from the environment.
+    return httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(2.0, connect=1.0),
+                             limits=httpx.Limits(max_keepalive_connections=64))
+
+
+async def healthy(http: httpx.AsyncClient, url: str, timeout: float = 1.0) -> bool:
+    try:
+        response = await http.get(url + "/health", timeout=timeout)
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200
+
+
+async def accepts(http: httpx.AsyncClient, url: str, key: str) -> bool | None:
+    """Whether the engine accepts `key`: every route but /health needs it, so an authorised
+    request to any route is anything but 401/403. None when the engine did not answer."""
+    try:
+        response = await http.get(url + KEYCHECK_PATH, headers={"Authorization": f"Bearer {key}"},
+                                  timeout=1.0)
+    except httpx.HTTPError:
+        return None
+    return response.status_code not in (401, 403)
+
+
+async def confirm_key(http: httpx.AsyncClient, url: str, new: str, old: str | None,
+                      timeout: float) -> bool:
+    """Poll until the engine accepts `new` and refuses `old`, or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        if await accepts(http, url, new) and (old is None or await accepts(http, url, old) is False):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.2)

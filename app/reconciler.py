@@ -1,0 +1,119 @@
+"""The background loop: compare the registry with what the driver sees, and repair drift.
+
+Each pass: running engines are probed (dead -> failed `crashed`; unhealthy past the grace
+period -> failed `unhealthy`; idle -> sleeping); failed engines with restarts left are restarted
+once their backoff has passed; engines sitting in a transient state whose lease ran out (their
+orchestrator died mid-operation) are finished or rolled back; driver resources with no row are
+removed after a grace period. Every repair goes through the lifecycle, so it is a
+compare-and-set with an audit event, under the row's lease: safe on every replica at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Awaitable
+
+from app import registry, states
+from app.drivers.base import EngineSpec
+from app.lifecycle import Lifecycle
+from app.registry import Engine
+
+log = logging.getLogger("orch.reconciler")
+
+PROBE_CONCURRENCY = 32
+STABLE_AFTER_S = 60.0  # running this long without trouble: the restart count starts over
+ORPHAN_GRACE_S = 60.0
+
+
+class Reconciler:
+    def __init__(self, lifecycle: Lifecycle):
+        self.lifecycle = lifecycle
+        self.settings = lifecycle.settings
+        self._unhealthy_since: dict[int, float] = {}
+        self._orphan_since: dict[str, float] = {}
+        self._inflight: set[asyncio.Task[Any]] = set()
+
+    async def run_forever(self) -> None:
+        while True:
+            try:
+                await self.pass_once(wait=False)
+            except Exception:  # noqa: BLE001 - the loop must outlive any one bad pass
+                log.exception("reconciler pass failed")
+            await asyncio.sleep(self.settings.tick_s)
+
+    async def pass_once(self, wait: bool = True) -> dict[str, int]:
+        """One pass. With wait, the repairs it starts are finished before it returns."""
+        now = time.time()
+        counts = {"probed": 0, "repairs": 0}
+        running = registry.engines_in([states.RUNNING])
+        counts["probed"] = len(running)
+        semaphore = asyncio.Semaphore(PROBE_CONCURRENCY)
+
+        async def check(engine: Engine) -> None:
+            async with semaphore:
+                await self._check_running(engine, now)
+
+        await asyncio.gather(*(check(e) for e in running))
+        for engine in registry.engines_in([states.FAILED]):
+            if self.lifecycle.restartable(engine) and (engine.next_restart_at or 0) <= now:
+                self._spawn(self.lifecycle.restart(engine))
+        for engine in registry.engines_in(states.TRANSIENT):
+            if engine.lease_until is None or engine.lease_until < now:
+                self._spawn(self.lifecycle.recover(engine))
+        await self._orphans(now)
+        counts["repairs"] = len(self._inflight)
+        if wait and self._inflight:
+            await asyncio.gather(*list(self._inflight), return_exceptions=True)
+        return counts
+
+    async def _check_running(self, engine: Engine, now: float) -> None:
+        lifecycle = self.lifecycle
+        probe = await lifecycle.driver.probe(lifecycle.spec(engine), engine.state)
+        if probe == "healthy":
+            self._unhealthy_since.pop(engine.id, None)
+            if engine.restarts and now - engine.status_since > STABLE_AFTER_S:
+                _quietly(registry.update, engine, restarts=0)
+            if self.settings.idle_sleep_s > 0 and lifecycle.idle_for(engine, now) >= self.settings.idle_sleep_s:
+                self._spawn(lifecycle.sleep_if_idle(engine))
+        elif probe == "dead":
+            self._spawn(lifecycle.fail(engine, "crashed"))
+        else:
+            since = self._unhealthy_since.setdefault(engine.id, now)
+            if now - since >= self.settings.health_grace_s:
+                self._unhealthy_since.pop(engine.id, None)
+                self._spawn(lifecycle.fail(engine, "unhealthy"))
+
+    async def _orphans(self, now: float) -> None:
+        """Driver resources with no row: left by a crash between create and insert/delete."""
+        known = {name for (name,) in registry.Engine.select(registry.Engine.name).tuples()}
+        found = await self.lifecycle.driver.list_names()
+        for name in list(self._orphan_since):
+            if name not in found or name in known:
+                del self._orphan_since[name]
+        for name in found - known:
+            first = self._orphan_since.setdefault(name, now)
+            if now - first >= ORPHAN_GRACE_S:
+                del self._orphan_since[name]
+                log.warning("removing orphaned engine resources %s", name)
+                registry.Event.create(product_id=0, user_id="", engine_name=name, at=now,
+                                      event="orphan_removed", reason="no registry row")
+                self._spawn(self.lifecycle.driver.destroy(EngineSpec(name, "", "", ""), None))
+
+    def _spawn(self, work: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self._inflight.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._inflight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.info("repair did not complete: %s", task.exception())
+
+
+def _quietly(fn: Any, *args: Any, **kwargs: Any) -> None:
+    try:
+        fn(*args, **kwargs)
+    except registry.Conflict:
+        pass  # someone changed the row first; the next pass sees the new one

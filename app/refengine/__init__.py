@@ -1,0 +1,1 @@
+"""The reference engine (`python -m app.refengine`); see server.py for its contract."""

@@ -1,0 +1,5 @@
+import sys
+
+from app.refengine.server import main
+
+sys.exit(main())

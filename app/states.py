@@ -1,0 +1,58 @@
+"""The engine state machine: one table, nothing else.
+
+Every change of an engine's state goes through `next_state`, and is written as one
+compare-and-set on the engine's row plus one audit event (see registry.transition).
+"""
+
+from __future__ import annotations
+
+PROVISIONING = "provisioning"
+STARTING = "starting"
+RUNNING = "running"
+STOPPING = "stopping"
+STOPPED = "stopped"
+SLEEPING = "sleeping"
+FAILED = "failed"
+DESTROYING = "destroying"
+
+STATES = (PROVISIONING, STARTING, RUNNING, STOPPING, STOPPED, SLEEPING, FAILED, DESTROYING)
+
+# event -> (states it may leave from, state it leads to). `None` as a source is "no row yet".
+TABLE: dict[str, tuple[frozenset[str | None], str]] = {
+    "provision": (frozenset({None}), PROVISIONING),
+    "ready": (frozenset({PROVISIONING, STARTING}), RUNNING),
+    "boot_failed": (frozenset({PROVISIONING, STARTING}), FAILED),
+    "sleep": (frozenset({RUNNING}), SLEEPING),
+    "start": (frozenset({SLEEPING, STOPPED, FAILED}), STARTING),
+    "stop": (frozenset({RUNNING, SLEEPING, STARTING, PROVISIONING, FAILED}), STOPPING),
+    "stopped": (frozenset({STOPPING}), STOPPED),
+    "fail": (frozenset({RUNNING}), FAILED),
+    "destroy": (frozenset(STATES), DESTROYING),
+}
+
+# States in which an operation is under way; one that sits here longer than the boot timeout
+# (plus the stop grace) was left behind by a dead orchestrator.
+TRANSIENT = frozenset({PROVISIONING, STARTING, STOPPING, DESTROYING})
+
+
+class IllegalTransition(Exception):
+    def __init__(self, event: str, state: str | None):
+        super().__init__(f"cannot {event} an engine that is {state}")
+        self.event, self.state = event, state
+
+
+def next_state(state: str | None, event: str) -> str:
+    sources, target = TABLE[event]
+    if state not in sources:
+        raise IllegalTransition(event, state)
+    return target
+
+
+def allowed(state: str | None, event: str) -> bool:
+    return state in TABLE[event][0]
+
+
+def is_valid_path(states: list[str | None]) -> bool:
+    """Whether a sequence of states (oldest first) only ever moves along the table."""
+    targets = {(src, dst) for sources, dst in TABLE.values() for src in sources}
+    return all((a, b) in targets for a, b in zip(states, states[1:]))

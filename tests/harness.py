@@ -1,0 +1,173 @@
+"""Runs the real orchestrator (`python -m app.cli serve`) as a subprocess for tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def free_port_range(size: int) -> tuple[int, int]:
+    """A block of ports that are all bindable right now."""
+    for _ in range(200):
+        low = random.randrange(21000, 39000 - size)
+        if all(_bindable(p) for p in range(low, low + size)):
+            return low, low + size - 1
+    raise RuntimeError("no free port range")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
+             what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Orchestrator:
+    """One orchestrator process on a temp state dir; restartable on the same database."""
+
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None, ports: int = 20):
+        self.tmp = tmp
+        self.state_dir = tmp / "state"
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        low, high = free_port_range(ports)
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "NOMAD_", "CONSUL_"))},
+            "ORCH_STATE_DIR": str(self.state_dir),
+            "ORCH_DATABASE_URL": f"sqlite:///{self.state_dir / 'orch.db'}",
+            "ORCH_PORT_RANGE": f"{low}-{high}",
+            "ORCH_BOOT_TIMEOUT_S": "10",
+            "ORCH_STOP_GRACE_S": "3",
+            "ORCH_IDLE_SLEEP_S": "0",
+            "ORCH_TICK_S": "0.1",
+            "ORCH_HEALTH_GRACE_S": "1",
+            "ORCH_RESTART_BACKOFF_S": "0.1",
+            "ORCH_LOG_LEVEL": "INFO",
+            "PYTHONPATH": str(ROOT),
+            "NO_PROXY": "*",
+            **(env or {}),
+        }
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = tmp / "orch.log"
+        self.keys: dict[str, str] = {}
+
+    # ---- process ----------------------------------------------------------------------------
+
+    def start(self) -> "Orchestrator":
+        self.port = free_port()
+        env = {**self.env, "ORCH_PORT": str(self.port)}
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=env,
+                                         cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        wait_for(self._ready, timeout=20, what=f"orchestrator on port {self.port} (log {self.log})")
+        return self
+
+    def _ready(self) -> bool:
+        if self.proc and self.proc.poll() is not None:
+            raise AssertionError(f"orchestrator exited: {self.log.read_text()[-3000:]}")
+        try:
+            return httpx.get(self.url + "/healthz", timeout=0.5, trust_env=False).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=15)
+        self.proc = None
+
+    def restart(self) -> "Orchestrator":
+        self.kill()
+        return self.start()
+
+    def close(self) -> None:
+        self.kill()
+        for pid in self.engine_pids():
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        from tests.conftest import reap_zombies
+
+        time.sleep(0.05)
+        reap_zombies()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    # ---- CLI and database -------------------------------------------------------------------
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([sys.executable, "-m", "app.cli", *args], env=self.env, cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+        if check and result.returncode != 0:
+            raise AssertionError(f"orch {' '.join(args)} failed: {result.stderr}")
+        return result
+
+    def product(self, name: str, max_engines: int = 100, rpm: int = 100000) -> str:
+        out = self.cli("products", "create", name, "--max-engines", str(max_engines),
+                       "--rate-limit-rpm", str(rpm))
+        key = json.loads(out.stdout)["platform_key"]
+        self.keys[name] = key
+        return key
+
+    def client(self, product: str, timeout: float = 30.0) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"X-Platform-Key": self.keys[product]},
+                            timeout=timeout, trust_env=False)
+
+    def db(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.state_dir / "orch.db", timeout=10)
+
+    def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        with self.db() as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def engine_row(self, user_id: str) -> dict[str, Any] | None:
+        with self.db() as conn:
+            conn.row_factory = sqlite3.Row
+            row = conn.execute("SELECT * FROM engine WHERE user_id = ?", (user_id,)).fetchone()
+            return dict(row) if row else None
+
+    def engine_pids(self) -> list[int]:
+        if not (self.state_dir / "orch.db").exists():
+            return []
+        pids = []
+        for (state,) in self.rows("SELECT driver_state FROM engine"):
+            pid = json.loads(state or "{}").get("pid")
+            if pid:
+                pids.append(pid)
+        return pids

@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from app import policy, products, registry, states
+from app.flights import Flights
+
+
+@pytest.fixture
+def db(tmp_path: Path):
+    database = registry.connect(f"sqlite:///{tmp_path / 'orch.db'}")
+    yield database
+    database.close()
+
+
+def test_transition_is_compare_and_set(db) -> None:
+    product, _ = products.create("p")
+    engine = registry.insert_engine(product.id, "u", "e-p-u", "v1", "enc", "me", 10)
+    stale = registry.reload(engine)
+    registry.transition(engine, "ready", url="http://x")
+    assert engine.status == states.RUNNING
+    with pytest.raises(registry.Conflict):
+        registry.transition(stale, "boot_failed", "late")  # read before the change: loses
+    assert registry.reload(engine).status == states.RUNNING
+    events = [(e.event, e.from_status, e.to_status) for e in registry.events_for(product.id, "u")]
+    assert events == [("ready", "provisioning", "running"), ("provision", None, "provisioning")]
+
+
+def test_illegal_transition_changes_nothing(db) -> None:
+    product, _ = products.create("p")
+    engine = registry.insert_engine(product.id, "u", "e-p-u", "v1", "enc", "me", 10)
+    with pytest.raises(states.IllegalTransition):
+        registry.transition(engine, "sleep")
+    assert registry.reload(engine).version == engine.version
+    assert len(registry.events_for(product.id)) == 1
+
+
+def test_quota_and_uniqueness(db) -> None:
+    product, _ = products.create("p", max_engines=2)
+    registry.insert_engine(product.id, "a", "e-a", "v", "k", "me", 10)
+    with pytest.raises(registry.AlreadyExists):
+        registry.insert_engine(product.id, "a", "e-a2", "v", "k", "me", 10)
+    registry.insert_engine(product.id, "b", "e-b", "v", "k", "me", 10)
+    with pytest.raises(registry.QuotaExceeded):
+        registry.insert_engine(product.id, "c", "e-c", "v", "k", "me", 10)
+
+
+def test_quota_holds_across_threads(db, tmp_path: Path) -> None:
+    """Separate connections (as separate replicas would have) racing for the last slots."""
+    product, _ = products.create("p", max_engines=5)
+    url = f"sqlite:///{tmp_path / 'orch.db'}"
+    results: list[str] = []
+
+    def worker(i: int) -> None:
+        for attempt in range(50):
+            try:
+                registry.insert_engine(product.id, f"u{i}", f"e-u{i}", "v", "k", "me", 10)
+                results.append("ok")
+                return
+            except registry.QuotaExceeded:
+                results.append("quota")
+                return
+            except Exception:  # noqa: BLE001 - a busy database: try again
+                time.sleep(0.01)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count("ok") == 5 and results.count("quota") == 15
+    assert registry.Engine.select().count() == 5
+    del url
+
+
+def test_lease_is_exclusive_until_it_expires(db) -> None:
+    product, _ = products.create("p")
+    engine = registry.insert_engine(product.id, "u", "e", "v", "k", "a", 0.2)
+    assert not registry.acquire_lease(engine, "b", 10)
+    assert registry.acquire_lease(engine, "a", 10)  # the holder may renew
+    registry.release_lease(engine.id, "a")
+    assert registry.acquire_lease(engine, "b", 0.05)
+    time.sleep(0.06)
+    assert registry.acquire_lease(engine, "a", 10)  # expired: taken over
+
+
+def test_gcra_limits_smoothly(db) -> None:
+    product, _ = products.create("p", rate_limit_rpm=60)
+    now = 1000.0
+    allowed = [policy.admit_retry_after(product.id, 60, now) is None for _ in range(61)]
+    assert allowed.count(True) == 60  # a burst of rpm
+    assert policy.admit_retry_after(product.id, 60, now) == 1
+    assert policy.admit_retry_after(product.id, 60, now + 1.0) is None  # one more a second
+    assert policy.admit_retry_after(product.id, 60, now + 1.0) is not None
+    # no 2x burst at a "minute boundary": 60s later only the drained slots come back
+    later = now + 61.0
+    assert sum(policy.admit_retry_after(product.id, 60, later) is None for _ in range(120)) == 60
+
+
+def test_flights_coalesce_same_op_and_serialise_others() -> None:
+    async def scenario() -> None:
+        flights = Flights()
+        calls: list[str] = []
+        gate = asyncio.Event()
+
+        async def slow(tag: str) -> str:
+            calls.append(tag)
+            await gate.wait()
+            return tag
+
+        joined = [asyncio.ensure_future(flights.run("k", "start", lambda: slow("start")))
+                  for _ in range(50)]
+        other = asyncio.ensure_future(flights.run("k", "stop", lambda: slow("stop")))
+        await asyncio.sleep(0.01)
+        assert calls == ["start"]  # one start ran; stop waits its turn
+        gate.set()
+        assert set(await asyncio.gather(*joined)) == {"start"}
+        assert await other == "stop"
+        assert calls == ["start", "stop"] and len(flights) == 0
+
+    asyncio.run(scenario())
