@@ -77,7 +77,7 @@ def test_lifecycle_story(orch: Orchestrator) -> None:
     pid = engine_get(url, "/v1/info", new_key).json()["pid"]
     wait_for(lambda: api.get("/engines/alice").json()["status"] == "sleeping", timeout=15,
              what="idle sleep")
-    assert proc_state(pid) == "paused"
+    wait_for(lambda: proc_state(pid) == "paused", what="SIGSTOP")
 
     denied = api.post("/engines/alice/admit", json={"auto_wake": False}).json()
     assert denied == {"admitted": False, "reason": "engine_sleeping", "status": "sleeping"}

@@ -1,0 +1,112 @@
+"""Lifecycle edges on the local driver: hung engines, failing checks, sleep modes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.engines import engine_log, proc_state
+from tests.harness import Orchestrator, wait_for
+
+
+@pytest.fixture
+def make_orch(tmp_path: Path):
+    made: list[Orchestrator] = []
+
+    def make(**env: str) -> Orchestrator:
+        orch = Orchestrator(tmp_path / str(len(made)), env=env).start()
+        orch.product("acme")
+        made.append(orch)
+        return orch
+
+    yield make
+    for orch in made:
+        orch.close()
+
+
+def pid_of(orch: Orchestrator, user_id: str) -> int:  # 0 while it has no process
+    return json.loads(orch.engine_row(user_id)["driver_state"]).get("pid", 0)
+
+
+def test_stop_kills_an_engine_that_ignores_sigterm(make_orch) -> None:
+    orch = make_orch(ORCH_STOP_GRACE_S="0.5")
+    api = orch.client("acme")
+    assert api.post("/engines/provision", json={"user_id": "stubborn",
+                                                 "engine_version": "ref+fault-hang-term"}).status_code == 200
+    pid = pid_of(orch, "stubborn")
+    assert api.post("/engines/stubborn/stop").json()["status"] == "stopped"
+    assert proc_state(pid) == "gone"
+    assert "ignoring SIGTERM" in engine_log(orch, "stubborn")  # SIGTERM came first, then SIGKILL
+
+
+def test_failing_health_check_fails_then_restarts(make_orch) -> None:
+    orch = make_orch(ORCH_HEALTH_GRACE_S="0.3")
+    api = orch.client("acme")
+    engine = api.post("/engines/provision", json={"user_id": "sick"}).json()
+    pid = pid_of(orch, "sick")
+    r = httpx.post(engine["url"] + "/v1/admin/health", json={"healthy": False},
+                   headers={"Authorization": f"Bearer {engine['api_key']}"}, trust_env=False)
+    assert r.status_code == 200
+    wait_for(lambda: pid_of(orch, "sick") != pid and orch.engine_row("sick")["status"] == "running",
+             timeout=15, what="restart after failing checks")
+    assert proc_state(pid) == "gone"
+    events = [(e["event"], e["reason"]) for e in api.get("/engines/sick/events").json()["events"]]
+    assert ("fail", "unhealthy") in events and ("start", "restart") in events
+    assert api.get("/engines/sick").json()["restarts"] == 1
+
+
+def test_sleep_mode_stop_cold_starts_on_wake(make_orch) -> None:
+    orch = make_orch(ORCH_IDLE_SLEEP_S="0.5", ORCH_SLEEP_MODE="stop")
+    api = orch.client("acme")
+    engine = api.post("/engines/provision", json={"user_id": "napper"}).json()
+    key = engine["api_key"]
+    httpx.put(engine["url"] + "/v1/memory/k", content=b"v", trust_env=False,
+              headers={"Authorization": f"Bearer {key}"})
+    pid = pid_of(orch, "napper")
+    wait_for(lambda: api.get("/engines/napper").json()["status"] == "sleeping", timeout=15,
+             what="idle sleep")
+    # sleeping is recorded first (an admit meanwhile wakes it), then the process stops
+    wait_for(lambda: proc_state(pid) == "gone", timeout=10, what="the engine process to stop")
+    wait_for(lambda: api.get("/engines/napper").json()["url"] is None, what="url cleared")
+    woken = api.post("/engines/napper/admit", json={"auto_wake": True}).json()
+    assert woken["admitted"] and woken["woken"]
+    assert pid_of(orch, "napper") != pid
+    got = httpx.get(woken["url"] + "/v1/memory/k", headers={"Authorization": f"Bearer {key}"},
+                    trust_env=False)
+    assert got.content == b"v"
+
+
+def test_wake_falls_back_to_cold_start_when_the_paused_process_is_gone(make_orch) -> None:
+    orch = make_orch(ORCH_IDLE_SLEEP_S="0.5")
+    api = orch.client("acme")
+    api.post("/engines/provision", json={"user_id": "ghost"})
+    pid = pid_of(orch, "ghost")
+    wait_for(lambda: api.get("/engines/ghost").json()["status"] == "sleeping", timeout=15,
+             what="idle sleep")
+    wait_for(lambda: proc_state(pid) == "paused", what="SIGSTOP")
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: proc_state(pid) == "gone", what="kill")
+    woken = api.post("/engines/ghost/admit", json={"auto_wake": True}).json()
+    assert woken["admitted"] and woken["woken"]
+    assert pid_of(orch, "ghost") != pid and proc_state(pid_of(orch, "ghost")) == "running"
+
+
+def test_start_wakes_a_sleeping_engine_and_admit_counts_as_activity(make_orch) -> None:
+    orch = make_orch(ORCH_IDLE_SLEEP_S="1")
+    api = orch.client("acme")
+    api.post("/engines/provision", json={"user_id": "busy"})
+    # steady admits keep it awake past several idle periods
+    for _ in range(12):
+        assert api.post("/engines/busy/admit").json()["admitted"]
+        import time
+        time.sleep(0.2)
+    assert api.get("/engines/busy").json()["status"] == "running"
+    wait_for(lambda: api.get("/engines/busy").json()["status"] == "sleeping", timeout=15,
+             what="idle sleep")
+    started = api.post("/engines/busy/start")
+    assert started.status_code == 200 and started.json()["status"] == "running"
