@@ -103,12 +103,15 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from app.api.app import OrchestratorApp
     from app.crypto import load_keybox
 
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from app import logs
+
+    logs.setup(settings.log_level)
     load_keybox(settings)  # a bad ORCH_SECRET_KEY stops start-up here, with one line
     _db(settings)
     uvicorn.run(OrchestratorApp(settings), host=args.host or settings.host,
                 port=args.port if args.port is not None else settings.port,
-                log_level=settings.log_level.lower(), access_log=False, lifespan="on")
+                log_level=settings.log_level.lower(), access_log=False, lifespan="on",
+                log_config=None)
     return 0
 
 

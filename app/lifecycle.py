@@ -16,9 +16,9 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
-from app import crypto, engine_http, errors, naming, registry, states
+from app import crypto, engine_http, errors, metrics, naming, registry, states
 from app.config import Settings
 from app.crypto import KeyBox
 from app.drivers.base import BootTimeout, Driver, DriverError, EngineCrashed, EngineSpec, State
@@ -26,6 +26,7 @@ from app.flights import Flights
 from app.registry import Engine
 
 log = logging.getLogger("orch.lifecycle")
+T = TypeVar("T")
 
 LEASE_S = 15.0
 KEY_CONFIRM_S = 10.0
@@ -58,23 +59,23 @@ class Lifecycle:
     async def provision(self, product: ProductRef, user_id: str,
                         engine_version: str | None = None) -> tuple[Engine, str]:
         version = engine_version or self.settings.engine_image
-        return await self.flights.run((product.id, user_id), "provision",
+        return await self._run((product.id, user_id), "provision",
                                       lambda: self._provision(product, user_id, version))
 
     async def start(self, product: ProductRef, user_id: str) -> Engine:
-        return await self.flights.run((product.id, user_id), "start",
+        return await self._run((product.id, user_id), "start",
                                       lambda: self._start(product, user_id))
 
     async def stop(self, product: ProductRef, user_id: str) -> Engine:
-        return await self.flights.run((product.id, user_id), "stop",
+        return await self._run((product.id, user_id), "stop",
                                       lambda: self._stop(product, user_id))
 
     async def rotate_key(self, product: ProductRef, user_id: str) -> tuple[Engine, str]:
-        return await self.flights.run((product.id, user_id), "rotate",
+        return await self._run((product.id, user_id), "rotate",
                                       lambda: self._rotate(product, user_id))
 
     async def destroy(self, product: ProductRef, user_id: str) -> None:
-        await self.flights.run((product.id, user_id), "destroy",
+        await self._run((product.id, user_id), "destroy",
                                lambda: self._destroy(product, user_id))
 
     def get(self, product: ProductRef, user_id: str) -> Engine:
@@ -86,21 +87,21 @@ class Lifecycle:
     # ---- operations the admit path and the background loop share -------------------------
 
     async def wake(self, engine: Engine) -> Engine:
-        return await self.flights.run(_key(engine), "wake", lambda: self._bring_up_op(engine, "wake"))
+        return await self._run(_key(engine), "wake", lambda: self._bring_up_op(engine, "wake"))
 
     async def restart(self, engine: Engine) -> Engine:
-        return await self.flights.run(_key(engine), "restart",
+        return await self._run(_key(engine), "restart",
                                       lambda: self._bring_up_op(engine, "restart"))
 
     async def sleep_if_idle(self, engine: Engine) -> None:
-        await self.flights.run(_key(engine), "sleep", lambda: self._sleep(engine))
+        await self._run(_key(engine), "sleep", lambda: self._sleep(engine))
 
     async def fail(self, engine: Engine, reason: str) -> None:
-        await self.flights.run(_key(engine), "fail", lambda: self._fail(engine, reason))
+        await self._run(_key(engine), "fail", lambda: self._fail(engine, reason))
 
     async def recover(self, engine: Engine) -> None:
         """Finish or roll back an operation whose owner died (its lease ran out)."""
-        await self.flights.run(_key(engine), "recover", lambda: self._recover_op(engine))
+        await self._run(_key(engine), "recover", lambda: self._recover_op(engine))
 
     def restartable(self, engine: Engine) -> bool:
         return engine.status == states.FAILED and engine.restarts < self.settings.max_restarts
@@ -224,8 +225,10 @@ class Lifecycle:
                     timeout: float | None = None) -> Engine:
         """Wait for health, then `ready`. With an explicit timeout (a resumed engine), a
         failure is the caller's to handle; otherwise the engine becomes failed."""
+        started = time.perf_counter()
         try:
             state, url = await self.driver.wait_ready(spec, state, timeout or self.settings.boot_timeout_s)
+            metrics.BOOT_SECONDS.observe(time.perf_counter() - started)
         except (BootTimeout, EngineCrashed) as exc:
             if timeout is not None:
                 raise
@@ -300,6 +303,23 @@ class Lifecycle:
             if time.monotonic() > deadline:
                 raise errors.busy(engine.user_id)
             await asyncio.sleep(0.05)
+
+    async def _run(self, key: tuple[int, str], op: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """Single-flight `fn`, timed once per real run (joiners share it)."""
+        async def timed() -> T:
+            started = time.perf_counter()
+            outcome = "error"
+            try:
+                result = await fn()
+                outcome = "ok"
+                return result
+            finally:
+                elapsed = time.perf_counter() - started
+                metrics.OPERATION_SECONDS.labels(op, outcome).observe(elapsed)
+                log.info("operation", extra={"operation": op, "user_id": key[1],
+                                             "outcome": outcome, "duration_ms": round(elapsed * 1000, 3)})
+
+        return await self.flights.run(key, op, timed)
 
     # ---- leases ------------------------------------------------------------------------------
 

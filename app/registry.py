@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -19,9 +20,10 @@ from typing import Any, Iterable
 import peewee as pw
 from playhouse.db_url import connect as db_connect
 
-from app import states
+from app import metrics, states
 
 db = pw.DatabaseProxy()
+log = logging.getLogger("orch.transitions")
 
 # Set by the API for each request, so audit events name the request that caused them.
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
@@ -206,9 +208,19 @@ def transition(engine: Engine, event: str, reason: str | None = None, **fields: 
     with db.atomic():
         _cas(engine, values, now)
         _audit(engine, event, engine.status, target, reason, now)
+    _observe_transition(engine, event, target, reason)
     for key, value in values.items():
         setattr(engine, key, value)
     return engine
+
+
+def _observe_transition(engine: Engine, event: str, target: str, reason: str | None) -> None:
+    metrics.TRANSITIONS.labels(event, target).inc()
+    if target == states.FAILED:
+        metrics.FAILURES.labels(reason or "unknown").inc()
+    log.info("transition", extra={"engine": engine.name, "user_id": engine.user_id,
+                                  "event": event, "from": engine.status, "to": target,
+                                  "reason": reason, "request_id": request_id_var.get()})
 
 
 def update(engine: Engine, audit: str | None = None, reason: str | None = None, **fields: Any) -> Engine:
@@ -275,6 +287,12 @@ def list_engines(product_id: int | None = None, status: str | None = None,
     if status is not None:
         query = query.where(Engine.status == status)
     return list(query.order_by(Engine.id).limit(limit))
+
+
+def engine_counts() -> list[tuple[str, str, int]]:
+    query = (Engine.select(Product.name, Engine.status, pw.fn.COUNT(Engine.id))
+             .join(Product).group_by(Product.name, Engine.status).tuples())
+    return list(query)
 
 
 def engines_in(statuses: Iterable[str]) -> list[Engine]:

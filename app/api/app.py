@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-from app import crypto, errors, naming, registry
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from app import crypto, errors, metrics, naming, registry
 from app.admit import Admitter
 from app.api import openapi
 from app.api.auth import Authenticator
@@ -27,6 +30,9 @@ from app.lifecycle import Lifecycle
 from app.reconciler import Reconciler
 
 log = logging.getLogger("orch.api")
+access_log = logging.getLogger("orch.requests")
+
+PLAIN_ROUTES = {b"/openapi.json", b"/metrics", b"/healthz", b"/readyz"}
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
@@ -83,44 +89,79 @@ class OrchestratorApp:
     # ---- requests ---------------------------------------------------------------------------
 
     async def _http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        started = time.perf_counter()
         request = Request(scope, receive)
         request_id = _request_id(request.headers.get("x-request-id"))
         token = registry.request_id_var.set(request_id)
         headers = [*JSON_HEADERS, (b"x-request-id", request_id.encode())]
+        ctx: dict[str, Any] = {"route": "unmatched"}
+        code = None
         try:
-            status, body = await self._dispatch(scope, request)
+            status, body = await self._dispatch(scope, request, ctx)
             payload = body if isinstance(body, bytes) else json.dumps(body, separators=(",", ":")).encode()
         except BaseException as exc:  # noqa: BLE001 - every failure gets the JSON error shape
             if isinstance(exc, asyncio.CancelledError):
                 raise
             error = to_api_error(exc, request_id)
-            status, payload = error.status, error_body(error.status, error.code, error.message, request_id)
+            status, code = error.status, error.code
+            payload = error_body(error.status, error.code, error.message, request_id)
             headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
         finally:
             registry.request_id_var.reset(token)
+        if ctx["route"] == "/metrics":
+            headers[0] = (b"content-type", CONTENT_TYPE_LATEST.encode())
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
+        self._account(scope["method"], ctx, status, code, request_id, started)
 
-    async def _dispatch(self, scope: dict[str, Any], request: Request) -> tuple[int, Any]:
+    def _account(self, method: str, ctx: dict[str, Any], status: int, code: str | None,
+                 request_id: str, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        route = ctx["route"]
+        metrics.REQUESTS.labels(route, method, str(status)).inc()
+        if code in ("RATE_LIMITED", "QUOTA_EXCEEDED"):
+            metrics.REFUSALS.labels(code.lower()).inc()
+        if route.endswith("/admit"):
+            outcome = code.lower() if code else ctx.get("outcome", "admitted")
+            metrics.ADMIT_SECONDS.labels(outcome).observe(elapsed)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info("request", extra={
+                "request_id": request_id, "product": ctx.get("product"), "user_id": ctx.get("user_id"),
+                "method": method, "route": route, "status": status, "outcome": code or "ok",
+                "duration_ms": round(elapsed * 1000, 3)})
+
+    async def _dispatch(self, scope: dict[str, Any], request: Request,
+                        ctx: dict[str, Any]) -> tuple[int, Any]:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         raw_path = raw_path.split(b"?", 1)[0]
         method = scope["method"]
-        if raw_path == b"/openapi.json" and method in ("GET", "HEAD"):
-            return 200, self._openapi
-        if raw_path in (b"/healthz", b"/readyz"):
-            return await self._health(raw_path == b"/readyz")
+        if raw_path in PLAIN_ROUTES and method in ("GET", "HEAD"):
+            ctx["route"] = raw_path.decode()
+            return await self._plain(raw_path)
         segments = raw_path.split(b"/")[1:]
         text = [s.decode("latin-1") for s in segments]
-        handlers, user_segment = match(text)
+        handlers, user_segment, ctx["route"] = match(text)
         if not handlers:
             raise not_found()
         handler = handlers.get(method)
         if handler is None:
             raise method_not_allowed(list(handlers))
         product = self.auth.product(request.headers.get("x-platform-key"))
+        ctx["product"] = product.name
         user_id = _decode_user_id(user_segment) if user_segment is not None else None
+        ctx["user_id"] = user_id
         assert self.services is not None
-        return await handler(self.services, request, product, user_id)
+        status, body = await handler(self.services, request, product, user_id)
+        if isinstance(body, dict) and body.get("admitted") is False:
+            ctx["outcome"] = "denied"
+        return status, body
+
+    async def _plain(self, path: bytes) -> tuple[int, Any]:
+        if path == b"/openapi.json":
+            return 200, self._openapi
+        if path == b"/metrics":
+            return 200, metrics.exposition()
+        return await self._health(path == b"/readyz")
 
     async def _health(self, ready: bool) -> tuple[int, Any]:
         if not ready:

@@ -113,10 +113,16 @@ ROUTES: list[tuple[str, tuple[object, ...], Handler]] = [
 ]
 
 
-def match(segments: list[str]) -> tuple[dict[str, Handler], str | None]:
-    """The handlers by method for a path, and the user_id segment when the path has one."""
+def route_label(pattern: tuple[object, ...]) -> str:
+    return "/" + "/".join("{user_id}" if p is USER else str(p) for p in pattern)
+
+
+def match(segments: list[str]) -> tuple[dict[str, Handler], str | None, str]:
+    """The handlers by method for a path, the user_id segment when the path has one, and the
+    route's label for metrics (a pattern, so user ids never become label values)."""
     found: dict[str, Handler] = {}
     user_id = None
+    label = "unmatched"
     for method, pattern, handler in ROUTES:
         if len(pattern) != len(segments):
             continue
@@ -131,7 +137,8 @@ def match(segments: list[str]) -> tuple[dict[str, Handler], str | None]:
             if method not in found:
                 found[method] = handler
                 user_id = candidate if user_id is None else user_id
-    return found, user_id
+                label = route_label(pattern) if label == "unmatched" else label
+    return found, user_id, label
 
 
 # ---- shapes -----------------------------------------------------------------------------

@@ -7,10 +7,12 @@ from app.drivers.base import Driver
 
 
 def make_driver(settings: Settings) -> Driver:
+    from app.drivers.instrumented import Instrumented
+
     if settings.driver == "nomad":
         from app.drivers.nomad import NomadDriver
 
-        return NomadDriver(settings)
+        return Instrumented(NomadDriver(settings))
     from app.drivers.local import LocalDriver
 
-    return LocalDriver(settings)
+    return Instrumented(LocalDriver(settings))

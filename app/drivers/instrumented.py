@@ -1,0 +1,77 @@
+"""A Driver that times every call of another and counts its errors, by call name."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+from app import metrics
+from app.drivers.base import Driver, DriverError, EngineSpec, Probe, State
+
+
+class Instrumented(Driver):
+    def __init__(self, inner: Driver):
+        self.inner = inner
+        self.name = inner.name
+
+    @contextmanager
+    def _measure(self, call: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        except DriverError as exc:
+            metrics.DRIVER_ERRORS.labels(self.name, call, exc.code).inc()
+            raise
+        except Exception:
+            metrics.DRIVER_ERRORS.labels(self.name, call, "INTERNAL").inc()
+            raise
+        finally:
+            metrics.DRIVER_SECONDS.labels(self.name, call).observe(time.perf_counter() - started)
+
+    async def create(self, spec: EngineSpec, api_key: str) -> State:
+        with self._measure("create"):
+            return await self.inner.create(spec, api_key)
+
+    async def launch(self, spec: EngineSpec, state: State, api_key: str) -> State:
+        with self._measure("launch"):
+            return await self.inner.launch(spec, state, api_key)
+
+    async def wait_ready(self, spec: EngineSpec, state: State, timeout: float) -> tuple[State, str]:
+        with self._measure("wait_ready"):
+            return await self.inner.wait_ready(spec, state, timeout)
+
+    async def stop(self, spec: EngineSpec, state: State, grace: float) -> State:
+        with self._measure("stop"):
+            return await self.inner.stop(spec, state, grace)
+
+    async def pause(self, spec: EngineSpec, state: State) -> None:
+        with self._measure("pause"):
+            await self.inner.pause(spec, state)
+
+    async def resume(self, spec: EngineSpec, state: State) -> bool:
+        with self._measure("resume"):
+            return await self.inner.resume(spec, state)
+
+    async def set_key(self, spec: EngineSpec, state: State, api_key: str) -> None:
+        with self._measure("set_key"):
+            await self.inner.set_key(spec, state, api_key)
+
+    async def destroy(self, spec: EngineSpec, state: State | None) -> None:
+        with self._measure("destroy"):
+            await self.inner.destroy(spec, state)
+
+    async def probe(self, spec: EngineSpec, state: State) -> Probe:
+        with self._measure("probe"):
+            return await self.inner.probe(spec, state)
+
+    async def list_names(self) -> set[str]:
+        with self._measure("list_names"):
+            return await self.inner.list_names()
+
+    async def ping(self) -> None:
+        with self._measure("ping"):
+            await self.inner.ping()
+
+    async def close(self) -> None:
+        await self.inner.close()

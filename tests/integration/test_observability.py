@@ -1,0 +1,72 @@
+"""/metrics, /healthz, /readyz and the JSON logs."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.harness import Orchestrator
+
+
+def scrape(orch: Orchestrator) -> dict[tuple[str, tuple], float]:
+    text = httpx.get(orch.url + "/metrics", trust_env=False).text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_move_after_provision_and_refused_admit(orch: Orchestrator) -> None:
+    orch.product("tiny", max_engines=1)
+    api = orch.client("tiny")
+    before = scrape(orch)
+    assert api.post("/engines/provision", json={"user_id": "m1"}).status_code == 200
+    refused = api.post("/engines/m2/admit", json={"auto_provision": True})
+    assert refused.status_code == 429
+    after = scrape(orch)
+    route = "/engines/provision"
+    assert value(after, "orch_requests_total", route=route, method="POST", status="200") == \
+        value(before, "orch_requests_total", route=route, method="POST", status="200") + 1
+    assert value(after, "orch_refusals_total", reason="quota_exceeded") == \
+        value(before, "orch_refusals_total", reason="quota_exceeded") + 1
+    assert value(after, "orch_engines", product="tiny", state="running") == 1
+    assert value(after, "orch_transitions_total", event="ready", to="running") >= 1
+    assert value(after, "orch_operation_seconds_count", operation="provision", outcome="ok") >= 1
+    assert value(after, "orch_admit_seconds_count", outcome="quota_exceeded") >= 1
+    assert value(after, "orch_driver_call_seconds_count", driver="local", call="create") >= 1
+    assert value(after, "orch_boot_seconds_count") >= 1
+    # user ids never become label values
+    assert not any("m1" in str(labels) for _, labels in after)
+
+
+def test_health_endpoints_need_no_key(orch: Orchestrator) -> None:
+    assert httpx.get(orch.url + "/healthz", trust_env=False).json() == {"status": "ok"}
+    ready = httpx.get(orch.url + "/readyz", trust_env=False)
+    assert ready.status_code == 200 and ready.json() == {"status": "ready"}
+
+
+def test_logs_are_json_and_never_hold_a_key(orch: Orchestrator) -> None:
+    api = orch.client("acme")
+    created = api.post("/engines/provision", json={"user_id": "logged"}).json()
+    rotated = api.post("/engines/logged/rotate-key").json()
+    api.post("/engines/logged/admit", headers={"X-Request-ID": "trace-me"})
+    api.get("/engines/nobody")
+    orch.kill()
+    lines = [line for line in orch.log.read_text().splitlines() if line.startswith("{")]
+    records = [json.loads(line) for line in lines]
+    requests = [r for r in records if r["msg"] == "request"]
+    assert any(r.get("request_id") == "trace-me" and r["route"] == "/engines/{user_id}/admit"
+               and r["product"] == "acme" and r["user_id"] == "logged" and "duration_ms" in r
+               for r in requests)
+    transitions = [r for r in records if r["msg"] == "transition"]
+    assert any(r["event"] == "ready" and r["to"] == "running" for r in transitions)
+    text = orch.log.read_text()
+    for secret in (created["api_key"], rotated["api_key"], orch.keys["acme"]):
+        assert secret not in text
