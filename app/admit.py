@@ -24,13 +24,14 @@ MAX_STEPS = 8
 class Admitter:
     def __init__(self, lifecycle: Lifecycle):
         self.lifecycle = lifecycle
+        self.limiter = policy.Limiter()
         idle = lifecycle.settings.idle_sleep_s
         self.resolution = min(ACTIVITY_RESOLUTION_S, idle / 10) if idle > 0 else ACTIVITY_RESOLUTION_S
 
     async def admit(self, product: ProductRef, user_id: str, auto_provision: bool = False,
                     auto_wake: bool = False) -> dict[str, Any]:
         now = time.time()
-        retry_after = policy.admit_retry_after(product.id, product.rate_limit_rpm, now)
+        retry_after = self.limiter.retry_after(product.id, product.rate_limit_rpm, now)
         if retry_after is not None:
             raise errors.rate_limited(retry_after)
         engine = registry.find_engine(product.id, user_id)

@@ -4,7 +4,7 @@ replica reports the same truth and nothing has to be kept in step."""
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -34,6 +34,26 @@ DRIVER_SECONDS = Histogram("orch_driver_call_seconds", "Driver calls", ["driver"
                            buckets=FAST + SLOW[5:], registry=REGISTRY)
 DRIVER_ERRORS = Counter("orch_driver_errors_total", "Driver calls that raised", ["driver", "call", "code"],
                         registry=REGISTRY)
+
+
+# Children by label values, so the hot path skips prometheus_client's label lookup.
+_request_children: dict[tuple[str, str, int], Any] = {}
+_admit_children: dict[str, Any] = {}
+
+
+def requests_counter(route: str, method: str, status: int) -> Any:
+    key = (route, method, status)
+    child = _request_children.get(key)
+    if child is None:
+        child = _request_children[key] = REQUESTS.labels(route, method, str(status))
+    return child
+
+
+def admit_histogram(outcome: str) -> Any:
+    child = _admit_children.get(outcome)
+    if child is None:
+        child = _admit_children[outcome] = ADMIT_SECONDS.labels(outcome)
+    return child
 
 
 class EngineStates(Collector):

@@ -7,23 +7,63 @@ pushes TAT to max(TAT, now) + T, with T = 60 / rpm and tau = 60 - T. That allows
 `rpm` admits, then exactly one every T seconds: smooth, with no 2x burst at a minute boundary.
 The check and the update are one conditional UPDATE, so concurrent admits cannot both take the
 last slot.
+
+Under heavy load a replica takes several slots in one UPDATE (`Limiter`) and spends them over
+the next RESERVE_S; slots it does not spend in time are dropped, never returned, so batching
+can only make the limit stricter, never looser. At low rates it takes one slot per admit.
 """
 
 from __future__ import annotations
 
 import math
+import time
 
-import peewee as pw
-
+from app import registry
 from app.registry import RateLimit
+
+RESERVE_S = 0.02  # how long reserved slots stay spendable
+MAX_BATCH = 64
+
+
+class Limiter:
+    def __init__(self) -> None:
+        # product id -> [slots left, spendable until (monotonic), admits seen, window start,
+        #                batch size measured over the last window]
+        self._local: dict[int, list[float]] = {}
+
+    def retry_after(self, product_id: int, rpm: int, now: float) -> int | None:
+        """None when the admit is allowed (and counted), else the seconds to wait."""
+        mono = time.monotonic()
+        local = self._local.get(product_id)
+        if local is None:
+            local = self._local[product_id] = [0, 0.0, 0, mono, 1]
+        local[2] += 1
+        if local[0] > 0 and mono < local[1]:
+            local[0] -= 1
+            return None
+        batch = self._batch_size(local, mono, rpm)
+        if batch > 1 and _take(product_id, now, rpm, batch):
+            local[0], local[1] = batch - 1, mono + RESERVE_S
+            return None
+        local[0] = 0
+        return admit_retry_after(product_id, rpm, now)
+
+    @staticmethod
+    def _batch_size(local: list[float], mono: float, rpm: int) -> int:
+        """Slots worth taking at once: what this replica admitted over the last RESERVE_S."""
+        elapsed = mono - local[3]
+        if elapsed >= RESERVE_S:
+            rate = local[2] / elapsed  # admits per second here, recently
+            local[2], local[3] = 0, mono
+            local[4] = max(1, min(MAX_BATCH, rpm // 60, int(rate * RESERVE_S)))
+        return int(local[4])
 
 
 def admit_retry_after(product_id: int, rpm: int, now: float) -> int | None:
-    """None when the admit is allowed (and counted), else the seconds to wait."""
-    interval = 60.0 / rpm
-    tolerance = 60.0 - interval
+    """One slot: None when the admit is allowed (and counted), else the seconds to wait."""
+    interval, tolerance = _gcra(rpm)
     for _ in range(2):
-        if _take(product_id, now, interval, tolerance):
+        if _take(product_id, now, rpm, 1):
             return None
         row = RateLimit.get_or_none(RateLimit.product_id == product_id)
         if row is not None:
@@ -32,12 +72,20 @@ def admit_retry_after(product_id: int, rpm: int, now: float) -> int | None:
     return None
 
 
-def _take(product_id: int, now: float, interval: float, tolerance: float) -> bool:
-    new_tat = pw.Case(None, [(RateLimit.tat > now, RateLimit.tat)], now) + interval
-    taken = (RateLimit.update(tat=new_tat)
-             .where((RateLimit.product_id == product_id) & (RateLimit.tat <= now + tolerance))
-             .execute())
-    return taken == 1
+def _gcra(rpm: int) -> tuple[float, float]:
+    interval = 60.0 / rpm
+    return interval, 60.0 - interval
+
+
+def _take(product_id: int, now: float, rpm: int, slots: int) -> bool:
+    """Take `slots` consecutive slots, all or none, in one conditional UPDATE."""
+    interval, tolerance = _gcra(rpm)
+    sql, _ = registry.hot_sql("gcra_take", lambda p: (
+        f'UPDATE "rate_limit" SET "tat" = (CASE WHEN "tat" > {p} THEN "tat" ELSE {p} END) + {p} '
+        f'WHERE "product_id" = {p} AND "tat" <= {p}'))
+    latest = now + tolerance - (slots - 1) * interval
+    cursor = registry.db.execute_sql(sql, (now, now, slots * interval, product_id, latest))
+    return cursor.rowcount == 1
 
 
 def reset(product_id: int) -> None:

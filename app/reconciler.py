@@ -25,6 +25,7 @@ log = logging.getLogger("orch.reconciler")
 PROBE_CONCURRENCY = 32
 STABLE_AFTER_S = 60.0  # running this long without trouble: the restart count starts over
 ORPHAN_GRACE_S = 60.0
+ORPHAN_SWEEP_S = 15.0
 
 
 class Reconciler:
@@ -34,6 +35,7 @@ class Reconciler:
         self._unhealthy_since: dict[int, float] = {}
         self._orphan_since: dict[str, float] = {}
         self._inflight: set[asyncio.Task[Any]] = set()
+        self._last_sweep = 0.0
 
     async def run_forever(self) -> None:
         while True:
@@ -86,9 +88,13 @@ class Reconciler:
                 self._spawn(lifecycle.fail(engine, "unhealthy"))
 
     async def _orphans(self, now: float) -> None:
-        """Driver resources with no row: left by a crash between create and insert/delete."""
-        known = {name for (name,) in registry.Engine.select(registry.Engine.name).tuples()}
+        """Driver resources with no row: left by a crash between create and insert/delete.
+        Listing them is not cheap on a big fleet, so it runs every ORPHAN_SWEEP_S only."""
+        if now - self._last_sweep < ORPHAN_SWEEP_S:
+            return
+        self._last_sweep = now
         found = await self.lifecycle.driver.list_names()
+        known = registry.known_names(found)
         for name in list(self._orphan_since):
             if name not in found or name in known:
                 del self._orphan_since[name]

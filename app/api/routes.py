@@ -113,6 +113,11 @@ ROUTES: list[tuple[str, tuple[object, ...], Handler]] = [
 ]
 
 
+_BY_LENGTH: dict[int, list[tuple[str, tuple[object, ...], Handler]]] = {}
+for _route in ROUTES:
+    _BY_LENGTH.setdefault(len(_route[1]), []).append(_route)
+
+
 def route_label(pattern: tuple[object, ...]) -> str:
     return "/" + "/".join("{user_id}" if p is USER else str(p) for p in pattern)
 
@@ -123,9 +128,7 @@ def match(segments: list[str]) -> tuple[dict[str, Handler], str | None, str]:
     found: dict[str, Handler] = {}
     user_id = None
     label = "unmatched"
-    for method, pattern, handler in ROUTES:
-        if len(pattern) != len(segments):
-            continue
+    for method, pattern, handler in _BY_LENGTH.get(len(segments), ()):
         candidate = None
         for want, got in zip(pattern, segments):
             if want is USER:

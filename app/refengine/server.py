@@ -76,6 +76,9 @@ class Engine:
 class Handler(BaseHTTPRequestHandler):
     server_version = "refengine/1"
     protocol_version = "HTTP/1.1"
+    # Headers and body go out as two writes; with Nagle on, a keep-alive client waits ~40 ms
+    # for the second (delayed ACK). Health checks after a wake are exactly that case.
+    disable_nagle_algorithm = True
     engine: Engine
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature

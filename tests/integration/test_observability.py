@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -58,7 +59,7 @@ def test_logs_are_json_and_never_hold_a_key(orch: Orchestrator) -> None:
     rotated = api.post("/engines/logged/rotate-key").json()
     api.post("/engines/logged/admit", headers={"X-Request-ID": "trace-me"})
     api.get("/engines/nobody")
-    orch.kill()
+    orch.kill(signal.SIGTERM)  # a graceful stop flushes the buffered request lines
     lines = [line for line in orch.log.read_text().splitlines() if line.startswith("{")]
     records = [json.loads(line) for line in lines]
     requests = [r for r in records if r["msg"] == "request"]

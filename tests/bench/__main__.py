@@ -1,0 +1,238 @@
+"""`make bench`: the orchestrator's figures, each with a baseline measured in the same run.
+
+    admit throughput  vs a bare Starlette JSON endpoint (same uvicorn settings), and p50/p99
+                      at half of the orchestrator's saturation rate
+    wake              admit(auto_wake) of a paused engine vs one plain /health round trip
+    provision         request -> admitted, minus the engine's own boot time measured alone
+    registry size     admit p50 with 100k engine rows vs 1k
+    thundering herd   200 concurrent admits for one new user: time, engines created
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.bench.loadgen import Target, run_in_process
+from tests.harness import ROOT, Orchestrator, free_port, wait_for
+
+SECONDS = float(os.environ.get("BENCH_SECONDS", "3"))
+CONNECTIONS = 16
+LOG_LEVEL = os.environ.get("BENCH_LOG_LEVEL", "INFO")  # INFO: one JSON line per request, as deployed
+
+
+def main() -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="orch-bench-"))
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+          f"ORCH_LOG_LEVEL={LOG_LEVEL}")
+    results = {}
+    try:
+        results["admit"] = bench_admit(tmp / "admit")
+        results["wake"] = bench_wake(tmp / "wake")
+        results["provision"] = bench_provision(tmp / "provision")
+        results["rows"] = bench_rows(tmp / "rows")
+        results["herd"] = bench_herd(tmp / "herd")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report(results)
+
+
+def _orch(tmp: Path, **env: str) -> Orchestrator:
+    orch = Orchestrator(tmp, env={"ORCH_LOG_LEVEL": LOG_LEVEL, "ORCH_BOOT_TIMEOUT_S": "30",
+                                  "ORCH_TICK_S": "1", **env},
+                        ports=300).start()
+    orch.product("bench", max_engines=1_000_000, rpm=1_000_000_000)
+    return orch
+
+
+def _admit_target(orch: Orchestrator, user: str, body: bytes = b"{}") -> Target:
+    return Target("127.0.0.1", orch.port, "POST", f"/engines/{user}/admit",
+                  {"X-Platform-Key": orch.keys["bench"], "Content-Type": "application/json"}, body)
+
+
+def bench_admit(tmp: Path) -> dict:
+    orch = _orch(tmp)
+    bare = None
+    try:
+        assert orch.client("bench").post("/engines/provision", json={"user_id": "hot"}).status_code == 200
+        target = _admit_target(orch, "hot")
+        run_in_process("saturate", target, connections=CONNECTIONS, seconds=1.0)  # warm up
+        ours = run_in_process("saturate", target, connections=CONNECTIONS, seconds=SECONDS)
+        port = free_port()
+        bare = subprocess.Popen([sys.executable, "-m", "tests.bench.bare", str(port)], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: _listening(port), timeout=15, what="bare baseline")
+        bare_target = Target("127.0.0.1", port, "POST", "/engines/hot/admit", {}, b"{}")
+        run_in_process("saturate", bare_target, connections=CONNECTIONS, seconds=1.0)
+        base = run_in_process("saturate", bare_target, connections=CONNECTIONS, seconds=SECONDS)
+        half = run_in_process("paced", target, connections=CONNECTIONS, rate=ours["rps"] / 2,
+                              seconds=SECONDS)
+        return {"rps": ours["rps"], "bare_rps": base["rps"], "ratio": ours["rps"] / base["rps"],
+                "errors": ours["errors"], "half_load": half}
+    finally:
+        if bare:
+            bare.kill()
+            bare.wait()
+        orch.close()
+
+
+def bench_wake(tmp: Path, rounds: int = 15) -> dict:
+    orch = _orch(tmp, ORCH_IDLE_SLEEP_S="0.2", ORCH_TICK_S="0.05")
+    try:
+        api = orch.client("bench")
+        engine = api.post("/engines/provision", json={"user_id": "sleepy"}).json()
+        wakes, health = [], []
+        with httpx.Client(trust_env=False) as plain:
+            for _ in range(rounds):
+                wait_for(lambda: api.get("/engines/sleepy").json()["status"] == "sleeping",
+                         timeout=10, interval=0.01, what="sleep")
+                started = time.perf_counter()
+                answer = api.post("/engines/sleepy/admit", json={"auto_wake": True}).json()
+                wakes.append(time.perf_counter() - started)
+                assert answer["woken"], answer
+                started = time.perf_counter()
+                plain.get(engine["url"] + "/health")
+                health.append(time.perf_counter() - started)
+        return {"wake": _pct(wakes), "health": _pct(health),
+                "ratio": statistics.median(wakes) / statistics.median(health)}
+    finally:
+        orch.close()
+
+
+def bench_provision(tmp: Path, rounds: int = 10) -> dict:
+    boots = [_boot_alone(tmp / f"alone{i}") for i in range(rounds)]
+    orch = _orch(tmp / "orch")
+    try:
+        api = orch.client("bench")
+        provisions = []
+        for i in range(rounds):
+            started = time.perf_counter()
+            answer = api.post(f"/engines/p{i}/admit", json={"auto_provision": True}).json()
+            provisions.append(time.perf_counter() - started)
+            assert answer["provisioned"], answer
+        overhead = statistics.median(provisions) - statistics.median(boots)
+        return {"provision": _pct(provisions), "boot_alone": _pct(boots),
+                "overhead_ms": round(overhead * 1000, 2)}
+    finally:
+        orch.close()
+
+
+def _boot_alone(tmp: Path) -> float:
+    tmp.mkdir(parents=True)
+    (tmp / "key").write_text("k")
+    port = free_port()
+    env = {**os.environ, "ENGINE_PORT": str(port), "ENGINE_BRAIN_DIR": str(tmp / "brain"),
+           "ENGINE_API_KEY_FILE": str(tmp / "key"), "ENGINE_VERSION": "ref", "PYTHONPATH": str(ROOT)}
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "app.refengine"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        with httpx.Client(trust_env=False) as client:
+            wait_for(lambda: _ok(client, f"http://127.0.0.1:{port}/health"), timeout=15,
+                     interval=0.005, what="engine boot")
+        return time.perf_counter() - started
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def bench_rows(tmp: Path) -> dict:
+    orch = _orch(tmp)
+    try:
+        assert orch.client("bench").post("/engines/provision", json={"user_id": "hot"}).status_code == 200
+        target = _admit_target(orch, "hot")
+        _fill(orch, 1_000)
+        small = run_in_process("paced", target, connections=4, rate=500, seconds=SECONDS)
+        _fill(orch, 100_000)
+        large = run_in_process("paced", target, connections=4, rate=500, seconds=SECONDS)
+        return {"p50_1k_ms": small["p50_ms"], "p50_100k_ms": large["p50_ms"],
+                "ratio": large["p50_ms"] / small["p50_ms"]}
+    finally:
+        orch.close()
+
+
+def _fill(orch: Orchestrator, total: int) -> None:
+    """Stopped engines of other users, written straight into the registry."""
+    with orch.db() as conn:
+        have = conn.execute("SELECT COUNT(*) FROM engine").fetchone()[0]
+        product = conn.execute("SELECT id FROM product WHERE name = 'bench'").fetchone()[0]
+        now = time.time()
+        conn.executemany(
+            "INSERT INTO engine (product_id, user_id, name, status, version, engine_version, "
+            "key_enc, driver_state, restarts, created_at, updated_at, status_since) "
+            "VALUES (?, ?, ?, 'stopped', 0, 'ref', 'x', '{}', 0, ?, ?, ?)",
+            [(product, f"filler-{i}", f"e-filler-{i}", now, now, now) for i in range(have, total)])
+
+
+def bench_herd(tmp: Path) -> dict:
+    orch = _orch(tmp)
+    try:
+        async def herd() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=orch.url, trust_env=False, timeout=60,
+                                         headers={"X-Platform-Key": orch.keys["bench"]},
+                                         limits=httpx.Limits(max_connections=250)) as client:
+                return await asyncio.gather(*(client.post("/engines/herd/admit",
+                                                          json={"auto_provision": True})
+                                              for _ in range(200)))
+
+        started = time.perf_counter()
+        answers = asyncio.run(herd())
+        elapsed = time.perf_counter() - started
+        admitted = sum(a.status_code == 200 and a.json()["admitted"] for a in answers)
+        engines = orch.rows("SELECT COUNT(*) FROM engine")[0][0]
+        return {"seconds": round(elapsed, 3), "admitted": admitted, "engines": engines}
+    finally:
+        orch.close()
+
+
+def _pct(samples: list[float]) -> dict:
+    ordered = sorted(samples)
+    return {"p50_ms": round(statistics.median(ordered) * 1000, 2),
+            "p99_ms": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000, 2)}
+
+
+def _ok(client: httpx.Client, url: str) -> bool:
+    try:
+        return client.get(url, timeout=0.5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def report(r: dict) -> None:
+    a, w, p, rows, h = r["admit"], r["wake"], r["provision"], r["rows"], r["herd"]
+    lines = [
+        f"admit throughput   {a['rps']:9.0f} req/s   bare Starlette {a['bare_rps']:9.0f} req/s   "
+        f"ratio {a['ratio']:.2f}   (target >= 0.60)",
+        f"admit @ half load  p50 {a['half_load']['p50_ms']} ms   p99 {a['half_load']['p99_ms']} ms   "
+        f"at {a['half_load']['rate']:.0f} req/s   (target p99 < 5 ms)",
+        f"wake (pause mode)  p50 {w['wake']['p50_ms']} ms   p99 {w['wake']['p99_ms']} ms   "
+        f"/health round trip p50 {w['health']['p50_ms']} ms   ratio {w['ratio']:.1f}   (target p50 < 50 ms)",
+        f"provision          p50 {p['provision']['p50_ms']} ms   engine boot alone p50 "
+        f"{p['boot_alone']['p50_ms']} ms   overhead {p['overhead_ms']} ms   (target < 100 ms)",
+        f"registry size      admit p50 {rows['p50_1k_ms']} ms @1k rows, {rows['p50_100k_ms']} ms "
+        f"@100k rows   ratio {rows['ratio']:.2f}   (target <= 1.2)",
+        f"200 admits, 1 user {h['seconds']} s to all answered   admitted {h['admitted']}/200   "
+        f"engines created {h['engines']}   (target: 1 engine)",
+    ]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

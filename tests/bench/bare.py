@@ -1,0 +1,27 @@
+"""The baseline: a bare Starlette JSON endpoint, on the same uvicorn settings as `orch serve`."""
+
+from __future__ import annotations
+
+import sys
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+BODY = {"admitted": True, "user_id": "bench", "url": "http://127.0.0.1:20000",
+        "api_key": "eng_" + "x" * 43, "status": "running", "engine_version": "ref",
+        "provisioned": False, "woken": False}
+
+
+async def admit(request: Request) -> JSONResponse:
+    await request.body()
+    return JSONResponse(BODY)
+
+
+app = Starlette(routes=[Route("/engines/{user_id}/admit", admit, methods=["POST"])])
+
+if __name__ == "__main__":
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning",
+                access_log=False, log_config=None)
