@@ -48,6 +48,7 @@ class Settings:
     restart_backoff_s: float = 1.0
     log_level: str = "INFO"
     db_timeout_s: float = 5.0
+    lease_s: float = 15.0
     nomad_addr: str = "http://127.0.0.1:4646"
     nomad_token: str | None = None
     nomad_namespace: str | None = None
@@ -80,6 +81,7 @@ class Settings:
             tick_s=r.get("ORCH_TICK_S", _positive, cls.tick_s),
             health_grace_s=r.get("ORCH_HEALTH_GRACE_S", _non_negative, cls.health_grace_s),
             restart_backoff_s=r.get("ORCH_RESTART_BACKOFF_S", _non_negative, cls.restart_backoff_s),
+            lease_s=r.get("ORCH_LEASE_S", _positive, cls.lease_s),
             db_timeout_s=r.get("ORCH_DB_TIMEOUT_S", _positive, cls.db_timeout_s),
             log_level=r.get("ORCH_LOG_LEVEL", _choice(LOG_LEVELS, upper=True), cls.log_level),
             nomad_addr=r.get("NOMAD_ADDR", _http_url, cls.nomad_addr),

@@ -28,7 +28,6 @@ from app.registry import Engine
 log = logging.getLogger("orch.lifecycle")
 T = TypeVar("T")
 
-LEASE_S = 15.0
 KEY_CONFIRM_S = 10.0
 WAKE_TIMEOUT_S = 5.0  # a resumed engine that is not healthy by then is cold-started
 
@@ -127,7 +126,8 @@ class Lifecycle:
         self._product_names[product.id] = product.name
         try:
             engine = registry.insert_engine(product.id, user_id, name, version,
-                                            self.keys.encrypt(api_key), self.owner, LEASE_S)
+                                            self.keys.encrypt(api_key), self.owner,
+                                            self.settings.lease_s)
         except registry.AlreadyExists:
             raise errors.already_exists(user_id) from None
         except registry.QuotaExceeded as exc:
@@ -269,6 +269,8 @@ class Lifecycle:
     async def _settle(self, engine: Engine) -> Engine:
         """With the lease held, a transient state means its operation died: finish it."""
         spec = self.spec(engine)
+        if engine.pending_key_enc is not None:
+            engine = await self._settle_rotation(engine, spec)
         if engine.status == states.DESTROYING:
             await self.driver.destroy(spec, engine.state)
             registry.delete_engine(engine, "destroyed", "recovered")
@@ -287,6 +289,18 @@ class Lifecycle:
         return registry.transition(engine, "boot_failed", "interrupted", driver_state=state,
                                    url=None, failure_reason="interrupted",
                                    next_restart_at=self._next_restart(engine))
+
+    async def _settle_rotation(self, engine: Engine, spec: EngineSpec) -> Engine:
+        """A rotation died half-way: keep the new key if the engine took it, else the old."""
+        new = self.keys.decrypt(engine.pending_key_enc)
+        if engine.status == states.RUNNING and engine.url and \
+                await engine_http.accepts(self.http, engine.url, new):
+            return registry.update(engine, audit="rotate_key", reason="recovered",
+                                   key_enc=engine.pending_key_enc, pending_key_enc=None)
+        if engine.state:
+            await self.driver.set_key(spec, engine.state, self.api_key(engine))
+        return registry.update(engine, audit="rotate_key_rolled_back", reason="recovered",
+                               pending_key_enc=None)
 
     async def _abandon(self, engine: Engine, spec: EngineSpec, exc: DriverError | None) -> None:
         """Remove an engine that never ran; if the driver cannot, leave it failed for later."""
@@ -327,7 +341,7 @@ class Lifecycle:
     async def lease(self, engine: Engine) -> AsyncIterator[Engine]:
         """Hold the row's lease (waiting while another replica holds it), then re-read it."""
         deadline = time.monotonic() + self._lease_wait()
-        while not registry.acquire_lease(engine, self.owner, LEASE_S):
+        while not registry.acquire_lease(engine, self.owner, self.settings.lease_s):
             if registry.reload(engine) is None:
                 raise errors.engine_not_found(engine.user_id)
             if time.monotonic() > deadline:
@@ -343,8 +357,8 @@ class Lifecycle:
     async def _renewing(self, engine: Engine) -> AsyncIterator[None]:
         async def renew() -> None:
             while True:
-                await asyncio.sleep(LEASE_S / 3)
-                registry.acquire_lease(engine, self.owner, LEASE_S)
+                await asyncio.sleep(self.settings.lease_s / 3)
+                registry.acquire_lease(engine, self.owner, self.settings.lease_s)
 
         task = asyncio.create_task(renew())
         try:
@@ -354,7 +368,7 @@ class Lifecycle:
             registry.release_lease(engine.id, self.owner)
 
     def _lease_wait(self) -> float:
-        return self.settings.boot_timeout_s + self.settings.stop_grace_s + 2 * LEASE_S
+        return self.settings.boot_timeout_s + self.settings.stop_grace_s + 2 * self.settings.lease_s
 
     def _next_restart(self, engine: Engine) -> float:
         backoff = self.settings.restart_backoff_s * (2 ** min(engine.restarts, 6))

@@ -24,8 +24,6 @@ log = logging.getLogger("orch.reconciler")
 
 PROBE_CONCURRENCY = 32
 STABLE_AFTER_S = 60.0  # running this long without trouble: the restart count starts over
-ORPHAN_GRACE_S = 60.0
-ORPHAN_SWEEP_S = 15.0
 
 
 class Reconciler:
@@ -61,9 +59,8 @@ class Reconciler:
         for engine in registry.engines_in([states.FAILED]):
             if self.lifecycle.restartable(engine) and (engine.next_restart_at or 0) <= now:
                 self._spawn(self.lifecycle.restart(engine))
-        for engine in registry.engines_in(states.TRANSIENT):
-            if engine.lease_until is None or engine.lease_until < now:
-                self._spawn(self.lifecycle.recover(engine))
+        for engine in registry.needing_recovery(now):
+            self._spawn(self.lifecycle.recover(engine))
         await self._orphans(now)
         counts["repairs"] = len(self._inflight)
         if wait and self._inflight:
@@ -89,8 +86,10 @@ class Reconciler:
 
     async def _orphans(self, now: float) -> None:
         """Driver resources with no row: left by a crash between create and insert/delete.
-        Listing them is not cheap on a big fleet, so it runs every ORPHAN_SWEEP_S only."""
-        if now - self._last_sweep < ORPHAN_SWEEP_S:
+        Listing them is not cheap on a big fleet, so it runs once a lease period only."""
+        # A row is inserted before its resources exist and deleted after they are gone, so a
+        # name without a row is only ever transient for a lease's time; give it four.
+        if now - self._last_sweep < self.settings.lease_s:
             return
         self._last_sweep = now
         found = await self.lifecycle.driver.list_names()
@@ -100,7 +99,7 @@ class Reconciler:
                 del self._orphan_since[name]
         for name in found - known:
             first = self._orphan_since.setdefault(name, now)
-            if now - first >= ORPHAN_GRACE_S:
+            if now - first >= 4 * self.settings.lease_s:
                 del self._orphan_since[name]
                 log.warning("removing orphaned engine resources %s", name)
                 registry.Event.create(product_id=0, user_id="", engine_name=name, at=now,

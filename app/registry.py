@@ -325,6 +325,14 @@ def known_names(names: set[str]) -> set[str]:
     return known
 
 
+def needing_recovery(now: float) -> list[Engine]:
+    """Rows an operation was working on when its owner died: a transient state or a key
+    rotation in flight, and a lease that ran out."""
+    stuck = Engine.status.in_(list(states.TRANSIENT)) | Engine.pending_key_enc.is_null(False)
+    expired = Engine.lease_until.is_null() | (Engine.lease_until < now)
+    return list(Engine.select().where(stuck & expired).order_by(Engine.id))
+
+
 def engine_counts() -> list[tuple[str, str, int]]:
     query = (Engine.select(Product.name, Engine.status, pw.fn.COUNT(Engine.id))
              .join(Product).group_by(Product.name, Engine.status).tuples())

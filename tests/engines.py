@@ -31,3 +31,33 @@ def brain_dir(orch: Orchestrator, user_id: str) -> Path:
 
 def engine_log(orch: Orchestrator, user_id: str) -> str:
     return (orch.state_dir / "run" / engine_name(orch, user_id) / "engine.log").read_text()
+
+
+def engine_processes(orch: Orchestrator) -> dict[str, list[int]]:
+    """Every live engine process of this orchestrator, by engine name, found from /proc."""
+    from app.drivers._process import engines_under
+
+    reap_zombies()
+    return engines_under((orch.state_dir / "brains").resolve())
+
+
+def assert_consistent(orch: Orchestrator) -> None:
+    """Registry and machine agree: one process per running/sleeping row and none elsewhere,
+    a brain directory and a port per row and none without one."""
+    import json
+
+    rows = {name: (status, json.loads(state or "{}")) for name, status, state in
+            orch.rows("SELECT name, status, driver_state FROM engine")}
+    processes = engine_processes(orch)
+    for name, pids in processes.items():
+        assert name in rows, f"engine process {pids} of {name} has no row"
+        assert len(pids) == 1, f"{name} has {len(pids)} processes"
+        assert rows[name][0] in ("running", "sleeping"), f"{name} runs but is {rows[name][0]}"
+        assert rows[name][1].get("pid") == pids[0], f"{name}: row and process disagree"
+    for name, (status, _) in rows.items():
+        if status in ("running", "sleeping"):
+            assert name in processes, f"{name} is {status} but has no process"
+    brains = {p.name for p in (orch.state_dir / "brains").iterdir()} if (orch.state_dir / "brains").exists() else set()
+    assert brains == set(rows), f"brains {brains} vs rows {set(rows)}"
+    ports = {name for (name,) in orch.rows("SELECT engine_name FROM port_lease")}
+    assert ports == set(rows), f"port leases {ports} vs rows {set(rows)}"

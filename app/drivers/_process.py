@@ -57,3 +57,26 @@ def reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
+
+
+def engines_under(brain_root: Path) -> dict[str, list[int]]:
+    """Live processes whose ENGINE_BRAIN_DIR is a directory right under `brain_root`, by that
+    directory's name: how engines with no registry row (or an outdated pid) are found."""
+    found: dict[str, list[int]] = {}
+    prefix = str(brain_root).rstrip("/") + "/"
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        for item in environ.split(b"\0"):
+            if item.startswith(b"ENGINE_BRAIN_DIR="):
+                path = item[len(b"ENGINE_BRAIN_DIR="):].decode(errors="replace")
+                if path.startswith(prefix) and "/" not in path[len(prefix):]:
+                    pid = int(entry.name)
+                    if status(pid, None) != "dead":
+                        found.setdefault(path[len(prefix):], []).append(pid)
+                break
+    return found

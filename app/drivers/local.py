@@ -106,8 +106,11 @@ class LocalDriver(Driver):
             os.kill(state["pid"], signal.SIGHUP)
 
     async def destroy(self, spec: EngineSpec, state: State | None) -> None:
+        grace = min(self.settings.stop_grace_s, 5.0)
         if state and state.get("pid"):
-            await self.stop(spec, state, min(self.settings.stop_grace_s, 5.0))
+            await self.stop(spec, state, grace)
+        for pid in _process.engines_under(self.brain_root).get(spec.name, []):
+            await self.stop(spec, {"pid": pid, "started": _process.start_time(pid)}, grace)
         brain, run = self._dirs(spec)
         shutil.rmtree(brain, ignore_errors=True)
         shutil.rmtree(run, ignore_errors=True)
@@ -125,6 +128,7 @@ class LocalDriver(Driver):
     async def list_names(self) -> set[str]:
         names = {p.name for p in self.brain_root.iterdir()} if self.brain_root.exists() else set()
         names |= {lease.engine_name for lease in PortLease.select()}
+        names |= set(_process.engines_under(self.brain_root))
         return names
 
     async def close(self) -> None:

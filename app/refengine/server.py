@@ -14,6 +14,7 @@ Fault knobs for tests, as `+`-separated tokens in ENGINE_VERSION (e.g. `ref-1+fa
   fault-hang-term        ignore SIGTERM (only SIGKILL ends it)
   boot-delay-<ms>        wait that long before listening
   fault-crash-after-<ms> become healthy, then exit 3 after that long
+  hup-delay-<ms>         re-read the key that long after SIGHUP (a slow key rotation)
 """
 
 from __future__ import annotations
@@ -198,9 +199,16 @@ def main(env: dict[str, str] | None = None) -> int:
 
 
 def _install_signals(engine: Engine, server: ThreadingHTTPServer) -> None:
-    def on_hup(signum: int, frame: Any) -> None:
-        engine.reload_key()  # a small file read: safe enough in the main thread's handler
+    def reload() -> None:
+        engine.reload_key()
         say("reloaded key")
+
+    def on_hup(signum: int, frame: Any) -> None:
+        delay = engine.fault_ms("hup-delay-")
+        if delay:
+            threading.Timer(delay / 1000, reload).start()
+        else:
+            reload()  # a small file read: safe enough in the main thread's handler
 
     def on_term(signum: int, frame: Any) -> None:
         if "fault-hang-term" in engine.faults:
