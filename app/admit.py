@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from app import errors, policy, registry, states
+from app.drivers.base import DriverError
 from app.lifecycle import Lifecycle, ProductRef
 from app.registry import Engine
 
@@ -85,7 +86,11 @@ class Admitter:
             if flights:
                 done, _ = await asyncio.wait(flights, timeout=remaining)
                 for future in done:
-                    future.result()  # a failed boot is this admit's failure too
+                    error = future.exception()
+                    # A failed boot is this admit's failure too; another caller's refusal
+                    # (409 to a /start, say) is not: the loop re-reads the row instead.
+                    if isinstance(error, DriverError):
+                        raise error
                 return
             fresh = registry.reload(engine)
             if fresh is None or fresh.status not in (states.PROVISIONING, states.STARTING):

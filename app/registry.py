@@ -188,8 +188,14 @@ def _q(column: str) -> str:
     return f'"{column}"'
 
 
+def _same_row(engine: Engine):  # type: ignore[no-untyped-def]
+    """This engine's row and no other: SQLite reuses the ids of deleted rows, so an id alone
+    could match a newer engine of the same user."""
+    return (Engine.id == engine.id) & (Engine.created_at == engine.created_at)
+
+
 def reload(engine: Engine) -> Engine | None:
-    return Engine.get_or_none(Engine.id == engine.id)
+    return Engine.get_or_none(_same_row(engine))
 
 
 def insert_engine(product_id: int, user_id: str, name: str, engine_version: str, key_enc: str,
@@ -266,7 +272,7 @@ def _cas(engine: Engine, values: dict[str, Any], now: float) -> None:
         values["driver_state"] = json.dumps(values["driver_state"], sort_keys=True)
     values.update(version=engine.version + 1, updated_at=now)
     changed = (Engine.update(**values)
-               .where((Engine.id == engine.id) & (Engine.version == engine.version)
+               .where(_same_row(engine) & (Engine.version == engine.version)
                       & (Engine.status == engine.status))
                .execute())
     if changed != 1:
@@ -277,7 +283,7 @@ def delete_engine(engine: Engine, event: str = "destroyed", reason: str | None =
     now = time.time()
     with db.atomic():
         gone = (Engine.delete()
-                .where((Engine.id == engine.id) & (Engine.version == engine.version))
+                .where(_same_row(engine) & (Engine.version == engine.version))
                 .execute())
         if gone != 1:
             raise Conflict(f"engine {engine.name} changed under us")
@@ -294,7 +300,7 @@ def touch_admit(engine: Engine, now: float) -> None:
 def acquire_lease(engine: Engine, owner: str, seconds: float) -> bool:
     now = time.time()
     got = (Engine.update(lease_owner=owner, lease_until=now + seconds)
-           .where((Engine.id == engine.id)
+           .where(_same_row(engine)
                   & (Engine.lease_owner.is_null() | (Engine.lease_until < now)
                      | (Engine.lease_owner == owner)))
            .execute())

@@ -84,6 +84,14 @@ class Orchestrator:
         self.log = tmp / "orch.log"
         self.keys: dict[str, str] = {}
 
+    def replica(self) -> "Orchestrator":
+        """Another orchestrator process on the same database, state dir and port range."""
+        other = Orchestrator.__new__(Orchestrator)
+        other.tmp, other.state_dir, other.env = self.tmp, self.state_dir, dict(self.env)
+        other.port, other.proc, other.keys = 0, None, self.keys
+        other.log = self.tmp / f"orch-replica-{id(other)}.log"
+        return other.start()
+
     # ---- process ----------------------------------------------------------------------------
 
     def start(self) -> "Orchestrator":

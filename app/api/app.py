@@ -150,12 +150,14 @@ class OrchestratorApp:
             return await self._plain(raw_path)
         segments = raw_path.split(b"/")[1:]
         text = [s.decode("latin-1") for s in segments]
-        handlers, user_segment, ctx["route"] = match(text)
+        handlers, users, labels = match(text)
         if not handlers:
             raise not_found()
         handler = handlers.get(method)
         if handler is None:
+            ctx["route"] = next(iter(labels.values()))
             raise method_not_allowed(list(handlers))
+        ctx["route"], user_segment = labels[method], users[method]
         product = self.auth.product(request.headers.get("x-platform-key"))
         ctx["product"] = product.name
         user_id = _decode_user_id(user_segment) if user_segment is not None else None

@@ -122,12 +122,12 @@ def route_label(pattern: tuple[object, ...]) -> str:
     return "/" + "/".join("{user_id}" if p is USER else str(p) for p in pattern)
 
 
-def match(segments: list[str]) -> tuple[dict[str, Handler], str | None, str]:
-    """The handlers by method for a path, the user_id segment when the path has one, and the
-    route's label for metrics (a pattern, so user ids never become label values)."""
+def match(segments: list[str]) -> tuple[dict[str, Handler], dict[str, str | None], dict[str, str]]:
+    """By method, for a path: the handler, the user_id segment (None when the route has
+    none), and the route's label for metrics (a pattern: user ids never become labels)."""
     found: dict[str, Handler] = {}
-    user_id = None
-    label = "unmatched"
+    users: dict[str, str | None] = {}
+    labels: dict[str, str] = {}
     for method, pattern, handler in _BY_LENGTH.get(len(segments), ()):
         candidate = None
         for want, got in zip(pattern, segments):
@@ -139,9 +139,9 @@ def match(segments: list[str]) -> tuple[dict[str, Handler], str | None, str]:
             # A literal route ("provision") wins over the same path read as a user id.
             if method not in found:
                 found[method] = handler
-                user_id = candidate if user_id is None else user_id
-                label = route_label(pattern) if label == "unmatched" else label
-    return found, user_id, label
+                users[method] = candidate
+                labels[method] = route_label(pattern)
+    return found, users, labels
 
 
 # ---- shapes -----------------------------------------------------------------------------
