@@ -253,9 +253,11 @@ class Lifecycle:
                 state = await self.driver.stop(spec, engine.state, self.settings.stop_grace_s)
                 registry.update(engine, driver_state=state, url=None)
 
-    async def _fail(self, engine: Engine, reason: str) -> None:
-        async with self.lease(engine) as engine:
-            if engine.status != states.RUNNING:
+    async def _fail(self, seen: Engine, reason: str) -> None:
+        async with self.lease(seen) as engine:
+            # Only the incarnation that was seen failing: if the row moved on meanwhile (a
+            # restart already replaced the process), the observation is stale.
+            if engine.status != states.RUNNING or engine.version != seen.version:
                 return
             state = await self.driver.stop(self.spec(engine), engine.state,
                                            min(self.settings.stop_grace_s, 5.0))

@@ -62,14 +62,19 @@ class Limiter:
 def admit_retry_after(product_id: int, rpm: int, now: float) -> int | None:
     """One slot: None when the admit is allowed (and counted), else the seconds to wait."""
     interval, tolerance = _gcra(rpm)
-    for _ in range(2):
+    wait = 0.0
+    for _ in range(3):
         if _take(product_id, now, rpm, 1):
             return None
         row = RateLimit.get_or_none(RateLimit.product_id == product_id)
-        if row is not None:
-            return max(1, math.ceil(row.tat - tolerance - now))
-        RateLimit.insert(product_id=product_id, tat=0.0).on_conflict_ignore().execute()
-    return None
+        if row is None:  # the product's first admit: make its row, then take again
+            RateLimit.insert(product_id=product_id, tat=0.0).on_conflict_ignore().execute()
+            continue
+        wait = row.tat - tolerance - now
+        if wait > 0:
+            return max(1, math.ceil(wait))
+        # Room after all: the row appeared (another replica made it) after our UPDATE ran.
+    return max(1, math.ceil(wait))
 
 
 def _gcra(rpm: int) -> tuple[float, float]:

@@ -16,9 +16,10 @@ import logging
 import time
 from pathlib import Path
 from typing import Any, Iterable
+from urllib.parse import unquote, urlparse
 
 import peewee as pw
-from playhouse.db_url import connect as db_connect
+from playhouse.shortcuts import ReconnectMixin
 
 from app import metrics, states
 
@@ -131,11 +132,26 @@ def connect(url: str, timeout: float = 5.0) -> pw.Database:
             timeout=timeout,
         )
     else:
-        database = db_connect(url.replace("postgres://", "postgresql://", 1))
+        database = _postgres(url.replace("postgres://", "postgresql://", 1), timeout)
     db.initialize(database)
     database.connect(reuse_if_open=True)
     database.create_tables(MODELS, safe=True)
     return database
+
+
+class _ReconnectingPostgres(ReconnectMixin, pw.PostgresqlDatabase):
+    """Reconnects once when the server went away between two queries (a restart, a failover)."""
+
+
+def _postgres(url: str, timeout: float) -> pw.Database:
+    parsed = urlparse(url)
+    ms = int(timeout * 1000)
+    return _ReconnectingPostgres(
+        parsed.path.lstrip("/") or "postgres", user=unquote(parsed.username or "") or None,
+        password=unquote(parsed.password or "") or None, host=parsed.hostname or None,
+        port=parsed.port or None, connect_timeout=max(1, int(timeout)),
+        # Waiting on a lock is bounded like SQLite's busy timeout: 503, not a hung request.
+        options=f"-c lock_timeout={ms} -c statement_timeout={ms * 2}")
 
 
 def write_lock():

@@ -63,6 +63,8 @@ class Orchestrator:
         self.state_dir = tmp / "state"
         self.state_dir.mkdir(parents=True, exist_ok=True)
         low, high = free_port_range(ports)
+        self.pg_url = _fresh_postgres_database() if os.environ.get("ORCH_TEST_DB") == "postgres" else None
+        self.owns_db = True
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "NOMAD_", "CONSUL_"))},
             "ORCH_STATE_DIR": str(self.state_dir),
@@ -79,6 +81,8 @@ class Orchestrator:
             "NO_PROXY": "*",
             **(env or {}),
         }
+        if self.pg_url:
+            self.env["ORCH_DATABASE_URL"] = self.pg_url
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = tmp / "orch.log"
@@ -89,6 +93,7 @@ class Orchestrator:
         other = Orchestrator.__new__(Orchestrator)
         other.tmp, other.state_dir, other.env = self.tmp, self.state_dir, dict(self.env)
         other.port, other.proc, other.keys = 0, None, self.keys
+        other.pg_url, other.owns_db = self.pg_url, False
         other.log = self.tmp / f"orch-replica-{id(other)}.log"
         return other.start()
 
@@ -132,6 +137,8 @@ class Orchestrator:
 
         time.sleep(0.05)
         reap_zombies()
+        if self.pg_url and self.owns_db:
+            _drop_postgres_database(self.pg_url)
 
     @property
     def url(self) -> str:
@@ -157,21 +164,41 @@ class Orchestrator:
         return httpx.Client(base_url=self.url, headers={"X-Platform-Key": self.keys[product]},
                             timeout=timeout, trust_env=False)
 
-    def db(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.state_dir / "orch.db", timeout=10)
+    def db(self) -> Any:
+        """A DB-API connection to the orchestrator's database, in autocommit mode."""
+        if self.pg_url:
+            import psycopg2
+
+            conn = psycopg2.connect(self.pg_url)
+            conn.autocommit = True
+            return conn
+        return sqlite3.connect(self.state_dir / "orch.db", timeout=10, isolation_level=None)
+
+    def execute(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        conn = self.db()
+        try:
+            cursor = conn.cursor()
+            cursor.execute(sql.replace("?", "%s") if self.pg_url else sql, params)
+            return cursor.fetchall() if cursor.description else []
+        finally:
+            conn.close()
 
     def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-        with self.db() as conn:
-            return conn.execute(sql, params).fetchall()
+        return [tuple(r) for r in self.execute(sql, *params)]
 
     def engine_row(self, user_id: str) -> dict[str, Any] | None:
-        with self.db() as conn:
-            conn.row_factory = sqlite3.Row
-            row = conn.execute("SELECT * FROM engine WHERE user_id = ?", (user_id,)).fetchone()
-            return dict(row) if row else None
+        conn = self.db()
+        try:
+            cursor = conn.cursor()
+            mark = "%s" if self.pg_url else "?"
+            cursor.execute(f"SELECT * FROM engine WHERE user_id = {mark}", (user_id,))
+            row = cursor.fetchone()
+            return dict(zip([c[0] for c in cursor.description], row)) if row else None
+        finally:
+            conn.close()
 
     def engine_pids(self) -> list[int]:
-        if not (self.state_dir / "orch.db").exists():
+        if not self.pg_url and not (self.state_dir / "orch.db").exists():
             return []
         pids = []
         for (state,) in self.rows("SELECT driver_state FROM engine"):
@@ -179,3 +206,28 @@ class Orchestrator:
             if pid:
                 pids.append(pid)
         return pids
+
+
+def _fresh_postgres_database() -> str:
+    """A new, empty database on the server named by ORCH_TEST_POSTGRES."""
+    import uuid
+
+    import psycopg2
+
+    server = os.environ["ORCH_TEST_POSTGRES"]
+    name = f"orch_test_{uuid.uuid4().hex[:12]}"
+    conn = psycopg2.connect(server)
+    conn.autocommit = True
+    conn.cursor().execute(f'CREATE DATABASE "{name}"')
+    conn.close()
+    return server.rsplit("/", 1)[0] + "/" + name
+
+
+def _drop_postgres_database(url: str) -> None:
+    import psycopg2
+
+    server, name = os.environ["ORCH_TEST_POSTGRES"], url.rsplit("/", 1)[1]
+    conn = psycopg2.connect(server)
+    conn.autocommit = True
+    conn.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    conn.close()

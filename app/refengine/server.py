@@ -1,222 +1,284 @@
-"""The reference engine: honours the engine contract of the spec, standard library only (so it
-boots in tens of milliseconds, and its boot time does not hide the orchestrator's).
+"""The reference engine's HTTP side: routes, bodies, the accept loop and the clean stop. The
+contract (environment, routes, signals, fault knobs) is documented in app.refengine.
 
-Environment: ENGINE_PORT (required), ENGINE_HOST (default 127.0.0.1), ENGINE_BRAIN_DIR
-(required), ENGINE_API_KEY_FILE (required; re-read on SIGHUP), ENGINE_USER_ID, ENGINE_VERSION.
-
-Routes: GET /health (no auth); with `Authorization: Bearer <key>`: GET /v1/keycheck,
-GET /v1/info, PUT/GET/DELETE /v1/memory/{key} (stored in the brain), POST /v1/admin/exit
-{"code": n} and POST /v1/admin/health {"healthy": bool} (for tests of crashes and checks).
-
-Fault knobs for tests, as `+`-separated tokens in ENGINE_VERSION (e.g. `ref-1+fault-crash`):
-  fault-crash            exit 3 at start, before ever being healthy
-  fault-never-healthy    /health always answers 503
-  fault-hang-term        ignore SIGTERM (only SIGKILL ends it)
-  boot-delay-<ms>        wait that long before listening
-  fault-crash-after-<ms> become healthy, then exit 3 after that long
-  hup-delay-<ms>         re-read the key that long after SIGHUP (a slow key rotation)
+The main thread accepts connections and acts on signals (app.refengine.signals); each
+connection is served in its own thread.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import os
-import signal
+import selectors
+import socket
 import sys
 import threading
-import time
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-from typing import Any
+from urllib.parse import unquote_to_bytes
 
-MAX_VALUE = 1024 * 1024
-MAX_KEY = 200
+from app.refengine.config import Config, say
+from app.refengine.signals import Signals, after
+from app.refengine.store import MAX_KEY_CHARS, MAX_VALUE_BYTES, Brain, KeyStore
+
+MEMORY_PREFIX = "/v1/memory/"
+DISCARD_MAX = 8 * MAX_VALUE_BYTES  # bodies we read and drop so the client sees our answer
+DRAIN_S = 3.0  # how long a stop waits for in-flight requests
+EXIT_DELAY_S = 0.05  # admin/exit: time for the 202 to leave before the process does
 
 
-def say(line: str) -> None:
-    print(line, flush=True)
+class InFlight:
+    """Requests being handled (not idle keep-alive connections), so a stop can wait for them."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._cond = threading.Condition()
+
+    def enter(self) -> None:
+        with self._cond:
+            self._count += 1
+
+    def leave(self) -> None:
+        with self._cond:
+            self._count -= 1
+            if not self._count:
+                self._cond.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._count, timeout)
 
 
-class Engine:
-    def __init__(self, env: dict[str, str]):
-        self.port = int(env["ENGINE_PORT"])
-        self.host = env.get("ENGINE_HOST") or "127.0.0.1"
-        self.brain = Path(env["ENGINE_BRAIN_DIR"])
-        self.key_file = Path(env["ENGINE_API_KEY_FILE"])
-        self.user_id = env.get("ENGINE_USER_ID", "")
-        self.version = env.get("ENGINE_VERSION", "")
-        self.faults = set(self.version.split("+")[1:])
-        self.healthy = "fault-never-healthy" not in self.faults
-        self.started_at = time.time()
-        self.key = ""
-        self.reload_key()
-        self.brain.mkdir(mode=0o700, parents=True, exist_ok=True)
+class EngineServer(ThreadingHTTPServer):
+    daemon_threads = True  # an idle keep-alive connection must not hold up the exit
 
-    def reload_key(self) -> None:
-        self.key = self.key_file.read_text().strip()
+    def __init__(self, sock: socket.socket, config: Config, keys: KeyStore, brain: Brain,
+                 started_at: str):
+        # The socket is bound and listening already (app.refengine.boot), so no bind here.
+        self.address_family = sock.family
+        super().__init__(sock.getsockname()[:2], Handler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = sock
+        self.server_address = sock.getsockname()
+        # HTTPServer.server_bind would also resolve our fully qualified name, a DNS lookup that
+        # can be slow where DNS is, for a name nothing here uses.
+        self.server_name, self.server_port = self.server_address[:2]
+        # Non-blocking: a connection reset between our select and accept must not block the
+        # main loop (and with it signal handling) until the next client comes.
+        sock.setblocking(False)
+        self.timeout = 0.0
+        self.config = config
+        self.keys = keys
+        self.brain = brain
+        self.started_at = started_at
+        self.healthy = True
+        self.stopping = False
+        self.inflight = InFlight()
 
-    def authorised(self, header: str | None) -> bool:
-        if not header or not header.startswith("Bearer ") or not self.key:
-            return False
-        return hmac.compare_digest(header[7:].strip().encode(), self.key.encode())
-
-    def memory_path(self, name: str) -> Path | None:
-        if not 1 <= len(name) <= MAX_KEY:
-            return None
-        # Hex of the name: no name can climb out of the brain or clash with another.
-        return self.brain / ("m-" + name.encode().hex())
-
-    def fault_ms(self, prefix: str) -> int | None:
-        for token in self.faults:
-            if token.startswith(prefix) and token[len(prefix):].isdigit():
-                return int(token[len(prefix):])
-        return None
+    def handle_error(self, request: object, client_address: object) -> None:
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return  # a client that went away is not our bug
+        super().handle_error(request, client_address)  # a traceback on stderr: a bug
 
 
 class Handler(BaseHTTPRequestHandler):
+    server: EngineServer
     server_version = "refengine/1"
     protocol_version = "HTTP/1.1"
     # Headers and body go out as two writes; with Nagle on, a keep-alive client waits ~40 ms
     # for the second (delayed ACK). Health checks after a wake are exactly that case.
     disable_nagle_algorithm = True
-    engine: Engine
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        pass  # the orchestrator's logs matter, not one line per request here
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        pass  # one line per request would drown the lines tests look for
 
     def do_GET(self) -> None:
-        self._route("GET")
+        self.server.inflight.enter()
+        try:
+            self._dispatch()
+        finally:
+            self.server.inflight.leave()
 
-    def do_PUT(self) -> None:
-        self._route("PUT")
+    do_HEAD = do_PUT = do_POST = do_DELETE = do_PATCH = do_OPTIONS = do_GET
 
-    def do_POST(self) -> None:
-        self._route("POST")
+    # ---- routing ----------------------------------------------------------------------------
 
-    def do_DELETE(self) -> None:
-        self._route("DELETE")
-
-    def _route(self, method: str) -> None:
-        engine = self.engine
-        path = self.path.split("?", 1)[0]
+    def _dispatch(self) -> None:
+        server = self.server
+        path = self.path.partition("?")[0]
+        method = "GET" if self.command == "HEAD" else self.command
         if path == "/health" and method == "GET":
-            if engine.healthy:
-                return self._json(200, {"status": "ok"})
-            return self._json(503, {"status": "unhealthy"})
-        body = self._body()
-        if body is None:
-            return self._json(413, {"error": "too large"})
-        if not engine.authorised(self.headers.get("Authorization")):
-            return self._json(401, {"error": "unauthorized"})
-        if path == "/v1/keycheck" and method == "GET":
-            return self._json(200, {"ok": True})
-        if path == "/v1/info" and method == "GET":
-            return self._json(200, {"user_id": engine.user_id, "version": engine.version,
-                                    "pid": os.getpid(), "started_at": engine.started_at})
-        if path.startswith("/v1/memory/"):
-            return self._memory(method, path[len("/v1/memory/"):], body)
-        if path == "/v1/admin/exit" and method == "POST":
-            code = int(_field(body, "code", 1))
-            self._json(202, {"exiting": code})
-            threading.Timer(0.05, os._exit, args=(code,)).start()
+            return self._health()
+        length = self._body_length()
+        if not server.keys.authorised(self.headers.get("Authorization")):
+            self._discard(length)
+            return self._json(401, {"error": "unauthorized"}, [("WWW-Authenticate", "Bearer")])
+        if length is None:
+            self.close_connection = True  # we cannot tell where this request ends
+            return self._json(400, {"error": "a body needs a Content-Length (no chunked bodies)"})
+        if length > MAX_VALUE_BYTES:
+            self._discard(length)
+            return self._json(413, {"error": "body too large", "max_bytes": MAX_VALUE_BYTES})
+        body = self.rfile.read(length) if length else b""
+        if len(body) < length:
+            self.close_connection = True  # the client went away mid-body: nobody to answer
             return None
-        if path == "/v1/admin/health" and method == "POST":
-            engine.healthy = bool(_field(body, "healthy", True))
-            return self._json(200, {"healthy": engine.healthy})
-        return self._json(404, {"error": "not found"})
+        if path.startswith(MEMORY_PREFIX):
+            return self._memory(method, path[len(MEMORY_PREFIX):], body)
+        route = ROUTES.get(path)
+        if route is None:
+            return self._json(404, {"error": "not found"})
+        allowed, action = route
+        if method != allowed:
+            return self._json(405, {"error": "method not allowed"}, [("Allow", allowed)])
+        return action(self, body)
 
-    def _memory(self, method: str, raw_name: str, body: bytes) -> None:
-        from urllib.parse import unquote
+    def _health(self) -> None:
+        if self.server.healthy and not self.server.config.faults.never_healthy:
+            return self._json(200, {"status": "ok"})
+        return self._json(503, {"status": "unhealthy"})
 
-        target = self.engine.memory_path(unquote(raw_name))
-        if target is None:
-            return self._json(400, {"error": "bad key"})
-        if method == "PUT":
-            tmp = target.with_name(target.name + ".tmp")
-            tmp.write_bytes(body)
-            os.replace(tmp, target)
-            return self._json(200, {"stored": len(body)})
-        if not target.exists():
-            return self._json(404, {"error": "no such key"})
-        if method == "GET":
-            return self._send(200, target.read_bytes(), "application/octet-stream")
-        if method == "DELETE":
-            target.unlink()
-            return self._send(204, b"", "application/json")
-        return self._json(405, {"error": "method not allowed"})
+    def _keycheck(self, body: bytes) -> None:
+        self._json(200, {"ok": True})
 
-    def _body(self) -> bytes | None:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_VALUE:
-            self.close_connection = True
-            return None
-        return self.rfile.read(length) if length else b""
+    def _info(self, body: bytes) -> None:
+        config = self.server.config
+        self._json(200, {"user_id": config.user_id, "version": config.version,
+                         "pid": os.getpid(), "started_at": self.server.started_at})
 
-    def _json(self, status: int, data: dict[str, Any]) -> None:
-        self._send(status, json.dumps(data).encode(), "application/json")
-
-    def _send(self, status: int, payload: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-
-def _field(body: bytes, name: str, default: Any) -> Any:
-    try:
-        return json.loads(body or b"{}").get(name, default)
-    except (ValueError, AttributeError):
-        return default
-
-
-def main(env: dict[str, str] | None = None) -> int:
-    env = dict(os.environ if env is None else env)
-    missing = [v for v in ("ENGINE_PORT", "ENGINE_BRAIN_DIR", "ENGINE_API_KEY_FILE") if not env.get(v)]
-    if missing:
-        print(f"refengine: {', '.join(missing)} must be set", file=sys.stderr)
-        return 2
-    engine = Engine(env)
-    if "fault-crash" in engine.faults:
-        say("crashing on purpose (fault-crash)")
-        return 3
-    delay = engine.fault_ms("boot-delay-")
-    if delay:
-        time.sleep(delay / 1000)
-    Handler.engine = engine
-    server = ThreadingHTTPServer((engine.host, engine.port), Handler)
-    server.daemon_threads = True
-    _install_signals(engine, server)
-    crash_after = engine.fault_ms("fault-crash-after-")
-    if crash_after is not None:
-        threading.Timer(crash_after / 1000, os._exit, args=(3,)).start()
-    say(f"listening on {engine.host}:{engine.port}")
-    server.serve_forever(poll_interval=0.05)
-    server.server_close()
-    say("shutdown complete")
-    return 0
-
-
-def _install_signals(engine: Engine, server: ThreadingHTTPServer) -> None:
-    def reload() -> None:
-        engine.reload_key()
-        say("reloaded key")
-
-    def on_hup(signum: int, frame: Any) -> None:
-        delay = engine.fault_ms("hup-delay-")
-        if delay:
-            threading.Timer(delay / 1000, reload).start()
-        else:
-            reload()  # a small file read: safe enough in the main thread's handler
-
-    def on_term(signum: int, frame: Any) -> None:
-        if "fault-hang-term" in engine.faults:
-            say("ignoring SIGTERM")
+    def _admin_exit(self, body: bytes) -> None:
+        data = self._json_object(body)
+        if data is None:
             return
-        say("received SIGTERM")
-        # shutdown() blocks until serve_forever returns, and serve_forever runs in this thread.
-        threading.Thread(target=server.shutdown, daemon=True).start()
+        code = data.get("code")
+        if type(code) is not int or not 0 <= code <= 255:  # type(): True is an int, not a code
+            return self._json(400, {"error": "code must be an integer from 0 to 255"})
+        say(f"exiting with code {code} (admin/exit)")
+        self._json(202, {"exiting": code})
+        after(EXIT_DELAY_S, os._exit, code)  # os._exit: a crash, not a clean shutdown
 
-    signal.signal(signal.SIGHUP, on_hup)
-    signal.signal(signal.SIGTERM, on_term)
+    def _admin_health(self, body: bytes) -> None:
+        data = self._json_object(body)
+        if data is None:
+            return
+        healthy = data.get("healthy")
+        if type(healthy) is not bool:
+            return self._json(400, {"error": "healthy must be true or false"})
+        self.server.healthy = healthy
+        say(f"health set to {'healthy' if healthy else 'unhealthy'} (admin/health)")
+        self._json(200, {"healthy": healthy and not self.server.config.faults.never_healthy})
+
+    def _memory(self, method: str, raw_key: str, body: bytes) -> None:
+        key = _memory_key(raw_key)
+        if key is None:
+            return self._json(400, {"error": f"a memory key is 1 to {MAX_KEY_CHARS} characters"
+                                              " of UTF-8, percent-encoded"})
+        brain = self.server.brain
+        try:
+            if method == "PUT":
+                brain.put(key, body)
+                return self._json(200, {"stored": len(body)})
+            if method == "GET":
+                value = brain.get(key)
+                if value is None:
+                    return self._json(404, {"error": "no such key"})
+                return self._send(200, value, "application/octet-stream")
+            if method == "DELETE":
+                if not brain.delete(key):
+                    return self._json(404, {"error": "no such key"})
+                return self._send(204, b"", None)
+        except OSError as exc:  # a full or read-only disk: say so rather than drop the connection
+            say(f"brain error: {exc.strerror or exc}")
+            return self._json(507, {"error": "the brain could not be written or read"})
+        return self._json(405, {"error": "method not allowed"}, [("Allow", "GET, PUT, DELETE")])
+
+    # ---- bodies and answers -----------------------------------------------------------------
+
+    def _body_length(self) -> int | None:
+        """The declared body length, or None when we cannot tell where the body ends."""
+        if self.headers.get("Transfer-Encoding"):
+            return None
+        raw = self.headers.get("Content-Length", "0").strip()
+        return int(raw) if raw.isascii() and raw.isdigit() else None
+
+    def _discard(self, length: int | None) -> None:
+        # Reading what the client sends lets it read our answer; when there is too much, or we
+        # do not know how much, closing is the only way to find the next request.
+        if length is None or length > DISCARD_MAX:
+            self.close_connection = True
+            return
+        while length > 0:
+            chunk = self.rfile.read(min(length, 65536))
+            if not chunk:
+                self.close_connection = True
+                return
+            length -= len(chunk)
+
+    def _json_object(self, body: bytes) -> dict[str, object] | None:
+        try:
+            data = json.loads(body or b"{}")
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            self._json(400, {"error": "the body must be a JSON object"})
+            return None
+        return data
+
+    def _json(self, status: int, data: dict[str, object],
+              headers: Iterable[tuple[str, str]] = ()) -> None:
+        self._send(status, json.dumps(data, separators=(",", ":")).encode(), "application/json",
+                   headers)
+
+    def _send(self, status: int, payload: bytes, content_type: str | None,
+              headers: Iterable[tuple[str, str]] = ()) -> None:
+        self.send_response(status)
+        if status != 204:  # a 204 has no body and must not declare a length
+            self.send_header("Content-Type", content_type or "application/octet-stream")
+            self.send_header("Content-Length", str(len(payload)))
+        for name, value in headers:
+            self.send_header(name, value)
+        if self.close_connection or self.server.stopping:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if payload and self.command != "HEAD":
+            self.wfile.write(payload)
+
+
+ROUTES: dict[str, tuple[str, Callable[[Handler, bytes], None]]] = {
+    "/v1/keycheck": ("GET", Handler._keycheck),
+    "/v1/info": ("GET", Handler._info),
+    "/v1/admin/exit": ("POST", Handler._admin_exit),
+    "/v1/admin/health": ("POST", Handler._admin_health),
+}
+
+
+def _memory_key(raw: str) -> str | None:
+    # The request line arrives decoded as latin-1: back to its bytes, then percent-decoding,
+    # then UTF-8, so a key means the same whatever the client escaped.
+    try:
+        key = unquote_to_bytes(raw.encode("latin-1")).decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return None
+    return key if 1 <= len(key) <= MAX_KEY_CHARS else None
+
+
+def serve(server: EngineServer, signals: Signals) -> None:
+    """Accept connections and act on signals until told to stop."""
+    with selectors.DefaultSelector() as selector:
+        selector.register(signals.fd, selectors.EVENT_READ)
+        selector.register(server.socket, selectors.EVENT_READ)
+        while True:
+            ready = {key.fd for key, _ in selector.select()}
+            # Signals first: a key rotation signalled before a connection came applies to it.
+            if signals.fd in ready and signals.handle():
+                return
+            if server.socket.fileno() in ready:
+                server.handle_request()  # timeout 0: accept the ready one, never wait
+
+
+def shut_down(server: EngineServer) -> None:
+    server.stopping = True  # answers from now on close their connections
+    server.server_close()  # no new connections: the kernel refuses them
+    if not server.inflight.wait_idle(DRAIN_S):
+        say(f"in-flight requests still running after {DRAIN_S:g}s; leaving them")
+    say("shutdown complete")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import httpx
@@ -186,13 +185,18 @@ def test_database_unavailable(tmp_path: Path) -> None:
         orch.product("acme")
         api = orch.client("acme")
         api.get("/engines")  # warm the product cache, so the write is what fails
-        conn = sqlite3.connect(orch.state_dir / "orch.db", timeout=5, isolation_level=None)
-        conn.execute("BEGIN EXCLUSIVE")
+        conn = orch.db()
+        cursor = conn.cursor()
+        if orch.pg_url:
+            cursor.execute("BEGIN")
+            cursor.execute("LOCK TABLE product, engine, rate_limit IN ACCESS EXCLUSIVE MODE")
+        else:
+            cursor.execute("BEGIN EXCLUSIVE")
         try:
             response = api.post("/engines/provision", json={"user_id": "dbless"})
             assert_error(response, 503, "SCHEDULER_UNAVAILABLE")
         finally:
-            conn.execute("ROLLBACK")
+            cursor.execute("ROLLBACK")
             conn.close()
         assert orch.rows("SELECT * FROM engine") == []
         assert orch.rows("SELECT * FROM port_lease") == []

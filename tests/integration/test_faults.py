@@ -105,8 +105,7 @@ def test_orphans_are_removed(orch: Orchestrator) -> None:
     api = orch.client("acme")
     api.post("/engines/provision", json={"user_id": "o"})
     name = orch.rows("SELECT name FROM engine")[0][0]
-    with orch.db() as conn:  # forget the row behind the orchestrator's back
-        conn.execute("DELETE FROM engine")
+    orch.execute("DELETE FROM engine")  # forget the row behind the orchestrator's back
     wait_for(lambda: engine_processes(orch) == {} and not (orch.state_dir / "brains" / name).exists()
              and orch.rows("SELECT * FROM port_lease") == [], timeout=20, what="orphan removal")
     events = orch.rows("SELECT event FROM event WHERE engine_name = ?", name)

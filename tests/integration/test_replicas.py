@@ -129,7 +129,8 @@ def test_admits_on_two_replicas_make_one_engine(pair: tuple[Orchestrator, Orches
 
     first.product("acme")
     answers = asyncio.run(herd())
-    assert [a.status_code for a in answers] == [200] * 200
+    refused = [a.text for a in answers if a.status_code != 200]
+    assert not refused, refused[:3]
     assert all(a.json()["admitted"] for a in answers)
     assert len({a.json()["url"] for a in answers}) == 1
     assert first.rows("SELECT COUNT(*) FROM engine")[0][0] == 1

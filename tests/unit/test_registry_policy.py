@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from pathlib import Path
@@ -13,9 +14,16 @@ from app.flights import Flights
 
 @pytest.fixture
 def db(tmp_path: Path):
-    database = registry.connect(f"sqlite:///{tmp_path / 'orch.db'}")
+    """The registry on SQLite, or on a fresh PostgreSQL database with ORCH_TEST_DB=postgres."""
+    from tests.harness import _drop_postgres_database, _fresh_postgres_database
+
+    postgres = os.environ.get("ORCH_TEST_DB") == "postgres"
+    url = _fresh_postgres_database() if postgres else f"sqlite:///{tmp_path / 'orch.db'}"
+    database = registry.connect(url)
     yield database
     database.close()
+    if postgres:
+        _drop_postgres_database(url)
 
 
 def test_transition_is_compare_and_set(db) -> None:
@@ -53,7 +61,6 @@ def test_quota_and_uniqueness(db) -> None:
 def test_quota_holds_across_threads(db, tmp_path: Path) -> None:
     """Separate connections (as separate replicas would have) racing for the last slots."""
     product, _ = products.create("p", max_engines=5)
-    url = f"sqlite:///{tmp_path / 'orch.db'}"
     results: list[str] = []
 
     def worker(i: int) -> None:
@@ -75,7 +82,6 @@ def test_quota_holds_across_threads(db, tmp_path: Path) -> None:
         t.join()
     assert results.count("ok") == 5 and results.count("quota") == 15
     assert registry.Engine.select().count() == 5
-    del url
 
 
 def test_lease_is_exclusive_until_it_expires(db) -> None:
