@@ -111,9 +111,14 @@ def test_crashed_engine_is_restarted_then_given_up(tmp_path: Path) -> None:
         import signal
         os.kill(pid, signal.SIGKILL)
         # restarted automatically: a new process, running again
-        wait_for(lambda: (orch.engine_row("fragile")["status"] == "running"
-                          and json.loads(orch.engine_row("fragile")["driver_state"]).get("pid") != pid),
-                 timeout=15, what="auto-restart")
+        def restarted() -> bool:
+            # One read of the row: a running row and a new pid from two reads could be the
+            # old running row and the failed one in between (which has no pid at all).
+            row = orch.engine_row("fragile")
+            new_pid = json.loads(row["driver_state"]).get("pid")
+            return row["status"] == "running" and new_pid is not None and new_pid != pid
+
+        wait_for(restarted, timeout=15, what="auto-restart")
         assert api.get("/engines/fragile").json()["restarts"] == 1
         pid = json.loads(orch.engine_row("fragile")["driver_state"])["pid"]
         os.kill(pid, signal.SIGKILL)
