@@ -64,13 +64,13 @@ def main(env: dict[str, str] | None = None) -> int:
                  f"{exc.strerror or exc}")
         return 1
 
-    from app.refengine import server as http  # the slow import, while clients already queue
+    from app.refengine import server  # the slow import, while clients already queue
 
-    engine = http.EngineServer(sock, config, keys, brain, started_at)
+    engine = server.EngineServer(sock, config, keys, brain, started_at)
     host, port = sock.getsockname()[:2]
     say(f"listening on {host}:{port}")
     if faults.crash_after_ms is not None:
         after(faults.crash_after_ms / 1000, crash, 3, f"fault-crash-after-{faults.crash_after_ms}")
-    http.serve(engine, signals)
-    http.shut_down(engine)
+    server.serve(engine, signals)
+    server.shut_down(engine)
     return 0
