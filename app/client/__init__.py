@@ -1,0 +1,46 @@
+"""A typed Python client for the engine orchestrator's HTTP API (sync and asyncio).
+
+    from app.client import Client, RateLimited
+
+    with Client("http://127.0.0.1:8080", platform_key) as orch:
+        admission = orch.admit("alice", auto_provision=True, auto_wake=True)
+
+`Client` wraps httpx.Client, `AsyncClient` wraps httpx.AsyncClient; both have one method per
+endpoint and raise one `OrchestratorError` subclass per error code of the API.
+"""
+
+from app.client._async import AsyncClient
+from app.client._errors import (
+    ERRORS_BY_CODE,
+    BootTimeout,
+    CapacityExhausted,
+    EngineAlreadyExists,
+    EngineAlreadyRunning,
+    EngineNotFound,
+    EngineNotRunning,
+    Internal,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    OrchestratorError,
+    PortExhaustion,
+    QuotaExceeded,
+    RateLimited,
+    SchedulerUnavailable,
+    Unauthorized,
+    UnexpectedResponse,
+    error_from_response,
+    raise_for_error,
+)
+from app.client._models import Admission, Engine, EnginePage, Event, Health, ProvisionedEngine
+from app.client._sync import Client
+
+__all__ = [
+    "Client", "AsyncClient",
+    "Admission", "Engine", "EnginePage", "Event", "Health", "ProvisionedEngine",
+    "OrchestratorError", "InvalidRequest", "Unauthorized", "EngineNotFound", "NotFound",
+    "MethodNotAllowed", "EngineAlreadyExists", "EngineAlreadyRunning", "EngineNotRunning",
+    "QuotaExceeded", "RateLimited", "PortExhaustion", "CapacityExhausted",
+    "SchedulerUnavailable", "BootTimeout", "Internal", "UnexpectedResponse",
+    "ERRORS_BY_CODE", "error_from_response", "raise_for_error",
+]

@@ -1,0 +1,121 @@
+"""The asyncio client (httpx.AsyncClient): `_sync.Client` with `await`. Both send
+`_calls.Call`s, so this file holds no paths, bodies or parsing of its own."""
+
+from __future__ import annotations
+
+import builtins
+import ssl
+from types import TracebackType
+from typing import Any, AsyncIterator, TypeVar
+
+import httpx
+
+from app.client import _calls
+from app.client._models import Admission, Engine, EnginePage, Event, Health, ProvisionedEngine
+
+T = TypeVar("T")
+
+
+class AsyncClient:
+    """The orchestrator's API for one product (the one `platform_key` belongs to).
+
+    Every method raises an `OrchestratorError` subclass when the server answers an error, and
+    lets httpx's own errors (connection refused, timeouts) through unchanged. `request_id`
+    is sent as X-Request-ID and ends up in the server's log and the engine's audit events.
+    """
+
+    def __init__(self, base_url: str, platform_key: str, *,
+                 timeout: float | httpx.Timeout = _calls.DEFAULT_TIMEOUT,
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 headers: dict[str, str] | None = None, trust_env: bool = True,
+                 verify: ssl.SSLContext | str | bool = True):
+        self._http = httpx.AsyncClient(
+            transport=transport,
+            **_calls.http_options(base_url, platform_key, timeout, headers, trust_env, verify))
+
+    # ---- lifecycle of the client itself -----------------------------------------------------
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    async def _send(self, call: _calls.Call[T]) -> T:
+        response = await self._http.request(call.method, call.path, json=call.json,
+                                            params=call.params, headers=call.headers)
+        return _calls.finish(call, response)
+
+    # ---- engines ------------------------------------------------------------------------------
+
+    async def provision(self, user_id: str, engine_version: str | None = None, *,
+                        request_id: str | None = None) -> ProvisionedEngine:
+        """Create the user's engine and wait until it runs; the key is shown this once."""
+        return await self._send(_calls.provision(user_id, engine_version, request_id))
+
+    async def get(self, user_id: str, *, request_id: str | None = None) -> Engine:
+        return await self._send(_calls.get(user_id, request_id))
+
+    async def admit(self, user_id: str, auto_provision: bool = False, auto_wake: bool = False,
+                    *, request_id: str | None = None) -> Admission:
+        """Call on every user request. A denial is an answer (`admitted=False`), not an error."""
+        return await self._send(_calls.admit(user_id, auto_provision, auto_wake, request_id))
+
+    async def start(self, user_id: str, *, request_id: str | None = None) -> Engine:
+        return await self._send(_calls.start(user_id, request_id))
+
+    async def stop(self, user_id: str, *, request_id: str | None = None) -> Engine:
+        return await self._send(_calls.stop(user_id, request_id))
+
+    async def rotate_key(self, user_id: str, *,
+                         request_id: str | None = None) -> ProvisionedEngine:
+        """A new key for a running engine; the old one is refused once this returns."""
+        return await self._send(_calls.rotate_key(user_id, request_id))
+
+    async def destroy(self, user_id: str, *, request_id: str | None = None) -> None:
+        """Remove the engine and its brain for good (the audit events are kept)."""
+        await self._send(_calls.destroy(user_id, request_id))
+
+    async def list(self, status: str | None = None, limit: int | None = None,
+                   cursor: str | None = None, *,
+                   request_id: str | None = None) -> EnginePage:
+        """One page of the product's engines; see `iter_engines` for all of them."""
+        return await self._send(_calls.list_engines(status, limit, cursor, request_id))
+
+    async def iter_engines(self, status: str | None = None, *,
+                           page_size: int | None = None) -> AsyncIterator[Engine]:
+        """Every engine of the product, following `next_cursor` page by page."""
+        cursor: str | None = None
+        while True:
+            page = await self.list(status, page_size, cursor)
+            for engine in page.engines:
+                yield engine
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    async def events(self, user_id: str, limit: int | None = None, *,
+                     request_id: str | None = None) -> builtins.list[Event]:
+        """The engine's audit events, newest first (kept after destroy)."""
+        # builtins.list: in this class `list` is the method above.
+        return await self._send(_calls.events(user_id, limit, request_id))
+
+    # ---- the service --------------------------------------------------------------------------
+
+    async def healthz(self) -> Health:
+        return await self._send(_calls.healthz())
+
+    async def readyz(self) -> Health:
+        """`ok=False` (not an exception) when the database or the scheduler is unreachable."""
+        return await self._send(_calls.readyz())
+
+    async def metrics(self) -> str:
+        """The Prometheus exposition text."""
+        return await self._send(_calls.metrics())
+
+    async def openapi(self) -> dict[str, Any]:
+        return await self._send(_calls.openapi())

@@ -1,0 +1,162 @@
+"""Every endpoint as a `Call`: what to send and how to read the answer.
+
+The sync and async clients only differ in how they send a Call, so paths, bodies and parsing
+live here, once.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, TypeVar
+from urllib.parse import quote
+
+import httpx
+
+from app.client._errors import UnexpectedResponse, error_from_response
+from app.client._models import Admission, Engine, EnginePage, Event, Health, ProvisionedEngine
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    method: str
+    path: str  # relative to the client's base_url; user ids already percent-encoded
+    read: Callable[[httpx.Response], T]
+    json: dict[str, Any] | None = None
+    params: dict[str, str | int] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    also_ok: tuple[int, ...] = ()  # error statuses that are answers here (readyz's 503)
+
+
+def finish(call: Call[T], response: httpx.Response) -> T:
+    """The call's result, or the error the response stands for."""
+    if response.is_error and response.status_code not in call.also_ok:
+        raise error_from_response(response)
+    try:
+        return call.read(response)
+    except (ValueError, KeyError, TypeError) as exc:  # JSON or shape not the API's
+        raise UnexpectedResponse(response.status_code, "UNEXPECTED_RESPONSE",
+                                 f"cannot read the answer: {exc!r}",
+                                 response.headers.get("x-request-id"), response=response) from exc
+
+
+def user_path(user_id: str, *rest: str) -> str:
+    """`/engines/{user_id}/...` with the user id as one percent-encoded segment."""
+    segment = quote(user_id, safe="")
+    if segment in (".", ".."):
+        # httpx (like browsers) drops dot segments from a path, so "/engines/.." would become
+        # "/"; encoded dots reach the server, which decodes them back to the user id.
+        segment = segment.replace(".", "%2E")
+    return "/".join(("/engines", segment, *rest))
+
+
+def _headers(request_id: str | None) -> dict[str, str]:
+    # The server echoes X-Request-ID and writes it to its log and the audit events.
+    return {"X-Request-ID": request_id} if request_id else {}
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    body = response.json()
+    if not isinstance(body, dict):
+        raise TypeError(f"expected a JSON object, got {type(body).__name__}")
+    return body
+
+
+# ---- the endpoints ------------------------------------------------------------------------
+
+
+def provision(user_id: str, engine_version: str | None,
+              request_id: str | None) -> Call[ProvisionedEngine]:
+    body: dict[str, Any] = {"user_id": user_id}
+    if engine_version is not None:  # omitted: the server's ORCH_ENGINE_IMAGE
+        body["engine_version"] = engine_version
+    return Call("POST", "/engines/provision", lambda r: ProvisionedEngine.from_json(_json(r)),
+                json=body, headers=_headers(request_id))
+
+
+def get(user_id: str, request_id: str | None) -> Call[Engine]:
+    return Call("GET", user_path(user_id), lambda r: Engine.from_json(_json(r)),
+                headers=_headers(request_id))
+
+
+def admit(user_id: str, auto_provision: bool, auto_wake: bool,
+          request_id: str | None) -> Call[Admission]:
+    return Call("POST", user_path(user_id, "admit"),
+                lambda r: Admission.from_json(_json(r), user_id),
+                json={"auto_provision": auto_provision, "auto_wake": auto_wake},
+                headers=_headers(request_id))
+
+
+def start(user_id: str, request_id: str | None) -> Call[Engine]:
+    return Call("POST", user_path(user_id, "start"), lambda r: Engine.from_json(_json(r)),
+                headers=_headers(request_id))
+
+
+def stop(user_id: str, request_id: str | None) -> Call[Engine]:
+    return Call("POST", user_path(user_id, "stop"), lambda r: Engine.from_json(_json(r)),
+                headers=_headers(request_id))
+
+
+def rotate_key(user_id: str, request_id: str | None) -> Call[ProvisionedEngine]:
+    return Call("POST", user_path(user_id, "rotate-key"),
+                lambda r: ProvisionedEngine.from_json(_json(r)), headers=_headers(request_id))
+
+
+def destroy(user_id: str, request_id: str | None) -> Call[None]:
+    return Call("DELETE", user_path(user_id), _read_destroyed, headers=_headers(request_id))
+
+
+def list_engines(status: str | None, limit: int | None, cursor: str | None,
+                 request_id: str | None) -> Call[EnginePage]:
+    params = {k: v for k, v in (("status", status), ("limit", limit), ("cursor", cursor))
+              if v is not None}
+    return Call("GET", "/engines", lambda r: EnginePage.from_json(_json(r)),
+                params=params or None, headers=_headers(request_id))
+
+
+def events(user_id: str, limit: int | None, request_id: str | None) -> Call[list[Event]]:
+    return Call("GET", user_path(user_id, "events"),
+                lambda r: [Event.from_json(e) for e in _json(r)["events"]],
+                params={"limit": limit} if limit is not None else None,
+                headers=_headers(request_id))
+
+
+def healthz() -> Call[Health]:
+    return Call("GET", "/healthz", lambda r: Health.from_json(_json(r), ok=True))
+
+
+def readyz() -> Call[Health]:
+    # 503 is readyz's way of saying "not ready", with its own body, not the error shape.
+    return Call("GET", "/readyz", lambda r: Health.from_json(_json(r), ok=r.status_code == 200),
+                also_ok=(503,))
+
+
+def metrics() -> Call[str]:
+    return Call("GET", "/metrics", lambda r: r.text)
+
+
+def openapi() -> Call[dict[str, Any]]:
+    return Call("GET", "/openapi.json", _json)
+
+
+def _read_destroyed(response: httpx.Response) -> None:
+    if _json(response).get("destroyed") is not True:
+        raise ValueError("the server did not confirm the destroy")
+
+
+# ---- what both clients pass to httpx --------------------------------------------------------
+
+# Provision, start and admit may wait for an engine to boot (ORCH_BOOT_TIMEOUT_S, 60 s by
+# default) and stop waits out ORCH_STOP_GRACE_S (30 s): the read timeout must outlast both.
+DEFAULT_TIMEOUT = httpx.Timeout(90.0, connect=5.0)
+
+
+def http_options(base_url: str, platform_key: str, timeout: float | httpx.Timeout,
+                 headers: dict[str, str] | None, trust_env: bool,
+                 verify: ssl.SSLContext | str | bool) -> dict[str, Any]:
+    """The keyword arguments of httpx.Client / httpx.AsyncClient, the transport aside."""
+    return {"base_url": base_url,
+            "headers": {**(headers or {}), "X-Platform-Key": platform_key},
+            "timeout": timeout, "trust_env": trust_env, "verify": verify}

@@ -1,0 +1,140 @@
+"""What the API answers, as frozen dataclasses.
+
+Timestamps become timezone-aware `datetime`s (UTC), since comparing and formatting them is
+what callers do with them. Keys the client does not know (from a newer server) are ignored;
+a missing required key raises KeyError, which the client reports as UnexpectedResponse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Mapping
+
+# The engine states of the spec, for comparisons; `Engine.status` stays a plain str so that a
+# state added by a newer server does not break an older client.
+PROVISIONING, STARTING, RUNNING, STOPPING = "provisioning", "starting", "running", "stopping"
+STOPPED, SLEEPING, FAILED, DESTROYING = "stopped", "sleeping", "failed", "destroying"
+
+
+@dataclass(frozen=True)
+class Engine:
+    user_id: str
+    status: str
+    url: str | None  # None whenever nothing listens (stopped, failed, ...)
+    engine_version: str
+    created_at: datetime
+    updated_at: datetime
+    last_admit_at: datetime | None
+    restarts: int  # automatic restarts in a row
+    failure_reason: str | None  # boot_timeout, crashed, unhealthy, ... when failed
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Engine:
+        return cls(
+            user_id=data["user_id"],
+            status=data["status"],
+            url=data.get("url"),
+            engine_version=data["engine_version"],
+            created_at=parse_time(data["created_at"]),
+            updated_at=parse_time(data["updated_at"]),
+            last_admit_at=parse_optional_time(data.get("last_admit_at")),
+            restarts=int(data.get("restarts", 0)),
+            failure_reason=data.get("failure_reason"),
+        )
+
+
+@dataclass(frozen=True)
+class ProvisionedEngine:
+    """The answer of provision and rotate-key: the engine and its key, shown this one time."""
+
+    engine: Engine
+    api_key: str
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ProvisionedEngine:
+        return cls(engine=Engine.from_json(data), api_key=data["api_key"])
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The answer of admit. When `admitted`, `url` and `api_key` are set; when not, `reason`
+    says why (`engine_not_found`, `engine_sleeping`, `engine_stopped`, `engine_unhealthy`)."""
+
+    admitted: bool
+    user_id: str  # the server omits it on a denial; the client fills in the one it asked about
+    status: str | None  # None when there is no engine
+    reason: str | None = None
+    url: str | None = None
+    api_key: str | None = None
+    engine_version: str | None = None
+    provisioned: bool = False  # this admit created the engine (or waited on its creation)
+    woken: bool = False  # this admit woke a sleeping engine (or waited on the wake)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], user_id: str) -> Admission:
+        return cls(
+            admitted=bool(data["admitted"]),
+            user_id=data.get("user_id") or user_id,
+            status=data.get("status"),
+            reason=data.get("reason"),
+            url=data.get("url"),
+            api_key=data.get("api_key"),
+            engine_version=data.get("engine_version"),
+            provisioned=bool(data.get("provisioned", False)),
+            woken=bool(data.get("woken", False)),
+        )
+
+
+@dataclass(frozen=True)
+class EnginePage:
+    """One page of `list`; pass `next_cursor` back for the next (None: this was the last)."""
+
+    engines: tuple[Engine, ...]
+    next_cursor: str | None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> EnginePage:
+        return cls(engines=tuple(Engine.from_json(e) for e in data["engines"]),
+                   next_cursor=data.get("next_cursor"))
+
+
+@dataclass(frozen=True)
+class Event:
+    """One audit event of an engine (kept after destroy)."""
+
+    id: int
+    at: datetime
+    event: str  # provision, ready, stop, stopped, start, rotate_key, destroy, destroyed, ...
+    from_status: str | None  # "from" in the JSON, a Python keyword
+    to_status: str | None  # "to" in the JSON
+    reason: str | None
+    request_id: str | None  # the request that caused it, when one did
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Event:
+        return cls(id=int(data["id"]), at=parse_time(data["at"]), event=data["event"],
+                   from_status=data.get("from"), to_status=data.get("to"),
+                   reason=data.get("reason"), request_id=data.get("request_id"))
+
+
+@dataclass(frozen=True)
+class Health:
+    """The answer of /healthz or /readyz. `ok` is False when /readyz answers 503."""
+
+    ok: bool
+    status: str  # "ok", "ready" or "unavailable"
+    reason: str | None = None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], ok: bool) -> Health:
+        return cls(ok=ok, status=str(data.get("status", "")), reason=data.get("reason"))
+
+
+def parse_time(value: str) -> datetime:
+    # The server writes "2024-05-01T12:00:00.123Z"; Python 3.11 reads the "Z" itself.
+    return datetime.fromisoformat(value)
+
+
+def parse_optional_time(value: str | None) -> datetime | None:
+    return None if value is None else parse_time(value)
