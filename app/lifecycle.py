@@ -3,7 +3,8 @@
 Each operation runs through `Flights` (one operation per engine in this process; callers of
 the same operation are coalesced) and holds the engine row's lease (one operation per engine
 across replicas). Inside, every state change is `registry.transition` (a compare-and-set plus
-an audit event), and the driver does the work.
+an audit event), and the driver does the work. An explicit operation on an existing engine
+pings the scheduler before its first write, so "scheduler unavailable" changes nothing.
 """
 
 from __future__ import annotations
@@ -154,12 +155,14 @@ class Lifecycle:
             engine = await self._settle(engine)
             if engine.status == states.RUNNING:
                 raise errors.already_running(user_id)
+            await self.driver.ping()
             return await self._bring_up(engine, "start")
 
     async def _stop(self, product: ProductRef, user_id: str) -> Engine:
         async with self.lease(self.get(product, user_id)) as engine:
             if engine.status == states.STOPPED:
                 raise errors.not_running(user_id, engine.status)
+            await self.driver.ping()
             if engine.status != states.STOPPING:
                 registry.transition(engine, "stop", "stop")
             state = await self.driver.stop(self.spec(engine), engine.state, self.settings.stop_grace_s)
@@ -169,6 +172,7 @@ class Lifecycle:
         async with self.lease(self.get(product, user_id)) as engine:
             if engine.status != states.RUNNING:
                 raise errors.not_running(user_id, engine.status)
+            await self.driver.ping()
             old, new = self.api_key(engine), crypto.new_engine_key()
             # Written first, so a crash mid-rotation leaves both keys for the reconciler.
             registry.update(engine, pending_key_enc=self.keys.encrypt(new))
@@ -185,6 +189,7 @@ class Lifecycle:
 
     async def _destroy(self, product: ProductRef, user_id: str) -> None:
         async with self.lease(self.get(product, user_id)) as engine:
+            await self.driver.ping()
             if engine.status != states.DESTROYING:
                 registry.transition(engine, "destroy", "destroy")
             await self.driver.destroy(self.spec(engine), engine.state)

@@ -16,7 +16,7 @@ import time
 from typing import Any, Awaitable
 
 from app import registry, states
-from app.drivers.base import EngineSpec
+from app.drivers.base import DriverError, EngineSpec
 from app.lifecycle import Lifecycle
 from app.registry import Engine
 
@@ -69,7 +69,12 @@ class Reconciler:
 
     async def _check_running(self, engine: Engine, now: float) -> None:
         lifecycle = self.lifecycle
-        probe = await lifecycle.driver.probe(lifecycle.spec(engine), engine.state)
+        try:
+            probe = await lifecycle.driver.probe(lifecycle.spec(engine), engine.state)
+        except DriverError as exc:
+            # The scheduler is away: no news is not bad news. Judge the engine when it is back.
+            log.debug("probe of %s skipped: %s", engine.name, exc)
+            return
         if probe == "healthy":
             self._unhealthy_since.pop(engine.id, None)
             if engine.restarts and now - engine.status_since > STABLE_AFTER_S:
@@ -92,7 +97,11 @@ class Reconciler:
         if now - self._last_sweep < self.settings.lease_s:
             return
         self._last_sweep = now
-        found = await self.lifecycle.driver.list_names()
+        try:
+            found = await self.lifecycle.driver.list_names()
+        except DriverError as exc:
+            log.warning("orphan sweep skipped: %s", exc)
+            return
         known = registry.known_names(found)
         for name in list(self._orphan_since):
             if name not in found or name in known:

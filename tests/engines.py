@@ -26,11 +26,31 @@ def engine_name(orch: Orchestrator, user_id: str) -> str:
 
 
 def brain_dir(orch: Orchestrator, user_id: str) -> Path:
+    if orch.driver == "nomad":  # the host volume's directory
+        import json
+
+        state = orch.rows("SELECT driver_state FROM engine WHERE user_id = ?", user_id)[0][0]
+        return Path(json.loads(state)["volume_path"])
     return orch.state_dir / "brains" / engine_name(orch, user_id)
 
 
 def engine_log(orch: Orchestrator, user_id: str) -> str:
+    if orch.driver == "nomad":  # through Nomad's log API
+        from tests.scheduler import task_log
+
+        return task_log(orch.env["NOMAD_ADDR"], engine_name(orch, user_id))
     return (orch.state_dir / "run" / engine_name(orch, user_id) / "engine.log").read_text()
+
+
+def nothing_left(orch: Orchestrator) -> dict[str, list]:
+    """What the driver still holds for engines: {} when nothing (no row is checked here)."""
+    if orch.driver == "nomad":
+        from tests.scheduler import leftovers
+
+        return {k: v for k, v in leftovers(orch.env["NOMAD_ADDR"]).items() if v}
+    left = {"port_leases": orch.rows("SELECT * FROM port_lease"),
+            "processes": list(engine_processes(orch).items())}
+    return {k: v for k, v in left.items() if v}
 
 
 def engine_processes(orch: Orchestrator) -> dict[str, list[int]]:

@@ -58,8 +58,10 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
 class Orchestrator:
     """One orchestrator process on a temp state dir; restartable on the same database."""
 
-    def __init__(self, tmp: Path, env: dict[str, str] | None = None, ports: int = 20):
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None, ports: int = 20,
+                 driver: str = "local"):
         self.tmp = tmp
+        self.driver = driver
         self.state_dir = tmp / "state"
         self.state_dir.mkdir(parents=True, exist_ok=True)
         low, high = free_port_range(ports)
@@ -83,6 +85,12 @@ class Orchestrator:
         }
         if self.pg_url:
             self.env["ORCH_DATABASE_URL"] = self.pg_url
+        self.stack: Any = None
+        if driver == "nomad":
+            from tests.scheduler import scheduler_env
+
+            self.stack, nomad_env = scheduler_env(tmp, (low, high))
+            self.env.update(nomad_env)
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = tmp / "orch.log"
@@ -92,6 +100,7 @@ class Orchestrator:
         """Another orchestrator process on the same database, state dir and port range."""
         other = Orchestrator.__new__(Orchestrator)
         other.tmp, other.state_dir, other.env = self.tmp, self.state_dir, dict(self.env)
+        other.driver, other.stack = self.driver, None  # the scheduler is the first one's to close
         other.port, other.proc, other.keys = 0, None, self.keys
         other.pg_url, other.owns_db = self.pg_url, False
         other.log = self.tmp / f"orch-replica-{id(other)}.log"
@@ -135,6 +144,8 @@ class Orchestrator:
                 pass
         from tests.conftest import reap_zombies
 
+        if self.stack is not None:
+            self.stack.close()
         time.sleep(0.05)
         reap_zombies()
         if self.pg_url and self.owns_db:

@@ -10,9 +10,26 @@ from tests.harness import Orchestrator
 
 @pytest.fixture
 def orch(tmp_path: Path) -> Iterator[Orchestrator]:
-    orchestrator = Orchestrator(tmp_path).start()
-    orchestrator.product("acme")
+    yield from _orchestrator(tmp_path, "local")
+
+
+@pytest.fixture(params=["local", "nomad"])
+def any_orch(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Orchestrator]:
+    """The same test on both drivers: local processes, and Nomad (the double, or real agents)."""
+    yield from _orchestrator(tmp_path, request.param)
+
+
+@pytest.fixture
+def nomad_orch(tmp_path: Path) -> Iterator[Orchestrator]:
+    yield from _orchestrator(tmp_path, "nomad")
+
+
+def _orchestrator(tmp_path: Path, driver: str) -> Iterator[Orchestrator]:
+    orchestrator = Orchestrator(tmp_path, driver=driver)
     try:
+        orchestrator.start().product("acme")
         yield orchestrator
+        if orchestrator.stack is not None:  # every request the driver sent was well-formed
+            assert orchestrator.stack.rejections() == [], "the double refused a driver request"
     finally:
         orchestrator.close()

@@ -1,10 +1,11 @@
-"""The whole lifecycle of one engine, through the real API, with a real engine process."""
+"""The whole lifecycle of one engine, through the real API, with a real engine process, on
+both drivers (the Nomad one against the double, or real agents with NOMAD_REAL=1)."""
 
 from __future__ import annotations
 
 import httpx
 
-from tests.engines import brain_dir, engine_log, proc_state
+from tests.engines import brain_dir, engine_log, nothing_left, proc_state
 from tests.harness import Orchestrator, wait_for
 
 
@@ -13,7 +14,8 @@ def engine_get(url: str, path: str, key: str | None) -> httpx.Response:
     return httpx.get(url + path, headers=headers, timeout=5, trust_env=False)
 
 
-def test_lifecycle_story(orch: Orchestrator) -> None:
+def test_lifecycle_story(any_orch: Orchestrator) -> None:
+    orch = any_orch
     api = orch.client("acme")
 
     # provision
@@ -94,7 +96,7 @@ def test_lifecycle_story(orch: Orchestrator) -> None:
     assert proc_state(pid) == "gone"
     assert not brain.exists()
     assert orch.rows("SELECT * FROM engine") == []
-    assert orch.rows("SELECT * FROM port_lease") == []
+    assert nothing_left(orch) == {}
     assert api.get("/engines/alice").status_code == 404
     events = api.get("/engines/alice/events").json()["events"]
     kinds = [e["event"] for e in reversed(events)]

@@ -1,0 +1,241 @@
+"""The Nomad driver: one Nomad job per engine, its brain on a dynamic host volume, its key in a
+Nomad Variable, its readiness from Consul.
+
+An engine's resources all carry its name (app.naming): the job ID, the Consul service, the host
+volume's name and the variable `nomad/jobs/<name>`. The driver's state on the row holds the
+volume's ID and host path, the current allocation and the URL. Restarts belong to the
+orchestrator (the job templates set Nomad's restart and reschedule attempts to 0), so a crash
+is seen here and counted once, with the orchestrator's backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
+
+from app import engine_http, jobspec
+from app.config import ConfigError, Settings
+from app.discovery import Discovery
+from app.drivers._nomad_api import NomadAPI, SchedulerRejected, VariableConflict
+from app.drivers.base import (BootTimeout, CapacityExhausted, Driver, DriverError, EngineCrashed,
+                              EngineSpec, PortExhausted, Probe, SchedulerUnavailable, State)
+
+log = logging.getLogger("orch.nomad")
+T = TypeVar("T")
+
+TASK = "engine"  # the task name in jobspecs/*.json
+TERMINAL = ("complete", "failed", "lost")
+PORTS_EXHAUSTED = "network: dynamic port selection failed"
+PLACEMENT_WAIT_S = 30.0
+STOP_MARGIN_S = 15.0  # beyond the kill timeout: the client reporting the allocation's end
+_OUR_NAME = re.compile(r"e-[a-z0-9-]+-[0-9a-f]{12}")
+
+
+class NomadDriver(Driver):
+    name = "nomad"
+
+    def __init__(self, settings: Settings):
+        try:
+            jobspec.check(settings)
+        except jobspec.JobspecError as exc:
+            raise ConfigError(f"ORCH_NOMAD_JOBSPEC={str(settings.nomad_jobspec)!r} is invalid: {exc}") from None
+        self.settings = settings
+        self.api = NomadAPI(settings)
+        self.consul = Discovery(settings)
+        # Blocking queries hold a thread each: a pool of our own, so they never starve others.
+        self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="nomad")
+        self.http = engine_http.client()
+
+    async def _io(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    # ---- Driver interface ----------------------------------------------------------------
+
+    async def create(self, spec: EngineSpec, api_key: str) -> State:
+        state: State = {"job": spec.name}
+        try:
+            volume = await self._io(self.api.create_volume, spec.name)
+            state.update(volume=volume["ID"], volume_path=volume.get("HostPath"))
+            await self._volume_ready(volume)
+            return await self.launch(spec, state, api_key)
+        except BaseException:
+            await self._quietly(self.destroy(spec, state))
+            raise
+
+    async def launch(self, spec: EngineSpec, state: State, api_key: str) -> State:
+        await self._io(self.api.put_variable, jobspec.var_path(spec.name), {"api_key": api_key})
+        job = jobspec.render_job(self.settings, spec, volume_path=state.get("volume_path"))
+        eval_id = await self._io(self.api.register, job)
+        try:
+            alloc = await self._placed(spec, eval_id)
+        except DriverError:
+            # Unplaced, the job would wait in a blocked evaluation and start behind our back
+            # once capacity frees up: take it back.
+            await self._quietly(self._io(self.api.deregister, spec.name, False))
+            raise
+        return {**_without(state, "url"), "job": spec.name, "alloc": alloc}
+
+    async def wait_ready(self, spec: EngineSpec, state: State, timeout: float) -> tuple[State, str]:
+        deadline = time.monotonic() + timeout
+        index = 0
+        while True:
+            alloc = await self._io(self.api.allocation, state.get("alloc") or "")
+            if alloc is None or alloc.get("ClientStatus") in TERMINAL:
+                status = alloc.get("ClientStatus") if alloc else "gone"
+                raise EngineCrashed(f"engine {spec.name}: allocation {status} while booting", state)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BootTimeout(f"engine {spec.name} was not healthy within {timeout:g}s", state)
+            index, found = await self._io(self.consul.watch, spec.name, index, min(remaining, 1.0))
+            if found and found.status == "passing":
+                return {**state, "url": found.url}, found.url
+            # A resumed engine keeps its URL: its own /health answers before Consul's next check.
+            if state.get("url") and await engine_http.healthy(self.http, state["url"], timeout=0.5):
+                return state, state["url"]
+
+    async def stop(self, spec: EngineSpec, state: State, grace: float) -> State:
+        if state.get("alloc"):
+            # A paused engine must run to see its SIGTERM.
+            await self._quietly(self._io(self.api.signal, state["alloc"], TASK, "SIGCONT"))
+        if await self._io(self.api.job, spec.name) is not None:
+            await self._io(self.api.deregister, spec.name, False)
+        await self._until_stopped(spec.name, self.settings.stop_grace_s + STOP_MARGIN_S)
+        return _without(state, "alloc", "url")
+
+    async def pause(self, spec: EngineSpec, state: State) -> None:
+        if state.get("alloc"):
+            await self._io(self.api.signal, state["alloc"], TASK, "SIGSTOP")
+
+    async def resume(self, spec: EngineSpec, state: State) -> bool:
+        alloc = await self._io(self.api.allocation, state["alloc"]) if state.get("alloc") else None
+        if alloc is None or alloc.get("ClientStatus") != "running":
+            return False
+        return await self._io(self.api.signal, state["alloc"], TASK, "SIGCONT")
+
+    async def set_key(self, spec: EngineSpec, state: State, api_key: str) -> None:
+        """Write the Variable with check-and-set; Nomad re-renders the task's key file from it
+        and sends SIGHUP (the template's change_mode). The caller confirms with the engine."""
+        path = jobspec.var_path(spec.name)
+        for _ in range(5):
+            current = await self._io(self.api.variable, path)
+            cas = int(current["ModifyIndex"]) if current else 0
+            try:
+                await self._io(self.api.put_variable, path, {"api_key": api_key}, cas)
+                return
+            except VariableConflict:
+                continue  # written meanwhile (a crashed rotation's roll-back): read again
+        raise SchedulerUnavailable(f"variable {path} kept changing under us")
+
+    async def destroy(self, spec: EngineSpec, state: State | None) -> None:
+        state = state or {}
+        if await self._io(self.api.job, spec.name) is not None:
+            await self._io(self.api.deregister, spec.name, False)
+            await self._until_stopped(spec.name, min(self.settings.stop_grace_s, 5.0) + STOP_MARGIN_S)
+            await self._io(self.api.deregister, spec.name, True)
+        for volume_id in await self._volume_ids(spec.name, state.get("volume")):
+            await self._delete_volume(volume_id)
+        await self._io(self.api.delete_variable, jobspec.var_path(spec.name))
+
+    async def probe(self, spec: EngineSpec, state: State) -> Probe:
+        alloc = await self._io(self.api.allocation, state["alloc"]) if state.get("alloc") else None
+        if alloc is None or alloc.get("ClientStatus") not in ("pending", "running"):
+            return "dead"
+        health = await self._io(self.consul.health, spec.name)
+        return "healthy" if health == "passing" else "unhealthy"
+
+    async def list_names(self) -> set[str]:
+        jobs = await self._io(self.api.jobs, "e-")
+        names = {j["ID"] for j in jobs if (j.get("Meta") or {}).get("managed_by") == "orch"}
+        names |= {v["Name"] for v in await self._io(self.api.volumes)
+                  if _OUR_NAME.fullmatch(v.get("Name") or "")}
+        prefix = jobspec.var_path("")
+        names |= {v["Path"][len(prefix):] for v in await self._io(self.api.variables, prefix + "e-")
+                  if _OUR_NAME.fullmatch(v["Path"][len(prefix):])}
+        return names
+
+    async def ping(self) -> None:
+        await self._io(self.api.leader)
+        await self._io(self.consul.ping)
+
+    async def close(self) -> None:
+        await self.http.aclose()
+        self.api.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    async def _placed(self, spec: EngineSpec, eval_id: str) -> str:
+        """Follow the evaluation to an allocation, or to the reason there is none."""
+        deadline = time.monotonic() + PLACEMENT_WAIT_S
+        while True:
+            evaluation = await self._io(self.api.evaluation, eval_id)
+            _raise_placement_failure(spec, evaluation)
+            if evaluation.get("Status") in ("failed", "canceled"):
+                raise CapacityExhausted(f"Nomad could not place {spec.name}: "
+                                        f"{evaluation.get('StatusDescription') or evaluation['Status']}")
+            if evaluation.get("Status") == "complete":
+                live = [a for a in await self._io(self.api.allocations, spec.name)
+                        if a.get("DesiredStatus") == "run" and a.get("ClientStatus") not in TERMINAL]
+                if live:
+                    return max(live, key=lambda a: a.get("CreateIndex", 0))["ID"]
+            if time.monotonic() > deadline:
+                raise CapacityExhausted(f"Nomad did not place {spec.name} within {PLACEMENT_WAIT_S:g}s")
+            await asyncio.sleep(0.05)
+
+    async def _until_stopped(self, job_id: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while any(a.get("ClientStatus") not in TERMINAL
+                  for a in await self._io(self.api.allocations, job_id)):
+            if time.monotonic() > deadline:
+                raise SchedulerUnavailable(f"the allocations of {job_id} did not stop within {timeout:g}s")
+            await asyncio.sleep(0.05)
+
+    async def _volume_ready(self, volume: dict[str, Any]) -> None:
+        deadline = time.monotonic() + PLACEMENT_WAIT_S
+        while volume.get("State") != "ready":
+            if volume.get("State") == "unavailable" or time.monotonic() > deadline:
+                raise CapacityExhausted(f"host volume {volume.get('Name')} is {volume.get('State')}")
+            await asyncio.sleep(0.05)
+            volume = await self._io(self.api.volume, volume["ID"]) or {"State": "deleted"}
+
+    async def _volume_ids(self, name: str, known: str | None) -> list[str]:
+        if known:
+            return [known]
+        # No state (an orphan, or a crash before the row learnt the ID): find it by name.
+        return [v["ID"] for v in await self._io(self.api.volumes) if v.get("Name") == name]
+
+    async def _delete_volume(self, volume_id: str) -> None:
+        # The client may hold its claim a moment after the allocation ended.
+        deadline = time.monotonic() + STOP_MARGIN_S
+        while True:
+            try:
+                await self._io(self.api.delete_volume, volume_id)
+                return
+            except SchedulerRejected:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+
+    async def _quietly(self, work: Any) -> None:
+        try:
+            await work
+        except DriverError as exc:
+            log.warning("clean-up left for the reconciler: %s", exc)
+
+
+def _raise_placement_failure(spec: EngineSpec, evaluation: dict[str, Any]) -> None:
+    # A placement failure is no HTTP error: the evaluation records it per task group.
+    for metric in (evaluation.get("FailedTGAllocs") or {}).values():
+        exhausted = metric.get("DimensionExhausted") or {}
+        if PORTS_EXHAUSTED in exhausted:
+            raise PortExhausted(f"Nomad has no free dynamic port for {spec.name}")
+        why = ", ".join(sorted({**exhausted, **(metric.get("ConstraintFiltered") or {})})) or "no node fits"
+        raise CapacityExhausted(f"Nomad could not place {spec.name}: {why}")
+
+
+def _without(state: State, *keys: str) -> State:
+    return {k: v for k, v in state.items() if k not in keys}

@@ -1,0 +1,71 @@
+"""python -m tests.doubles --data-dir DIR [--port-range A-B] [--nomad-port 0]
+[--consul-port 0] [--control-port 0]
+
+Prints one JSON line {"nomad": url, "consul": url, "control": url} when ready, serves until
+SIGTERM/SIGINT, then stops every task it runs (SIGTERM, SIGKILL after 2s) and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+
+from tests.doubles.consul_api import ConsulAPI
+from tests.doubles.control import Control, Listener
+from tests.doubles.nomad_api import NomadAPI
+from tests.doubles.scheduler import Cluster
+from tests.doubles.state import State
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tests.doubles")
+    parser.add_argument("--data-dir", required=True, type=Path)
+    parser.add_argument("--port-range", default="31000-31009",
+                        help="dynamic ports for allocations, inclusive: LOW-HIGH")
+    parser.add_argument("--nomad-port", type=int, default=0)
+    parser.add_argument("--consul-port", type=int, default=0)
+    parser.add_argument("--control-port", type=int, default=0)
+    args = parser.parse_args(argv)
+    low, _, high = args.port_range.partition("-")
+    if not (low.isdigit() and high.isdigit() and 0 < int(low) <= int(high) < 65536):
+        parser.error(f"--port-range must be LOW-HIGH, not {args.port_range!r}")
+    args.ports = (int(low), int(high))
+    return args
+
+
+async def serve(args: argparse.Namespace) -> None:
+    data_dir = args.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    state = State(data_dir, args.ports)
+    cluster = Cluster(state)
+    nomad = Listener(NomadAPI(cluster).app(), args.nomad_port)
+    consul = Listener(ConsulAPI(state).app(), args.consul_port)
+    control = Listener(Control(cluster, nomad, consul).app(), args.control_port)
+    for listener in (nomad, consul, control):
+        listener.up()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await asyncio.sleep(0.05)   # let the servers start before announcing them
+    urls = {name: f"http://127.0.0.1:{listener.port}"
+            for name, listener in (("nomad", nomad), ("consul", consul), ("control", control))}
+    sys.stdout.write(json.dumps(urls) + "\n")
+    sys.stdout.flush()
+    await stop.wait()
+    await cluster.shutdown()
+    for listener in (nomad, consul, control):
+        await listener.down()
+
+
+def main(argv: list[str] | None = None) -> int:
+    asyncio.run(serve(parse_args(sys.argv[1:] if argv is None else argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""The Consul side of Nomad's service registration: services of running allocations appear in
+the catalog, and their http/tcp checks are really run by the double (as the Consul agent
+would), so a stopped or dead engine turns critical.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from typing import Any
+
+import httpx
+
+from tests.doubles import templates
+from tests.doubles.state import Alloc, ConsulService, NODE_NAME, State
+
+SECOND = 1_000_000_000
+OUTPUT_MAX = 4096  # Consul truncates check output too
+
+
+def _go_duration(ns: int) -> str:
+    return f"{ns / SECOND:g}s" if ns % 1_000_000 == 0 and ns >= SECOND else f"{ns // 1_000_000}ms"
+
+
+class ServiceManager:
+    def __init__(self, state: State):
+        self.state = state
+        self.loops: dict[str, asyncio.Task[None]] = {}  # CheckID -> its loop
+        self.started: dict[str, float] = {}             # alloc id -> monotonic task start
+        self.client = httpx.AsyncClient(trust_env=False)
+
+    async def close(self) -> None:
+        for loop in self.loops.values():
+            loop.cancel()
+        await self.client.aclose()
+
+    # ---- registration --------------------------------------------------------------------
+
+    async def task_started(self, alloc: Alloc, task: dict[str, Any]) -> None:
+        self.started[alloc.id] = time.monotonic()
+        group = _group(alloc)
+        if group.get("Services") and not any(s.alloc_id == alloc.id and "-group-" in s.id
+                                             for s in self.state.services.values()):
+            for svc in group["Services"]:
+                self._register(alloc, svc, f"group-{alloc.group}", task)
+        for svc in task.get("Services") or []:
+            self._register(alloc, svc, task["Name"], task)
+
+    async def task_stopped(self, alloc: Alloc, task: dict[str, Any]) -> None:
+        # Task services live with their task; group services with the allocation.
+        prefix = f"_nomad-task-{alloc.id}-{task['Name']}-"
+        for sid in [s for s in self.state.services if s.startswith(prefix)]:
+            self._deregister(sid)
+
+    def deregister_alloc(self, alloc: Alloc) -> None:
+        for sid in [s.id for s in self.state.services.values() if s.alloc_id == alloc.id]:
+            self._deregister(sid)
+
+    def _register(self, alloc: Alloc, svc: dict[str, Any], owner: str,
+                  task: dict[str, Any]) -> None:
+        if (svc.get("Provider") or "consul") != "consul":
+            return  # Nomad-native services are not in Consul
+        env = templates.task_env(alloc, task, {"alloc": "", "local": "", "secrets": ""})
+        meta = {k[len("NOMAD_META_"):]: v for k, v in env.items() if k.startswith("NOMAD_META_")}
+        name = templates.interpolate(svc.get("Name") or "", env, meta)
+        label = svc.get("PortLabel") or ""
+        sid = f"_nomad-task-{alloc.id}-{owner}-{name}-{label}"
+        index = self.state.bump_consul()
+        service = ConsulService(
+            id=sid, name=name,
+            tags=[templates.interpolate(t, env, meta) for t in svc.get("Tags") or []],
+            meta={k: templates.interpolate(v, env, meta)
+                  for k, v in (svc.get("Meta") or {}).items()},
+            port=alloc.ports.get(label, 0), alloc_id=alloc.id, checks={},
+            create_index=index, modify_index=index)
+        for check in svc.get("Checks") or []:
+            self._add_check(service, check, alloc)
+        self.state.services[sid] = service
+
+    def _add_check(self, service: ConsulService, check: dict[str, Any], alloc: Alloc) -> None:
+        check_id = "_nomad-check-" + hashlib.sha1(
+            f"{service.id}/{check.get('Name')}".encode()).hexdigest()
+        kind = check.get("Type") or ""
+        service.checks[check_id] = {
+            "Node": NODE_NAME, "CheckID": check_id, "Name": check.get("Name") or "",
+            "Status": check.get("InitialStatus") or "critical", "Notes": check.get("Notes") or "",
+            "Output": "", "ServiceID": service.id, "ServiceName": service.name,
+            "ServiceTags": list(service.tags), "Type": kind, "Namespace": "default",
+            "Interval": _go_duration(check.get("Interval") or 10 * SECOND),
+            "Timeout": _go_duration(check.get("Timeout") or 2 * SECOND),
+            "Definition": {}, "CreateIndex": service.create_index,
+            "ModifyIndex": service.create_index}
+        port = alloc.ports.get(check.get("PortLabel") or "", service.port)
+        self.loops[check_id] = asyncio.get_running_loop().create_task(
+            self._loop(service, check_id, check, port))
+
+    def _deregister(self, sid: str) -> None:
+        service = self.state.services.pop(sid, None)
+        if service is None:
+            return
+        for check_id in service.checks:
+            loop = self.loops.pop(check_id, None)
+            if loop:
+                loop.cancel()
+        self.state.bump_consul()
+
+    # ---- running checks ------------------------------------------------------------------
+
+    async def _loop(self, service: ConsulService, check_id: str, check: dict[str, Any],
+                    port: int) -> None:
+        interval = (check.get("Interval") or 10 * SECOND) / SECOND
+        timeout = (check.get("Timeout") or 2 * SECOND) / SECOND
+        while True:
+            status, output = await self._probe(service, check, port, timeout)
+            self._update(service, check_id, status, output)
+            await asyncio.sleep(interval)
+
+    async def _probe(self, service: ConsulService, check: dict[str, Any], port: int,
+                     timeout: float) -> tuple[str, str]:
+        slow = self.state.faults.slow_health_s
+        if slow and time.monotonic() - self.started.get(service.alloc_id, 0.0) < slow:
+            return "critical", "slow"
+        kind = check.get("Type")
+        if kind == "http":
+            return await self._http(check, port, timeout)
+        if kind == "tcp":
+            return await self._tcp(port, timeout)
+        return "critical", f"the double does not run {kind!r} checks"
+
+    async def _http(self, check: dict[str, Any], port: int, timeout: float) -> tuple[str, str]:
+        path = check.get("Path") or "/"
+        url = f"http://127.0.0.1:{port}{path if path.startswith('/') else '/' + path}"
+        method = check.get("Method") or "GET"
+        headers = [(k, v) for k, vals in (check.get("Header") or {}).items() for v in vals]
+        try:
+            resp = await self.client.request(method, url, headers=headers, timeout=timeout,
+                                             content=(check.get("Body") or None))
+        except httpx.TimeoutException:
+            return "critical", f"{method} {url}: Client.Timeout exceeded while awaiting headers"
+        except httpx.HTTPError as exc:
+            return "critical", f"{method} {url}: {exc.__class__.__name__}: {exc}"
+        output = f"HTTP {method} {url}: {resp.status_code} Output: {resp.text[:OUTPUT_MAX]}"
+        if 200 <= resp.status_code < 300:
+            return "passing", output
+        return ("warning" if resp.status_code == 429 else "critical"), output
+
+    async def _tcp(self, port: int, timeout: float) -> tuple[str, str]:
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            return "critical", f"dial tcp 127.0.0.1:{port}: {exc}"
+        writer.close()
+        return "passing", f"TCP connect 127.0.0.1:{port}: Success"
+
+    def _update(self, service: ConsulService, check_id: str, status: str, output: str) -> None:
+        if self.state.services.get(service.id) is not service:
+            return  # deregistered while the probe ran
+        current = service.checks[check_id]
+        if current["Status"] == status and current["Output"] == output:
+            return  # Consul's index moves only on a real change
+        current["Status"], current["Output"] = status, output
+        current["ModifyIndex"] = self.state.bump_consul()
+
+
+def _group(alloc: Alloc) -> dict[str, Any]:
+    return next(g for g in alloc.job["TaskGroups"] if g["Name"] == alloc.group)

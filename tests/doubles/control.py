@@ -1,0 +1,153 @@
+"""The test-facing control API: faults, node loss, rejections, request counts, a state dump.
+Also the listeners: "down" closes a port (connection refused) and "up" reopens the same one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from tests.doubles.scheduler import Cluster
+from tests.doubles.state import Faults
+
+FAULT_TYPES = {name: type(value) for name, value in Faults().as_dict().items()}
+
+
+class QuietServer(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to the double (several servers share one
+    process, and the double must stop its tasks before exiting)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Listener:
+    """One port served by one uvicorn server, which can go down and come back."""
+
+    def __init__(self, app: Any, port: int):
+        self.app = app
+        self.sock = _bind(port)
+        self.port: int = self.sock.getsockname()[1]   # fixed from now on, across downs
+        self.server: QuietServer | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def up(self) -> None:
+        if self.server is not None:
+            return
+        if self.sock is None:
+            self.sock = _bind(self.port)
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="off",
+                                timeout_graceful_shutdown=1, access_log=False)
+        self.server = QuietServer(config)
+        self.task = asyncio.get_running_loop().create_task(self.server.serve([self.sock]))
+
+    async def down(self) -> None:
+        server, task = self.server, self.task
+        if server is None or task is None:
+            return
+        self.server = self.task = None
+        server.should_exit = server.force_exit = True
+        for conn in list(server.server_state.connections):
+            if conn.transport is not None:
+                conn.transport.abort()   # no half-answers: the port is simply gone
+        await task
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def _bind(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+class Control:
+    def __init__(self, cluster: Cluster, nomad: Listener, consul: Listener):
+        self.cluster, self.state = cluster, cluster.state
+        self.nomad, self.consul = nomad, consul
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[
+            Route("/faults", self.get_faults, methods=["GET"]),
+            Route("/faults", self.set_faults, methods=["POST"]),
+            Route("/node-lost", self.node_lost, methods=["POST"]),
+            Route("/rejections", self.rejections, methods=["GET"]),
+            Route("/rejections", self.clear_rejections, methods=["DELETE"]),
+            Route("/requests", self.requests, methods=["GET"]),
+            Route("/state", self.summary, methods=["GET"]),
+        ])
+
+    @staticmethod
+    def _json(body: Any, status: int = 200) -> Response:
+        return Response(json.dumps(body), status_code=status, media_type="application/json")
+
+    async def get_faults(self, request: Request) -> Response:
+        return self._json(self.state.faults.as_dict())
+
+    async def set_faults(self, request: Request) -> Response:
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except ValueError as exc:
+            return self._json({"error": f"bad JSON: {exc}"}, 400)
+        problem = _fault_problem(body)
+        if problem:
+            return self._json({"error": problem}, 400)
+        for name, value in body.items():
+            setattr(self.state.faults, name, float(value) if FAULT_TYPES[name] is float else value)
+        await self._apply_down(self.nomad, self.state.faults.nomad_down)
+        await self._apply_down(self.consul, self.state.faults.consul_down)
+        return self._json(self.state.faults.as_dict())
+
+    @staticmethod
+    async def _apply_down(listener: Listener, down: bool) -> None:
+        if down:
+            await listener.down()
+        else:
+            listener.up()
+
+    async def node_lost(self, request: Request) -> Response:
+        return self._json({"lost": self.cluster.node_lost()})
+
+    async def rejections(self, request: Request) -> Response:
+        return self._json(self.state.rejections)
+
+    async def clear_rejections(self, request: Request) -> Response:
+        self.state.rejections.clear()
+        return self._json([])
+
+    async def requests(self, request: Request) -> Response:
+        return self._json([{"api": a, "method": m, "route": r, "count": n}
+                           for (a, m, r), n in sorted(self.state.requests.items())])
+
+    async def summary(self, request: Request) -> Response:
+        return self._json(self.state.summary())
+
+
+def _fault_problem(body: Any) -> str | None:
+    if not isinstance(body, dict):
+        return "body must be a JSON object"
+    for name, value in body.items():
+        kind = FAULT_TYPES.get(name)
+        if kind is None:
+            return f"unknown fault {name!r} (known: {', '.join(sorted(FAULT_TYPES))})"
+        if kind is bool and not isinstance(value, bool):
+            return f"{name} must be true or false"
+        if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or value < 0):
+            return f"{name} must be a number >= 0"
+    return None

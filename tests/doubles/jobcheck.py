@@ -1,0 +1,146 @@
+"""Nomad's own job validation (beyond JSON shapes) that the double enforces at register time,
+and the defaults Nomad fills in (Namespace, Region, Priority, Count...).
+
+Only rules real Nomad applies are here, so a job the double refuses would be refused (or
+would fail) on a real cluster too. What the double cannot run (batch jobs, other drivers) is
+refused with a message that says so.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+SECOND = 1_000_000_000
+RFC1123 = re.compile(r"^(?!-)[a-zA-Z0-9-]{1,63}(?<!-)$")
+PLACEHOLDER = re.compile(r"\$\{[^}]*\}")
+CHANGE_MODES = ("noop", "restart", "signal", "script")
+RESTART_MODES = ("fail", "delay")
+
+
+def check(job: dict[str, Any], url_id: str | None) -> list[str]:
+    """Errors of a job about to be registered; [] when it is acceptable."""
+    errors: list[str] = []
+    jid = job.get("ID")
+    if not jid:
+        return ["Job ID is required"]
+    if url_id is not None and jid != url_id:
+        return ["Job ID does not match name"]
+    if " " in jid or "\0" in jid:
+        errors.append("Job ID contains a space or a null character")
+    if (job.get("Type") or "service") != "service":
+        errors.append(f"the double runs service jobs only, not {job.get('Type')!r}")
+    groups = job.get("TaskGroups") or []
+    if not groups:
+        errors.append("Missing job task groups")
+    for group in groups:
+        _check_group(group, errors)
+    return errors
+
+
+def _check_group(group: dict[str, Any], errors: list[str]) -> None:
+    gname = group.get("Name") or ""
+    where = f'Task group "{gname}"'
+    if not gname:
+        errors.append("Task group missing name")
+    if (group.get("Count") or 0) < 0 and group.get("Count") is not None:
+        errors.append(f"{where}: count can't be negative")
+    if not group.get("Tasks"):
+        errors.append(f"{where}: Missing tasks for task group")
+    labels = {p.get("Label") for net in group.get("Networks") or []
+              for p in (net.get("DynamicPorts") or []) + (net.get("ReservedPorts") or [])}
+    _check_policy(group.get("RestartPolicy"), where, errors)
+    for svc in group.get("Services") or []:
+        _check_service(svc, labels, where, errors)
+    volumes = group.get("Volumes") or {}
+    for name, vol in volumes.items():
+        if vol.get("Type") not in ("host", "csi"):
+            errors.append(f'{where}: volume "{name}" has unrecognised type {vol.get("Type")!r}')
+        if not vol.get("Source"):
+            errors.append(f'{where}: volume "{name}" has an empty source')
+    for task in group.get("Tasks") or []:
+        _check_task(task, labels, volumes, f'{where}, Task "{task.get("Name", "")}"', errors)
+
+
+def _check_task(task: dict[str, Any], labels: set[Any], volumes: dict[str, Any], where: str,
+                errors: list[str]) -> None:
+    if not task.get("Name"):
+        errors.append(f"{where}: Missing task name")
+    if not task.get("Driver"):
+        errors.append(f"{where}: Missing task driver")
+    if (task.get("KillTimeout") or 0) < 0:
+        errors.append(f"{where}: KillTimeout must be a positive value")
+    _check_policy(task.get("RestartPolicy"), where, errors)
+    for svc in task.get("Services") or []:
+        _check_service(svc, labels, where, errors)
+    for mount in task.get("VolumeMounts") or []:
+        if mount.get("Volume") not in volumes:
+            errors.append(f'{where}: Volume Mount referencing undefined volume '
+                          f'{mount.get("Volume")!r}')
+    for i, tmpl in enumerate(task.get("Templates") or []):
+        _check_template(tmpl, f"{where}, Template[{i}]", errors)
+
+
+def _check_policy(policy: dict[str, Any] | None, where: str, errors: list[str]) -> None:
+    if not policy:
+        return
+    if policy.get("Mode") is not None and policy["Mode"] not in RESTART_MODES:
+        errors.append(f'{where}: Unsupported restart mode: "{policy["Mode"]}"')
+    if (policy.get("Attempts") or 0) < 0 or (policy.get("Delay") or 0) < 0:
+        errors.append(f"{where}: restart attempts and delay can't be negative")
+
+
+def _check_service(svc: dict[str, Any], labels: set[Any], where: str,
+                   errors: list[str]) -> None:
+    name = svc.get("Name") or ""
+    # As Nomad does at registration: each ${...} counts as a one-letter placeholder.
+    if not RFC1123.match(PLACEHOLDER.sub("a", name)):
+        errors.append(f'{where}: Service name must be valid per RFC 1123 and can contain only '
+                      f'alphanumeric characters or dashes: "{name}"')
+    label = svc.get("PortLabel") or ""
+    if label and not label.isdigit() and label not in labels:
+        errors.append(f'{where}: port label "{label}" referenced by services {name} '
+                      f'does not exist')
+    for check in svc.get("Checks") or []:
+        cwhere = f'{where}, service "{name}" check "{check.get("Name", "")}"'
+        if check.get("Type") in ("http", "tcp", "grpc"):
+            if (check.get("Interval") or 0) < SECOND:
+                errors.append(f"{cwhere}: interval ({check.get('Interval')}) cannot be lower "
+                              f"than 1s")
+            if (check.get("Timeout") or 0) < SECOND:
+                errors.append(f"{cwhere}: timeout ({check.get('Timeout')}) is too low")
+        if check.get("Type") == "http" and not check.get("Path"):
+            errors.append(f"{cwhere}: http type must have http path")
+        plabel = check.get("PortLabel")
+        if plabel and plabel not in labels:
+            errors.append(f'{cwhere}: port label "{plabel}" does not exist')
+
+
+def _check_template(tmpl: dict[str, Any], where: str, errors: list[str]) -> None:
+    mode = tmpl.get("ChangeMode") or "restart"
+    if mode not in CHANGE_MODES:
+        errors.append(f"{where}: Unknown change mode {mode}")
+    if mode == "signal" and not tmpl.get("ChangeSignal"):
+        errors.append(f"{where}: Must specify signal value when change mode is signal")
+    if not tmpl.get("DestPath"):
+        errors.append(f"{where}: Must specify a destination for the template")
+    perms = tmpl.get("Perms")
+    if perms is not None and not re.fullmatch(r"0?[0-7]{3,4}", perms):
+        errors.append(f"{where}: Failed to parse {perms!r} as octal")
+
+
+def with_defaults(job: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `job` with the defaults Nomad's canonicalisation adds."""
+    out = copy.deepcopy(job)
+    out.setdefault("Name", out["ID"])
+    for key, value in (("Namespace", "default"), ("Region", "global"), ("Priority", 50),
+                       ("Type", "service"), ("NodePool", "default"), ("AllAtOnce", False)):
+        if out.get(key) is None:
+            out[key] = value
+    if not out.get("Datacenters"):
+        out["Datacenters"] = ["*"]
+    for group in out.get("TaskGroups") or []:
+        if group.get("Count") is None:
+            group["Count"] = 1
+    return out

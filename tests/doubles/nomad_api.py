@@ -1,0 +1,188 @@
+"""The Nomad HTTP API of the double: jobs, evaluations, allocations, signals, logs (this
+file) plus host volumes and variables (nomad_store_api.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+
+from tests.doubles import jobcheck, views
+from tests.doubles.httputil import (BadRequest, NotFound, blocking_params, json_response,
+                                    read_body, refuse, routes, text_response, truthy)
+from tests.doubles.nomad_store_api import store_routes
+from tests.doubles.scheduler import Cluster
+from tests.doubles.state import NODE_ID, NODE_NAME, State
+from tests.doubles.tasks import parse_signal
+
+
+def _is_bare_job(raw: bytes) -> bool:
+    try:
+        parsed = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return False   # read_body reports bad JSON
+    return isinstance(parsed, dict) and "Job" not in parsed
+
+
+class NomadAPI:
+    def __init__(self, cluster: Cluster):
+        self.cluster = cluster
+        self.state: State = cluster.state
+
+    def headers(self) -> dict[str, str]:
+        return {"X-Nomad-Index": str(self.state.index), "X-Nomad-KnownLeader": "true",
+                "X-Nomad-LastContact": "0"}
+
+    def ok(self, body: Any) -> Response:
+        return json_response(body, self.headers())
+
+    async def block(self, request: Request) -> None:
+        index, wait = blocking_params(request)
+        if index is not None:
+            await self.state.wait_past(index, wait)
+
+    def app(self) -> Starlette:
+        table = [
+            ("/v1/status/leader", ["GET"], self.leader),
+            ("/v1/agent/self", ["GET"], self.agent_self),
+            ("/v1/jobs", ["GET"], self.list_jobs),
+            ("/v1/jobs", ["PUT", "POST"], self.register),
+            ("/v1/job/{job_id}", ["PUT", "POST"], self.register),
+            ("/v1/job/{job_id}", ["GET"], self.get_job),
+            ("/v1/job/{job_id}", ["DELETE"], self.deregister),
+            ("/v1/job/{job_id}/allocations", ["GET"], self.job_allocs),
+            ("/v1/evaluation/{eval_id}", ["GET"], self.get_eval),
+            ("/v1/allocation/{alloc_id}", ["GET"], self.get_alloc),
+            ("/v1/client/allocation/{alloc_id}/signal", ["PUT", "POST"], self.signal),
+            ("/v1/client/fs/logs/{alloc_id}", ["GET"], self.logs),
+            *store_routes(self),
+        ]
+        return Starlette(routes=routes(self.state, "nomad", table), exception_handlers={
+            BadRequest: self._bad_request, NotFound: self._not_found})
+
+    async def _bad_request(self, request: Request, exc: Exception) -> Response:
+        return text_response(str(exc), 400, self.headers())
+
+    async def _not_found(self, request: Request, exc: Exception) -> Response:
+        return text_response(str(exc), 404, self.headers())
+
+    # ---- status --------------------------------------------------------------------------
+
+    async def leader(self, request: Request) -> Response:
+        return self.ok("127.0.0.1:4647")
+
+    async def agent_self(self, request: Request) -> Response:
+        return self.ok({"config": {"Region": "global", "Datacenter": "dc1",
+                                   "NodeName": NODE_NAME, "Version": {"Version": "1.10.5"}},
+                        "member": {"Name": NODE_NAME, "Addr": "127.0.0.1", "Port": 4648,
+                                   "Status": "alive"},
+                        "stats": {"client": {"node_id": NODE_ID}}})
+
+    # ---- jobs ----------------------------------------------------------------------------
+
+    async def register(self, request: Request) -> Response:
+        url_id = request.path_params.get("job_id")
+        if _is_bare_job(await request.body()):
+            # The most common mistake: a job object without the {"Job": ...} wrapper.
+            raise refuse(request, self.state, "Job must be specified")
+        body = await read_body(request, self.state, "nomad", "JobRegisterRequest")
+        job = body.get("Job")
+        if not job:
+            raise refuse(request, self.state, "Job must be specified")
+        errors = jobcheck.check(job, url_id)
+        if errors:
+            message = f"{len(errors)} error(s) occurred:\n" + "".join(
+                f"\t* {e}\n" for e in errors)
+            raise refuse(request, self.state, message)
+        return self.ok(self.cluster.register(job))
+
+    def _job(self, job_id: str) -> dict[str, Any]:
+        job = self.state.jobs.get(job_id)
+        if job is None:
+            raise NotFound("job not found")
+        return job
+
+    async def get_job(self, request: Request) -> Response:
+        await self.block(request)
+        job = self._job(request.path_params["job_id"])
+        return self.ok(views.job_view(job, self.cluster.job_status(job)))
+
+    async def list_jobs(self, request: Request) -> Response:
+        await self.block(request)
+        prefix = request.query_params.get("prefix", "")
+        return self.ok([views.job_stub(j, self.cluster.job_status(j))
+                        for jid, j in sorted(self.state.jobs.items()) if jid.startswith(prefix)])
+
+    async def deregister(self, request: Request) -> Response:
+        purge = truthy(request, "purge")
+        return self.ok(self.cluster.deregister(request.path_params["job_id"], purge))
+
+    async def job_allocs(self, request: Request) -> Response:
+        await self.block(request)
+        jid = request.path_params["job_id"]
+        return self.ok([views.alloc_stub(a) for a in self.state.job_allocs(jid)])
+
+    # ---- evaluations and allocations -----------------------------------------------------
+
+    async def get_eval(self, request: Request) -> Response:
+        await self.block(request)
+        ev = self.state.evals.get(request.path_params["eval_id"])
+        if ev is None:
+            raise NotFound("eval not found")
+        return self.ok(ev)
+
+    def _alloc(self, alloc_id: str) -> Any:
+        alloc = self.state.allocs.get(alloc_id)
+        if alloc is None:
+            raise NotFound("alloc not found")
+        return alloc
+
+    async def get_alloc(self, request: Request) -> Response:
+        await self.block(request)
+        alloc = self._alloc(request.path_params["alloc_id"])
+        return self.ok(views.allocation(alloc, self.state))
+
+    async def signal(self, request: Request) -> Response:
+        alloc = self._alloc(request.path_params["alloc_id"])
+        body = await read_body(request, self.state, "nomad", "AllocSignalRequest")
+        try:
+            sig = parse_signal(body.get("Signal") or "SIGKILL")
+        except ValueError as exc:
+            raise refuse(request, self.state, str(exc)) from None
+        runners = self.cluster.runners.get(alloc.id, [])
+        task = body.get("Task") or ""
+        chosen = [r for r in runners if not task or r.name == task]
+        if not chosen:
+            raise refuse(request, self.state, f'Failed to signal task: {task}, err: task not found')
+        if alloc.terminal or not any(r.ts["State"] == "running" for r in chosen):
+            return text_response("Task not running", 500, self.headers())
+        for runner in chosen:
+            runner.event("Signaling", "Task being sent a signal", TaskSignal=sig.name,
+                         TaskSignalReason="User requested signal")
+            runner.send(sig)
+        return self.ok({})
+
+    async def logs(self, request: Request) -> Response:
+        alloc = self._alloc(request.path_params["alloc_id"])
+        task = request.query_params.get("task", "")
+        kind = request.query_params.get("type", "")
+        if not task:
+            raise BadRequest("must provide task name")
+        if kind not in ("stdout", "stderr"):
+            raise BadRequest("must provide valid log type (stdout, stderr)")
+        if task not in alloc.task_states:
+            raise NotFound(f'unknown task name "{task}"')
+        if not truthy(request, "plain"):
+            raise BadRequest("the double serves logs with plain=true only (no framed stream)")
+        path = Path(alloc.dir) / "alloc" / "logs" / f"{task}.{kind}.0"
+        data = path.read_bytes() if path.exists() else b""
+        offset = int(request.query_params.get("offset", "0") or 0)
+        if request.query_params.get("origin", "start") == "end":
+            data = data[max(0, len(data) - offset):]
+        else:
+            data = data[offset:]
+        return Response(data, headers=self.headers(), media_type="text/plain")

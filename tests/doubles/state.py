@@ -1,0 +1,172 @@
+"""The double's cluster state: one raft-like index, the Nomad tables, the Consul catalog, and
+the test-facing records (rejections, request counts, faults).
+
+Everything runs on one asyncio loop, so plain dicts need no locks; waiting for "index > N"
+(blocking queries) is an asyncio.Condition notified on every bump.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+NODE_ID = "5e0a1c3e-d0b1-4e5a-9f00-00000000d0b1"  # fixed: tests may assert on it
+NODE_NAME = "double-node"
+DATACENTER = "dc1"
+REGION = "global"
+TERMINAL = ("complete", "failed", "lost")
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+def rfc3339(ns: int | None = None) -> str:
+    ns = now_ns() if ns is None else ns
+    secs, frac = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{frac:09d}Z"
+
+
+@dataclass
+class Faults:
+    nomad_down: bool = False
+    consul_down: bool = False
+    ports_exhausted: bool = False
+    memory_exhausted: bool = False
+    task_crash: bool = False
+    slow_health_s: float = 0.0
+    template_delay_s: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Alloc:
+    """An allocation; `doc` is its API shape minus AllocatedResources/TaskStates, which are
+    derived when serving."""
+    id: str
+    job_id: str
+    eval_id: str
+    group: str
+    job: dict[str, Any]          # the job as registered (a snapshot: later registers differ)
+    ports: dict[str, int]        # label -> host port
+    volumes: dict[str, dict[str, Any]]  # group volume name -> HostVolume
+    dir: Path
+    desired: str = "run"
+    client_status: str = "pending"
+    client_description: str = ""
+    task_states: dict[str, dict[str, Any]] = field(default_factory=dict)
+    pids: dict[str, int] = field(default_factory=dict)  # task -> pid while it runs
+    create_index: int = 0
+    modify_index: int = 0
+    create_time: int = field(default_factory=now_ns)
+    modify_time: int = field(default_factory=now_ns)
+
+    @property
+    def terminal(self) -> bool:
+        return self.client_status in TERMINAL
+
+
+@dataclass
+class ConsulService:
+    id: str
+    name: str
+    tags: list[str]
+    meta: dict[str, str]
+    port: int
+    alloc_id: str
+    checks: dict[str, dict[str, Any]]  # CheckID -> HealthCheck
+    create_index: int
+    modify_index: int
+
+
+class State:
+    def __init__(self, data_dir: Path, port_range: tuple[int, int]):
+        self.data_dir = data_dir
+        self.port_range = port_range
+        self.index = 1
+        self.consul_index = 1  # Consul's own counter: bumps only when the catalog changes
+        self._changed = asyncio.Condition()
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.evals: dict[str, dict[str, Any]] = {}
+        self.allocs: dict[str, Alloc] = {}
+        self.volumes: dict[str, dict[str, Any]] = {}
+        self.variables: dict[str, dict[str, Any]] = {}
+        self.services: dict[str, ConsulService] = {}
+        self.faults = Faults()
+        self.rejections: list[dict[str, Any]] = []
+        self.requests: Counter[tuple[str, str, str]] = Counter()  # (api, method, route)
+
+    # ---- the index and blocking queries --------------------------------------------------
+
+    def bump(self) -> int:
+        """A write happened: advance the index and wake every blocking query."""
+        self.index += 1
+        asyncio.get_running_loop().create_task(self._notify())
+        return self.index
+
+    def bump_consul(self) -> int:
+        self.index += 1
+        self.consul_index = self.index
+        asyncio.get_running_loop().create_task(self._notify())
+        return self.consul_index
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_past(self, index: int, seconds: float, consul: bool = False) -> None:
+        """Return when the (Nomad or Consul) index exceeds `index`, or after `seconds`."""
+        def past() -> bool:
+            return (self.consul_index if consul else self.index) > index
+        try:
+            async with self._changed:
+                await asyncio.wait_for(self._changed.wait_for(past), timeout=seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    # ---- look-ups ------------------------------------------------------------------------
+
+    def job_allocs(self, job_id: str) -> list[Alloc]:
+        return sorted((a for a in self.allocs.values() if a.job_id == job_id),
+                      key=lambda a: a.create_index)
+
+    def live_allocs(self) -> list[Alloc]:
+        return [a for a in self.allocs.values() if not a.terminal]
+
+    def volume_by_name(self, name: str, namespace: str = "default") -> dict[str, Any] | None:
+        for vol in self.volumes.values():
+            if vol["Name"] == name and vol["Namespace"] == namespace:
+                return vol
+        return None
+
+    def reject(self, method: str, path: str, errors: list[str]) -> None:
+        self.rejections.append({"method": method, "path": path, "errors": errors})
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "jobs": {jid: {"Status": j["Status"], "Stop": j["Stop"], "Version": j["Version"]}
+                     for jid, j in self.jobs.items()},
+            "allocs": [{"id": a.id, "job": a.job_id, "client_status": a.client_status,
+                        "desired_status": a.desired, "ports": a.ports,
+                        "pids": dict(a.pids)}
+                       for a in self.allocs.values()],
+            "volumes": [{"id": v["ID"], "name": v["Name"], "host_path": v["HostPath"]}
+                        for v in self.volumes.values()],
+            "variables": sorted(self.variables),
+            "services": [{"id": s.id, "name": s.name, "port": s.port,
+                          "checks": {c["Name"]: c["Status"] for c in s.checks.values()}}
+                         for s in self.services.values()],
+            "faults": self.faults.as_dict(),
+        }

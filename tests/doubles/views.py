@@ -1,0 +1,103 @@
+"""API shapes of the double's state: Job, JobListStub, Allocation, AllocationListStub,
+TaskState. Kept apart from the handlers so each reads as "what Nomad answers"."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.doubles.state import Alloc, NODE_ID, NODE_NAME, State
+
+ZERO_TIME = "0001-01-01T00:00:00Z"  # Go's zero time.Time, as Nomad writes an unset time
+
+
+def job_view(job: dict[str, Any], status: str) -> dict[str, Any]:
+    out = {k: v for k, v in job.items() if not k.startswith("_")}
+    out["Status"] = status
+    return out
+
+
+def job_stub(job: dict[str, Any], status: str) -> dict[str, Any]:
+    return {"ID": job["ID"], "ParentID": "", "Name": job["Name"], "Namespace": job["Namespace"],
+            "Datacenters": job["Datacenters"], "NodePool": job["NodePool"],
+            "Multiregion": None, "Type": job["Type"], "Priority": job["Priority"],
+            "Periodic": False, "ParameterizedJob": False, "Stop": job["Stop"],
+            "Status": status, "StatusDescription": "", "JobSummary": None,
+            "CreateIndex": job["CreateIndex"], "ModifyIndex": job["ModifyIndex"],
+            "JobModifyIndex": job["JobModifyIndex"], "SubmitTime": job["SubmitTime"],
+            "Meta": job.get("Meta")}
+
+
+def task_states(alloc: Alloc) -> dict[str, Any]:
+    out = {}
+    for name, ts in alloc.task_states.items():
+        out[name] = {"State": ts["State"], "Failed": ts["Failed"], "Restarts": ts["Restarts"],
+                     "LastRestart": ts["LastRestart"] or ZERO_TIME,
+                     "StartedAt": ts["StartedAt"] or ZERO_TIME,
+                     "FinishedAt": ts["FinishedAt"] or ZERO_TIME,
+                     "Events": [dict(e) for e in ts["Events"]]}
+    return out
+
+
+def alloc_stub(alloc: Alloc) -> dict[str, Any]:
+    """AllocationListStub: no AllocatedResources (gotcha 5)."""
+    return {"ID": alloc.id, "EvalID": alloc.eval_id, "Name": f"{alloc.job_id}.{alloc.group}[0]",
+            "Namespace": alloc.job.get("Namespace", "default"), "NodeID": NODE_ID,
+            "NodeName": NODE_NAME, "JobID": alloc.job_id, "JobType": alloc.job.get("Type"),
+            "JobVersion": alloc.job.get("Version", 0), "TaskGroup": alloc.group,
+            "DesiredStatus": alloc.desired, "DesiredDescription": _desired_description(alloc),
+            "ClientStatus": alloc.client_status, "ClientDescription": alloc.client_description,
+            "TaskStates": task_states(alloc), "DeploymentStatus": None, "FollowupEvalID": "",
+            "NextAllocation": "", "RescheduleTracker": None, "PreemptedAllocations": None,
+            "PreemptedByAllocation": "", "CreateIndex": alloc.create_index,
+            "ModifyIndex": alloc.modify_index, "CreateTime": alloc.create_time,
+            "ModifyTime": alloc.modify_time}
+
+
+def _desired_description(alloc: Alloc) -> str:
+    return "alloc is being stopped" if alloc.desired == "stop" else ""
+
+
+def allocation(alloc: Alloc, state: State) -> dict[str, Any]:
+    out = alloc_stub(alloc)
+    out.pop("JobType")
+    out.pop("JobVersion")
+    out.update({"Job": job_view(alloc.job, "running"), "AllocatedResources": resources(alloc),
+                "DeploymentID": "", "AllocModifyIndex": alloc.modify_index, "Metrics": None,
+                "PreviousAllocation": "", "Services": None})
+    return out
+
+
+def resources(alloc: Alloc) -> dict[str, Any]:
+    group = next(g for g in alloc.job["TaskGroups"] if g["Name"] == alloc.group)
+    ports, dynamic, reserved = [], [], []
+    for net in group.get("Networks") or []:
+        for kind, out in (("DynamicPorts", dynamic), ("ReservedPorts", reserved)):
+            for port in net.get(kind) or []:
+                value = alloc.ports[port["Label"]]
+                to = port.get("To") or 0
+                ports.append({"Label": port["Label"], "Value": value, "To": to,
+                              "HostIP": "127.0.0.1"})
+                out.append({"Label": port["Label"], "Value": value, "To": to,
+                            "HostNetwork": port.get("HostNetwork") or "default"})
+    networks = [{"Mode": "host", "Device": "", "CIDR": "", "IP": "127.0.0.1", "MBits": 0,
+                 "DNS": None, "DynamicPorts": dynamic or None, "ReservedPorts": reserved or None}]
+    tasks = {}
+    for task in group["Tasks"]:
+        res = task.get("Resources") or {}
+        tasks[task["Name"]] = {"Cpu": {"CpuShares": res.get("CPU") or 100},
+                               "Memory": {"MemoryMB": res.get("MemoryMB") or 300,
+                                          "MemoryMaxMB": res.get("MemoryMaxMB") or 0},
+                               "Networks": None, "Devices": None}
+    return {"Tasks": tasks, "TaskLifecycles": None,
+            "Shared": {"Ports": ports or None, "Networks": networks if ports else None,
+                       "DiskMB": 300}}
+
+
+def volume_stub(vol: dict[str, Any]) -> dict[str, Any]:
+    keys = ("Namespace", "ID", "Name", "PluginID", "NodePool", "NodeID", "CapacityBytes",
+            "State", "CreateIndex", "CreateTime", "ModifyIndex", "ModifyTime")
+    return {k: vol[k] for k in keys}
+
+
+def variable_meta(var: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in var.items() if k != "Items"}

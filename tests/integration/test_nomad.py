@@ -1,0 +1,202 @@
+"""The Nomad driver against the Nomad+Consul double (or real agents with NOMAD_REAL=1): what
+Consul shows, and each way a scheduler fails, with the status code, the state, and what is left
+in Nomad afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.engines import nothing_left, proc_state
+from tests.harness import Orchestrator, wait_for
+from tests.scheduler import leftovers, needs_double, service
+
+
+def _info(url: str, key: str) -> dict:
+    return httpx.get(url + "/v1/info", headers={"Authorization": f"Bearer {key}"}, timeout=5,
+                     trust_env=False).json()
+
+
+def _no_rejections(orch: Orchestrator) -> None:
+    if orch.stack is not None:
+        assert orch.stack.rejections() == [], "the double refused a request of the driver"
+
+
+def test_consul_service_names_its_owner_and_its_check_follows_the_engine(nomad_orch: Orchestrator) -> None:
+    orch = nomad_orch
+    api = orch.client("acme")
+    engine = api.post("/engines/provision", json={"user_id": "Alice Smith"}).json()
+    name = orch.rows("SELECT name FROM engine")[0][0]
+    consul = orch.env["CONSUL_HTTP_ADDR"]
+    (entry,) = service(consul, name)
+    assert "product-acme" in entry["Service"]["Tags"]
+    assert entry["Service"]["Meta"]["user_id"] == "Alice Smith"
+    assert entry["Service"]["Meta"]["product"] == "acme"
+    assert engine["url"] == f"http://{entry['Service']['Address']}:{entry['Service']['Port']}"
+    assert all(c["Status"] == "passing" for c in entry["Checks"])
+
+    # A hung engine (its process stopped, not by us): the check turns critical, and after the
+    # grace period the orchestrator marks it failed (unhealthy).
+    pid = _info(engine["url"], engine["api_key"])["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    wait_for(lambda: any(c["Status"] == "critical" for e in service(consul, name) for c in e["Checks"]),
+             timeout=15, what="critical check")
+    wait_for(lambda: api.get("/engines/Alice%20Smith").json()["failure_reason"] == "unhealthy",
+             timeout=20, what="failed as unhealthy")
+    _no_rejections(orch)
+
+
+def test_killed_engine_is_seen_dead_and_restarted(nomad_orch: Orchestrator) -> None:
+    orch = nomad_orch
+    api = orch.client("acme")
+    engine = api.post("/engines/provision", json={"user_id": "bob"}).json()
+    pid = _info(engine["url"], engine["api_key"])["pid"]
+    name = orch.rows("SELECT name FROM engine")[0][0]
+    os.kill(pid, signal.SIGKILL)
+    # Consul stops reporting it passing at once (critical, or gone with its allocation).
+    wait_for(lambda: not any(all(c["Status"] == "passing" for c in e["Checks"])
+                             for e in service(orch.env["CONSUL_HTTP_ADDR"], name)),
+             timeout=15, what="no passing instance")
+
+    def restarted() -> bool:
+        got = api.get("/engines/bob").json()
+        return got["status"] == "running" and got["restarts"] == 1
+
+    wait_for(restarted, timeout=30, what="restart after the crash")
+    url = api.get("/engines/bob").json()["url"]
+    assert _info(url, engine["api_key"])["pid"] != pid
+    kinds = [e["event"] for e in api.get("/engines/bob/events").json()["events"]]
+    assert "fail" in kinds
+    _no_rejections(orch)
+
+
+def test_port_exhaustion_leaves_nothing(tmp_path: Path) -> None:
+    orch = Orchestrator(tmp_path, driver="nomad", ports=1)
+    try:
+        orch.start().product("acme")
+        api = orch.client("acme")
+        assert api.post("/engines/provision", json={"user_id": "first"}).status_code == 200
+        before = leftovers(orch.env["NOMAD_ADDR"])
+        answer = api.post("/engines/provision", json={"user_id": "second"})
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "PORT_EXHAUSTION"
+        assert [r[0] for r in orch.rows("SELECT user_id FROM engine")] == ["first"]
+        assert leftovers(orch.env["NOMAD_ADDR"]) == before  # only the first engine's
+        assert api.post("/engines/second/admit", json={"auto_provision": True}).status_code == 503
+        assert leftovers(orch.env["NOMAD_ADDR"]) == before
+        _no_rejections(orch)
+    finally:
+        orch.close()
+
+
+def test_capacity_exhaustion_leaves_nothing(nomad_orch: Orchestrator) -> None:
+    needs_double(nomad_orch).fault(memory_exhausted=True)
+    api = nomad_orch.client("acme")
+    answer = api.post("/engines/provision", json={"user_id": "big"})
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "CAPACITY_EXHAUSTED"
+    assert nomad_orch.rows("SELECT * FROM engine") == []
+    assert nothing_left(nomad_orch) == {}
+    events = api.get("/engines/big/events").json()["events"]
+    assert events[0]["event"] == "provision_failed"
+    _no_rejections(nomad_orch)
+
+
+def test_crashing_engine_is_a_boot_timeout_and_keeps_its_brain(tmp_path: Path) -> None:
+    orch = Orchestrator(tmp_path, driver="nomad", env={"ORCH_MAX_RESTARTS": "0"})
+    try:
+        orch.start().product("acme")
+        api = orch.client("acme")
+        answer = api.post("/engines/provision", json={"user_id": "crashy",
+                                                      "engine_version": "orch-refengine:latest+fault-crash"})
+        assert answer.status_code == 504 and answer.json()["error"]["code"] == "BOOT_TIMEOUT"
+        got = api.get("/engines/crashy").json()
+        assert got["status"] == "failed" and got["failure_reason"] == "crashed" and got["url"] is None
+        row = orch.engine_row("crashy")
+        brain = Path(json.loads(row["driver_state"])["volume_path"])
+        assert brain.is_dir()  # the brain is kept
+        allocs = httpx.get(f"{orch.env['NOMAD_ADDR']}/v1/job/{row['name']}/allocations",
+                           trust_env=False).json()
+        assert allocs and all(a["ClientStatus"] in ("complete", "failed") for a in allocs)
+        # destroy removes the job, the volume and the variable
+        assert api.delete("/engines/crashy").status_code == 200
+        assert nothing_left(orch) == {}
+        assert not brain.exists()
+        _no_rejections(orch)
+    finally:
+        orch.close()
+
+
+def test_consul_down_is_503_and_leaves_nothing(nomad_orch: Orchestrator) -> None:
+    stack = needs_double(nomad_orch)
+    api = nomad_orch.client("acme")
+    stack.fault(consul_down=True)
+    answer = api.post("/engines/provision", json={"user_id": "carol"})
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "SCHEDULER_UNAVAILABLE"
+    assert nomad_orch.rows("SELECT * FROM engine") == []
+    wait_for(lambda: nothing_left(nomad_orch) == {}, timeout=20, what="clean-up")
+    assert api.get("/readyz").status_code == 503
+    stack.fault(consul_down=False)
+    assert api.post("/engines/provision", json={"user_id": "carol"}).status_code == 200
+    _no_rejections(nomad_orch)
+
+
+def test_nomad_down_is_503_and_admit_still_answers(nomad_orch: Orchestrator) -> None:
+    stack = needs_double(nomad_orch)
+    api = nomad_orch.client("acme")
+    running = api.post("/engines/provision", json={"user_id": "dave"}).json()
+    pid = _info(running["url"], running["api_key"])["pid"]
+    before = leftovers(nomad_orch.env["NOMAD_ADDR"])
+    stack.fault(nomad_down=True)
+    answer = api.post("/engines/provision", json={"user_id": "erin"})
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "SCHEDULER_UNAVAILABLE"
+    stop = api.post("/engines/dave/stop")
+    assert stop.status_code == 503 and stop.json()["error"]["code"] == "SCHEDULER_UNAVAILABLE"
+    # The hot path needs only the registry: a running engine is still admitted.
+    admitted = api.post("/engines/dave/admit").json()
+    assert admitted["admitted"] and admitted["url"] == running["url"]
+    assert [r[0] for r in nomad_orch.rows("SELECT user_id FROM engine")] == ["dave"]
+    stack.fault(nomad_down=False)
+    assert leftovers(nomad_orch.env["NOMAD_ADDR"]) == before
+    wait_for(lambda: api.post("/engines/dave/stop").status_code == 200, timeout=30,
+             what="stop once Nomad is back")
+    assert proc_state(pid) == "gone"
+    _no_rejections(nomad_orch)
+
+
+def test_node_lost_fails_the_engine(nomad_orch: Orchestrator) -> None:
+    stack = needs_double(nomad_orch)
+    api = nomad_orch.client("acme")
+    api.post("/engines/provision", json={"user_id": "frank"})
+    stack.node_lost()
+    wait_for(lambda: api.get("/engines/frank").json()["failure_reason"] == "crashed"
+             or api.get("/engines/frank").json()["restarts"] >= 1,
+             timeout=20, what="the lost engine noticed")
+    _no_rejections(nomad_orch)
+
+
+@pytest.mark.parametrize("jobspec", ["engine.raw_exec.json"])
+def test_raw_exec_template_runs_the_reference_engine(tmp_path: Path, jobspec: str) -> None:
+    from tests.harness import ROOT
+
+    orch = Orchestrator(tmp_path, driver="nomad",
+                        env={"ORCH_NOMAD_JOBSPEC": str(ROOT / "jobspecs" / jobspec)})
+    try:
+        orch.start().product("acme")
+        api = orch.client("acme")
+        engine = api.post("/engines/provision", json={"user_id": "gina"})
+        assert engine.status_code == 200, engine.text
+        engine = engine.json()
+        put = httpx.put(engine["url"] + "/v1/memory/k", content=b"v", trust_env=False,
+                        headers={"Authorization": f"Bearer {engine['api_key']}"})
+        assert put.status_code in (200, 201, 204)
+        row = orch.engine_row("gina")
+        assert (Path(json.loads(row["driver_state"])["volume_path"])).is_dir()
+        assert api.delete("/engines/gina").status_code == 200
+        assert nothing_left(orch) == {}
+        _no_rejections(orch)
+    finally:
+        orch.close()
