@@ -33,7 +33,7 @@ test: install
 unit: install
 	$(BIN)/pytest -q tests/unit
 
-integration: install
+integration: install  # NOMAD_REAL=1: the Nomad scenarios against real agents (make nomad-dev)
 	$(BIN)/pytest -q tests/integration
 
 bench: install

@@ -146,6 +146,10 @@ class Orchestrator:
 
         if self.stack is not None:
             self.stack.close()
+        elif self.driver == "nomad" and self.owns_db:  # real agents outlive the test: scrub them
+            from tests.scheduler import scrub
+
+            scrub(self.env["NOMAD_ADDR"])
         time.sleep(0.05)
         reap_zombies()
         if self.pg_url and self.owns_db:

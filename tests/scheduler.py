@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +94,19 @@ def task_log(nomad: str, job_id: str, task: str = "engine") -> str:
 
 def service(consul: str, name: str) -> list[dict[str, Any]]:
     return get(consul, f"/v1/health/service/{name}")
+
+
+def scrub(nomad: str) -> None:
+    """After a test on real agents: purge every job, volume and variable of ours it left."""
+    with httpx.Client(base_url=nomad, timeout=30, trust_env=False) as http:
+        for job in get(nomad, "/v1/jobs", prefix="e-"):
+            if (job.get("Meta") or {}).get("managed_by") == "orch":
+                http.delete(f"/v1/job/{job['ID']}", params={"purge": "true"})
+        for volume in get(nomad, "/v1/volumes", type="host") or []:
+            if volume["Name"].startswith("e-"):
+                for _ in range(50):  # the claim is released a moment after the allocation ends
+                    if http.delete(f"/v1/volume/host/{volume['ID']}/delete").status_code < 400:
+                        break
+                    time.sleep(0.2)
+        for var in get(nomad, "/v1/vars", prefix=OUR_VAR_PREFIX):
+            http.delete(f"/v1/var/{var['Path']}")

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
-import random
 import signal
-import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +19,7 @@ import nomad.api.exceptions
 import pytest
 
 from tests.doubles.fixture import Hashistack
+from tests.harness import free_port_range, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 JOB_ID = "e-acme-alice-0123456789ab"
@@ -57,35 +56,6 @@ DOCKER_JOB: dict[str, Any] = {"Job": {
                            "ChangeSignal": "SIGHUP", "Perms": "0600"}],
             "KillTimeout": 30000000000, "KillSignal": "SIGTERM",
             "Resources": {"CPU": 100, "MemoryMB": 128}}]}]}}
-
-
-def free_port_range(size: int) -> tuple[int, int]:
-    """A block of loopback ports all bindable right now (the double's dynamic ports)."""
-    for _ in range(200):
-        low = random.randrange(30000, 39000 - size)
-        if all(_bindable(p) for p in range(low, low + size)):
-            return low, low + size - 1
-    raise RuntimeError("no free port range")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "it") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def job_named(job_id: str) -> dict[str, Any]:
@@ -252,7 +222,7 @@ def test_docker_job_lifecycle(stack: Hashistack) -> None:
 
     # Rotate the key: the template re-renders and SIGHUPs the engine.
     client.variable.create_variable(VAR_PATH, {"Path": VAR_PATH, "Items": {"api_key": "k2"}})
-    wait_until(lambda: engine_get(port_no, "/v1/keycheck", "k2").status_code == 200,
+    wait_for(lambda: engine_get(port_no, "/v1/keycheck", "k2").status_code == 200,
                what="the engine to accept k2")
     assert engine_get(port_no, "/v1/keycheck", "k1").status_code == 401
 
@@ -272,8 +242,8 @@ def test_docker_job_lifecycle(stack: Hashistack) -> None:
     resp = httpx.delete(f"{stack.nomad}/v1/volume/host/{volume['ID']}/delete", trust_env=False)
     assert resp.status_code == 400 and "in use" in resp.text
     client.job.deregister_job(JOB_ID, purge=True)
-    wait_until(lambda: not Path(f"/proc/{pid}").exists() or _zombie(pid), what="engine exit")
-    wait_until(lambda: not service_entries(cons, JOB_ID), what="service deregistration")
+    wait_for(lambda: not Path(f"/proc/{pid}").exists() or _zombie(pid), what="engine exit")
+    wait_for(lambda: not service_entries(cons, JOB_ID), what="service deregistration")
     with pytest.raises(nomad.api.exceptions.URLNotFoundNomadException):
         client.job.get_job(JOB_ID)
     assert client.allocation.get_allocation(stub["ID"])["ClientStatus"] == "complete"
@@ -309,7 +279,7 @@ def test_killed_engine_turns_check_critical(stack: Hashistack) -> None:
     events = client.allocation.get_allocation(stub["ID"])["TaskStates"]["engine"]["Events"]
     assert any(e["Type"] == "Terminated" and e["Signal"] == 9 for e in events)
     client.job.deregister_job(job_id, purge=True)
-    wait_until(lambda: not service_entries(cons, job_id), what="service deregistration")
+    wait_for(lambda: not service_entries(cons, job_id), what="service deregistration")
 
 
 def test_nomad_down_refuses_connections_then_returns(stack: Hashistack) -> None:
@@ -358,7 +328,7 @@ def test_failures_faults_and_node_loss(tmp_path: Path) -> None:
             return client.job.register_job(job_id, body)["EvalID"]
 
         def status_of(job_id: str, status: str) -> dict[str, Any]:
-            return wait_until(lambda: [a for a in client.job.get_allocations(job_id)
+            return wait_for(lambda: [a for a in client.job.get_allocations(job_id)
                                        if a["ClientStatus"] == status], what=status)[0]
 
         # raw_exec cannot mount the host volume (gotcha 7).
@@ -390,7 +360,7 @@ def test_failures_faults_and_node_loss(tmp_path: Path) -> None:
         wait_check(cons, "e-lost-0123456789ab", "passing")
         [alloc_id] = hs.node_lost()
         assert client.allocation.get_allocation(alloc_id)["ClientStatus"] == "lost"
-        wait_until(lambda: not service_entries(cons, "e-lost-0123456789ab"), what="dereg")
-        wait_until(lambda: not hs.stragglers(), what="the lost engine to die")
+        wait_for(lambda: not service_entries(cons, "e-lost-0123456789ab"), what="dereg")
+        wait_for(lambda: not hs.stragglers(), what="the lost engine to die")
         calls = {(r["api"], r["method"], r["route"]): r["count"] for r in hs.requests()}
         assert calls[("nomad", "POST", "/v1/job/{job_id}")] == 5   # python-nomad POSTs
