@@ -11,24 +11,30 @@ from typing import Callable, Iterator
 import httpx
 import pytest
 
-from tests.engines import assert_consistent, engine_processes
+from tests.engines import assert_consistent, engine_processes, nothing_left
 from tests.harness import Orchestrator, wait_for
 
 FAST = {"ORCH_LEASE_S": "1", "ORCH_STOP_GRACE_S": "3", "ORCH_BOOT_TIMEOUT_S": "10"}
 
 
-@pytest.fixture
-def orch(tmp_path: Path) -> Iterator[Orchestrator]:
-    orchestrator = Orchestrator(tmp_path, env=FAST).start()
-    orchestrator.product("acme")
+@pytest.fixture(params=["local", "nomad"])
+def orch(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Orchestrator]:
+    """Each test on both drivers: local processes, and Nomad (the double, or real agents)."""
+    orchestrator = Orchestrator(tmp_path, env=FAST, driver=request.param)
     try:
+        orchestrator.start().product("acme")
         yield orchestrator
+        if orchestrator.stack is not None:  # every request the driver sent was well-formed
+            assert orchestrator.stack.rejections() == [], "the double refused a driver request"
     finally:
         orchestrator.close()
 
 
-def kill_during(orch: Orchestrator, call: Callable[[httpx.Client], object], after: float) -> None:
-    """Start `call`, SIGKILL the orchestrator `after` seconds in, start a new one."""
+def kill_during(orch: Orchestrator, call: Callable[[httpx.Client], object],
+                begun: Callable[[], object], after: float = 0.2) -> None:
+    """Start `call`; once the registry shows it has `begun` (and `after` seconds more, for the
+    driver to be half-way through), SIGKILL the orchestrator and start a new one. Waiting on
+    the registry rather than the clock puts the kill mid-operation however slow the machine."""
     client = orch.client("acme")
 
     def run() -> None:
@@ -39,9 +45,13 @@ def kill_during(orch: Orchestrator, call: Callable[[httpx.Client], object], afte
 
     thread = threading.Thread(target=run)
     thread.start()
-    time.sleep(after)
-    orch.restart()
-    thread.join(timeout=30)
+    try:
+        wait_for(begun, timeout=15, what="the operation to begin")
+        time.sleep(after)
+    finally:
+        orch.restart()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
 
 
 def status(orch: Orchestrator, user: str) -> str | None:
@@ -51,7 +61,8 @@ def status(orch: Orchestrator, user: str) -> str | None:
 
 def test_killed_mid_provision(orch: Orchestrator) -> None:
     kill_during(orch, lambda c: c.post("/engines/provision", json={
-        "user_id": "p", "engine_version": "ref+boot-delay-1500"}), after=0.5)
+        "user_id": "p", "engine_version": "ref+boot-delay-1500"}),
+        begun=lambda: (orch.engine_row("p") or {}).get("driver_state"))  # booting
     wait_for(lambda: status(orch, "p") == "running", timeout=20, what="provision resumed")
     assert_consistent(orch)
     assert orch.client("acme").post("/engines/p/admit").json()["admitted"]
@@ -61,7 +72,7 @@ def test_killed_mid_start(orch: Orchestrator) -> None:
     api = orch.client("acme")
     api.post("/engines/provision", json={"user_id": "s", "engine_version": "ref+boot-delay-1500"})
     api.post("/engines/s/stop")
-    kill_during(orch, lambda c: c.post("/engines/s/start"), after=0.5)
+    kill_during(orch, lambda c: c.post("/engines/s/start"), begun=lambda: status(orch, "s") == "starting")
     wait_for(lambda: status(orch, "s") == "running", timeout=20, what="start resumed")
     assert_consistent(orch)
 
@@ -69,7 +80,7 @@ def test_killed_mid_start(orch: Orchestrator) -> None:
 def test_killed_mid_stop(orch: Orchestrator) -> None:
     api = orch.client("acme")
     api.post("/engines/provision", json={"user_id": "t", "engine_version": "ref+fault-hang-term"})
-    kill_during(orch, lambda c: c.post("/engines/t/stop"), after=0.5)
+    kill_during(orch, lambda c: c.post("/engines/t/stop"), begun=lambda: status(orch, "t") == "stopping")
     wait_for(lambda: status(orch, "t") == "stopped", timeout=20, what="stop finished")
     assert_consistent(orch)
     assert engine_processes(orch) == {}
@@ -78,7 +89,7 @@ def test_killed_mid_stop(orch: Orchestrator) -> None:
 def test_killed_mid_destroy(orch: Orchestrator) -> None:
     api = orch.client("acme")
     api.post("/engines/provision", json={"user_id": "d", "engine_version": "ref+fault-hang-term"})
-    kill_during(orch, lambda c: c.delete("/engines/d"), after=0.5)
+    kill_during(orch, lambda c: c.delete("/engines/d"), begun=lambda: status(orch, "d") == "destroying")
     wait_for(lambda: orch.engine_row("d") is None, timeout=20, what="destroy finished")
     assert_consistent(orch)
     assert engine_processes(orch) == {}
@@ -89,7 +100,8 @@ def test_killed_mid_destroy(orch: Orchestrator) -> None:
 def test_killed_mid_rotate_key(orch: Orchestrator) -> None:
     api = orch.client("acme")
     api.post("/engines/provision", json={"user_id": "r", "engine_version": "ref+hup-delay-2500"})
-    kill_during(orch, lambda c: c.post("/engines/r/rotate-key"), after=0.5)
+    kill_during(orch, lambda c: c.post("/engines/r/rotate-key"),
+                begun=lambda: orch.engine_row("r")["pending_key_enc"] is not None)
     wait_for(lambda: orch.engine_row("r")["pending_key_enc"] is None, timeout=20,
              what="rotation settled")
     time.sleep(3)  # let the engine's delayed reloads land
@@ -106,7 +118,11 @@ def test_orphans_are_removed(orch: Orchestrator) -> None:
     api.post("/engines/provision", json={"user_id": "o"})
     name = orch.rows("SELECT name FROM engine")[0][0]
     orch.execute("DELETE FROM engine")  # forget the row behind the orchestrator's back
-    wait_for(lambda: engine_processes(orch) == {} and not (orch.state_dir / "brains" / name).exists()
-             and orch.rows("SELECT * FROM port_lease") == [], timeout=20, what="orphan removal")
+    if orch.driver == "nomad":  # no job, host volume or variable left for that name
+        wait_for(lambda: engine_processes(orch) == {} and nothing_left(orch) == {},
+                 timeout=20, what="orphan removal")
+    else:
+        wait_for(lambda: engine_processes(orch) == {} and not (orch.state_dir / "brains" / name).exists()
+                 and orch.rows("SELECT * FROM port_lease") == [], timeout=20, what="orphan removal")
     events = orch.rows("SELECT event FROM event WHERE engine_name = ?", name)
     assert ("orphan_removed",) in events
