@@ -284,7 +284,10 @@ def _metric(dimension: dict[str, int] | None = None,
 
 
 def _bindable(port: int) -> bool:
+    # Only a listener makes a port unusable: without SO_REUSEADDR the TIME_WAIT left by a
+    # stopped engine's connections would too, for a minute (and real Nomad does not probe).
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:

@@ -21,11 +21,24 @@ OPS = ("provision", "admit", "admit", "start", "stop", "rotate", "destroy", "get
 
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[tuple[Orchestrator, Orchestrator]]:
-    first = Orchestrator(tmp_path, env={"ORCH_LEASE_S": "2", "ORCH_STOP_GRACE_S": "2"}, ports=40).start()
+    yield from _pair(tmp_path, "local")
+
+
+@pytest.fixture(params=["local", "nomad"])
+def any_pair(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Orchestrator, Orchestrator]]:
+    yield from _pair(tmp_path, request.param)
+
+
+def _pair(tmp_path: Path, driver: str) -> Iterator[tuple[Orchestrator, Orchestrator]]:
+    first = Orchestrator(tmp_path, env={"ORCH_LEASE_S": "2", "ORCH_STOP_GRACE_S": "2"}, ports=40,
+                         driver=driver)
     second = None
     try:
+        first.start()
         second = first.replica()
         yield first, second
+        if first.stack is not None:
+            assert first.stack.rejections() == [], "the double refused a driver request"
     finally:
         if second:
             second.kill()
@@ -73,8 +86,8 @@ async def _storm(replicas: list[Orchestrator], key: str, clients: int, total: in
     return outcomes
 
 
-def test_random_storm_on_two_replicas(pair: tuple[Orchestrator, Orchestrator]) -> None:
-    first, second = pair
+def test_random_storm_on_two_replicas(any_pair: tuple[Orchestrator, Orchestrator]) -> None:
+    first, second = any_pair
     first.product("storm", max_engines=5)
     users = [f"user-{i}" for i in range(8)]
     outcomes = asyncio.run(_storm([first, second], first.keys["storm"], 50, 1000, users, seed=SEED))
@@ -116,8 +129,8 @@ def assert_valid_trails(orch: Orchestrator) -> None:
             current = dst
 
 
-def test_admits_on_two_replicas_make_one_engine(pair: tuple[Orchestrator, Orchestrator]) -> None:
-    first, second = pair
+def test_admits_on_two_replicas_make_one_engine(any_pair: tuple[Orchestrator, Orchestrator]) -> None:
+    first, second = any_pair
 
     async def herd() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=60, trust_env=False,
