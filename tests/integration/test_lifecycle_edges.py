@@ -1,4 +1,4 @@
-"""Lifecycle edges on the local driver: hung engines, failing checks, sleep modes."""
+"""Lifecycle edges on both drivers: hung engines, failing checks, sleep modes."""
 
 from __future__ import annotations
 
@@ -10,18 +10,18 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.engines import engine_log, proc_state
+from tests.engines import engine_log, engine_processes, proc_state
 from tests.harness import Orchestrator, wait_for
 
 
-@pytest.fixture
-def make_orch(tmp_path: Path):
+@pytest.fixture(params=["local", "nomad"])
+def make_orch(request: pytest.FixtureRequest, tmp_path: Path):
     made: list[Orchestrator] = []
 
     def make(**env: str) -> Orchestrator:
-        orch = Orchestrator(tmp_path / str(len(made)), env=env).start()
-        orch.product("acme")
+        orch = Orchestrator(tmp_path / str(len(made)), env=env, driver=request.param)
         made.append(orch)
+        orch.start().product("acme")
         return orch
 
     yield make
@@ -30,6 +30,9 @@ def make_orch(tmp_path: Path):
 
 
 def pid_of(orch: Orchestrator, user_id: str) -> int:  # 0 while it has no process
+    if orch.driver == "nomad":
+        name = orch.engine_row(user_id)["name"]
+        return (engine_processes(orch).get(name) or [0])[-1]
     return json.loads(orch.engine_row(user_id)["driver_state"]).get("pid", 0)
 
 
@@ -52,7 +55,7 @@ def test_failing_health_check_fails_then_restarts(make_orch) -> None:
     r = httpx.post(engine["url"] + "/v1/admin/health", json={"healthy": False},
                    headers={"Authorization": f"Bearer {engine['api_key']}"}, trust_env=False)
     assert r.status_code == 200
-    wait_for(lambda: pid_of(orch, "sick") != pid and orch.engine_row("sick")["status"] == "running",
+    wait_for(lambda: pid_of(orch, "sick") not in (0, pid) and orch.engine_row("sick")["status"] == "running",
              timeout=15, what="restart after failing checks")
     assert proc_state(pid) == "gone"
     events = [(e["event"], e["reason"]) for e in api.get("/engines/sick/events").json()["events"]]
