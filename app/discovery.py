@@ -46,6 +46,17 @@ class Discovery:
         instance = _pick(entries)
         return instance.status if instance else "missing"
 
+    def health_by_service(self) -> dict[str, Health]:
+        """Every service's health from one call: passing when all its checks pass."""
+        _, checks = _call(lambda: self.consul.health.state("any"))
+        health: dict[str, Health] = {}
+        for check in checks or []:
+            name = check.get("ServiceName")
+            if name:  # node checks have none
+                ok = check.get("Status") == "passing" and health.get(name, "passing") == "passing"
+                health[name] = "passing" if ok else "critical"
+        return health
+
     def ping(self) -> None:
         if not _call(self.consul.status.leader):
             raise SchedulerUnavailable("Consul has no leader")

@@ -71,6 +71,10 @@ class NomadAPI:
         """The job's allocation stubs (no ports: read `allocation` for those)."""
         return _call(lambda: self.nomad.job.get_allocations(job_id), missing=[])
 
+    def all_allocations(self) -> list[dict[str, Any]]:
+        """Every allocation stub in the namespace: one call for a whole fleet's statuses."""
+        return _call(lambda: self.nomad.allocations.get_allocations())
+
     def allocation(self, alloc_id: str) -> dict[str, Any] | None:
         return _call(lambda: self.nomad.allocation.get_allocation(alloc_id), missing=None)
 

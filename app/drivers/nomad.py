@@ -15,6 +15,7 @@ import logging
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 from app import engine_http, jobspec
@@ -29,10 +30,18 @@ T = TypeVar("T")
 
 TASK = "engine"  # the task name in jobspecs/*.json
 TERMINAL = ("complete", "failed", "lost")
+LIVE = ("pending", "running")
 PORTS_EXHAUSTED = "network: dynamic port selection failed"
 PLACEMENT_WAIT_S = 30.0
 STOP_MARGIN_S = 15.0  # beyond the kill timeout: the client reporting the allocation's end
 _OUR_NAME = re.compile(r"e-[a-z0-9-]+-[0-9a-f]{12}")
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    taken: float
+    allocs: dict[str, str]  # allocation ID -> ClientStatus
+    health: dict[str, str]  # service -> "passing" | "critical"
 
 
 class NomadDriver(Driver):
@@ -49,6 +58,9 @@ class NomadDriver(Driver):
         # Blocking queries hold a thread each: a pool of our own, so they never starve others.
         self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="nomad")
         self.http = engine_http.client()
+        self._snapshot_lock = asyncio.Lock()
+        self._last: _Snapshot | None = None
+        self._snapshot_ttl = min(0.5, settings.tick_s / 2)  # at most one per reconciler pass
 
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -141,9 +153,18 @@ class NomadDriver(Driver):
         await self._io(self.api.delete_variable, jobspec.var_path(spec.name))
 
     async def probe(self, spec: EngineSpec, state: State) -> Probe:
-        alloc = await self._io(self.api.allocation, state["alloc"]) if state.get("alloc") else None
-        if alloc is None or alloc.get("ClientStatus") not in ("pending", "running"):
+        """From a snapshot of the whole fleet (two calls per reconciler pass, not two per
+        engine); bad news is confirmed by a direct read, since the snapshot may predate it."""
+        alloc_id = state.get("alloc")
+        if not alloc_id:
             return "dead"
+        snapshot = await self._snapshot()
+        if snapshot.allocs.get(alloc_id) not in LIVE:
+            alloc = await self._io(self.api.allocation, alloc_id)
+            if alloc is None or alloc.get("ClientStatus") not in LIVE:
+                return "dead"
+        if snapshot.health.get(spec.name) == "passing":
+            return "healthy"
         health = await self._io(self.consul.health, spec.name)
         return "healthy" if health == "passing" else "unhealthy"
 
@@ -167,6 +188,15 @@ class NomadDriver(Driver):
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- helpers ---------------------------------------------------------------------------
+
+    async def _snapshot(self) -> _Snapshot:
+        async with self._snapshot_lock:
+            if self._last is None or time.monotonic() - self._last.taken > self._snapshot_ttl:
+                allocs, health = await asyncio.gather(self._io(self.api.all_allocations),
+                                                      self._io(self.consul.health_by_service))
+                self._last = _Snapshot(time.monotonic(),
+                                       {a["ID"]: a.get("ClientStatus") for a in allocs}, health)
+            return self._last
 
     async def _placed(self, spec: EngineSpec, eval_id: str) -> str:
         """Follow the evaluation to an allocation, or to the reason there is none."""

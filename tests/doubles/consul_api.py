@@ -36,6 +36,7 @@ class ConsulAPI:
             ("/v1/status/leader", ["GET"], self.leader),
             ("/v1/health/service/{name}", ["GET"], self.health_service),
             ("/v1/health/checks/{name}", ["GET"], self.health_checks),
+            ("/v1/health/state/{state}", ["GET"], self.health_state),
             ("/v1/catalog/services", ["GET"], self.catalog_services),
             ("/v1/catalog/service/{name}", ["GET"], self.catalog_service),
             ("/v1/agent/services", ["GET"], self.agent_services),
@@ -94,6 +95,15 @@ class ConsulAPI:
         await self.block(request)
         return self.ok([dict(c) for svc in self._named(request.path_params["name"])
                         for c in svc.checks.values()])
+
+    async def health_state(self, request: Request) -> Response:
+        await self.block(request)
+        wanted = request.path_params["state"]
+        if wanted not in ("any", "passing", "warning", "critical"):
+            raise BadRequest(f"Invalid state {wanted!r}")  # Consul's own wording differs; 400 alike
+        checks = [self.serf_health(), *(dict(c) for s in self.state.services.values()
+                                        for c in s.checks.values())]
+        return self.ok([c for c in checks if wanted == "any" or c["Status"] == wanted])
 
     async def catalog_services(self, request: Request) -> Response:
         await self.block(request)

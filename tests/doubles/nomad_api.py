@@ -55,6 +55,7 @@ class NomadAPI:
             ("/v1/job/{job_id}", ["GET"], self.get_job),
             ("/v1/job/{job_id}", ["DELETE"], self.deregister),
             ("/v1/job/{job_id}/allocations", ["GET"], self.job_allocs),
+            ("/v1/allocations", ["GET"], self.list_allocs),
             ("/v1/evaluation/{eval_id}", ["GET"], self.get_eval),
             ("/v1/allocation/{alloc_id}", ["GET"], self.get_alloc),
             ("/v1/client/allocation/{alloc_id}/signal", ["PUT", "POST"], self.signal),
@@ -125,6 +126,13 @@ class NomadAPI:
         await self.block(request)
         jid = request.path_params["job_id"]
         return self.ok([views.alloc_stub(a) for a in self.state.job_allocs(jid)])
+
+    async def list_allocs(self, request: Request) -> Response:
+        # Nomad's ?prefix= matches the allocation ID, not the job.
+        await self.block(request)
+        prefix = request.query_params.get("prefix", "")
+        return self.ok([views.alloc_stub(a) for a in self.state.allocs.values()
+                        if a.id.startswith(prefix)])
 
     # ---- evaluations and allocations -----------------------------------------------------
 

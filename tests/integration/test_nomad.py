@@ -200,3 +200,22 @@ def test_raw_exec_template_runs_the_reference_engine(tmp_path: Path, jobspec: st
         _no_rejections(orch)
     finally:
         orch.close()
+
+
+def test_reconciler_probes_the_fleet_in_two_calls_per_pass(nomad_orch: Orchestrator) -> None:
+    stack = needs_double(nomad_orch)
+    api = nomad_orch.client("acme")
+    for user in ("p1", "p2", "p3"):
+        assert api.post("/engines/provision", json={"user_id": user}).status_code == 200
+
+    def counts() -> dict[tuple[str, str], int]:
+        return {(r["api"], r["route"]): r["count"] for r in stack.requests() if r["method"] == "GET"}
+
+    before = counts()
+    fleet = [("nomad", "/v1/allocations"), ("consul", "/v1/health/state/{state}")]
+    wait_for(lambda: all(counts().get(k, 0) >= before.get(k, 0) + 5 for k in fleet), timeout=20,
+             what="five reconciler passes")
+    after = counts()
+    per_engine = [("nomad", "/v1/allocation/{alloc_id}"), ("consul", "/v1/health/service/{name}")]
+    # healthy engines cost nothing of their own: no per-engine read in any of those passes
+    assert {k: after.get(k, 0) - before.get(k, 0) for k in per_engine} == {k: 0 for k in per_engine}
