@@ -219,3 +219,24 @@ def test_reconciler_probes_the_fleet_in_two_calls_per_pass(nomad_orch: Orchestra
     per_engine = [("nomad", "/v1/allocation/{alloc_id}"), ("consul", "/v1/health/service/{name}")]
     # healthy engines cost nothing of their own: no per-engine read in any of those passes
     assert {k: after.get(k, 0) - before.get(k, 0) for k in per_engine} == {k: 0 for k in per_engine}
+
+
+def test_slow_health_is_a_boot_timeout_with_the_task_stopped(tmp_path: Path) -> None:
+    orch = Orchestrator(tmp_path, driver="nomad",
+                        env={"ORCH_BOOT_TIMEOUT_S": "2", "ORCH_MAX_RESTARTS": "0"})
+    try:
+        orch.start().product("acme")
+        needs_double(orch).fault(slow_health_s=30)
+        api = orch.client("acme")
+        answer = api.post("/engines/provision", json={"user_id": "slow"})
+        assert answer.status_code == 504 and answer.json()["error"]["code"] == "BOOT_TIMEOUT"
+        got = api.get("/engines/slow").json()
+        assert got["status"] == "failed" and got["failure_reason"] == "boot_timeout"
+        row = orch.engine_row("slow")
+        allocs = httpx.get(f"{orch.env['NOMAD_ADDR']}/v1/job/{row['name']}/allocations",
+                           trust_env=False).json()
+        assert allocs and all(a["ClientStatus"] in ("complete", "failed") for a in allocs)
+        assert Path(json.loads(row["driver_state"])["volume_path"]).is_dir()
+        _no_rejections(orch)
+    finally:
+        orch.close()
