@@ -1,8 +1,10 @@
 """Admit: the call products make on every user request.
 
 In order: the product's rate limit, the lookup, auto-provision (quota applies), auto-wake, and
-the answer. A running engine is the hot path: one conditional UPDATE (the limiter), one SELECT,
-and at most one UPDATE a second per engine to record activity; the key comes from a cache.
+the answer. A running engine is the hot path: one conditional UPDATE (the limiter; batched under
+load), one SELECT of the six columns the answer needs (a tuple, no model instance), and at most
+one UPDATE a second per engine to record activity; the key comes from a cache. The answer here
+and in _admitted must stay the same shape.
 Anything else (provisioning, starting, failed-but-restarting) is waited for, at most the boot
 timeout in all.
 """
@@ -35,9 +37,16 @@ class Admitter:
         retry_after = self.limiter.retry_after(product.id, product.rate_limit_rpm, now)
         if retry_after is not None:
             raise errors.rate_limited(retry_after)
-        engine = registry.find_engine(product.id, user_id)
-        if engine is not None and engine.status == states.RUNNING:
-            return self._admitted(engine, now)
+        row = registry.find_engine_hot(product.id, user_id)
+        if row is not None and row[1] == states.RUNNING:
+            engine_id, _, url, key_enc, engine_version, last_admit_at = row
+            if last_admit_at is None or now - last_admit_at >= self.resolution:
+                registry.touch_admit(engine_id, now)
+            return {"admitted": True, "user_id": user_id, "url": url,
+                    "api_key": self.lifecycle.keys.decrypt(key_enc), "status": states.RUNNING,
+                    "engine_version": engine_version, "provisioned": False, "woken": False}
+        # Not running (or not there): the full row, re-read, for the slow path.
+        engine = registry.find_engine(product.id, user_id) if row is not None else None
         return await self._slow(product, user_id, engine, auto_provision, auto_wake)
 
     async def _slow(self, product: ProductRef, user_id: str, engine: Engine | None,
@@ -103,7 +112,8 @@ class Admitter:
     def _admitted(self, engine: Engine, now: float, provisioned: bool = False,
                   woken: bool = False) -> dict[str, Any]:
         if engine.last_admit_at is None or now - engine.last_admit_at >= self.resolution:
-            registry.touch_admit(engine, now)
+            registry.touch_admit(engine.id, now)
+            engine.last_admit_at = now
         return {"admitted": True, "user_id": engine.user_id, "url": engine.url,
                 "api_key": self.lifecycle.api_key(engine), "status": states.RUNNING,
                 "engine_version": engine.engine_version, "provisioned": provisioned,

@@ -4,21 +4,22 @@ replica reports the same truth and nothing has to be kept in step."""
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+import time
+from bisect import bisect_left
+from typing import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import metrics as _client_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 SLOW = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
-REQUESTS = Counter("orch_requests_total", "HTTP requests by route, method and status",
-                   ["route", "method", "status"], registry=REGISTRY)
-ADMIT_SECONDS = Histogram("orch_admit_seconds", "Time to answer /admit", ["outcome"],
-                          buckets=FAST + SLOW[5:], registry=REGISTRY)
 OPERATION_SECONDS = Histogram("orch_operation_seconds",
                               "Lifecycle operations (provision, start, wake, restart, stop, ...)",
                               ["operation", "outcome"], buckets=SLOW, registry=REGISTRY)
@@ -36,24 +37,64 @@ DRIVER_ERRORS = Counter("orch_driver_errors_total", "Driver calls that raised", 
                         registry=REGISTRY)
 
 
-# Children by label values, so the hot path skips prometheus_client's label lookup.
-_request_children: dict[tuple[str, str, int], Any] = {}
-_admit_children: dict[str, Any] = {}
+class PerRequest(Collector):
+    """orch_requests_total and orch_admit_seconds, counted in plain ints and floats and turned
+    into metric families only when /metrics is scraped.
+
+    They are updated on every request, where prometheus_client's children (a lock and a method
+    call per counter, a loop over the buckets per observation) cost several times this. The
+    exposition is the same as those children's: same names, labels, buckets, _created.
+    Only the event loop thread may call count(): `+=` on a list item is not atomic across
+    threads, and nothing else needs to."""
+
+    BUCKETS = tuple(sorted(set(FAST + SLOW[5:])))  # FAST ends where SLOW[5:] starts: one 1.0
+
+    def __init__(self) -> None:
+        # (route, method, status) -> [count, created]
+        self.requests: dict[tuple[str, str, int], list[float]] = {}
+        # outcome -> [count per bucket (+Inf last, not cumulative), sum, created]
+        self.admits: dict[str, list] = {}  # type: ignore[type-arg]
+
+    def count(self, route: str, method: str, status: int) -> None:
+        key = (route, method, status)
+        entry = self.requests.get(key)
+        if entry is None:
+            entry = self.requests[key] = [0, time.time()]
+        entry[0] += 1
+
+    def observe_admit(self, outcome: str, seconds: float) -> None:
+        entry = self.admits.get(outcome)
+        if entry is None:
+            entry = self.admits[outcome] = [[0] * (len(self.BUCKETS) + 1), 0.0, time.time()]
+        entry[0][bisect_left(self.BUCKETS, seconds)] += 1  # the first bound >= seconds
+        entry[1] += seconds
+
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        requests = CounterMetricFamily("orch_requests", "HTTP requests by route, method and status",
+                                       labels=["route", "method", "status"])
+        # Like the library's own children: no _created when PROMETHEUS_DISABLE_CREATED_SERIES.
+        with_created = getattr(_client_metrics, "_use_created", True)
+        for (route, method, status), (count, created) in list(self.requests.items()):
+            requests.add_metric([route, method, str(status)], count,
+                                created=created if with_created else None)
+        yield requests
+        admits = HistogramMetricFamily("orch_admit_seconds", "Time to answer /admit",
+                                       labels=["outcome"])
+        bounds = [floatToGoString(b) for b in self.BUCKETS] + ["+Inf"]
+        for outcome, (counts, total, created) in list(self.admits.items()):
+            cumulative, running = [], 0
+            for bound, n in zip(bounds, counts):
+                running += n
+                cumulative.append((bound, running))
+            admits.add_metric([outcome], cumulative, total)
+            if with_created:
+                admits.samples.append(Sample("orch_admit_seconds_created", {"outcome": outcome},
+                                             created, None, None))
+        yield admits
 
 
-def requests_counter(route: str, method: str, status: int) -> Any:
-    key = (route, method, status)
-    child = _request_children.get(key)
-    if child is None:
-        child = _request_children[key] = REQUESTS.labels(route, method, str(status))
-    return child
-
-
-def admit_histogram(outcome: str) -> Any:
-    child = _admit_children.get(outcome)
-    if child is None:
-        child = _admit_children[outcome] = ADMIT_SECONDS.labels(outcome)
-    return child
+PER_REQUEST = PerRequest()
+REGISTRY.register(PER_REQUEST)
 
 
 class EngineStates(Collector):

@@ -89,7 +89,7 @@ def _take(product_id: int, now: float, rpm: int, slots: int) -> bool:
         f'UPDATE "rate_limit" SET "tat" = (CASE WHEN "tat" > {p} THEN "tat" ELSE {p} END) + {p} '
         f'WHERE "product_id" = {p} AND "tat" <= {p}'))
     latest = now + tolerance - (slots - 1) * interval
-    cursor = registry.db.execute_sql(sql, (now, now, slots * interval, product_id, latest))
+    cursor = registry.execute_hot(sql, (now, now, slots * interval, product_id, latest))
     return cursor.rowcount == 1
 
 

@@ -176,17 +176,45 @@ def product_by_name(name: str) -> Product | None:
 
 
 def find_engine(product_id: int, user_id: str) -> Engine | None:
-    # The hot path: SQL written once per database instead of built by the query builder on
-    # every call (building it cost more than running it).
+    # SQL written once per database instead of built by the query builder on every call
+    # (building it cost more than running it).
     sql, names = hot_sql("find_engine", lambda p: (
         f'SELECT {", ".join(_q(f.column_name) for f in Engine._meta.sorted_fields)} '
         f'FROM "engine" WHERE "product_id" = {p} AND "user_id" = {p}'))
-    row = db.execute_sql(sql, (product_id, user_id)).fetchone()
+    row = execute_hot(sql, (product_id, user_id)).fetchone()
     if row is None:
         return None
     engine = Engine(__no_default__=True)
     engine.__data__ = dict(zip(names, row))  # what peewee's own row reader fills in
     return engine
+
+
+# Admit reads only what a running engine's answer needs, as a tuple: a model instance and the
+# other columns cost more than the query. Anything else is re-read in full with find_engine.
+HOT_COLUMNS = ("id", "status", "url", "key_enc", "engine_version", "last_admit_at")
+
+
+def find_engine_hot(product_id: int, user_id: str) -> tuple[Any, ...] | None:
+    sql, _ = hot_sql("find_engine_hot", lambda p: (
+        f'SELECT {", ".join(_q(c) for c in HOT_COLUMNS)} '
+        f'FROM "engine" WHERE "product_id" = {p} AND "user_id" = {p}'))
+    return execute_hot(sql, (product_id, user_id)).fetchone()
+
+
+_exception_wrapper = getattr(pw, "__exception_wrapper__")  # sqlite3 errors -> peewee's
+
+
+def execute_hot(sql: str, params: tuple[Any, ...]) -> Any:
+    """db.execute_sql minus peewee's per-call layers (proxy, logging, hooks) where that is all
+    it does: an open SQLite connection in autocommit (peewee opens transactions explicitly),
+    same statement, same error translation. PostgreSQL (reconnects) and the rest take
+    execute_sql itself."""
+    database = db.obj
+    if type(database) is pw.SqliteDatabase and not database._state.closed \
+            and not getattr(database, "query_hooks", None):
+        with _exception_wrapper:
+            return database._state.conn.execute(sql, params)
+    return database.execute_sql(sql, params)
 
 
 _HOT: dict[tuple[str, int], str] = {}
@@ -306,11 +334,10 @@ def delete_engine(engine: Engine, event: str = "destroyed", reason: str | None =
         _audit(engine, event, engine.status, None, reason, now)
 
 
-def touch_admit(engine: Engine, now: float) -> None:
+def touch_admit(engine_id: int, now: float) -> None:
     """Record activity for idle sleep. Not a state change: no version bump, no audit."""
     sql, _ = hot_sql("touch_admit", lambda p: f'UPDATE "engine" SET "last_admit_at" = {p} WHERE "id" = {p}')
-    db.execute_sql(sql, (now, engine.id))
-    engine.last_admit_at = now
+    execute_hot(sql, (now, engine_id))
 
 
 def acquire_lease(engine: Engine, owner: str, seconds: float) -> bool:

@@ -101,7 +101,7 @@ class OrchestratorApp:
     async def _http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         started = time.perf_counter()
         request = Request(scope, receive)
-        request_id = _request_id(request.headers.get("x-request-id"))
+        request_id = _request_id(request.request_id)
         token = registry.request_id_var.set(request_id)
         headers = [*JSON_HEADERS, (b"x-request-id", request_id.encode())]
         ctx: dict[str, Any] = {"route": "unmatched"}
@@ -129,16 +129,14 @@ class OrchestratorApp:
                  request_id: str, started: float) -> None:
         elapsed = time.perf_counter() - started
         route = ctx["route"]
-        metrics.requests_counter(route, method, status).inc()
+        metrics.PER_REQUEST.count(route, method, status)
         if code in ("RATE_LIMITED", "QUOTA_EXCEEDED"):
             metrics.REFUSALS.labels(code.lower()).inc()
         if route.endswith("/admit"):
             outcome = code.lower() if code else ctx.get("outcome", "admitted")
-            metrics.admit_histogram(outcome).observe(elapsed)
-        self.access_log.write({
-            "request_id": request_id, "product": ctx.get("product"), "user_id": ctx.get("user_id"),
-            "method": method, "route": route, "status": status, "outcome": code or "ok",
-            "duration_ms": round(elapsed * 1000, 3)})
+            metrics.PER_REQUEST.observe_admit(outcome, elapsed)
+        self.access_log.request(request_id, ctx.get("product"), ctx.get("user_id"), method, route,
+                                status, code or "ok", round(elapsed * 1000, 3))
 
     async def _dispatch(self, scope: dict[str, Any], request: Request,
                         ctx: dict[str, Any]) -> tuple[int, Any]:
@@ -158,7 +156,7 @@ class OrchestratorApp:
             ctx["route"] = next(iter(labels.values()))
             raise method_not_allowed(list(handlers))
         ctx["route"], user_segment = labels[method], users[method]
-        product = self.auth.product(request.headers.get("x-platform-key"))
+        product = self.auth.product(request.platform_key)
         ctx["product"] = product.name
         user_id = _decode_user_id(user_segment) if user_segment is not None else None
         ctx["user_id"] = user_id
@@ -198,10 +196,13 @@ def _request_id(sent: str | None) -> str:
 
 
 def _decode_user_id(segment: str) -> str:
-    try:
-        user_id = unquote_to_bytes(segment.encode("latin-1")).decode("utf-8")
-    except UnicodeDecodeError:
-        raise errors.invalid("user_id must be UTF-8") from None
+    if "%" in segment or not segment.isascii():
+        try:
+            user_id = unquote_to_bytes(segment.encode("latin-1")).decode("utf-8")
+        except UnicodeDecodeError:
+            raise errors.invalid("user_id must be UTF-8") from None
+    else:
+        user_id = segment  # nothing to unquote, and ASCII is the same in latin-1 and UTF-8
     problem = naming.user_id_problem(user_id)
     if problem:
         raise errors.invalid(problem)

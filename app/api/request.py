@@ -11,18 +11,51 @@ from app import errors
 MAX_BODY = 64 * 1024
 
 
+# Parsed and checked small bodies, by (body, field spec): clients send the same few bodies
+# (`{}`, `{"auto_wake":true}`) on every admit, and json.loads plus the checks cost more than
+# this lookup. Only successes are kept, and each caller gets its own copy.
+_PARSED: dict[tuple[bytes, tuple[tuple[str, type], ...], tuple[str, ...]], dict[str, Any]] = {}
+_PARSED_BODY_MAX = 256
+_PARSED_MAX = 1024
+
+# The headers the API itself reads on every request, picked out in one pass over the raw list
+# (decoding every header into a dict cost more than the rest of the parsing).
+_HOT_HEADERS = {b"x-request-id": 0, b"x-platform-key": 1, b"content-length": 2}
+
+
 class Request:
-    __slots__ = ("scope", "_receive", "_body", "headers")
+    __slots__ = ("scope", "_receive", "_body", "_headers", "request_id", "platform_key",
+                 "content_length")
 
     def __init__(self, scope: dict[str, Any], receive: Any):
         self.scope = scope
         self._receive = receive
         self._body: bytes | None = None
-        self.headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        self._headers: dict[str, str] | None = None
+        found: list[bytes | None] = [None, None, None]
+        hot = _HOT_HEADERS
+        for name, value in scope["headers"]:
+            slot = hot.get(name)
+            if slot is None and name.lower() != name:  # servers send them lowercased; others may not
+                slot = hot.get(name.lower())
+            if slot is not None:
+                found[slot] = value  # the last one wins, as in the dict
+        request_id, platform_key, content_length = found
+        self.request_id = None if request_id is None else request_id.decode("latin-1")
+        self.platform_key = None if platform_key is None else platform_key.decode("latin-1")
+        self.content_length = None if content_length is None else content_length.decode("latin-1")
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """All headers, lowercased names (built on first use: the hot path does not)."""
+        if self._headers is None:
+            self._headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                             for k, v in self.scope["headers"]}
+        return self._headers
 
     async def body(self) -> bytes:
         if self._body is None:
-            declared = self.headers.get("content-length", "")
+            declared = self.content_length or ""
             if declared.isdigit() and int(declared) > MAX_BODY:
                 raise errors.invalid(f"body over {MAX_BODY // 1024} KiB")
             chunks, size = [], 0
@@ -41,6 +74,21 @@ class Request:
     async def json_fields(self, fields: dict[str, type], required: tuple[str, ...] = ()) -> dict[str, Any]:
         """The JSON object body, with only `fields`, each of its exact type."""
         raw = await self.body()
+        key = None
+        if len(raw) <= _PARSED_BODY_MAX:
+            key = (raw, tuple(fields.items()), required)
+            hit = _PARSED.get(key)
+            if hit is not None:
+                return dict(hit)
+        data = self._checked(raw, fields, required)
+        if key is not None:
+            if len(_PARSED) >= _PARSED_MAX:
+                _PARSED.clear()
+            _PARSED[key] = dict(data)
+        return data
+
+    @staticmethod
+    def _checked(raw: bytes, fields: dict[str, type], required: tuple[str, ...]) -> dict[str, Any]:
         if not raw.strip():
             data: Any = {}
         else:

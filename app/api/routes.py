@@ -117,31 +117,56 @@ _BY_LENGTH: dict[int, list[tuple[str, tuple[object, ...], Handler]]] = {}
 for _route in ROUTES:
     _BY_LENGTH.setdefault(len(_route[1]), []).append(_route)
 
+# The literal segments each position can hold, by path length: every other segment is a
+# user id as far as routing goes, so the match of a path depends only on its "shape" (the
+# path with user ids masked), and there are few shapes: matches are memoised by shape.
+_LITERALS: dict[int, list[frozenset[str]]] = {
+    length: [frozenset(p[i] for _, p, _ in routes if p[i] is not USER) for i in range(length)]
+    for length, routes in _BY_LENGTH.items()}
+_MATCHES: dict[tuple[str | None, ...], tuple[dict[str, Handler], dict[str, int | None],
+                                             dict[str, str]]] = {}
+
+Match = tuple[dict[str, Handler], dict[str, str | None], dict[str, str]]
+
 
 def route_label(pattern: tuple[object, ...]) -> str:
     return "/" + "/".join("{user_id}" if p is USER else str(p) for p in pattern)
 
 
-def match(segments: list[str]) -> tuple[dict[str, Handler], dict[str, str | None], dict[str, str]]:
+def match(segments: list[str]) -> Match:
     """By method, for a path: the handler, the user_id segment (None when the route has
     none), and the route's label for metrics (a pattern: user ids never become labels)."""
+    literals = _LITERALS.get(len(segments))
+    if literals is None:
+        return {}, {}, {}
+    shape = tuple(s if s in allowed else None for s, allowed in zip(segments, literals))
+    found = _MATCHES.get(shape)
+    if found is None:
+        found = _MATCHES[shape] = _match_shape(shape)
+    handlers, user_at, labels = found
+    users = {m: None if i is None else segments[i] for m, i in user_at.items()}
+    return handlers, users, labels
+
+
+def _match_shape(shape: tuple[str | None, ...]) -> tuple[dict[str, Handler], dict[str, int | None],
+                                                          dict[str, str]]:
     found: dict[str, Handler] = {}
-    users: dict[str, str | None] = {}
+    user_at: dict[str, int | None] = {}
     labels: dict[str, str] = {}
-    for method, pattern, handler in _BY_LENGTH.get(len(segments), ()):
-        candidate = None
-        for want, got in zip(pattern, segments):
+    for method, pattern, handler in _BY_LENGTH.get(len(shape), ()):
+        at = None
+        for i, (want, got) in enumerate(zip(pattern, shape)):
             if want is USER:
-                candidate = got
+                at = i
             elif want != got:
                 break
         else:
             # A literal route ("provision") wins over the same path read as a user id.
             if method not in found:
                 found[method] = handler
-                users[method] = candidate
+                user_at[method] = at
                 labels[method] = route_label(pattern)
-    return found, users, labels
+    return found, user_at, labels
 
 
 # ---- shapes -----------------------------------------------------------------------------
