@@ -128,7 +128,9 @@ class LocalDriver(Driver):
     async def list_names(self) -> set[str]:
         names = {p.name for p in self.brain_root.iterdir()} if self.brain_root.exists() else set()
         names |= {lease.engine_name for lease in PortLease.select()}
-        names |= set(_process.engines_under(self.brain_root))
+        # Reading every process's environ is a scan of /proc: off the event loop, which keeps
+        # answering admits meanwhile.
+        names |= set(await asyncio.to_thread(_process.engines_under, self.brain_root))
         return names
 
     async def close(self) -> None:
