@@ -41,6 +41,10 @@ class Reconciler:
                 await self.pass_once(wait=False)
             except Exception:  # noqa: BLE001 - the loop must outlive any one bad pass
                 log.exception("reconciler pass failed")
+            try:
+                await asyncio.to_thread(registry.checkpoint)
+            except Exception as exc:  # noqa: BLE001 - a busy or missing file: next tick
+                log.debug("checkpoint skipped: %s", exc)
             await asyncio.sleep(self.settings.tick_s)
 
     async def pass_once(self, wait: bool = True) -> dict[str, int]:

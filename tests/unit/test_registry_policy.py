@@ -130,3 +130,35 @@ def test_flights_coalesce_same_op_and_serialise_others() -> None:
         assert calls == ["start", "stop"] and len(flights) == 0
 
     asyncio.run(scenario())
+
+
+def test_writes_never_checkpoint_and_checkpoint_copies_the_wal(db, tmp_path: Path) -> None:
+    """Autocheckpoint is off on the registry's connection (its fsync would stall the event
+    loop); registry.checkpoint(), which the reconciler runs from a thread, does it instead."""
+    if not isinstance(db, registry.pw.SqliteDatabase):
+        pytest.skip("SQLite's WAL only")
+    product, _ = products.create("p")
+    engine = registry.insert_engine(product.id, "u", "e-p-u", "v", "x", "me", 1)
+    for i in range(3000):  # a page a commit: three times SQLite's default threshold
+        registry.touch_admit(engine.id, float(i))
+    page = db.execute_sql("PRAGMA page_size").fetchone()[0]
+    # With autocheckpoint the WAL would have been rewound at ~1000 pages and stay that size.
+    assert (tmp_path / "orch.db-wal").stat().st_size > 2000 * page
+    assert _main_file_value(tmp_path) is None  # the writes are all still in the WAL
+    registry.checkpoint()
+    assert _main_file_value(tmp_path) == 2999.0  # copied into the database file
+
+
+def _main_file_value(tmp_path: Path) -> object:
+    """last_admit_at as the database file alone has it (a copy without its WAL)."""
+    import shutil
+    import sqlite3
+
+    shutil.copyfile(tmp_path / "orch.db", tmp_path / "main-only.db")
+    conn = sqlite3.connect(tmp_path / "main-only.db")
+    try:
+        return conn.execute("SELECT last_admit_at FROM engine").fetchone()[0]
+    except sqlite3.OperationalError:  # not even the table: everything is still in the WAL
+        return None
+    finally:
+        conn.close()
