@@ -12,7 +12,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import httpx
 
@@ -246,3 +247,17 @@ def _drop_postgres_database(url: str) -> None:
     conn.autocommit = True
     conn.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     conn.close()
+
+
+@contextmanager
+def running(tmp: Path, driver: str = "local", product: str = "acme", **kwargs: Any) -> Iterator[Orchestrator]:
+    """A started orchestrator with one product, closed afterwards (the double with it); on the
+    double, it ends by asserting that every request the driver sent was well-formed."""
+    orchestrator = Orchestrator(tmp, driver=driver, **kwargs)
+    try:
+        orchestrator.start().product(product)
+        yield orchestrator
+        if orchestrator.stack is not None:
+            assert orchestrator.stack.rejections() == [], "the double refused a driver request"
+    finally:
+        orchestrator.close()

@@ -5,7 +5,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.harness import Orchestrator
+from tests.harness import Orchestrator, running
 
 
 @pytest.fixture
@@ -25,11 +25,5 @@ def nomad_orch(tmp_path: Path) -> Iterator[Orchestrator]:
 
 
 def _orchestrator(tmp_path: Path, driver: str) -> Iterator[Orchestrator]:
-    orchestrator = Orchestrator(tmp_path, driver=driver)
-    try:
-        orchestrator.start().product("acme")
+    with running(tmp_path, driver) as orchestrator:
         yield orchestrator
-        if orchestrator.stack is not None:  # every request the driver sent was well-formed
-            assert orchestrator.stack.rejections() == [], "the double refused a driver request"
-    finally:
-        orchestrator.close()
