@@ -110,6 +110,8 @@ class NomadDriver(Driver):
                 return state, state["url"]
 
     async def stop(self, spec: EngineSpec, state: State, grace: float) -> State:
+        # Nomad kills with the job's KillTimeout (ORCH_STOP_GRACE_S, rendered into the job):
+        # `grace` cannot shorten it, so the wait covers that.
         if state.get("alloc"):
             # A paused engine must run to see its SIGTERM.
             await self._quietly(self._io(self.api.signal, state["alloc"], TASK, "SIGCONT"))
@@ -146,7 +148,7 @@ class NomadDriver(Driver):
         state = state or {}
         if await self._io(self.api.job, spec.name) is not None:
             await self._io(self.api.deregister, spec.name, False)
-            await self._until_stopped(spec.name, min(self.settings.stop_grace_s, 5.0) + STOP_MARGIN_S)
+            await self._until_stopped(spec.name, self.settings.stop_grace_s + STOP_MARGIN_S)
             await self._io(self.api.deregister, spec.name, True)
         for volume_id in await self._volume_ids(spec.name, state.get("volume")):
             await self._delete_volume(volume_id)
