@@ -114,7 +114,6 @@ def assert_consistent(orch: Orchestrator) -> None:
 
 
 TERMINAL = ("complete", "failed", "lost")
-VAR_PREFIX = "nomad/jobs/"  # + the engine's name: its key (app.jobspec.var_path)
 
 
 def _assert_consistent_nomad(orch: Orchestrator) -> None:
@@ -129,6 +128,7 @@ def _assert_consistent_nomad(orch: Orchestrator) -> None:
     - with the double: no live task process outside a running allocation of a row's job."""
     import json
 
+    from app.jobspec import var_path
     from tests.scheduler import get, leftovers, service
 
     nomad, consul = orch.env["NOMAD_ADDR"], orch.env["CONSUL_HTTP_ADDR"]
@@ -156,7 +156,7 @@ def _assert_consistent_nomad(orch: Orchestrator) -> None:
         volume = state.get("volume")
         assert volume and get_or_none(nomad, f"/v1/volume/host/{volume}") is not None, \
             f"{name} has no host volume ({volume})"
-        assert get_or_none(nomad, f"/v1/var/{VAR_PREFIX}{name}") is not None, \
+        assert get_or_none(nomad, f"/v1/var/{var_path(name)}") is not None, \
             f"{name} has no variable"
         if status == "running":
             passing = [e for e in service(consul, name)
@@ -165,11 +165,11 @@ def _assert_consistent_nomad(orch: Orchestrator) -> None:
                          for e in passing}
             assert url in addresses, f"{name}: url {url} vs passing instances {addresses}"
     left = leftovers(nomad)
-    ours = [j for j in left["jobs"]
-            if (get(nomad, f"/v1/job/{j}").get("Meta") or {}).get("managed_by") == "orch"]
+    ours = [j["ID"] for j in get(nomad, "/v1/jobs", prefix="e-")  # the stubs carry Meta
+            if (j.get("Meta") or {}).get("managed_by") == "orch"]
     assert set(ours) <= set(rows), f"jobs without a row: {set(ours) - set(rows)}"
     assert set(left["volumes"]) <= set(rows), f"volumes without a row: {set(left['volumes']) - set(rows)}"
-    variables = {v[len(VAR_PREFIX):] for v in left["variables"]}
+    variables = {v[len(var_path("")):] for v in left["variables"]}
     assert variables <= set(rows), f"variables without a row: {variables - set(rows)}"
     if pids is not None:
         stray = {alloc: [p for p in found if proc_state(p) != "gone"]

@@ -250,12 +250,15 @@ def _drop_postgres_database(url: str) -> None:
 
 
 @contextmanager
-def running(tmp: Path, driver: str = "local", product: str = "acme", **kwargs: Any) -> Iterator[Orchestrator]:
-    """A started orchestrator with one product, closed afterwards (the double with it); on the
-    double, it ends by asserting that every request the driver sent was well-formed."""
+def running(tmp: Path, driver: str = "local", product: str | None = "acme",
+            **kwargs: Any) -> Iterator[Orchestrator]:
+    """A started orchestrator (with `product`, unless None), closed afterwards (the double with
+    it); on the double, it ends by asserting that every request the driver sent was well-formed."""
     orchestrator = Orchestrator(tmp, driver=driver, **kwargs)
     try:
-        orchestrator.start().product(product)
+        orchestrator.start()
+        if product:
+            orchestrator.product(product)
         yield orchestrator
         if orchestrator.stack is not None:
             assert orchestrator.stack.rejections() == [], "the double refused a driver request"

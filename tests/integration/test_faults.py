@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.engines import assert_consistent, engine_processes, nothing_left
-from tests.harness import Orchestrator, wait_for
+from tests.harness import Orchestrator, running, wait_for
 
 FAST = {"ORCH_LEASE_S": "1", "ORCH_STOP_GRACE_S": "3", "ORCH_BOOT_TIMEOUT_S": "10"}
 
@@ -20,14 +20,8 @@ FAST = {"ORCH_LEASE_S": "1", "ORCH_STOP_GRACE_S": "3", "ORCH_BOOT_TIMEOUT_S": "1
 @pytest.fixture(params=["local", "nomad"])
 def orch(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Orchestrator]:
     """Each test on both drivers: local processes, and Nomad (the double, or real agents)."""
-    orchestrator = Orchestrator(tmp_path, env=FAST, driver=request.param)
-    try:
-        orchestrator.start().product("acme")
+    with running(tmp_path, request.param, env=FAST) as orchestrator:
         yield orchestrator
-        if orchestrator.stack is not None:  # every request the driver sent was well-formed
-            assert orchestrator.stack.rejections() == [], "the double refused a driver request"
-    finally:
-        orchestrator.close()
 
 
 def kill_during(orch: Orchestrator, call: Callable[[httpx.Client], object],

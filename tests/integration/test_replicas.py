@@ -13,7 +13,7 @@ import pytest
 
 from app import states
 from tests.engines import assert_consistent
-from tests.harness import Orchestrator, wait_for
+from tests.harness import Orchestrator, running, wait_for
 
 SEED = int(os.environ.get("STORM_SEED", "7"))
 OPS = ("provision", "admit", "admit", "start", "stop", "rotate", "destroy", "get")
@@ -30,19 +30,13 @@ def any_pair(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[O
 
 
 def _pair(tmp_path: Path, driver: str) -> Iterator[tuple[Orchestrator, Orchestrator]]:
-    first = Orchestrator(tmp_path, env={"ORCH_LEASE_S": "2", "ORCH_STOP_GRACE_S": "2"}, ports=40,
-                         driver=driver)
-    second = None
-    try:
-        first.start()
+    env = {"ORCH_LEASE_S": "2", "ORCH_STOP_GRACE_S": "2"}
+    with running(tmp_path, driver, product=None, env=env, ports=40) as first:
         second = first.replica()
-        yield first, second
-        if first.stack is not None:
-            assert first.stack.rejections() == [], "the double refused a driver request"
-    finally:
-        if second:
+        try:
+            yield first, second
+        finally:
             second.kill()
-        first.close()
 
 
 async def _call(client: httpx.AsyncClient, op: str, user: str) -> httpx.Response:

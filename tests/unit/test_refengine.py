@@ -21,27 +21,16 @@ from urllib.parse import unquote
 import httpx
 import pytest
 
+from tests.harness import free_port, wait_for
+
 ROOT = Path(__file__).resolve().parents[2]
-HOST = "127.0.0.1"
+HOST = "127.0.0.1"  # where free_port() looks, too
 KEY = "key-one"
 BOOT_S = 10.0  # generous: a loaded CI machine; a healthy boot takes ~50 ms
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
 def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
+    return wait_for(predicate, timeout, 0.01, what)
 
 
 class Engine:
