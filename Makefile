@@ -41,7 +41,8 @@ bench: install
 	$(BIN)/python -m tests.bench
 
 lint: install
-	$(BIN)/python -m compileall -q app tests
+	$(BIN)/ruff check app tests
+	$(BIN)/mypy
 
 nomad-dev:
 	@command -v nomad >/dev/null && command -v consul >/dev/null || { echo "nomad-dev: needs the nomad and consul binaries on PATH (see nomad/README.md)"; exit 1; }

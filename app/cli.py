@@ -7,8 +7,9 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from app import products, registry
 from app.config import ConfigError, Settings
@@ -99,10 +100,9 @@ def _db(settings: Settings) -> None:
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
+    from app import logs
     from app.api.app import OrchestratorApp
     from app.crypto import load_keybox
-
-    from app import logs
 
     logs.setup(settings.log_level)
     load_keybox(settings)  # a bad ORCH_SECRET_KEY stops start-up here, with one line

@@ -9,7 +9,8 @@ Across replicas the same exclusion comes from the lease on the engine's row (lif
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable, Hashable, TypeVar
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 

@@ -15,9 +15,10 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, TypeVar
+from typing import TypeVar
 
 from app import crypto, engine_http, errors, metrics, naming, registry, states
 from app.config import Settings

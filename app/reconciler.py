@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Awaitable
+from collections.abc import Awaitable
+from typing import Any
 
 from app import registry, states
 from app.drivers.base import DriverError, EngineSpec
@@ -39,7 +40,7 @@ class Reconciler:
         while True:
             try:
                 await self.pass_once(wait=False)
-            except Exception:  # noqa: BLE001 - the loop must outlive any one bad pass
+            except Exception:
                 log.exception("reconciler pass failed")
             try:
                 await asyncio.to_thread(registry.checkpoint)

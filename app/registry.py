@@ -15,8 +15,9 @@ import json
 import logging
 import sqlite3
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 import peewee as pw
@@ -217,7 +218,7 @@ def find_engine_hot(product_id: int, user_id: str) -> tuple[Any, ...] | None:
     return execute_hot(sql, (product_id, user_id)).fetchone()
 
 
-_exception_wrapper = getattr(pw, "__exception_wrapper__")  # sqlite3 errors -> peewee's
+_exception_wrapper = pw.__exception_wrapper__  # sqlite3 errors -> peewee's
 
 
 def execute_hot(sql: str, params: tuple[Any, ...]) -> Any:

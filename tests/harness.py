@@ -11,9 +11,10 @@ import sqlite3
 import subprocess
 import sys
 import time
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -97,7 +98,7 @@ class Orchestrator:
         self.log = tmp / "orch.log"
         self.keys: dict[str, str] = {}
 
-    def replica(self) -> "Orchestrator":
+    def replica(self) -> Orchestrator:
         """Another orchestrator process on the same database, state dir and port range."""
         other = Orchestrator.__new__(Orchestrator)
         other.tmp, other.state_dir, other.env = self.tmp, self.state_dir, dict(self.env)
@@ -109,7 +110,7 @@ class Orchestrator:
 
     # ---- process ----------------------------------------------------------------------------
 
-    def start(self) -> "Orchestrator":
+    def start(self) -> Orchestrator:
         self.port = free_port()
         env = {**self.env, "ORCH_PORT": str(self.port)}
         with open(self.log, "ab") as out:
@@ -132,7 +133,7 @@ class Orchestrator:
             self.proc.wait(timeout=15)
         self.proc = None
 
-    def restart(self) -> "Orchestrator":
+    def restart(self) -> Orchestrator:
         self.kill()
         return self.start()
 

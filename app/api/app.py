@@ -22,7 +22,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from app import crypto, errors, metrics, naming, registry
 from app.admit import Admitter
 from app.api import openapi
-from app.logs import AccessLog
 from app.api.auth import Authenticator
 from app.api.errors import error_body, method_not_allowed, not_found, to_api_error
 from app.api.request import Request
@@ -30,6 +29,7 @@ from app.api.routes import Services, match
 from app.config import Settings
 from app.drivers import make_driver
 from app.lifecycle import Lifecycle
+from app.logs import AccessLog
 from app.reconciler import Reconciler
 
 log = logging.getLogger("orch.api")
@@ -109,7 +109,7 @@ class OrchestratorApp:
         try:
             status, body = await self._dispatch(scope, request, ctx)
             payload = body if isinstance(body, bytes) else orjson.dumps(body)
-        except BaseException as exc:  # noqa: BLE001 - every failure gets the JSON error shape
+        except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             error = to_api_error(exc, request_id)

@@ -24,8 +24,15 @@ _HOT_HEADERS = {b"x-request-id": 0, b"x-platform-key": 1, b"content-length": 2}
 
 
 class Request:
-    __slots__ = ("scope", "_receive", "_body", "_headers", "request_id", "platform_key",
-                 "content_length")
+    __slots__ = (
+        "_body",
+        "_headers",
+        "_receive",
+        "content_length",
+        "platform_key",
+        "request_id",
+        "scope",
+    )
 
     def __init__(self, scope: dict[str, Any], receive: Any):
         self.scope = scope

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
 
 from app import errors, naming, registry, states
 from app.admit import Admitter
@@ -175,7 +176,7 @@ def _match_shape(shape: tuple[str | None, ...]) -> tuple[dict[str, Handler], dic
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace(
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace(
         "+00:00", "Z")
 
 

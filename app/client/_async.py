@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import builtins
 import ssl
+from collections.abc import AsyncIterator
 from types import TracebackType
-from typing import Any, AsyncIterator, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 

@@ -7,9 +7,10 @@ a missing required key raises KeyError, which the client reports as UnexpectedRe
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Mapping
+from typing import Any
 
 # The engine states of the spec, for comparisons; `Engine.status` stays a plain str so that a
 # state added by a newer server does not break an older client.

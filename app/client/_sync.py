@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import builtins
 import ssl
+from collections.abc import Iterator
 from types import TracebackType
-from typing import Any, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 

@@ -9,13 +9,14 @@ job template); a missing object is None where the caller can use that.
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import httpx
-import nomad
 import requests
 from nomad.api import exceptions as nx
 
+import nomad
 from app.config import Settings
 from app.drivers.base import DriverError, SchedulerUnavailable
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from app import metrics
 from app.drivers.base import Driver, DriverError, EngineSpec, Probe, State

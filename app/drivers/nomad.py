@@ -14,16 +14,27 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from app import engine_http, jobspec
 from app.config import ConfigError, Settings
 from app.discovery import Discovery
 from app.drivers._nomad_api import NomadAPI, SchedulerRejected, VariableConflict
-from app.drivers.base import (BootTimeout, CapacityExhausted, Driver, DriverError, EngineCrashed,
-                              EngineSpec, PortExhausted, Probe, SchedulerUnavailable, State)
+from app.drivers.base import (
+    BootTimeout,
+    CapacityExhausted,
+    Driver,
+    DriverError,
+    EngineCrashed,
+    EngineSpec,
+    PortExhausted,
+    Probe,
+    SchedulerUnavailable,
+    State,
+)
 
 log = logging.getLogger("orch.nomad")
 T = TypeVar("T")

@@ -38,8 +38,14 @@ def complain(line: str) -> None:
 class Faults:
     """The test knobs carried in ENGINE_VERSION (documented in app.refengine)."""
 
-    __slots__ = ("crash", "never_healthy", "hang_term", "boot_delay_ms", "crash_after_ms",
-                 "hup_delay_ms")
+    __slots__ = (
+        "boot_delay_ms",
+        "crash",
+        "crash_after_ms",
+        "hang_term",
+        "hup_delay_ms",
+        "never_healthy",
+    )
 
     def __init__(self, version: str = ""):
         # Knobs live after the first `+`, like semver build metadata, so the base version
@@ -62,7 +68,7 @@ def _millis(tokens: set[str], prefix: str) -> int | None:
 
 
 class Config:
-    __slots__ = ("port", "host", "brain_dir", "key_file", "user_id", "version", "faults")
+    __slots__ = ("brain_dir", "faults", "host", "key_file", "port", "user_id", "version")
 
     def __init__(self, port: int, host: str, brain_dir: str, key_file: str, user_id: str,
                  version: str):

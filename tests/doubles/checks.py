@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from tests.doubles import templates
-from tests.doubles.state import Alloc, ConsulService, NODE_NAME, State
+from tests.doubles.state import NODE_NAME, Alloc, ConsulService, State
 
 SECOND = 1_000_000_000
 OUTPUT_MAX = 4096  # Consul truncates check output too
@@ -148,7 +148,7 @@ class ServiceManager:
     async def _tcp(self, port: int, timeout: float) -> tuple[str, str]:
         try:
             _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             return "critical", f"dial tcp 127.0.0.1:{port}: {exc}"
         writer.close()
         return "passing", f"TCP connect 127.0.0.1:{port}: Success"

@@ -9,8 +9,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tests.doubles.httputil import (BadRequest, blocking_params, json_response, routes,
-                                    text_response, truthy)
+from tests.doubles.httputil import BadRequest, blocking_params, json_response, routes, text_response, truthy
 from tests.doubles.state import DATACENTER, NODE_ID, NODE_NAME, ConsulService, State
 
 

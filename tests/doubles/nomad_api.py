@@ -12,8 +12,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tests.doubles import jobcheck, views
-from tests.doubles.httputil import (BadRequest, NotFound, blocking_params, json_response,
-                                    read_body, refuse, routes, text_response, truthy)
+from tests.doubles.httputil import (
+    BadRequest,
+    NotFound,
+    blocking_params,
+    json_response,
+    read_body,
+    refuse,
+    routes,
+    text_response,
+    truthy,
+)
 from tests.doubles.nomad_store_api import store_routes
 from tests.doubles.scheduler import Cluster
 from tests.doubles.state import NODE_ID, NODE_NAME, State

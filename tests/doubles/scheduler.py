@@ -15,7 +15,7 @@ from typing import Any
 
 from tests.doubles import jobcheck
 from tests.doubles.checks import ServiceManager
-from tests.doubles.state import Alloc, NODE_ID, State, new_id, now_ns
+from tests.doubles.state import NODE_ID, Alloc, State, new_id, now_ns
 from tests.doubles.tasks import TaskRunner
 
 SERVER_FIELDS = ("Status", "StatusDescription", "Stable", "Version", "SubmitTime",

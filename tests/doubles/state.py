@@ -132,7 +132,7 @@ class State:
         try:
             async with self._changed:
                 await asyncio.wait_for(self._changed.wait_for(past), timeout=seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     # ---- look-ups ------------------------------------------------------------------------

@@ -322,7 +322,7 @@ class TaskRunner:
         self.send(signal.SIGCONT)  # a SIGSTOPped task would never act on the kill signal
         try:
             await asyncio.wait_for(asyncio.shield(proc.wait()), timeout=grace)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.send(signal.SIGKILL)
             await proc.wait()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from tests.doubles.state import Alloc, DATACENTER, NODE_ID, NODE_NAME, REGION
+from tests.doubles.state import DATACENTER, NODE_ID, NODE_NAME, REGION, Alloc
 
 INTERP = re.compile(r"\$\{([^}]+)\}")
 ACTION = re.compile(r"\{\{(-\s)?\s*(.*?)\s*(\s-)?\}\}", re.S)

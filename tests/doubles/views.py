@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.doubles.state import Alloc, NODE_ID, NODE_NAME, State
+from tests.doubles.state import NODE_ID, NODE_NAME, Alloc, State
 
 ZERO_TIME = "0001-01-01T00:00:00Z"  # Go's zero time.Time, as Nomad writes an unset time
 

@@ -4,9 +4,9 @@ and every error code it can meet, each as its own exception class."""
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable, Iterator
 
 import httpx
 import pytest
@@ -95,7 +95,7 @@ def test_every_endpoint(server: Orchestrator) -> None:
         assert (engine.user_id, engine.status, engine.restarts) == (ODD_USER, "running", 0)
         assert engine.url and engine.failure_reason is None
         assert engine.created_at.tzinfo is not None
-        assert engine.created_at <= datetime.now(timezone.utc)
+        assert engine.created_at <= datetime.now(UTC)
         assert engine_request("PUT", engine.url, created.api_key, content=b"blue").is_success
 
         assert api.get(ODD_USER).user_id == ODD_USER
@@ -328,5 +328,5 @@ def test_newer_server_fields_are_ignored() -> None:
     with mock_client(200, body) as api:
         engine = api.get("bob")
     assert engine == Engine("bob", "running", None, "v",
-                            datetime(2024, 5, 1, 12, 0, 0, 123000, tzinfo=timezone.utc),
-                            datetime(2024, 5, 1, 12, 0, 1, tzinfo=timezone.utc), None, 0, None)
+                            datetime(2024, 5, 1, 12, 0, 0, 123000, tzinfo=UTC),
+                            datetime(2024, 5, 1, 12, 0, 1, tzinfo=UTC), None, 0, None)

@@ -14,10 +14,10 @@ from typing import Any
 
 import consul
 import httpx
-import nomad
 import nomad.api.exceptions
 import pytest
 
+import nomad
 from tests.doubles.fixture import Hashistack
 from tests.harness import free_port_range, wait_for
 
