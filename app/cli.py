@@ -171,7 +171,7 @@ def cmd_engines_list(settings: Settings, args: argparse.Namespace) -> int:
     product_id = products.get(args.product).id if args.product else None
     rows = registry.list_engines(product_id, args.status, limit=1_000_000)
     names = {p.id: p.name for p in registry.Product.select()}
-    _out([{"product": names.get(e.__data__["product"]), "name": e.name, **engine_json(e)}
+    _out([{"product": names.get(e.product_id), "name": e.name, **engine_json(e)}
           for e in rows])
     return 0
 

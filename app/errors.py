@@ -1,53 +1,149 @@
-"""Errors the API answers with: status, code and a human sentence (spec: "Errors")."""
+"""The domain's one error tree. Each error has the spec's `code` and a human `message`; none
+knows HTTP: the API maps code -> status in one place (app/api/errors.py).
+
+    DomainError
+    ├── InvalidRequest, Unauthorized                     (the caller's fault)
+    ├── EngineNotFound, AlreadyExists, AlreadyRunning, NotRunning
+    ├── QuotaExceeded, RateLimited                       (policy)
+    ├── Unavailable (SCHEDULER_UNAVAILABLE: nothing was changed; try again)
+    │   ├── Busy         another operation held the engine past the wait
+    │   ├── Conflict     a compare-and-set lost: the row changed since it was read
+    │   ├── IllegalTransition  the state table forbids the move from the row's current state
+    │   └── DriverError  raised by drivers; carries what was left running (`state`)
+    │       ├── SchedulerUnavailable, PortExhausted, CapacityExhausted
+    │       └── BootTimeout, EngineCrashed               (BOOT_TIMEOUT)
+"""
 
 from __future__ import annotations
 
+from typing import Any
 
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+
+class DomainError(Exception):
+    code = "INTERNAL"
+
+    def __init__(self, message: str, *, retry_after: int | None = None):
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-        self.headers = headers or {}
+        self.message = message
+        self.retry_after = retry_after  # seconds, for RATE_LIMITED
 
 
-def invalid(message: str) -> ApiError:
-    return ApiError(400, "INVALID_REQUEST", message)
+class InvalidRequest(DomainError):
+    code = "INVALID_REQUEST"
 
 
-def unauthorized() -> ApiError:
-    return ApiError(401, "UNAUTHORIZED", "missing or unknown X-Platform-Key")
+class Unauthorized(DomainError):
+    code = "UNAUTHORIZED"
 
 
-def engine_not_found(user_id: str) -> ApiError:
-    return ApiError(404, "ENGINE_NOT_FOUND", f"no engine for user {user_id!r}")
+class EngineNotFound(DomainError):
+    code = "ENGINE_NOT_FOUND"
 
 
-def already_exists(user_id: str) -> ApiError:
-    return ApiError(409, "ENGINE_ALREADY_EXISTS",
-                    f"user {user_id!r} already has an engine; use /admit for idempotent behaviour")
+class AlreadyExists(DomainError):
+    code = "ENGINE_ALREADY_EXISTS"
 
 
-def already_running(user_id: str) -> ApiError:
-    return ApiError(409, "ENGINE_ALREADY_RUNNING", f"the engine of user {user_id!r} is already running")
+class AlreadyRunning(DomainError):
+    code = "ENGINE_ALREADY_RUNNING"
 
 
-def not_running(user_id: str, status: str) -> ApiError:
-    return ApiError(409, "ENGINE_NOT_RUNNING", f"the engine of user {user_id!r} is {status}, not running")
+class NotRunning(DomainError):
+    code = "ENGINE_NOT_RUNNING"
 
 
-def quota_exceeded(limit: int) -> ApiError:
-    return ApiError(429, "QUOTA_EXCEEDED", f"the product already has its maximum of {limit} engines")
+class QuotaExceeded(DomainError):
+    code = "QUOTA_EXCEEDED"
 
 
-def rate_limited(retry_after: int) -> ApiError:
-    return ApiError(429, "RATE_LIMITED", f"too many admits; retry in {retry_after}s",
-                    {"Retry-After": str(retry_after)})
+class RateLimited(DomainError):
+    code = "RATE_LIMITED"
 
 
-def busy(user_id: str) -> ApiError:
-    return ApiError(503, "SCHEDULER_UNAVAILABLE",
-                    f"the engine of user {user_id!r} is held by another operation; try again")
+class Unavailable(DomainError):
+    code = "SCHEDULER_UNAVAILABLE"
 
 
-def boot_timeout(message: str) -> ApiError:
-    return ApiError(504, "BOOT_TIMEOUT", message)
+class Busy(Unavailable):
+    pass
+
+
+class Conflict(Unavailable):
+    pass
+
+
+class IllegalTransition(Unavailable):
+    def __init__(self, event: str, state: str | None):
+        super().__init__(f"cannot {event} an engine that is {state}")
+        self.event, self.state = event, state
+
+
+class DriverError(Unavailable):
+    def __init__(self, message: str, state: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.state = state  # what was left running, when anything was (None: nothing)
+
+
+class SchedulerUnavailable(DriverError):
+    pass
+
+
+class PortExhausted(DriverError):
+    code = "PORT_EXHAUSTION"
+
+
+class CapacityExhausted(DriverError):
+    code = "CAPACITY_EXHAUSTED"
+
+
+class BootTimeout(DriverError):
+    code = "BOOT_TIMEOUT"
+
+
+class EngineCrashed(DriverError):
+    """The engine's process or task ended while it was booting."""
+
+    code = "BOOT_TIMEOUT"
+
+
+# ---- factories (the messages in one place) ---------------------------------------------------
+
+
+def invalid(message: str) -> InvalidRequest:
+    return InvalidRequest(message)
+
+
+def unauthorized() -> Unauthorized:
+    return Unauthorized("missing or unknown X-Platform-Key")
+
+
+def engine_not_found(user_id: str) -> EngineNotFound:
+    return EngineNotFound(f"no engine for user {user_id!r}")
+
+
+def already_exists(user_id: str) -> AlreadyExists:
+    return AlreadyExists(f"user {user_id!r} already has an engine; use /admit for idempotent behaviour")
+
+
+def already_running(user_id: str) -> AlreadyRunning:
+    return AlreadyRunning(f"the engine of user {user_id!r} is already running")
+
+
+def not_running(user_id: str, status: str) -> NotRunning:
+    return NotRunning(f"the engine of user {user_id!r} is {status}, not running")
+
+
+def quota_exceeded(limit: int) -> QuotaExceeded:
+    return QuotaExceeded(f"the product already has its maximum of {limit} engines")
+
+
+def rate_limited(retry_after: int) -> RateLimited:
+    return RateLimited(f"too many admits; retry in {retry_after}s", retry_after=retry_after)
+
+
+def busy(user_id: str) -> Busy:
+    return Busy(f"the engine of user {user_id!r} is held by another operation; try again")
+
+
+def boot_timeout(message: str) -> BootTimeout:
+    return BootTimeout(message)

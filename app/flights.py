@@ -30,6 +30,9 @@ class Flights:
         future = slot.pending.get(op)
         if future is None:
             future = asyncio.ensure_future(self._run(key, slot, op, fn))
+            # A caller that stopped waiting (admit's deadline) leaves it running; its outcome
+            # is still retrieved, so nothing is logged as "never retrieved".
+            future.add_done_callback(_retrieve)
             slot.pending[op] = future
         return await asyncio.shield(future)
 
@@ -48,3 +51,8 @@ class Flights:
 
     def __len__(self) -> int:
         return len(self._slots)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -1,37 +1,22 @@
-"""Lifecycle operations: what each endpoint and the background loop do to an engine.
+"""The lifecycle's entry points: what the API, the admit path and the reconciler call.
 
-Each operation runs through `Flights` (one operation per engine in this process; callers of
-the same operation are coalesced) and holds the engine row's lease (one operation per engine
-across replicas). Inside, every state change is `registry.transition` (a compare-and-set plus
-an audit event), and the driver does the work. An explicit operation on an existing engine
-pings the scheduler before its first write, so "scheduler unavailable" changes nothing.
+Each one hands an operation (app.operations) to the runner (app.runner), which holds the
+flight and the lease, settles what a dead owner left, and times it. Nothing here touches a
+lease, a flight or the driver.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import os
-import socket
-import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from functools import partial
 
-from app import crypto, engine_http, errors, metrics, naming, registry, states
+from app import crypto, engine_http, errors, naming, registry, states
 from app.config import Settings
 from app.crypto import KeyBox
-from app.drivers.base import BootTimeout, Driver, DriverError, EngineCrashed, EngineSpec, State
-from app.flights import Flights
-from app.registry import Engine
-
-log = logging.getLogger("orch.lifecycle")
-T = TypeVar("T")
-
-KEY_CONFIRM_S = 10.0
-WAKE_TIMEOUT_S = 5.0  # a resumed engine that is not healthy by then is cold-started
+from app.drivers.base import Driver, Probe
+from app.operations import Operations
+from app.registry import EngineRow
+from app.runner import Op, Runner
 
 
 @dataclass(frozen=True)
@@ -45,354 +30,103 @@ class ProductRef:
 class Lifecycle:
     def __init__(self, settings: Settings, driver: Driver, keys: KeyBox):
         self.settings = settings
-        self.driver = driver
+        self.driver = driver  # for the API's /readyz and shutdown
         self.keys = keys
-        self.flights = Flights()
-        self.owner = f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.http = engine_http.client()
-        self._product_names: dict[int, str] = {}
+        self.ops = Operations(settings, driver, keys, self.http)
+        self.runner = Runner(settings, self.ops.settle)
 
     async def close(self) -> None:
         await self.http.aclose()
 
-    # ---- operations (the API calls these) ---------------------------------------------------
+    # ---- the API's operations --------------------------------------------------------------
 
     async def provision(self, product: ProductRef, user_id: str,
-                        engine_version: str | None = None) -> tuple[Engine, str]:
+                        engine_version: str | None = None) -> tuple[EngineRow, str]:
         version = engine_version or self.settings.engine_image
-        return await self._run((product.id, user_id), "provision",
-                                      lambda: self._provision(product, user_id, version))
+        self.ops.remember_product(product.id, product.name)
+        api_key = crypto.new_engine_key()
 
-    async def start(self, product: ProductRef, user_id: str) -> Engine:
-        return await self._run((product.id, user_id), "start",
-                                      lambda: self._start(product, user_id))
+        def insert() -> EngineRow:
+            return registry.insert_engine(product.id, user_id, naming.engine_name(product.name, user_id),
+                                          version, self.keys.encrypt(api_key), self.runner.owner,
+                                          self.settings.lease_s)
 
-    async def stop(self, product: ProductRef, user_id: str) -> Engine:
-        return await self._run((product.id, user_id), "stop",
-                                      lambda: self._stop(product, user_id))
+        return await self.runner.create((product.id, user_id), insert,
+                                        partial(self.ops.provision, api_key=api_key))
 
-    async def rotate_key(self, product: ProductRef, user_id: str) -> tuple[Engine, str]:
-        return await self._run((product.id, user_id), "rotate",
-                                      lambda: self._rotate(product, user_id))
+    async def start(self, product: ProductRef, user_id: str) -> EngineRow:
+        return await self.runner.run(Op.START, (product.id, user_id), self.ops.start)
+
+    async def stop(self, product: ProductRef, user_id: str) -> EngineRow:
+        # A stop that died half-way is finished by this one rather than settled first.
+        return await self.runner.run(Op.STOP, (product.id, user_id), self.ops.stop,
+                                     handles=frozenset({states.STOPPING}))
+
+    async def rotate_key(self, product: ProductRef, user_id: str) -> tuple[EngineRow, str]:
+        return await self.runner.run(Op.ROTATE, (product.id, user_id), self.ops.rotate_key)
 
     async def destroy(self, product: ProductRef, user_id: str) -> None:
-        await self._run((product.id, user_id), "destroy",
-                               lambda: self._destroy(product, user_id))
+        # Destroy applies from every state, half-done ones included: nothing to settle first.
+        await self.runner.run(Op.DESTROY, (product.id, user_id), self.ops.destroy, settle=False)
 
-    def get(self, product: ProductRef, user_id: str) -> Engine:
-        engine = registry.find_engine(product.id, user_id)
-        if engine is None:
+    def get(self, product: ProductRef, user_id: str) -> EngineRow:
+        row = registry.find_engine(product.id, user_id)
+        if row is None:
             raise errors.engine_not_found(user_id)
-        return engine
+        return row
 
-    # ---- operations the admit path and the background loop share -------------------------
+    # ---- the admit path's and the reconciler's ---------------------------------------------
 
-    async def wake(self, engine: Engine) -> Engine:
-        return await self._run(_key(engine), "wake", lambda: self._bring_up_op(engine, "wake"))
+    async def wake(self, row: EngineRow) -> EngineRow:
+        return await self.runner.run(Op.WAKE, row.key, self.ops.wake)
 
-    async def restart(self, engine: Engine) -> Engine:
-        return await self._run(_key(engine), "restart",
-                                      lambda: self._bring_up_op(engine, "restart"))
+    async def restart(self, row: EngineRow) -> EngineRow:
+        return await self.runner.run(Op.RESTART, row.key, self.ops.restart)
 
-    async def sleep_if_idle(self, engine: Engine) -> None:
-        await self._run(_key(engine), "sleep", lambda: self._sleep(engine))
+    async def sleep_if_idle(self, row: EngineRow) -> None:
+        await self.runner.run(Op.SLEEP, row.key, self.ops.sleep, wait=False)
 
-    async def fail(self, engine: Engine, reason: str) -> None:
-        await self._run(_key(engine), "fail", lambda: self._fail(engine, reason))
+    async def fail(self, row: EngineRow, reason: str) -> None:
+        await self.runner.run(Op.FAIL, row.key, partial(self.ops.fail, seen=row, reason=reason))
 
-    async def recover(self, engine: Engine) -> None:
+    async def reset_restarts(self, row: EngineRow) -> None:
+        # Never waits: an operation holding the row decides its restart count itself.
+        await self.runner.run(Op.RESET_RESTARTS, row.key, partial(self.ops.reset_restarts, seen=row),
+                              wait=False)
+
+    async def recover(self, row: EngineRow) -> None:
         """Finish or roll back an operation whose owner died (its lease ran out)."""
-        await self._run(_key(engine), "recover", lambda: self._recover_op(engine))
+        await self.runner.run(Op.RECOVER, row.key, _unchanged)
 
-    def restartable(self, engine: Engine) -> bool:
-        return engine.status == states.FAILED and engine.restarts < self.settings.max_restarts
+    async def wait_for(self, row: EngineRow, timeout: float) -> None:
+        """Wait for the operation in flight on `row` (here or elsewhere), at most `timeout`."""
+        await self.runner.wait_for(row, timeout)
 
-    def idle_for(self, engine: Engine, now: float) -> float:
-        return now - max(engine.last_admit_at or 0.0, engine.status_since)
+    async def probe(self, row: EngineRow) -> Probe:
+        return await self.driver.probe(self.ops.spec(row), row.driver_state)
 
-    def spec(self, engine: Engine) -> EngineSpec:
-        return EngineSpec(engine.name, self._product_name(engine), engine.user_id,
-                          engine.engine_version)
+    async def orphan_names(self) -> set[str]:
+        """Names the driver holds resources for that have no registry row."""
+        found = await self.driver.list_names()
+        return found - registry.known_names(found)
 
-    def api_key(self, engine: Engine) -> str:
-        return self.keys.decrypt(engine.key_enc)
+    async def remove_orphan(self, name: str) -> None:
+        async def remove() -> None:
+            registry.record_orphan_removed(name)
+            await self.driver.destroy(self.ops.spec_for_orphan(name), None)
 
-    # ---- implementations ------------------------------------------------------------------
+        await self.runner.run_without_row(Op.DESTROY, name, remove)
 
-    async def _provision(self, product: ProductRef, user_id: str, version: str) -> tuple[Engine, str]:
-        existing = registry.find_engine(product.id, user_id)
-        if existing is not None and existing.status == states.DESTROYING:
-            await self._wait_gone(existing)
-        api_key = crypto.new_engine_key()
-        name = naming.engine_name(product.name, user_id)
-        self._product_names[product.id] = product.name
-        try:
-            engine = registry.insert_engine(product.id, user_id, name, version,
-                                            self.keys.encrypt(api_key), self.owner,
-                                            self.settings.lease_s)
-        except registry.AlreadyExists:
-            raise errors.already_exists(user_id) from None
-        except registry.QuotaExceeded as exc:
-            raise errors.quota_exceeded(exc.args[0]) from None
-        async with self._renewing(engine):
-            spec = self.spec(engine)
-            try:
-                state = await self.driver.create(spec, api_key)
-            except DriverError as exc:
-                # Nothing ran: leave nothing behind, not even the row.
-                registry.delete_engine(engine, "provision_failed", exc.code.lower())
-                raise
-            registry.update(engine, driver_state=state)
-            try:
-                await self._boot(engine, spec, state)
-            except DriverError as exc:
-                if not isinstance(exc, (BootTimeout, EngineCrashed)):  # the scheduler went away
-                    await self._abandon(engine, spec, exc)
-                raise
-        return engine, api_key
+    def restartable(self, row: EngineRow) -> bool:
+        return self.ops.restartable(row)
 
-    async def _start(self, product: ProductRef, user_id: str) -> Engine:
-        async with self.lease(self.get(product, user_id)) as engine:
-            engine = await self._settle(engine)
-            if engine.status == states.RUNNING:
-                raise errors.already_running(user_id)
-            await self.driver.ping()
-            return await self._bring_up(engine, "start")
+    def idle_for(self, row: EngineRow, now: float) -> float:
+        return self.ops.idle_for(row, now)
 
-    async def _stop(self, product: ProductRef, user_id: str) -> Engine:
-        async with self.lease(self.get(product, user_id)) as engine:
-            if engine.status == states.STOPPED:
-                raise errors.not_running(user_id, engine.status)
-            await self.driver.ping()
-            if engine.status != states.STOPPING:
-                registry.transition(engine, "stop", "stop")
-            state = await self.driver.stop(self.spec(engine), engine.state, self.settings.stop_grace_s)
-            return registry.transition(engine, "stopped", driver_state=state, url=None)
-
-    async def _rotate(self, product: ProductRef, user_id: str) -> tuple[Engine, str]:
-        async with self.lease(self.get(product, user_id)) as engine:
-            if engine.status != states.RUNNING:
-                raise errors.not_running(user_id, engine.status)
-            await self.driver.ping()
-            old, new = self.api_key(engine), crypto.new_engine_key()
-            # Written first, so a crash mid-rotation leaves both keys for the reconciler.
-            registry.update(engine, pending_key_enc=self.keys.encrypt(new))
-            spec = self.spec(engine)
-            await self.driver.set_key(spec, engine.state, new)
-            if not await engine_http.confirm_key(self.http, engine.url, new, old, KEY_CONFIRM_S):
-                await self.driver.set_key(spec, engine.state, old)
-                registry.update(engine, pending_key_enc=None)
-                raise errors.ApiError(503, "SCHEDULER_UNAVAILABLE",
-                                      "the engine did not confirm the new key; the old key still works")
-            registry.update(engine, audit="rotate_key", key_enc=engine.pending_key_enc,
-                            pending_key_enc=None)
-            return engine, new
-
-    async def _destroy(self, product: ProductRef, user_id: str) -> None:
-        async with self.lease(self.get(product, user_id)) as engine:
-            await self.driver.ping()
-            if engine.status != states.DESTROYING:
-                registry.transition(engine, "destroy", "destroy")
-            await self.driver.destroy(self.spec(engine), engine.state)
-            registry.delete_engine(engine)
-
-    async def _bring_up_op(self, engine: Engine, how: str) -> Engine:
-        async with self.lease(engine) as engine:
-            engine = await self._settle(engine)
-            wanted = states.SLEEPING if how == "wake" else states.FAILED
-            if engine.status != wanted or (how == "restart" and not self.restartable(engine)):
-                return engine  # someone else already moved it on
-            return await self._bring_up(engine, how)
-
-    async def _bring_up(self, engine: Engine, how: str) -> Engine:
-        """sleeping/stopped/failed -> starting -> running: resume when paused, else cold start."""
-        was = engine.status
-        restarts = {"start": 0, "restart": engine.restarts + 1}.get(how, engine.restarts)
-        registry.transition(engine, "start", how, restarts=restarts, next_restart_at=None)
-        spec, state = self.spec(engine), engine.state
-        if was == states.SLEEPING and self.settings.sleep_mode == "pause":
-            if await self.driver.resume(spec, state):
-                try:
-                    return await self._boot(engine, spec, state, timeout=min(WAKE_TIMEOUT_S, self.settings.boot_timeout_s))
-                except (BootTimeout, EngineCrashed):
-                    log.info("engine %s did not come back from pause; cold start", engine.name)
-        state = await self.driver.stop(spec, state, min(self.settings.stop_grace_s, 5.0))
-        try:
-            state = await self.driver.launch(spec, state, self.api_key(engine))
-        except DriverError as exc:
-            registry.transition(engine, "boot_failed", exc.code.lower(), driver_state=state,
-                                failure_reason=_placement_reason(exc), url=None,
-                                next_restart_at=self._next_restart(engine))
-            raise
-        registry.update(engine, driver_state=state)
-        return await self._boot(engine, spec, state)
-
-    async def _boot(self, engine: Engine, spec: EngineSpec, state: State,
-                    timeout: float | None = None) -> Engine:
-        """Wait for health, then `ready`. With an explicit timeout (a resumed engine), a
-        failure is the caller's to handle; otherwise the engine becomes failed."""
-        started = time.perf_counter()
-        try:
-            state, url = await self.driver.wait_ready(spec, state, timeout or self.settings.boot_timeout_s)
-            metrics.BOOT_SECONDS.observe(time.perf_counter() - started)
-        except (BootTimeout, EngineCrashed) as exc:
-            if timeout is not None:
-                raise
-            reason = "boot_timeout" if isinstance(exc, BootTimeout) else "crashed"
-            state = await self.driver.stop(spec, exc.state or state, min(self.settings.stop_grace_s, 5.0))
-            registry.transition(engine, "boot_failed", reason, driver_state=state, url=None,
-                                failure_reason=reason, next_restart_at=self._next_restart(engine))
-            raise
-        return registry.transition(engine, "ready", driver_state=state, url=url, failure_reason=None)
-
-    async def _sleep(self, engine: Engine) -> None:
-        async with self.lease(engine) as engine:
-            if engine.status != states.RUNNING or self.settings.idle_sleep_s <= 0:
-                return
-            if self.idle_for(engine, time.time()) < self.settings.idle_sleep_s:
-                return
-            registry.transition(engine, "sleep", "idle")
-            spec = self.spec(engine)
-            if self.settings.sleep_mode == "pause":
-                await self.driver.pause(spec, engine.state)
-            else:
-                state = await self.driver.stop(spec, engine.state, self.settings.stop_grace_s)
-                registry.update(engine, driver_state=state, url=None)
-
-    async def _fail(self, seen: Engine, reason: str) -> None:
-        async with self.lease(seen) as engine:
-            # Only the incarnation that was seen failing: if the row moved on meanwhile (a
-            # restart already replaced the process), the observation is stale.
-            if engine.status != states.RUNNING or engine.version != seen.version:
-                return
-            state = await self.driver.stop(self.spec(engine), engine.state,
-                                           min(self.settings.stop_grace_s, 5.0))
-            registry.transition(engine, "fail", reason, failure_reason=reason, driver_state=state,
-                                url=None, next_restart_at=self._next_restart(engine))
-
-    async def _recover_op(self, engine: Engine) -> None:
-        async with self.lease(engine) as engine:
-            await self._settle(engine)
-
-    async def _settle(self, engine: Engine) -> Engine:
-        """With the lease held, a transient state means its operation died: finish it."""
-        spec = self.spec(engine)
-        if engine.pending_key_enc is not None:
-            engine = await self._settle_rotation(engine, spec)
-        if engine.status == states.DESTROYING:
-            await self.driver.destroy(spec, engine.state)
-            registry.delete_engine(engine, "destroyed", "recovered")
-            raise errors.engine_not_found(engine.user_id)
-        if engine.status == states.STOPPING:
-            state = await self.driver.stop(spec, engine.state, self.settings.stop_grace_s)
-            return registry.transition(engine, "stopped", "recovered", driver_state=state, url=None)
-        if engine.status not in (states.PROVISIONING, states.STARTING):
-            return engine
-        if not engine.state:  # died before the driver reported anything: roll back
-            await self._abandon(engine, spec, None)
-            raise errors.engine_not_found(engine.user_id)
-        if await self.driver.probe(spec, engine.state) == "healthy":
-            return await self._boot(engine, spec, engine.state)
-        state = await self.driver.stop(spec, engine.state, min(self.settings.stop_grace_s, 5.0))
-        return registry.transition(engine, "boot_failed", "interrupted", driver_state=state,
-                                   url=None, failure_reason="interrupted",
-                                   next_restart_at=self._next_restart(engine))
-
-    async def _settle_rotation(self, engine: Engine, spec: EngineSpec) -> Engine:
-        """A rotation died half-way: keep the new key if the engine took it, else the old."""
-        new = self.keys.decrypt(engine.pending_key_enc)
-        if engine.status == states.RUNNING and engine.url and \
-                await engine_http.accepts(self.http, engine.url, new):
-            return registry.update(engine, audit="rotate_key", reason="recovered",
-                                   key_enc=engine.pending_key_enc, pending_key_enc=None)
-        if engine.state:
-            await self.driver.set_key(spec, engine.state, self.api_key(engine))
-        return registry.update(engine, audit="rotate_key_rolled_back", reason="recovered",
-                               pending_key_enc=None)
-
-    async def _abandon(self, engine: Engine, spec: EngineSpec, exc: DriverError | None) -> None:
-        """Remove an engine that never ran; if the driver cannot, leave it failed for later."""
-        try:
-            await self.driver.destroy(spec, engine.state)
-        except DriverError:
-            registry.transition(engine, "boot_failed", "abandoned", failure_reason="abandoned")
-            return
-        registry.delete_engine(engine, "provision_failed", exc.code.lower() if exc else "interrupted")
-
-    async def _wait_gone(self, engine: Engine) -> None:
-        deadline = time.monotonic() + self._lease_wait()
-        while registry.reload(engine) is not None:
-            if time.monotonic() > deadline:
-                raise errors.busy(engine.user_id)
-            await asyncio.sleep(0.05)
-
-    async def _run(self, key: tuple[int, str], op: str, fn: Callable[[], Awaitable[T]]) -> T:
-        """Single-flight `fn`, timed once per real run (joiners share it)."""
-        async def timed() -> T:
-            started = time.perf_counter()
-            outcome = "error"
-            try:
-                result = await fn()
-                outcome = "ok"
-                return result
-            finally:
-                elapsed = time.perf_counter() - started
-                metrics.OPERATION_SECONDS.labels(op, outcome).observe(elapsed)
-                log.info("operation", extra={"operation": op, "user_id": key[1],
-                                             "outcome": outcome, "duration_ms": round(elapsed * 1000, 3)})
-
-        return await self.flights.run(key, op, timed)
-
-    # ---- leases ------------------------------------------------------------------------------
-
-    @asynccontextmanager
-    async def lease(self, engine: Engine) -> AsyncIterator[Engine]:
-        """Hold the row's lease (waiting while another replica holds it), then re-read it."""
-        deadline = time.monotonic() + self._lease_wait()
-        while not registry.acquire_lease(engine, self.owner, self.settings.lease_s):
-            if registry.reload(engine) is None:
-                raise errors.engine_not_found(engine.user_id)
-            if time.monotonic() > deadline:
-                raise errors.busy(engine.user_id)
-            await asyncio.sleep(0.05)
-        fresh = registry.reload(engine)
-        if fresh is None:
-            raise errors.engine_not_found(engine.user_id)
-        async with self._renewing(fresh):
-            yield fresh
-
-    @asynccontextmanager
-    async def _renewing(self, engine: Engine) -> AsyncIterator[None]:
-        async def renew() -> None:
-            while True:
-                await asyncio.sleep(self.settings.lease_s / 3)
-                registry.acquire_lease(engine, self.owner, self.settings.lease_s)
-
-        task = asyncio.create_task(renew())
-        try:
-            yield
-        finally:
-            task.cancel()
-            registry.release_lease(engine.id, self.owner)
-
-    def _lease_wait(self) -> float:
-        return self.settings.boot_timeout_s + self.settings.stop_grace_s + 2 * self.settings.lease_s
-
-    def _next_restart(self, engine: Engine) -> float:
-        backoff = self.settings.restart_backoff_s * (2 ** min(engine.restarts, 6))
-        return time.time() + backoff
-
-    def _product_name(self, engine: Engine) -> str:
-        product_id = engine.__data__["product"]
-        name = self._product_names.get(product_id)
-        if name is None:
-            name = self._product_names[product_id] = registry.Product.get_by_id(product_id).name
-        return name
+    def api_key(self, row: EngineRow) -> str:
+        return self.ops.api_key(row)
 
 
-def _key(engine: Engine) -> tuple[int, str]:
-    return (engine.__data__["product"], engine.user_id)
-
-
-def _placement_reason(exc: DriverError) -> str:
-    return {"PORT_EXHAUSTION": "port_exhausted"}.get(exc.code, "placement_failed")
+async def _unchanged(row: EngineRow) -> EngineRow:
+    return row

@@ -11,6 +11,8 @@ import time
 
 import orjson
 
+from app import registry
+
 _LINE = orjson.OPT_APPEND_NEWLINE
 KEY_SHAPE = re.compile(r"(orch_pk_|eng_)[A-Za-z0-9_-]{8,}")
 FIELDS = ("request_id", "product", "user_id", "engine", "operation", "event", "from", "to",
@@ -70,3 +72,17 @@ class AccessLog:
             lines, self._buffer = self._buffer, bytearray()
             sys.stderr.buffer.write(lines)
             sys.stderr.flush()
+
+
+_transitions = logging.getLogger("orch.transitions")
+
+
+def _log_transition(change: registry.Transition) -> None:
+    """One line per state change, written at once (not buffered like request lines)."""
+    _transitions.info("transition", extra={
+        "engine": change.engine, "user_id": change.user_id, "event": change.event,
+        "from": change.from_status, "to": change.to_status, "reason": change.reason,
+        "request_id": change.request_id})
+
+
+registry.subscribe(_log_transition)

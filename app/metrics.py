@@ -15,6 +15,8 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
+from app import registry, states
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -80,7 +82,7 @@ class PerRequest(Collector):
         yield requests
         admits = HistogramMetricFamily("orch_admit_seconds", "Time to answer /admit",
                                        labels=["outcome"])
-        bounds = [floatToGoString(b) for b in self.BUCKETS] + ["+Inf"]
+        bounds = [floatToGoString(b) for b in self.BUCKETS] + ["+Inf"]  # type: ignore[no-untyped-call]
         for outcome, (counts, total, created) in list(self.admits.items()):
             cumulative, running = [], 0
             for bound, n in zip(bounds, counts):
@@ -99,8 +101,6 @@ REGISTRY.register(PER_REQUEST)
 
 class EngineStates(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        from app import registry
-
         family = GaugeMetricFamily("orch_engines", "Engines by product and state",
                                    labels=["product", "state"])
         try:
@@ -113,6 +113,15 @@ class EngineStates(Collector):
 
 
 REGISTRY.register(EngineStates())
+
+
+def _count_transition(change: registry.Transition) -> None:
+    TRANSITIONS.labels(change.event, change.to_status or "gone").inc()
+    if change.to_status == states.FAILED and change.from_status != states.FAILED:
+        FAILURES.labels(change.reason or "unknown").inc()
+
+
+registry.subscribe(_count_transition)
 
 
 def exposition() -> bytes:

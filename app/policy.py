@@ -18,8 +18,7 @@ from __future__ import annotations
 import math
 import time
 
-from app import registry
-from app.registry import RateLimit
+from app.registry import limits
 
 RESERVE_S = 0.02  # how long reserved slots stay spendable
 MAX_BATCH = 64
@@ -61,16 +60,15 @@ class Limiter:
 
 def admit_retry_after(product_id: int, rpm: int, now: float) -> int | None:
     """One slot: None when the admit is allowed (and counted), else the seconds to wait."""
-    interval, tolerance = _gcra(rpm)
+    _, tolerance = _gcra(rpm)
     wait = 0.0
     for _ in range(3):
         if _take(product_id, now, rpm, 1):
             return None
-        row = RateLimit.get_or_none(RateLimit.product_id == product_id)
-        if row is None:  # the product's first admit: make its row, then take again
-            RateLimit.insert(product_id=product_id, tat=0.0).on_conflict_ignore().execute()
+        tat = limits.tat(product_id)
+        if tat is None:  # the product's first admit: its row was just made; take again
             continue
-        wait = row.tat - tolerance - now
+        wait = tat - tolerance - now
         if wait > 0:
             return max(1, math.ceil(wait))
         # Room after all: the row appeared (another replica made it) after our UPDATE ran.
@@ -85,13 +83,8 @@ def _gcra(rpm: int) -> tuple[float, float]:
 def _take(product_id: int, now: float, rpm: int, slots: int) -> bool:
     """Take `slots` consecutive slots, all or none, in one conditional UPDATE."""
     interval, tolerance = _gcra(rpm)
-    sql, _ = registry.hot_sql("gcra_take", lambda p: (
-        f'UPDATE "rate_limit" SET "tat" = (CASE WHEN "tat" > {p} THEN "tat" ELSE {p} END) + {p} '
-        f'WHERE "product_id" = {p} AND "tat" <= {p}'))
-    latest = now + tolerance - (slots - 1) * interval
-    cursor = registry.execute_hot(sql, (now, now, slots * interval, product_id, latest))
-    return cursor.rowcount == 1
+    return limits.take(product_id, now, slots * interval, now + tolerance - (slots - 1) * interval)
 
 
 def reset(product_id: int) -> None:
-    RateLimit.delete().where(RateLimit.product_id == product_id).execute()
+    limits.reset(product_id)

@@ -1,19 +1,18 @@
-"""Products: tenants with a platform key, an engine quota and an admit rate limit."""
+"""Products: tenants with a platform key, an engine quota and an admit rate limit. The rules
+(names, limits, keys) live here; the rows are written by the registry."""
 
 from __future__ import annotations
 
-import time
+from typing import Any
 
-import peewee as pw
-
-from app import crypto, naming, policy, registry
-from app.registry import Engine, Product
+from app import crypto, errors, naming, registry
+from app.registry import Product
 
 DEFAULT_MAX_ENGINES = 100
 DEFAULT_RATE_LIMIT_RPM = 600
 
 
-class ProductError(ValueError):
+class ProductError(errors.InvalidRequest, ValueError):
     pass
 
 
@@ -25,9 +24,8 @@ def create(name: str, max_engines: int = DEFAULT_MAX_ENGINES,
     _check_limits(max_engines, rate_limit_rpm)
     key = crypto.new_platform_key()
     try:
-        product = Product.create(name=name, key_hash=crypto.hash_key(key), max_engines=max_engines,
-                                 rate_limit_rpm=rate_limit_rpm, created_at=time.time())
-    except pw.IntegrityError:
+        product = registry.create_product(name, crypto.hash_key(key), max_engines, rate_limit_rpm)
+    except registry.ProductExists:
         raise ProductError(f"product {name!r} already exists") from None
     return product, key
 
@@ -43,36 +41,25 @@ def update(name: str, max_engines: int | None = None, rate_limit_rpm: int | None
     product = get(name)
     _check_limits(max_engines if max_engines is not None else product.max_engines,
                   rate_limit_rpm if rate_limit_rpm is not None else product.rate_limit_rpm)
-    if max_engines is not None:
-        product.max_engines = max_engines
-    if rate_limit_rpm is not None:
-        product.rate_limit_rpm = rate_limit_rpm
-        policy.reset(product.id)
-    product.save()
-    return product
+    return registry.update_product(product, max_engines, rate_limit_rpm)
 
 
 def rotate_key(name: str) -> tuple[Product, str]:
-    product = get(name)
     key = crypto.new_platform_key()
-    product.key_hash = crypto.hash_key(key)
-    product.save()
-    return product, key
+    return registry.set_product_key(get(name), crypto.hash_key(key)), key
 
 
 def delete(name: str) -> None:
-    product = get(name)
-    count = Engine.select().where(Engine.product == product.id).count()
-    if count:
-        raise ProductError(f"product {name!r} still has {count} engines; destroy them first")
-    policy.reset(product.id)
-    product.delete_instance()
+    try:
+        registry.delete_product(get(name))
+    except registry.ProductInUse as exc:
+        raise ProductError(f"product {name!r} still has {exc.engines} engines; destroy them first") \
+            from None
 
 
-def as_json(product: Product) -> dict:
-    engines = Engine.select().where(Engine.product == product.id).count()
+def as_json(product: Product) -> dict[str, Any]:
     return {"name": product.name, "max_engines": product.max_engines,
-            "rate_limit_rpm": product.rate_limit_rpm, "engines": engines}
+            "rate_limit_rpm": product.rate_limit_rpm, "engines": registry.engine_count(product.id)}
 
 
 def _check_limits(max_engines: int, rate_limit_rpm: int) -> None:

@@ -16,10 +16,10 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
-from app import registry, states
-from app.drivers.base import DriverError, EngineSpec
+from app import errors, registry, states
+from app.errors import DriverError
 from app.lifecycle import Lifecycle
-from app.registry import Engine
+from app.registry import EngineRow
 
 log = logging.getLogger("orch.reconciler")
 
@@ -56,7 +56,7 @@ class Reconciler:
         counts["probed"] = len(running)
         semaphore = asyncio.Semaphore(PROBE_CONCURRENCY)
 
-        async def check(engine: Engine) -> None:
+        async def check(engine: EngineRow) -> None:
             async with semaphore:
                 await self._check_running(engine, now)
 
@@ -72,10 +72,10 @@ class Reconciler:
             await asyncio.gather(*list(self._inflight), return_exceptions=True)
         return counts
 
-    async def _check_running(self, engine: Engine, now: float) -> None:
+    async def _check_running(self, engine: EngineRow, now: float) -> None:
         lifecycle = self.lifecycle
         try:
-            probe = await lifecycle.driver.probe(lifecycle.spec(engine), engine.state)
+            probe = await lifecycle.probe(engine)
         except DriverError as exc:
             # The scheduler is away: no news is not bad news. Judge the engine when it is back.
             log.debug("probe of %s skipped: %s", engine.name, exc)
@@ -83,8 +83,9 @@ class Reconciler:
         if probe == "healthy":
             self._unhealthy_since.pop(engine.id, None)
             if engine.restarts and now - engine.status_since > STABLE_AFTER_S:
-                _quietly(registry.update, engine, restarts=0)
-            if self.settings.idle_sleep_s > 0 and lifecycle.idle_for(engine, now) >= self.settings.idle_sleep_s:
+                self._spawn(lifecycle.reset_restarts(engine))
+            idle = self.settings.idle_sleep_s
+            if idle > 0 and lifecycle.idle_for(engine, now) >= idle:
                 self._spawn(lifecycle.sleep_if_idle(engine))
         elif probe == "dead":
             self._spawn(lifecycle.fail(engine, "crashed"))
@@ -103,22 +104,19 @@ class Reconciler:
             return
         self._last_sweep = now
         try:
-            found = await self.lifecycle.driver.list_names()
+            orphans = await self.lifecycle.orphan_names()
         except DriverError as exc:
             log.warning("orphan sweep skipped: %s", exc)
             return
-        known = registry.known_names(found)
         for name in list(self._orphan_since):
-            if name not in found or name in known:
+            if name not in orphans:
                 del self._orphan_since[name]
-        for name in found - known:
+        for name in orphans:
             first = self._orphan_since.setdefault(name, now)
             if now - first >= 4 * self.settings.lease_s:
                 del self._orphan_since[name]
                 log.warning("removing orphaned engine resources %s", name)
-                registry.Event.create(product_id=0, user_id="", engine_name=name, at=now,
-                                      event="orphan_removed", reason="no registry row")
-                self._spawn(self.lifecycle.driver.destroy(EngineSpec(name, "", "", ""), None))
+                self._spawn(self.lifecycle.remove_orphan(name))
 
     def _spawn(self, work: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(work)
@@ -127,12 +125,8 @@ class Reconciler:
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._inflight.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.info("repair did not complete: %s", task.exception())
-
-
-def _quietly(fn: Any, *args: Any, **kwargs: Any) -> None:
-    try:
-        fn(*args, **kwargs)
-    except registry.Conflict:
-        pass  # someone changed the row first; the next pass sees the new one
+        error = None if task.cancelled() else task.exception()
+        if isinstance(error, (errors.Busy, errors.EngineNotFound)):
+            return  # another operation has the engine, or it is gone: the next pass looks again
+        if error is not None:
+            log.info("repair did not complete: %s", error)

@@ -6,6 +6,12 @@ compare-and-set on the engine's row plus one audit event (see registry.transitio
 
 from __future__ import annotations
 
+import itertools
+
+from app.errors import IllegalTransition
+
+__all__ = ["STATES", "TABLE", "TRANSIENT", "IllegalTransition", "allowed", "is_valid_path", "next_state"]
+
 PROVISIONING = "provisioning"
 STARTING = "starting"
 RUNNING = "running"
@@ -35,12 +41,6 @@ TABLE: dict[str, tuple[frozenset[str | None], str]] = {
 TRANSIENT = frozenset({PROVISIONING, STARTING, STOPPING, DESTROYING})
 
 
-class IllegalTransition(Exception):
-    def __init__(self, event: str, state: str | None):
-        super().__init__(f"cannot {event} an engine that is {state}")
-        self.event, self.state = event, state
-
-
 def next_state(state: str | None, event: str) -> str:
     sources, target = TABLE[event]
     if state not in sources:
@@ -55,4 +55,4 @@ def allowed(state: str | None, event: str) -> bool:
 def is_valid_path(states: list[str | None]) -> bool:
     """Whether a sequence of states (oldest first) only ever moves along the table."""
     targets = {(src, dst) for sources, dst in TABLE.values() for src in sources}
-    return all((a, b) in targets for a, b in zip(states, states[1:]))
+    return all((a, b) in targets for a, b in itertools.pairwise(states))

@@ -10,9 +10,22 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-State = dict  # driver-private, JSON-serialisable
+# Drivers raise domain errors (app.errors); re-exported here under the names drivers use.
+from app.errors import (
+    BootTimeout,
+    CapacityExhausted,
+    DriverError,
+    EngineCrashed,
+    PortExhausted,
+    SchedulerUnavailable,
+)
+
+__all__ = ["BootTimeout", "CapacityExhausted", "Driver", "DriverError", "EngineCrashed", "EngineSpec",
+           "PortExhausted", "Probe", "SchedulerUnavailable", "State"]
+
+State = dict[str, Any]  # driver-private, JSON-serialisable
 Probe = Literal["healthy", "unhealthy", "paused", "dead"]
 
 
@@ -22,39 +35,6 @@ class EngineSpec:
     product: str
     user_id: str
     version: str  # engine_version: the image (nomad) or the ENGINE_VERSION (local)
-
-
-class DriverError(Exception):
-    """A failure the API reports with its own status and code."""
-
-    status = 503
-    code = "SCHEDULER_UNAVAILABLE"
-
-    def __init__(self, message: str, state: State | None = None):
-        super().__init__(message)
-        self.state = state  # what was left running, when anything was (None: nothing)
-
-
-class PortExhausted(DriverError):
-    code = "PORT_EXHAUSTION"
-
-
-class CapacityExhausted(DriverError):
-    code = "CAPACITY_EXHAUSTED"
-
-
-class SchedulerUnavailable(DriverError):
-    code = "SCHEDULER_UNAVAILABLE"
-
-
-class BootTimeout(DriverError):
-    status, code = 504, "BOOT_TIMEOUT"
-
-
-class EngineCrashed(DriverError):
-    """The engine's process or task ended while it was booting."""
-
-    status, code = 504, "BOOT_TIMEOUT"
 
 
 class Driver(abc.ABC):
@@ -107,8 +87,8 @@ class Driver(abc.ABC):
     async def list_names(self) -> set[str]:
         """Names of every engine this driver holds resources for (for the reconciler)."""
 
-    async def ping(self) -> None:
+    async def ping(self) -> None:  # noqa: B027 - optional: a driver with no backend has nothing to ping
         """Raise SchedulerUnavailable when the backend cannot be reached."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional: nothing to release by default
         """Release connections; engines keep running."""

@@ -17,13 +17,11 @@ import socket
 import time
 from pathlib import Path
 
-import peewee as pw
-
 from app import engine_http
 from app.config import Settings
 from app.drivers import _process
 from app.drivers.base import BootTimeout, Driver, EngineCrashed, EngineSpec, PortExhausted, Probe, State
-from app.registry import PortLease, db
+from app.registry import ports
 
 _APP_ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -114,7 +112,7 @@ class LocalDriver(Driver):
         brain, run = self._dirs(spec)
         shutil.rmtree(brain, ignore_errors=True)
         shutil.rmtree(run, ignore_errors=True)
-        PortLease.delete().where(PortLease.engine_name == spec.name).execute()
+        ports.release_all(spec.name)
 
     async def probe(self, spec: EngineSpec, state: State) -> Probe:
         status = self._status(state) if state.get("pid") else "dead"
@@ -127,7 +125,7 @@ class LocalDriver(Driver):
 
     async def list_names(self) -> set[str]:
         names = {p.name for p in self.brain_root.iterdir()} if self.brain_root.exists() else set()
-        names |= {lease.engine_name for lease in PortLease.select()}
+        names |= ports.holders()
         # Reading every process's environ is a scan of /proc: off the event loop, which keeps
         # answering admits meanwhile.
         names |= set(await asyncio.to_thread(_process.engines_under, self.brain_root))
@@ -167,21 +165,14 @@ class LocalDriver(Driver):
 
     def _reserve_port(self, name: str) -> int:
         low, high = self.settings.port_range
-        taken = {lease.port for lease in PortLease.select(PortLease.port)}
-        for port in range(low, high + 1):
-            if port in taken or not _bindable(port):
-                continue
-            try:
-                with db.atomic():
-                    PortLease.create(port=port, engine_name=name)
-                return port
-            except pw.IntegrityError:
-                continue  # another replica took it between our read and our insert
-        raise PortExhausted(f"no free port in ORCH_PORT_RANGE {low}-{high}")
+        port = ports.reserve(name, low, high, _bindable)
+        if port is None:
+            raise PortExhausted(f"no free port in ORCH_PORT_RANGE {low}-{high}")
+        return port
 
     def _move_port(self, name: str, old: int) -> int:
         port = self._reserve_port(name)
-        PortLease.delete().where(PortLease.port == old).execute()
+        ports.give_back(old)
         return port
 
 

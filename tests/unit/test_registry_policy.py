@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from app import policy, products, registry, states
+from app import errors, policy, products, registry, states
 from app.flights import Flights
 
 
@@ -30,9 +30,9 @@ def test_transition_is_compare_and_set(db) -> None:
     product, _ = products.create("p")
     engine = registry.insert_engine(product.id, "u", "e-p-u", "v1", "enc", "me", 10)
     stale = registry.reload(engine)
-    registry.transition(engine, "ready", url="http://x")
+    engine = registry.transition(engine, "ready", url="http://x")
     assert engine.status == states.RUNNING
-    with pytest.raises(registry.Conflict):
+    with pytest.raises(errors.Conflict):
         registry.transition(stale, "boot_failed", "late")  # read before the change: loses
     assert registry.reload(engine).status == states.RUNNING
     events = [(e.event, e.from_status, e.to_status) for e in registry.events_for(product.id, "u")]
@@ -44,17 +44,17 @@ def test_illegal_transition_changes_nothing(db) -> None:
     engine = registry.insert_engine(product.id, "u", "e-p-u", "v1", "enc", "me", 10)
     with pytest.raises(states.IllegalTransition):
         registry.transition(engine, "sleep")
-    assert registry.reload(engine).version == engine.version
+    assert registry.reload(engine).row_version == engine.row_version
     assert len(registry.events_for(product.id)) == 1
 
 
 def test_quota_and_uniqueness(db) -> None:
     product, _ = products.create("p", max_engines=2)
     registry.insert_engine(product.id, "a", "e-a", "v", "k", "me", 10)
-    with pytest.raises(registry.AlreadyExists):
+    with pytest.raises(errors.AlreadyExists):
         registry.insert_engine(product.id, "a", "e-a2", "v", "k", "me", 10)
     registry.insert_engine(product.id, "b", "e-b", "v", "k", "me", 10)
-    with pytest.raises(registry.QuotaExceeded):
+    with pytest.raises(errors.QuotaExceeded):
         registry.insert_engine(product.id, "c", "e-c", "v", "k", "me", 10)
 
 
@@ -64,15 +64,15 @@ def test_quota_holds_across_threads(db, tmp_path: Path) -> None:
     results: list[str] = []
 
     def worker(i: int) -> None:
-        for attempt in range(50):
+        for _attempt in range(50):
             try:
                 registry.insert_engine(product.id, f"u{i}", f"e-u{i}", "v", "k", "me", 10)
                 results.append("ok")
                 return
-            except registry.QuotaExceeded:
+            except errors.QuotaExceeded:
                 results.append("quota")
                 return
-            except Exception:  # noqa: BLE001 - a busy database: try again
+            except Exception:
                 time.sleep(0.01)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(20)]
@@ -89,7 +89,7 @@ def test_lease_is_exclusive_until_it_expires(db) -> None:
     engine = registry.insert_engine(product.id, "u", "e", "v", "k", "a", 0.2)
     assert not registry.acquire_lease(engine, "b", 10)
     assert registry.acquire_lease(engine, "a", 10)  # the holder may renew
-    registry.release_lease(engine.id, "a")
+    registry.release_lease(engine, "a")
     assert registry.acquire_lease(engine, "b", 0.05)
     time.sleep(0.06)
     assert registry.acquire_lease(engine, "a", 10)  # expired: taken over
@@ -135,7 +135,7 @@ def test_flights_coalesce_same_op_and_serialise_others() -> None:
 def test_writes_never_checkpoint_and_checkpoint_copies_the_wal(db, tmp_path: Path) -> None:
     """Autocheckpoint is off on the registry's connection (its fsync would stall the event
     loop); registry.checkpoint(), which the reconciler runs from a thread, does it instead."""
-    if not isinstance(db, registry.pw.SqliteDatabase):
+    if not registry.is_sqlite():
         pytest.skip("SQLite's WAL only")
     product, _ = products.create("p")
     engine = registry.insert_engine(product.id, "u", "e-p-u", "v", "x", "me", 1)
@@ -162,3 +162,56 @@ def _main_file_value(tmp_path: Path) -> object:
         return None
     finally:
         conn.close()
+
+
+def test_product_ids_are_never_reused(db) -> None:
+    """Issue 12: a product made after another was deleted never sees its audit trail."""
+    old, _ = products.create("tmp-x")
+    engine = registry.insert_engine(old.id, "secret-user", "e-x", "v", "k", "me", 10)
+    engine = registry.transition(engine, "destroy", "destroy")
+    registry.delete_engine(engine)
+    assert registry.events_for(old.id, "secret-user")
+    products.delete("tmp-x")
+    new, _ = products.create("tmp-y")
+    assert new.id != old.id
+    assert registry.events_for(new.id, "secret-user") == []
+    assert registry.events_for(new.id) == []
+
+
+def test_a_database_from_before_keeps_its_ids_and_gets_row_version(tmp_path: Path) -> None:
+    """Migration: `version` becomes `row_version`, and ids used by deleted products (known
+    only from their events) are not handed out again."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript("""
+        CREATE TABLE product (id INTEGER NOT NULL PRIMARY KEY, name VARCHAR(32) NOT NULL,
+            key_hash VARCHAR(64) NOT NULL, max_engines INTEGER NOT NULL,
+            rate_limit_rpm INTEGER NOT NULL, created_at REAL NOT NULL);
+        CREATE TABLE engine (id INTEGER NOT NULL PRIMARY KEY, product_id INTEGER NOT NULL,
+            user_id VARCHAR(128) NOT NULL, name VARCHAR(63) NOT NULL, status VARCHAR(16) NOT NULL,
+            version INTEGER NOT NULL, engine_version VARCHAR(256) NOT NULL, url VARCHAR(256),
+            key_enc TEXT NOT NULL, pending_key_enc TEXT, driver_state TEXT NOT NULL,
+            restarts INTEGER NOT NULL, failure_reason VARCHAR(64), next_restart_at REAL,
+            created_at REAL NOT NULL, updated_at REAL NOT NULL, status_since REAL NOT NULL,
+            last_admit_at REAL, lease_owner VARCHAR(64), lease_until REAL);
+        CREATE TABLE event (id INTEGER NOT NULL PRIMARY KEY, product_id INTEGER NOT NULL,
+            user_id VARCHAR(128) NOT NULL, engine_name VARCHAR(63) NOT NULL, at REAL NOT NULL,
+            event VARCHAR(32) NOT NULL, from_status VARCHAR(16), to_status VARCHAR(16),
+            reason VARCHAR(256), request_id VARCHAR(128));
+        INSERT INTO product VALUES (1, 'kept', 'h1', 5, 60, 0);
+        INSERT INTO engine VALUES (1, 1, 'u', 'e-kept-u', 'running', 7, 'v', NULL, 'k', NULL,
+            '{}', 0, NULL, NULL, 1.0, 1.0, 1.0, NULL, NULL, NULL);
+        INSERT INTO event VALUES (1, 2, 'secret-user', 'e-gone', 1.0, 'destroyed', 'destroying',
+            NULL, NULL, NULL);
+    """)
+    conn.close()
+    database = registry.connect(f"sqlite:///{path}")
+    try:
+        row = registry.find_engine(1, "u")
+        assert row is not None and row.row_version == 7
+        product, _ = products.create("fresh")
+        assert product.id == 3  # 2 was a deleted product's: its events stay its own
+    finally:
+        database.close()

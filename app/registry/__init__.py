@@ -1,0 +1,68 @@
+"""The registry: the database and the only code that writes it.
+
+Products, engines, audit events, rate-limit slots and the local driver's port leases are
+written here and nowhere else. Modules:
+- models: the tables;  db: connecting, migrating, transactions, the hot path's SQL;
+- engines: the typed `EngineRow`, compare-and-set transitions, leases;
+- events: the audit log and the transitions published to subscribers (metrics, logs);
+- products, limits (rate-limit slots), ports (the local driver's port pool).
+"""
+
+from __future__ import annotations
+
+from app.errors import AlreadyExists, Conflict, QuotaExceeded
+from app.registry import limits, ports
+from app.registry.db import checkpoint, connect, execute_hot, hot_sql, is_sqlite, request_id_var, write_lock
+from app.registry.engines import (
+    HOT_COLUMNS,
+    EngineRow,
+    acquire_lease,
+    delete_engine,
+    engine_counts,
+    engines_in,
+    find_engine,
+    find_engine_hot,
+    insert_engine,
+    known_names,
+    list_engines,
+    needing_recovery,
+    release_lease,
+    reload,
+    touch_admit,
+    transition,
+    update,
+)
+from app.registry.events import (
+    Transition,
+    events_for,
+    publish,
+    recent_events,
+    record_orphan_removed,
+    subscribe,
+)
+from app.registry.models import Engine, Event, IdCounter, PortLease, Product, RateLimit, db
+from app.registry.products import (
+    ProductExists,
+    ProductInUse,
+    all_products,
+    create_product,
+    delete_product,
+    engine_count,
+    product_by_key_hash,
+    product_by_name,
+    product_name,
+    set_product_key,
+    update_product,
+)
+
+__all__ = [
+    "HOT_COLUMNS", "AlreadyExists", "Conflict", "Engine", "EngineRow", "Event", "IdCounter",
+    "PortLease", "Product", "ProductExists", "ProductInUse", "QuotaExceeded", "RateLimit",
+    "Transition", "acquire_lease", "all_products", "checkpoint", "connect", "create_product", "db",
+    "delete_engine", "delete_product", "engine_count", "engine_counts", "engines_in", "events_for",
+    "execute_hot", "find_engine", "find_engine_hot", "hot_sql", "insert_engine", "is_sqlite",
+    "known_names", "limits", "list_engines", "needing_recovery", "ports", "product_by_key_hash",
+    "product_by_name", "product_name", "publish", "recent_events", "record_orphan_removed",
+    "release_lease", "reload", "request_id_var", "set_product_key", "subscribe", "touch_admit",
+    "transition", "update", "update_product", "write_lock",
+]

@@ -1,0 +1,136 @@
+"""The connection: opening it, migrating old databases, transactions, and the hot path's
+precompiled SQL.
+
+Nothing awaits inside a transaction: registry functions are synchronous and short, so the one
+connection the event loop uses is never shared by two coroutines mid-transaction.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import peewee as pw
+from playhouse.shortcuts import ReconnectMixin
+
+from app.registry.models import MODELS, Event, IdCounter, Product, RateLimit, db
+
+# Set by the API for each request, so audit events name the request that caused them.
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+
+
+def connect(url: str, timeout: float = 5.0) -> pw.Database:
+    database: pw.Database
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///"):])
+        if str(path) not in ("", ":memory:"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        database = pw.SqliteDatabase(
+            str(path),
+            # No autocheckpoint: the write that crossed its threshold would copy the WAL and
+            # fsync on the event loop (2-25 ms, every few seconds under load). The reconciler
+            # calls checkpoint() from a thread instead.
+            pragmas={"journal_mode": "wal", "synchronous": "normal", "foreign_keys": 1,
+                     "busy_timeout": int(timeout * 1000), "wal_autocheckpoint": 0},
+            timeout=timeout,
+        )
+    else:
+        database = _postgres(url.replace("postgres://", "postgresql://", 1), timeout)
+    db.initialize(database)
+    database.connect(reuse_if_open=True)
+    _migrate(database)
+    database.create_tables(MODELS, safe=True)
+    _seed_product_ids()
+    return database
+
+
+def _migrate(database: pw.Database) -> None:
+    """Bring a database made by an older version up to date (idempotent)."""
+    if "engine" in database.get_tables():
+        columns = {c.name for c in database.get_columns("engine")}
+        if "version" in columns and "row_version" not in columns:  # issue 9's rename
+            database.execute_sql('ALTER TABLE "engine" RENAME COLUMN "version" TO "row_version"')
+
+
+def _seed_product_ids() -> None:
+    """Issue 12: start the product id counter past every id ever used, including those of
+    deleted products that only their audit events and rate-limit rows remember."""
+    with write_lock():
+        if IdCounter.get_or_none(IdCounter.name == "product") is not None:
+            return
+        used = max(Product.select(pw.fn.MAX(Product.id)).scalar() or 0,
+                   Event.select(pw.fn.MAX(Event.product_id)).scalar() or 0,
+                   RateLimit.select(pw.fn.MAX(RateLimit.product_id)).scalar() or 0)
+        IdCounter.insert(name="product", value=used).on_conflict_ignore().execute()
+
+
+class _ReconnectingPostgres(ReconnectMixin, pw.PostgresqlDatabase):  # type: ignore[misc]
+    """Reconnects once when the server went away between two queries (a restart, a failover)."""
+
+
+def _postgres(url: str, timeout: float) -> pw.Database:
+    parsed = urlparse(url)
+    ms = int(timeout * 1000)
+    database: pw.Database = _ReconnectingPostgres(  # type: ignore[no-untyped-call]
+        parsed.path.lstrip("/") or "postgres", user=unquote(parsed.username or "") or None,
+        password=unquote(parsed.password or "") or None, host=parsed.hostname or None,
+        port=parsed.port or None, connect_timeout=max(1, int(timeout)),
+        # Waiting on a lock is bounded like SQLite's busy timeout: 503, not a hung request.
+        options=f"-c lock_timeout={ms} -c statement_timeout={ms * 2}")
+    return database
+
+
+def write_lock() -> Any:
+    """A transaction that serialises writers: IMMEDIATE on SQLite (PostgreSQL locks rows)."""
+    if isinstance(db.obj, pw.SqliteDatabase):
+        return db.atomic("IMMEDIATE")
+    return db.atomic()
+
+
+def is_sqlite() -> bool:
+    return isinstance(db.obj, pw.SqliteDatabase)
+
+
+def checkpoint() -> None:
+    """Copy SQLite's WAL into the database file, on a connection of its own (call it from a
+    thread: it ends with an fsync). PASSIVE: it never waits for, or blocks, a writer."""
+    database = db.obj
+    if isinstance(database, pw.SqliteDatabase) and database.database != ":memory:":
+        conn = sqlite3.connect(database.database, timeout=1.0)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            conn.close()
+
+
+# ---- the hot path's SQL ------------------------------------------------------------------------
+
+_exception_wrapper = pw.__exception_wrapper__  # type: ignore[attr-defined]  # sqlite3 errors -> peewee's
+_HOT: dict[tuple[str, int], str] = {}
+
+
+def execute_hot(sql: str, params: tuple[Any, ...]) -> Any:
+    """db.execute_sql minus peewee's per-call layers (proxy, logging, hooks) where that is all
+    it does: an open SQLite connection in autocommit (peewee opens transactions explicitly),
+    same statement, same error translation. PostgreSQL (reconnects) and the rest take
+    execute_sql itself."""
+    database = db.obj
+    if type(database) is pw.SqliteDatabase and not database._state.closed \
+            and not getattr(database, "query_hooks", None):  # type: ignore[attr-defined]
+        with _exception_wrapper:
+            return database._state.conn.execute(sql, params)  # type: ignore[attr-defined]
+    return database.execute_sql(sql, params)
+
+
+def hot_sql(name: str, build: Callable[[str], str]) -> str:
+    """SQL written once per database instead of built by the query builder on every call
+    (building it cost more than running it). `build` gets the parameter placeholder."""
+    key = (name, id(db.obj))
+    sql = _HOT.get(key)
+    if sql is None:
+        sql = _HOT[key] = build(db.obj.param)
+    return sql

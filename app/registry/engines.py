@@ -1,0 +1,259 @@
+"""Engine rows: the typed row operations pass around, and every write to the engine table.
+
+Every change of an engine's state is one compare-and-set on (id, created_at, row_version,
+status) plus one audit event, in one transaction (`transition`). Timestamps are float epoch
+seconds, compared and stored the same way on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import peewee as pw
+
+from app import errors, states
+from app.registry.db import execute_hot, hot_sql, write_lock
+from app.registry.events import Transition, audit, publish
+from app.registry.models import ENGINE_COLUMNS, Engine, Product
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRow:
+    """One engine row as read; operations return the next one rather than mutating this."""
+
+    id: int
+    product_id: int
+    user_id: str
+    name: str
+    status: str
+    row_version: int
+    engine_version: str
+    url: str | None
+    key_enc: str
+    pending_key_enc: str | None
+    driver_state: dict[str, Any]
+    restarts: int
+    failure_reason: str | None
+    next_restart_at: float | None
+    created_at: float
+    updated_at: float
+    status_since: float
+    last_admit_at: float | None
+    lease_owner: str | None
+    lease_until: float | None
+
+    @property
+    def key(self) -> tuple[int, str]:
+        """What identifies the engine across incarnations: (product id, user id)."""
+        return (self.product_id, self.user_id)
+
+
+# Column order of ENGINE_COLUMNS -> EngineRow fields ("product_id" is the column of `product`).
+_FIELDS = tuple(f.name for f in dataclasses.fields(EngineRow))
+assert set(ENGINE_COLUMNS) == set(_FIELDS), "EngineRow and the engine table differ"
+
+
+def _row(values: tuple[Any, ...]) -> EngineRow:
+    data = dict(zip(ENGINE_COLUMNS, values))
+    data["driver_state"] = json.loads(data["driver_state"] or "{}")
+    return EngineRow(**data)
+
+
+_SELECT = 'SELECT {} FROM "engine"'.format(", ".join(f'"{c}"' for c in ENGINE_COLUMNS))
+
+
+def find_engine(product_id: int, user_id: str) -> EngineRow | None:
+    sql = hot_sql("find_engine", lambda p: f'{_SELECT} WHERE "product_id" = {p} AND "user_id" = {p}')
+    values = execute_hot(sql, (product_id, user_id)).fetchone()
+    return None if values is None else _row(values)
+
+
+# Admit reads only what a running engine's answer needs, as a tuple: a row object and the
+# other columns cost more than the query. Anything else is re-read in full with find_engine.
+HOT_COLUMNS = ("id", "status", "url", "key_enc", "engine_version", "last_admit_at")
+
+
+def find_engine_hot(product_id: int, user_id: str) -> tuple[Any, ...] | None:
+    sql = hot_sql("find_engine_hot", lambda p: (
+        f'SELECT {", ".join(chr(34) + c + chr(34) for c in HOT_COLUMNS)} '
+        f'FROM "engine" WHERE "product_id" = {p} AND "user_id" = {p}'))
+    values: tuple[Any, ...] | None = execute_hot(sql, (product_id, user_id)).fetchone()
+    return values
+
+
+def touch_admit(engine_id: int, now: float) -> None:
+    """Record activity for idle sleep. Not a state change: no row_version bump, no audit."""
+    sql = hot_sql("touch_admit", lambda p: f'UPDATE "engine" SET "last_admit_at" = {p} WHERE "id" = {p}')
+    execute_hot(sql, (now, engine_id))
+
+
+def _same_row(row: EngineRow) -> Any:
+    """This engine's row and no other: an id alone could match a newer engine of the same
+    user on a database that reuses the ids of deleted rows."""
+    return (Engine.id == row.id) & (Engine.created_at == row.created_at)
+
+
+def reload(row: EngineRow) -> EngineRow | None:
+    sql = hot_sql("reload", lambda p: f'{_SELECT} WHERE "id" = {p} AND "created_at" = {p}')
+    values = execute_hot(sql, (row.id, row.created_at)).fetchone()
+    return None if values is None else _row(values)
+
+
+def insert_engine(product_id: int, user_id: str, name: str, engine_version: str, key_enc: str,
+                  owner: str, lease_s: float) -> EngineRow:
+    """Count the product's engines and insert the new one in one transaction (the quota).
+    The new row is leased to `owner`: its provision is under way."""
+    now = time.time()
+    with write_lock():
+        product = _lock_product(product_id)
+        if find_engine(product_id, user_id) is not None:
+            raise errors.already_exists(user_id)
+        count = Engine.select().where(Engine.product == product_id).count()
+        if count >= product.max_engines:
+            raise errors.quota_exceeded(product.max_engines)
+        try:
+            with Engine._meta.database.atomic():  # type: ignore[attr-defined]
+                Engine.insert(
+                    product=product_id, user_id=user_id, name=name, status=states.PROVISIONING,
+                    engine_version=engine_version, key_enc=key_enc, created_at=now,
+                    updated_at=now, status_since=now, lease_owner=owner,
+                    lease_until=now + lease_s).execute()
+        except pw.IntegrityError:
+            raise errors.already_exists(user_id) from None
+        row = find_engine(product_id, user_id)
+        assert row is not None
+        change = audit(product_id, user_id, name, "provision", None, states.PROVISIONING, None, now)
+    publish(change)
+    return row
+
+
+def _lock_product(product_id: int) -> Product:
+    query = Product.select().where(Product.id == product_id)
+    if not isinstance(Engine._meta.database.obj, pw.SqliteDatabase):  # type: ignore[attr-defined]
+        query = query.for_update()
+    product: Product = query.get()
+    return product
+
+
+def transition(row: EngineRow, event: str, reason: str | None = None, **fields: Any) -> EngineRow:
+    """Move `row` along the state table: one compare-and-set plus one audit event.
+
+    Raises errors.IllegalTransition when the table forbids it, errors.Conflict when the row
+    changed since `row` was read. Returns the row as written.
+    """
+    target = states.next_state(row.status, event)
+    now = time.time()
+    values = {"status": target, "status_since": now, **fields}
+    with write_lock():
+        written = _cas(row, values, now)
+        change = audit(row.product_id, row.user_id, row.name, event, row.status, target, reason, now)
+    publish(change)
+    return written
+
+
+def update(row: EngineRow, audit_event: str | None = None, reason: str | None = None,
+           **fields: Any) -> EngineRow:
+    """A compare-and-set that keeps the state (driver state, url, key, restarts, ...)."""
+    now = time.time()
+    change: Transition | None = None
+    with write_lock():
+        written = _cas(row, fields, now)
+        if audit_event:
+            change = audit(row.product_id, row.user_id, row.name, audit_event, row.status,
+                           row.status, reason, now)
+    if change is not None:
+        publish(change)
+    return written
+
+
+def _cas(row: EngineRow, values: dict[str, Any], now: float) -> EngineRow:
+    stored = dict(values, row_version=row.row_version + 1, updated_at=now)
+    if "driver_state" in stored:
+        stored["driver_state"] = json.dumps(stored["driver_state"] or {}, sort_keys=True)
+    changed = (Engine.update(**stored)
+               .where(_same_row(row) & (Engine.row_version == row.row_version)
+                      & (Engine.status == row.status))
+               .execute())
+    if changed != 1:
+        raise errors.Conflict(f"the engine of user {row.user_id!r} changed meanwhile; try again")
+    return dataclasses.replace(row, **dict(values, row_version=row.row_version + 1, updated_at=now))
+
+
+def delete_engine(row: EngineRow, event: str = "destroyed", reason: str | None = None) -> None:
+    now = time.time()
+    with write_lock():
+        gone = (Engine.delete()
+                .where(_same_row(row) & (Engine.row_version == row.row_version))
+                .execute())
+        if gone != 1:
+            raise errors.Conflict(f"the engine of user {row.user_id!r} changed meanwhile; try again")
+        change = audit(row.product_id, row.user_id, row.name, event, row.status, None, reason, now)
+    publish(change)
+
+
+# ---- leases --------------------------------------------------------------------------------
+
+
+def acquire_lease(row: EngineRow, owner: str, seconds: float) -> bool:
+    """Take (or renew) the row's lease: free, expired, or ours already."""
+    now = time.time()
+    got = (Engine.update(lease_owner=owner, lease_until=now + seconds)
+           .where(_same_row(row)
+                  & (Engine.lease_owner.is_null() | (Engine.lease_until < now)
+                     | (Engine.lease_owner == owner)))
+           .execute())
+    return bool(got == 1)
+
+
+def release_lease(row: EngineRow, owner: str) -> None:
+    (Engine.update(lease_owner=None, lease_until=None)
+     .where(_same_row(row) & (Engine.lease_owner == owner)).execute())
+
+
+# ---- reads ---------------------------------------------------------------------------------
+
+
+def list_engines(product_id: int | None = None, status: str | None = None,
+                 after_id: int = 0, limit: int = 100) -> list[EngineRow]:
+    query = Engine.select().where(Engine.id > after_id)
+    if product_id is not None:
+        query = query.where(Engine.product == product_id)
+    if status is not None:
+        query = query.where(Engine.status == status)
+    return _rows(query.order_by(Engine.id).limit(limit))
+
+
+def _rows(query: Any) -> list[EngineRow]:
+    return [_row(values) for values in query.tuples()]
+
+
+def known_names(names: set[str]) -> set[str]:
+    """Which of `names` have a registry row (in chunks: SQL parameter limits)."""
+    ordered, known = sorted(names), set()
+    for i in range(0, len(ordered), 500):
+        chunk = ordered[i:i + 500]
+        known |= {str(n) for (n,) in Engine.select(Engine.name).where(Engine.name.in_(chunk)).tuples()}
+    return known
+
+
+def needing_recovery(now: float) -> list[EngineRow]:
+    """Rows an operation was working on when its owner died: a transient state or a key
+    rotation in flight, and a lease that ran out."""
+    stuck = Engine.status.in_(list(states.TRANSIENT)) | Engine.pending_key_enc.is_null(False)
+    expired = Engine.lease_until.is_null() | (Engine.lease_until < now)
+    return _rows(Engine.select().where(stuck & expired).order_by(Engine.id))
+
+
+def engines_in(statuses: Iterable[str]) -> list[EngineRow]:
+    return _rows(Engine.select().where(Engine.status.in_(list(statuses))).order_by(Engine.id))
+
+
+def engine_counts() -> list[tuple[str, str, int]]:
+    query = (Engine.select(Product.name, Engine.status, pw.fn.COUNT(Engine.id))
+             .join(Product).group_by(Product.name, Engine.status).tuples())
+    return [(str(p), str(s), int(n)) for p, s, n in query]

@@ -1,0 +1,175 @@
+"""An in-memory Driver for in-process tests of the runner, the Admitter and the Reconciler.
+
+It keeps what a real driver would (which engines run, which are paused, which key each has)
+and can be told to misbehave the ways real engines and schedulers do: boot slowly, never get
+healthy, crash right after start, lose the scheduler, take long to stop. `gate(call)` holds a
+call until the test releases it, so races are staged deterministically, not timed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.drivers.base import (
+    BootTimeout,
+    Driver,
+    EngineCrashed,
+    EngineSpec,
+    PortExhausted,
+    Probe,
+    SchedulerUnavailable,
+    State,
+)
+
+
+@dataclass
+class FakeEngine:
+    generation: int
+    running: bool = True
+    paused: bool = False
+    healthy: bool = True
+    key: str = ""
+
+
+@dataclass
+class Behaviour:
+    boot_s: float = 0.0  # slow boot: healthy this long after launch
+    never_ready: bool = False  # never passes its health check
+    crash_after_start: bool = False  # exits while booting
+    scheduler_down: bool = False  # every call raises SchedulerUnavailable
+    stop_s: float = 0.0  # slow stop (an engine that ignores SIGTERM until the grace runs out)
+    ports_exhausted: bool = False
+
+
+@dataclass
+class Gate:
+    entered: asyncio.Event = field(default_factory=asyncio.Event)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class FakeDriver(Driver):
+    name = "fake"
+
+    def __init__(self, behaviour: Behaviour | None = None):
+        self.behaviour = behaviour or Behaviour()
+        self.engines: dict[str, FakeEngine] = {}
+        self.destroyed: list[str] = []
+        self.calls: list[tuple[str, str]] = []
+        self.gates: dict[str, Gate] = {}
+        self._generation = 0
+
+    def gate(self, call: str) -> Gate:
+        """The next `call` waits (after `entered` is set) until `release` is set."""
+        self.gates[call] = Gate()
+        return self.gates[call]
+
+    async def _call(self, call: str, name: str) -> None:
+        self.calls.append((call, name))
+        gate = self.gates.pop(call, None)
+        if gate is not None:
+            gate.entered.set()
+            await gate.release.wait()
+        if self.behaviour.scheduler_down:
+            raise SchedulerUnavailable("the fake scheduler is down")
+
+    # ---- Driver ------------------------------------------------------------------------
+
+    async def create(self, spec: EngineSpec, api_key: str) -> State:
+        await self._call("create", spec.name)
+        if self.behaviour.ports_exhausted:
+            raise PortExhausted("no free port in the fake's range")
+        return await self.launch(spec, {"slot": spec.name}, api_key)
+
+    async def launch(self, spec: EngineSpec, state: State, api_key: str) -> State:
+        await self._call("launch", spec.name)
+        self._generation += 1
+        self.engines[spec.name] = FakeEngine(self._generation, key=api_key)
+        return {"slot": spec.name, "generation": self._generation}
+
+    async def wait_ready(self, spec: EngineSpec, state: State, timeout: float) -> tuple[State, str]:
+        await self._call("wait_ready", spec.name)
+        engine = self._live(state)
+        if engine is None or self.behaviour.crash_after_start:
+            if engine is not None:
+                engine.running = False
+            raise EngineCrashed(f"engine {spec.name} exited while booting", state)
+        if self.behaviour.never_ready or self.behaviour.boot_s > timeout:
+            await asyncio.sleep(timeout)
+            raise BootTimeout(f"engine {spec.name} was not healthy within {timeout:g}s", state)
+        await asyncio.sleep(self.behaviour.boot_s)
+        return state, f"http://127.0.0.1:9/{spec.name}"
+
+    async def stop(self, spec: EngineSpec, state: State, grace: float) -> State:
+        await self._call("stop", spec.name)
+        engine = self._live(state)
+        if engine is not None:
+            engine.paused = False
+            await asyncio.sleep(min(grace, self.behaviour.stop_s))
+            engine.running = False
+        return {"slot": spec.name}
+
+    async def pause(self, spec: EngineSpec, state: State) -> None:
+        await self._call("pause", spec.name)
+        engine = self._live(state)
+        if engine is not None:
+            engine.paused = True
+
+    async def resume(self, spec: EngineSpec, state: State) -> bool:
+        await self._call("resume", spec.name)
+        engine = self._live(state)
+        if engine is None:
+            return False
+        engine.paused = False
+        return True
+
+    async def set_key(self, spec: EngineSpec, state: State, api_key: str) -> None:
+        await self._call("set_key", spec.name)
+        engine = self._live(state)
+        if engine is not None:
+            engine.key = api_key
+
+    async def destroy(self, spec: EngineSpec, state: State | None) -> None:
+        await self._call("destroy", spec.name)
+        engine = self.engines.get(spec.name)
+        if engine is not None and engine.running:
+            await asyncio.sleep(min(5.0, self.behaviour.stop_s))
+        self.engines.pop(spec.name, None)
+        self.destroyed.append(spec.name)
+
+    async def probe(self, spec: EngineSpec, state: State) -> Probe:
+        await self._call("probe", spec.name)
+        engine = self._live(state)
+        if engine is None:
+            return "dead"
+        if engine.paused:
+            return "paused"
+        return "healthy" if engine.healthy else "unhealthy"
+
+    async def list_names(self) -> set[str]:
+        await self._call("list_names", "")
+        return set(self.engines)
+
+    async def ping(self) -> None:
+        await self._call("ping", "")
+
+    # ---- for tests -----------------------------------------------------------------------
+
+    def _live(self, state: State | None) -> FakeEngine | None:
+        """The engine `state` points at, if that incarnation still runs."""
+        if not state:
+            return None
+        engine = self.engines.get(str(state.get("slot")))
+        if engine is None or not engine.running or engine.generation != state.get("generation"):
+            return None
+        return engine
+
+    def crash(self, name: str) -> None:
+        self.engines[name].running = False
+
+    def running(self) -> set[str]:
+        return {n for n, e in self.engines.items() if e.running}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {n: vars(e) for n, e in self.engines.items()}
