@@ -36,6 +36,9 @@ class Flights:
             slot.pending[op] = future
         return await asyncio.shield(future)
 
+    def all(self) -> list[asyncio.Future[Any]]:
+        return [f for slot in self._slots.values() for f in slot.pending.values()]
+
     def current(self, key: Hashable) -> list[asyncio.Future[Any]]:
         slot = self._slots.get(key)
         return list(slot.pending.values()) if slot else []

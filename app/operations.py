@@ -71,7 +71,8 @@ class Operations:
         return registry.transition(row, "stopped", driver_state=state, url=None)
 
     async def rotate_key(self, row: EngineRow) -> tuple[EngineRow, str]:
-        if row.status != states.RUNNING or row.url is None:
+        url = row.url
+        if row.status != states.RUNNING or url is None:
             raise errors.not_running(row.user_id, row.status)
         await self.driver.ping()
         old, new = self.api_key(row), crypto.new_engine_key()
@@ -79,7 +80,7 @@ class Operations:
         row = registry.update(row, pending_key_enc=self.keys.encrypt(new))
         spec = self.spec(row)
         await self.driver.set_key(spec, row.driver_state, new)
-        if not await engine_http.confirm_key(self.http, row.url, new, old, KEY_CONFIRM_S):
+        if not await engine_http.confirm_key(self.http, url, new, old, KEY_CONFIRM_S):
             await self.driver.set_key(spec, row.driver_state, old)
             registry.update(row, pending_key_enc=None)
             raise errors.Unavailable("the engine did not confirm the new key; the old key still works")
@@ -256,7 +257,7 @@ class Operations:
         return min(self.settings.stop_grace_s, QUICK_STOP_S)
 
     def _next_restart(self, row: EngineRow) -> float:
-        backoff = self.settings.restart_backoff_s * (2 ** min(row.restarts, 6))
+        backoff = self.settings.restart_backoff_s * float(2 ** min(row.restarts, 6))
         return time.time() + backoff
 
 

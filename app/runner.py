@@ -138,6 +138,12 @@ class Runner:
                 return
             await asyncio.sleep(POLL_S)
 
+    async def drain(self, timeout: float) -> None:
+        """Wait (at most `timeout`) for every operation in flight here: at shutdown, say."""
+        pending = self.flights.all()
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+
     # ---- leases ------------------------------------------------------------------------------
 
     @asynccontextmanager

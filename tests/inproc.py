@@ -57,6 +57,8 @@ class World:
         try:
             return await coro
         finally:
+            # As a server would: operations its callers stopped waiting for run to their end.
+            await self.lifecycle.runner.drain(10.0)
             await self.lifecycle.close()
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ import contextvars
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlparse
 
 import peewee as pw
@@ -42,13 +42,13 @@ def connect(url: str, timeout: float = 5.0) -> pw.Database:
         database = _postgres(url.replace("postgres://", "postgresql://", 1), timeout)
     db.initialize(database)
     database.connect(reuse_if_open=True)
-    _migrate(database)
+    _migrate(cast(Any, database))
     database.create_tables(MODELS, safe=True)
     _seed_product_ids()
     return database
 
 
-def _migrate(database: pw.Database) -> None:
+def _migrate(database: Any) -> None:
     """Bring a database made by an older version up to date (idempotent)."""
     if "engine" in database.get_tables():
         columns = {c.name for c in database.get_columns("engine")}
@@ -68,7 +68,7 @@ def _seed_product_ids() -> None:
         IdCounter.insert(name="product", value=used).on_conflict_ignore().execute()
 
 
-class _ReconnectingPostgres(ReconnectMixin, pw.PostgresqlDatabase):  # type: ignore[misc]
+class _ReconnectingPostgres(ReconnectMixin, pw.PostgresqlDatabase):
     """Reconnects once when the server went away between two queries (a restart, a failover)."""
 
 
@@ -82,6 +82,11 @@ def _postgres(url: str, timeout: float) -> pw.Database:
         # Waiting on a lock is bounded like SQLite's busy timeout: 503, not a hung request.
         options=f"-c lock_timeout={ms} -c statement_timeout={ms * 2}")
     return database
+
+
+def tuples(query: Any) -> list[tuple[Any, ...]]:
+    """A query's rows as plain tuples (typed: peewee's stubs call them model instances)."""
+    return list(query.tuples())
 
 
 def write_lock() -> Any:
@@ -118,11 +123,12 @@ def execute_hot(sql: str, params: tuple[Any, ...]) -> Any:
     it does: an open SQLite connection in autocommit (peewee opens transactions explicitly),
     same statement, same error translation. PostgreSQL (reconnects) and the rest take
     execute_sql itself."""
-    database = db.obj
-    if type(database) is pw.SqliteDatabase and not database._state.closed \
-            and not getattr(database, "query_hooks", None):  # type: ignore[attr-defined]
-        with _exception_wrapper:
-            return database._state.conn.execute(sql, params)  # type: ignore[attr-defined]
+    database: Any = db.obj
+    if type(database) is pw.SqliteDatabase:
+        state: Any = getattr(database, "_state")  # noqa: B009 - private to peewee, untyped
+        if not state.closed and not getattr(database, "query_hooks", None):
+            with _exception_wrapper:
+                return state.conn.execute(sql, params)
     return database.execute_sql(sql, params)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import peewee as pw
 
 from app import errors, states
-from app.registry.db import execute_hot, hot_sql, write_lock
+from app.registry.db import execute_hot, hot_sql, tuples, write_lock
 from app.registry.events import Transition, audit, publish
 from app.registry.models import ENGINE_COLUMNS, Engine, Product
 
@@ -117,7 +117,7 @@ def insert_engine(product_id: int, user_id: str, name: str, engine_version: str,
         if count >= product.max_engines:
             raise errors.quota_exceeded(product.max_engines)
         try:
-            with Engine._meta.database.atomic():  # type: ignore[attr-defined]
+            with Engine._meta.database.atomic():
                 Engine.insert(
                     product=product_id, user_id=user_id, name=name, status=states.PROVISIONING,
                     engine_version=engine_version, key_enc=key_enc, created_at=now,
@@ -134,7 +134,7 @@ def insert_engine(product_id: int, user_id: str, name: str, engine_version: str,
 
 def _lock_product(product_id: int) -> Product:
     query = Product.select().where(Product.id == product_id)
-    if not isinstance(Engine._meta.database.obj, pw.SqliteDatabase):  # type: ignore[attr-defined]
+    if not isinstance(Engine._meta.database.obj, pw.SqliteDatabase):
         query = query.for_update()
     product: Product = query.get()
     return product
@@ -229,7 +229,7 @@ def list_engines(product_id: int | None = None, status: str | None = None,
 
 
 def _rows(query: Any) -> list[EngineRow]:
-    return [_row(values) for values in query.tuples()]
+    return [_row(values) for values in tuples(query)]
 
 
 def known_names(names: set[str]) -> set[str]:
@@ -237,7 +237,7 @@ def known_names(names: set[str]) -> set[str]:
     ordered, known = sorted(names), set()
     for i in range(0, len(ordered), 500):
         chunk = ordered[i:i + 500]
-        known |= {str(n) for (n,) in Engine.select(Engine.name).where(Engine.name.in_(chunk)).tuples()}
+        known |= {str(n) for (n,) in tuples(Engine.select(Engine.name).where(Engine.name.in_(chunk)))}
     return known
 
 
@@ -255,5 +255,5 @@ def engines_in(statuses: Iterable[str]) -> list[EngineRow]:
 
 def engine_counts() -> list[tuple[str, str, int]]:
     query = (Engine.select(Product.name, Engine.status, pw.fn.COUNT(Engine.id))
-             .join(Product).group_by(Product.name, Engine.status).tuples())
-    return [(str(p), str(s), int(n)) for p, s, n in query]
+             .join(Product).group_by(Product.name, Engine.status))
+    return [(str(p), str(s), int(n)) for p, s, n in tuples(query)]

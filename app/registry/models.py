@@ -89,4 +89,4 @@ class PortLease(BaseModel):
 
 
 MODELS = (Product, IdCounter, RateLimit, Engine, Event, PortLease)
-ENGINE_COLUMNS = tuple(f.column_name for f in Engine._meta.sorted_fields)  # type: ignore[attr-defined]
+ENGINE_COLUMNS = tuple(f.column_name for f in Engine._meta.sorted_fields)

@@ -7,12 +7,13 @@ from collections.abc import Callable
 
 import peewee as pw
 
+from app.registry.db import tuples
 from app.registry.models import PortLease, db
 
 
 def reserve(name: str, low: int, high: int, usable: Callable[[int], bool]) -> int | None:
     """The first port in [low, high] nobody leased and `usable` accepts, now `name`'s."""
-    taken = {port for (port,) in PortLease.select(PortLease.port).tuples()}
+    taken = {port for (port,) in tuples(PortLease.select(PortLease.port))}
     for port in range(low, high + 1):
         if port in taken or not usable(port):
             continue
@@ -34,4 +35,4 @@ def release_all(name: str) -> None:
 
 
 def holders() -> set[str]:
-    return {name for (name,) in PortLease.select(PortLease.engine_name).tuples()}
+    return {str(name) for (name,) in tuples(PortLease.select(PortLease.engine_name))}

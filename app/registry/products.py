@@ -25,8 +25,8 @@ def create_product(name: str, key_hash: str, max_engines: int, rate_limit_rpm: i
     with write_lock():
         product_id = _next_id("product")
         try:
-            with Product._meta.database.atomic():  # type: ignore[attr-defined]
-                return Product.create(id=product_id, name=name, key_hash=key_hash,  # type: ignore[no-any-return]
+            with Product._meta.database.atomic():
+                return Product.create(id=product_id, name=name, key_hash=key_hash,
                                       max_engines=max_engines, rate_limit_rpm=rate_limit_rpm,
                                       created_at=time.time())
         except pw.IntegrityError:

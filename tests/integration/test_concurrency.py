@@ -12,7 +12,8 @@ from tests.engines import proc_state
 from tests.harness import Orchestrator
 
 
-async def burst(orch: Orchestrator, product: str, requests: list[tuple[str, str, dict]]) -> list[httpx.Response]:
+async def burst(orch: Orchestrator, product: str,
+                requests: list[tuple[str, str, dict]]) -> list[httpx.Response]:
     limits = httpx.Limits(max_connections=len(requests) + 10)
     async with httpx.AsyncClient(base_url=orch.url, headers={"X-Platform-Key": orch.keys[product]},
                                  timeout=60, limits=limits, trust_env=False) as client:
@@ -51,7 +52,7 @@ def test_products_cannot_reach_each_others_engines(orch: Orchestrator) -> None:
     orch.product("other")
     mine, theirs = orch.client("acme"), orch.client("other")
     assert mine.post("/engines/provision", json={"user_id": "dave"}).status_code == 200
-    before = orch.rows("SELECT id, status, version FROM engine")
+    before = orch.rows("SELECT id, status, row_version FROM engine")
     for method, path in [("GET", "/engines/dave"), ("DELETE", "/engines/dave"),
                          ("POST", "/engines/dave/start"), ("POST", "/engines/dave/stop"),
                          ("POST", "/engines/dave/rotate-key")]:
@@ -61,7 +62,7 @@ def test_products_cannot_reach_each_others_engines(orch: Orchestrator) -> None:
     assert theirs.get("/engines/dave/events").json() == {"events": []}
     denied = theirs.post("/engines/dave/admit").json()
     assert denied == {"admitted": False, "reason": "engine_not_found", "status": None}
-    assert orch.rows("SELECT id, status, version FROM engine") == before
+    assert orch.rows("SELECT id, status, row_version FROM engine") == before
     # the same user id in another product is another engine
     other = theirs.post("/engines/dave/admit", json={"auto_provision": True}).json()
     assert other["admitted"] and other["url"] != mine.get("/engines/dave").json()["url"]

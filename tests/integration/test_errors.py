@@ -13,7 +13,7 @@ from tests.harness import Orchestrator
 
 def snapshot(orch: Orchestrator) -> tuple[list, list, list]:
     """Everything a refused request must leave alone (audit events included)."""
-    return (orch.rows("SELECT id, status, version, key_enc, driver_state FROM engine ORDER BY id"),
+    return (orch.rows("SELECT id, status, row_version, key_enc, driver_state FROM engine ORDER BY id"),
             orch.rows("SELECT port, engine_name FROM port_lease ORDER BY port"),
             orch.rows("SELECT id FROM event ORDER BY id"))
 

@@ -1,0 +1,234 @@
+"""Every row of the state table, through the lifecycle's operations, in process (a real
+SQLite registry, the real runner, a FakeDriver). Each test ends by checking the audit trail
+walks along the table."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from app import errors, states
+from tests.inproc import Behaviour, World
+
+
+@pytest.fixture
+def world(tmp_path: Path):
+    w = World(tmp_path)
+    yield w
+    w.close()
+
+
+def make(tmp_path: Path, **behaviour: object) -> World:
+    return World(tmp_path, Behaviour(**behaviour))  # type: ignore[arg-type]
+
+
+def test_provision_then_ready(world: World) -> None:
+    row, key = world.run(world.lifecycle.provision(world.product, "a"))
+    assert row.status == states.RUNNING and row.url and key.startswith("eng_")
+    assert world.driver.engines[row.name].key == key
+    assert world.trail("a") == [("provision", None, "provisioning"), ("ready", "provisioning", "running")]
+    assert world.row("a").lease_owner is None  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("behaviour", "reason"), [
+    ({"never_ready": True}, "boot_timeout"), ({"crash_after_start": True}, "crashed")])
+def test_provision_that_never_gets_healthy_stays_failed(tmp_path: Path, behaviour: dict[str, bool],
+                                                        reason: str) -> None:
+    world = World(tmp_path, Behaviour(**behaviour), boot_timeout_s=0.3)
+    try:
+        with pytest.raises(errors.DriverError) as caught:
+            world.run(world.lifecycle.provision(world.product, "b"))
+        assert caught.value.code == "BOOT_TIMEOUT"
+        row = world.row("b")
+        assert row is not None and row.status == states.FAILED and row.failure_reason == reason
+        assert row.url is None and world.driver.running() == set()  # its task stopped, brain kept
+        world.assert_valid_trail("b")
+    finally:
+        world.close()
+
+
+@pytest.mark.parametrize("fault", ["scheduler_down", "ports_exhausted"])
+def test_a_provision_that_never_ran_leaves_nothing(tmp_path: Path, fault: str) -> None:
+    world = make(tmp_path, **{fault: True})
+    try:
+        with pytest.raises(errors.DriverError) as caught:
+            world.run(world.lifecycle.provision(world.product, "c"))
+        assert caught.value.code == {"scheduler_down": "SCHEDULER_UNAVAILABLE",
+                                     "ports_exhausted": "PORT_EXHAUSTION"}[fault]
+        assert world.row("c") is None and world.driver.engines == {}
+        assert world.trail("c")[-1][0] == "provision_failed"
+    finally:
+        world.close()
+
+
+def test_stop_then_start_from_stopped(world: World) -> None:
+    async def scenario() -> None:
+        await world.lifecycle.provision(world.product, "s")
+        stopped = await world.lifecycle.stop(world.product, "s")
+        assert stopped.status == states.STOPPED and stopped.url is None
+        with pytest.raises(errors.NotRunning):
+            await world.lifecycle.stop(world.product, "s")
+        started = await world.lifecycle.start(world.product, "s")
+        assert started.status == states.RUNNING and started.restarts == 0
+        with pytest.raises(errors.AlreadyRunning):
+            await world.lifecycle.start(world.product, "s")
+
+    world.run(scenario())
+    assert [e for e, _, _ in world.trail("s")] == ["provision", "ready", "stop", "stopped", "start", "ready"]
+
+
+@pytest.mark.parametrize("source", [states.RUNNING, states.SLEEPING, states.FAILED,
+                                    states.PROVISIONING, states.STARTING])
+def test_stop_from_every_state_the_table_allows(tmp_path: Path, source: str) -> None:
+    """provisioning/starting rows are ones a dead owner left: the stop settles them first."""
+    world = World(tmp_path, Behaviour(stop_s=0.2), lease_s=0.3)
+    try:
+        async def scenario() -> str:
+            await world.lifecycle.provision(world.product, "x")
+            if source == states.SLEEPING:
+                world.left_by_dead_owner("x", "sleep", lease_s=0)
+            elif source == states.FAILED:
+                world.left_by_dead_owner("x", "fail", lease_s=0, failure_reason="crashed")
+            elif source in (states.PROVISIONING, states.STARTING):
+                row = world.row("x")
+                assert row is not None
+                world.left_by_dead_owner("x", "fail", lease_s=0)
+                world.left_by_dead_owner("x", "start")
+                if source == states.PROVISIONING:
+                    world.set("x", status=states.PROVISIONING)
+            return (await world.lifecycle.stop(world.product, "x")).status
+
+        assert world.run(scenario()) == states.STOPPED
+        assert world.driver.running() == set()
+    finally:
+        world.close()
+
+
+def test_a_slow_stop_is_waited_for_and_sigkill_is_the_drivers(tmp_path: Path) -> None:
+    world = World(tmp_path, Behaviour(stop_s=0.5), stop_grace_s=0.3)
+    try:
+        async def scenario() -> float:
+            await world.lifecycle.provision(world.product, "slow")
+            started = time.monotonic()
+            await world.lifecycle.stop(world.product, "slow")
+            return time.monotonic() - started
+
+        assert world.run(scenario()) >= 0.3
+        assert world.status("slow") == states.STOPPED
+    finally:
+        world.close()
+
+
+@pytest.mark.parametrize("source", [states.RUNNING, states.STOPPED, states.SLEEPING, states.FAILED,
+                                    states.PROVISIONING, states.STARTING, states.STOPPING])
+def test_destroy_from_every_state(tmp_path: Path, source: str) -> None:
+    world = World(tmp_path)
+    try:
+        async def scenario() -> None:
+            await world.lifecycle.provision(world.product, "d")
+            if source == states.STOPPED:
+                await world.lifecycle.stop(world.product, "d")
+            elif source != states.RUNNING:
+                world.set("d", status=source)
+            await world.lifecycle.destroy(world.product, "d")
+            with pytest.raises(errors.EngineNotFound):
+                await world.lifecycle.destroy(world.product, "d")
+
+        world.run(scenario())
+        assert world.row("d") is None and world.driver.engines == {}
+        assert world.trail("d")[-1] == ("destroyed", "destroying", None)
+    finally:
+        world.close()
+
+
+def test_an_explicit_operation_with_the_scheduler_down_changes_nothing(world: World) -> None:
+    async def scenario() -> None:
+        await world.lifecycle.provision(world.product, "z")
+        before = world.row("z")
+        world.driver.behaviour.scheduler_down = True
+        for call in (world.lifecycle.stop, world.lifecycle.destroy, world.lifecycle.rotate_key):
+            with pytest.raises(errors.SchedulerUnavailable):
+                await call(world.product, "z")
+        assert world.row("z") == before
+
+    world.run(scenario())
+
+
+def test_wake_resumes_a_paused_engine_and_falls_back_to_a_cold_start(world: World) -> None:
+    async def scenario() -> None:
+        row, _ = await world.lifecycle.provision(world.product, "w")
+        world.left_by_dead_owner("w", "sleep", lease_s=0)
+        world.driver.engines[row.name].paused = True
+        woken = await world.lifecycle.wake(world.row("w"))  # type: ignore[arg-type]
+        assert woken.status == states.RUNNING
+        assert [c for c, _ in world.driver.calls].count("launch") == 1  # resumed, not relaunched
+        world.left_by_dead_owner("w", "sleep", lease_s=0)
+        world.driver.crash(row.name)  # its process is gone while asleep
+        woken = await world.lifecycle.wake(world.row("w"))  # type: ignore[arg-type]
+        assert woken.status == states.RUNNING
+        assert [c for c, _ in world.driver.calls].count("launch") == 2  # a cold start
+
+    world.run(scenario())
+    world.assert_valid_trail("w")
+
+
+def test_restart_counts_and_gives_up(tmp_path: Path) -> None:
+    world = World(tmp_path, max_restarts=1)
+    try:
+        async def scenario() -> None:
+            await world.lifecycle.provision(world.product, "r")
+            world.left_by_dead_owner("r", "fail", lease_s=0, failure_reason="crashed")
+            row = await world.lifecycle.restart(world.row("r"))  # type: ignore[arg-type]
+            assert row.status == states.RUNNING and row.restarts == 1
+            world.left_by_dead_owner("r", "fail", lease_s=0, failure_reason="crashed")
+            row = await world.lifecycle.restart(world.row("r"))  # type: ignore[arg-type]
+            assert row.status == states.FAILED  # out of restarts: left failed
+            assert not world.lifecycle.restartable(row)
+
+        world.run(scenario())
+    finally:
+        world.close()
+
+
+def test_a_dead_provision_with_nothing_launched_is_rolled_back(world: World) -> None:
+    async def scenario() -> None:
+        world.left_by_dead_owner("gone", "provision", lease_s=0)  # killed before the driver ran
+        row = world.row("gone")
+        assert row is not None
+        await world.lifecycle.recover(row)
+
+    with pytest.raises(errors.EngineNotFound):
+        world.run(scenario())
+    assert world.row("gone") is None
+    assert world.trail("gone")[-1] == ("provision_failed", "provisioning", None)
+
+
+def test_a_dead_start_whose_engine_is_healthy_is_finished(world: World) -> None:
+    async def scenario() -> None:
+        await world.lifecycle.provision(world.product, "h")
+        world.left_by_dead_owner("h", "fail", lease_s=0)
+        world.left_by_dead_owner("h", "start", lease_s=0)
+        row = world.row("h")
+        assert row is not None
+        world.driver.engines[row.name].running = True  # it came up after its owner died
+        await world.lifecycle.recover(row)
+
+    world.run(scenario())
+    assert world.status("h") == states.RUNNING
+    world.assert_valid_trail("h")
+
+
+def test_concurrent_different_operations_serialise(world: World) -> None:
+    async def scenario() -> list[object]:
+        await world.lifecycle.provision(world.product, "q")
+        return list(await asyncio.gather(
+            world.lifecycle.stop(world.product, "q"), world.lifecycle.start(world.product, "q"),
+            return_exceptions=True))
+
+    stopped, started = world.run(scenario())
+    assert getattr(stopped, "status", None) == states.STOPPED
+    assert getattr(started, "status", None) == states.RUNNING
+    world.assert_valid_trail("q")

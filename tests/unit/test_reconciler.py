@@ -1,0 +1,144 @@
+"""The Reconciler, in process: crash, unhealthy, idle sleep, restart with backoff, recovery
+of a dead owner's work, and orphans. Every repair goes through the runner."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from app import states
+from tests.inproc import Behaviour, World
+
+
+def test_a_crashed_engine_fails_then_is_restarted_then_given_up(tmp_path: Path) -> None:
+    world = World(tmp_path, max_restarts=1)
+    try:
+        async def scenario() -> None:
+            row, _ = await world.lifecycle.provision(world.product, "c")
+            world.driver.crash(row.name)
+            await world.reconciler.pass_once(wait=True)
+            failed = world.row("c")
+            assert failed is not None and failed.status == states.FAILED
+            assert failed.failure_reason == "crashed" and failed.next_restart_at is not None
+            world.set("c", next_restart_at=time.time() - 1)  # its backoff is over
+            await world.reconciler.pass_once(wait=True)
+            assert world.status("c") == states.RUNNING
+            world.driver.crash(row.name)
+            await world.reconciler.pass_once(wait=True)
+            world.set("c", next_restart_at=time.time() - 1)
+            await world.reconciler.pass_once(wait=True)
+            assert world.status("c") == states.FAILED  # out of restarts
+
+        world.run(scenario())
+        world.assert_valid_trail("c")
+    finally:
+        world.close()
+
+
+def test_unhealthy_past_the_grace_period_fails(tmp_path: Path) -> None:
+    world = World(tmp_path, health_grace_s=0.2)
+    try:
+        async def scenario() -> None:
+            row, _ = await world.lifecycle.provision(world.product, "u")
+            world.driver.engines[row.name].healthy = False
+            await world.reconciler.pass_once(wait=True)
+            assert world.status("u") == states.RUNNING  # within the grace
+            await asyncio.sleep(0.25)
+            await world.reconciler.pass_once(wait=True)
+
+        world.run(scenario())
+        row = world.row("u")
+        assert row is not None and row.status == states.FAILED and row.failure_reason == "unhealthy"
+    finally:
+        world.close()
+
+
+def test_an_idle_engine_sleeps_and_a_busy_one_does_not(tmp_path: Path) -> None:
+    world = World(tmp_path, idle_sleep_s=0.3)
+    try:
+        async def scenario() -> None:
+            idle, _ = await world.lifecycle.provision(world.product, "idle")
+            await world.lifecycle.provision(world.product, "busy")
+            await asyncio.sleep(0.35)
+            await world.admitter.admit(world.product, "busy")
+            await world.reconciler.pass_once(wait=True)
+            assert world.driver.engines[idle.name].paused
+
+        world.run(scenario())
+        assert world.status("idle") == states.SLEEPING
+        assert world.status("busy") == states.RUNNING
+    finally:
+        world.close()
+
+
+def test_sleep_mode_stop_stops_the_task(tmp_path: Path) -> None:
+    world = World(tmp_path, idle_sleep_s=0.1, sleep_mode="stop")
+    try:
+        async def scenario() -> None:
+            await world.lifecycle.provision(world.product, "cold")
+            await asyncio.sleep(0.15)
+            await world.reconciler.pass_once(wait=True)
+            row = world.row("cold")
+            assert row is not None and row.status == states.SLEEPING and row.url is None
+            answer = await world.admitter.admit(world.product, "cold", auto_wake=True)
+            assert answer["woken"] is True
+
+        world.run(scenario())
+    finally:
+        world.close()
+
+
+def test_a_dead_owners_transient_rows_are_finished(tmp_path: Path) -> None:
+    world = World(tmp_path, Behaviour(stop_s=0.1), lease_s=0.2)
+    try:
+        async def scenario() -> None:
+            await world.lifecycle.provision(world.product, "stopping")
+            await world.lifecycle.provision(world.product, "destroying")
+            world.left_by_dead_owner("stopping", "stop")
+            world.left_by_dead_owner("destroying", "destroy")
+            await world.reconciler.pass_once(wait=True)  # leases still live: left alone
+            assert world.status("stopping") == states.STOPPING
+            await asyncio.sleep(0.25)
+            await world.reconciler.pass_once(wait=True)
+
+        world.run(scenario())
+        assert world.status("stopping") == states.STOPPED
+        assert world.row("destroying") is None
+        world.assert_valid_trail("stopping")
+        world.assert_valid_trail("destroying")
+    finally:
+        world.close()
+
+
+def test_orphans_are_removed_after_four_lease_periods(tmp_path: Path) -> None:
+    world = World(tmp_path, lease_s=0.05)
+    try:
+        async def scenario() -> None:
+            from tests.fake_driver import FakeEngine
+            world.driver.engines["e-p-orphan-000000000000"] = FakeEngine(generation=99)
+            await world.reconciler.pass_once(wait=True)
+            assert "e-p-orphan-000000000000" in world.driver.engines  # not yet
+            await asyncio.sleep(0.25)
+            await world.reconciler.pass_once(wait=True)
+
+        world.run(scenario())
+        assert world.driver.engines == {}
+        from app import registry
+        assert registry.recent_events(1)[0].event == "orphan_removed"
+    finally:
+        world.close()
+
+
+def test_the_scheduler_away_is_no_bad_news(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    try:
+        async def scenario() -> None:
+            await world.lifecycle.provision(world.product, "calm")
+            world.driver.behaviour.scheduler_down = True
+            await world.reconciler.pass_once(wait=True)
+
+        world.run(scenario())
+        assert world.status("calm") == states.RUNNING
+    finally:
+        world.close()
