@@ -34,7 +34,12 @@ class EngineSpec:
     name: str  # external name: [a-z0-9-], <= 63 chars; Nomad job ID, Consul service, brain dir
     product: str
     user_id: str
-    version: str  # engine_version: the image (nomad) or the ENGINE_VERSION (local)
+    engine_version: str  # the image (nomad) or the ENGINE_VERSION (local)
+
+    @property
+    def version(self) -> str:
+        """The old name of `engine_version`, kept while the drivers move over."""
+        return self.engine_version
 
 
 class Driver(abc.ABC):
