@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Literal
 
 import httpx
 
@@ -20,6 +21,9 @@ from app.crypto import KeyBox
 from app.drivers.base import Driver, EngineSpec
 from app.errors import BootTimeout, DriverError, EngineCrashed
 from app.registry import EngineRow
+from app.runner import Op
+
+BringUp = Literal[Op.START, Op.WAKE, Op.RESTART]
 
 log = logging.getLogger("orch.lifecycle")
 
@@ -59,7 +63,7 @@ class Operations:
         if row.status == states.RUNNING:
             raise errors.already_running(row.user_id)
         await self.driver.ping()
-        return await self._bring_up(row, "start")
+        return await self._bring_up(row, Op.START)
 
     async def stop(self, row: EngineRow) -> EngineRow:
         if row.status == states.STOPPED:
@@ -100,12 +104,12 @@ class Operations:
     async def wake(self, row: EngineRow) -> EngineRow:
         if row.status != states.SLEEPING:
             return row  # someone else already moved it on
-        return await self._bring_up(row, "wake")
+        return await self._bring_up(row, Op.WAKE)
 
     async def restart(self, row: EngineRow) -> EngineRow:
         if not self.restartable(row):
             return row
-        return await self._bring_up(row, "restart")
+        return await self._bring_up(row, Op.RESTART)
 
     async def sleep(self, row: EngineRow) -> EngineRow:
         if row.status != states.RUNNING or self.settings.idle_sleep_s <= 0:
@@ -185,11 +189,12 @@ class Operations:
 
     # ---- booting ---------------------------------------------------------------------------
 
-    async def _bring_up(self, row: EngineRow, how: str) -> EngineRow:
+    async def _bring_up(self, row: EngineRow, how: BringUp) -> EngineRow:
         """sleeping/stopped/failed -> starting -> running: resume when paused, else cold start."""
         was = row.status
-        restarts = {"start": 0, "restart": row.restarts + 1}.get(how, row.restarts)
-        row = registry.transition(row, "start", how, restarts=restarts, next_restart_at=None)
+        # An explicit start forgives past crashes; an automatic restart is one more in a row.
+        restarts = {Op.START: 0, Op.RESTART: row.restarts + 1}.get(how, row.restarts)
+        row = registry.transition(row, "start", how.value, restarts=restarts, next_restart_at=None)
         spec = self.spec(row)
         if was == states.SLEEPING and self.settings.sleep_mode == "pause" \
                 and await self.driver.resume(spec, row.driver_state):
