@@ -184,7 +184,7 @@ def _fill(orch: Orchestrator, total: int) -> None:
         product = conn.execute("SELECT id FROM product WHERE name = 'bench'").fetchone()[0]
         now = time.time()
         conn.executemany(
-            "INSERT INTO engine (product_id, user_id, name, status, version, engine_version, "
+            "INSERT INTO engine (product_id, user_id, name, status, row_version, engine_version, "
             "key_enc, driver_state, restarts, created_at, updated_at, status_since) "
             "VALUES (?, ?, ?, 'stopped', 0, 'ref', 'x', '{}', 0, ?, ?, ?)",
             [(product, f"filler-{i}", f"e-filler-{i}", now, now, now) for i in range(have, total)])
