@@ -1,9 +1,11 @@
 """In-process set-up for tests of the runner, the Admitter and the Reconciler: a real SQLite
-registry in a temp dir, the real Lifecycle/Admitter/Reconciler, and a FakeDriver."""
+registry in a temp dir (or a fresh PostgreSQL database with ORCH_TEST_DB=postgres), the real
+Lifecycle/Admitter/Reconciler, and a FakeDriver."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Coroutine
 from dataclasses import replace
@@ -20,6 +22,7 @@ from app.lifecycle import Lifecycle, ProductRef
 from app.reconciler import Reconciler
 from app.registry import EngineRow
 from tests.fake_driver import Behaviour, FakeDriver
+from tests.harness import _drop_postgres_database, _fresh_postgres_database
 
 T = TypeVar("T")
 
@@ -30,8 +33,9 @@ FAST = dict(boot_timeout_s=3.0, stop_grace_s=1.0, lease_s=1.0, idle_sleep_s=0.0,
 
 class World:
     def __init__(self, tmp_path: Path, behaviour: Behaviour | None = None, **settings: Any):
-        self.settings = Settings(database_url=f"sqlite:///{tmp_path / 'orch.db'}",
-                                 **{**FAST, **settings})
+        self.postgres = os.environ.get("ORCH_TEST_DB") == "postgres"
+        url = _fresh_postgres_database() if self.postgres else f"sqlite:///{tmp_path / 'orch.db'}"
+        self.settings = Settings(database_url=url, **{**FAST, **settings})
         self.database = registry.connect(self.settings.database_url)
         product, _ = products.create("p", max_engines=10, rate_limit_rpm=6000)
         self.product = ProductRef(product.id, product.name, product.max_engines, product.rate_limit_rpm)
@@ -63,6 +67,8 @@ class World:
 
     def close(self) -> None:
         self.database.close()
+        if self.postgres:
+            _drop_postgres_database(self.settings.database_url)
 
     # ---- rows ----------------------------------------------------------------------------
 
