@@ -30,7 +30,32 @@ class FakeEngine:
     running: bool = True
     paused: bool = False
     healthy: bool = True
-    key: str = ""
+    key: str = ""  # the key the engine accepts
+    server: asyncio.Server | None = None
+    port: int = 9
+
+    async def serve(self) -> None:
+        """Answer HTTP like an engine: /health without auth, anything else with the key."""
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            path = head[0].split(" ")[1]
+            auth = next((h.split(":", 1)[1].strip() for h in head[1:]
+                         if h.lower().startswith("authorization:")), "")
+            ok = self.running and not self.paused and (
+                (path == "/health" and self.healthy) or auth == f"Bearer {self.key}")
+            status = "200 OK" if ok else ("401 Unauthorized" if path != "/health" else "503 Busy")
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                         .encode())
+            await writer.drain()
+            writer.close()
+
+        self.server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
 
 
 @dataclass
@@ -41,6 +66,8 @@ class Behaviour:
     scheduler_down: bool = False  # every call raises SchedulerUnavailable
     stop_s: float = 0.0  # slow stop (an engine that ignores SIGTERM until the grace runs out)
     ports_exhausted: bool = False
+    http: bool = False  # engines answer HTTP on loopback (/health, and the key on every other route)
+    ignores_sighup: bool = False  # set_key writes the key, but the engine keeps the old one
 
 
 @dataclass
@@ -85,7 +112,12 @@ class FakeDriver(Driver):
     async def launch(self, spec: EngineSpec, state: State, api_key: str) -> State:
         await self._call("launch", spec.name)
         self._generation += 1
-        self.engines[spec.name] = FakeEngine(self._generation, key=api_key)
+        old = self.engines.get(spec.name)
+        if old is not None:
+            old.close()
+        engine = self.engines[spec.name] = FakeEngine(self._generation, key=api_key)
+        if self.behaviour.http:
+            await engine.serve()
         return {"slot": spec.name, "generation": self._generation}
 
     async def wait_ready(self, spec: EngineSpec, state: State, timeout: float) -> tuple[State, str]:
@@ -99,7 +131,7 @@ class FakeDriver(Driver):
             await asyncio.sleep(timeout)
             raise BootTimeout(f"engine {spec.name} was not healthy within {timeout:g}s", state)
         await asyncio.sleep(self.behaviour.boot_s)
-        return state, f"http://127.0.0.1:9/{spec.name}"
+        return state, f"http://127.0.0.1:{engine.port}"
 
     async def stop(self, spec: EngineSpec, state: State, grace: float) -> State:
         await self._call("stop", spec.name)
@@ -108,6 +140,7 @@ class FakeDriver(Driver):
             engine.paused = False
             await asyncio.sleep(min(grace, self.behaviour.stop_s))
             engine.running = False
+            engine.close()
         return {"slot": spec.name}
 
     async def pause(self, spec: EngineSpec, state: State) -> None:
@@ -127,7 +160,7 @@ class FakeDriver(Driver):
     async def set_key(self, spec: EngineSpec, state: State, api_key: str) -> None:
         await self._call("set_key", spec.name)
         engine = self._live(state)
-        if engine is not None:
+        if engine is not None and not self.behaviour.ignores_sighup:
             engine.key = api_key
 
     async def destroy(self, spec: EngineSpec, state: State | None) -> None:
@@ -135,6 +168,8 @@ class FakeDriver(Driver):
         engine = self.engines.get(spec.name)
         if engine is not None and engine.running:
             await asyncio.sleep(min(5.0, self.behaviour.stop_s))
+        if engine is not None:
+            engine.close()
         self.engines.pop(spec.name, None)
         self.destroyed.append(spec.name)
 
@@ -167,6 +202,7 @@ class FakeDriver(Driver):
 
     def crash(self, name: str) -> None:
         self.engines[name].running = False
+        self.engines[name].close()
 
     def running(self) -> set[str]:
         return {n for n, e in self.engines.items() if e.running}

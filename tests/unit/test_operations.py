@@ -232,3 +232,69 @@ def test_concurrent_different_operations_serialise(world: World) -> None:
     assert getattr(stopped, "status", None) == states.STOPPED
     assert getattr(started, "status", None) == states.RUNNING
     world.assert_valid_trail("q")
+
+
+def test_rotate_key_is_confirmed_by_the_engine(tmp_path: Path) -> None:
+    world = World(tmp_path, Behaviour(http=True))
+    try:
+        async def scenario() -> tuple[str, str]:
+            _, old = await world.lifecycle.provision(world.product, "k")
+            row, new = await world.lifecycle.rotate_key(world.product, "k")
+            assert world.lifecycle.api_key(row) == new
+            return old, new
+
+        old, new = world.run(scenario())
+        row = world.row("k")
+        assert row is not None and row.pending_key_enc is None
+        assert world.driver.engines[row.name].key == new != old
+        assert world.trail("k")[-1] == ("rotate_key", "running", "running")
+    finally:
+        world.close()
+
+
+def test_a_rotation_the_engine_does_not_take_keeps_the_old_key(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from app import operations
+    monkeypatch.setattr(operations, "KEY_CONFIRM_S", 0.3)
+    world = World(tmp_path, Behaviour(http=True, ignores_sighup=True))
+    try:
+        async def scenario() -> str:
+            _, old = await world.lifecycle.provision(world.product, "k")
+            with pytest.raises(errors.Unavailable):
+                await world.lifecycle.rotate_key(world.product, "k")
+            return old
+
+        old = world.run(scenario())
+        row = world.row("k")
+        assert row is not None and row.pending_key_enc is None
+        assert world.lifecycle.api_key(row) == old
+    finally:
+        world.close()
+
+
+@pytest.mark.parametrize("engine_took_it", [True, False])
+def test_a_rotation_cut_short_by_a_crash_is_settled(tmp_path: Path, engine_took_it: bool) -> None:
+    """The orchestrator died after writing the pending key: the next operation keeps the new
+    key if the engine took it, else puts the old one back."""
+    world = World(tmp_path, Behaviour(http=True))
+    try:
+        async def scenario() -> tuple[str, str]:
+            row, old = await world.lifecycle.provision(world.product, "k")
+            new = "eng_" + "n" * 40
+            world.set("k", pending_key_enc=world.keys.encrypt(new), lease_owner="dead-owner",
+                      lease_until=time.time() - 1)
+            if engine_took_it:
+                world.driver.engines[row.name].key = new
+            stuck = world.row("k")
+            assert stuck is not None
+            await world.lifecycle.recover(stuck)
+            return old, new
+
+        old, new = world.run(scenario())
+        row = world.row("k")
+        assert row is not None and row.pending_key_enc is None
+        assert world.lifecycle.api_key(row) == (new if engine_took_it else old)
+        assert world.driver.engines[row.name].key == (new if engine_took_it else old)
+        assert world.trail("k")[-1][0] == ("rotate_key" if engine_took_it else "rotate_key_rolled_back")
+    finally:
+        world.close()
