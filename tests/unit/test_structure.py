@@ -66,7 +66,8 @@ def test_only_the_registry_writes_the_database() -> None:
         if path.is_relative_to(APP / "registry") or path.is_relative_to(APP / "refengine"):
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
-            if (MODELS.search(line) and WRITES.search(line)) or "execute_sql(" in line \
-                    and "SELECT 1" not in line:
+            writes_a_model = bool(MODELS.search(line) and WRITES.search(line))
+            raw_sql = "execute_sql(" in line and "SELECT 1" not in line
+            if writes_a_model or raw_sql:
                 offenders.append(f"{path.relative_to(APP.parent)}:{number}: {line.strip()}")
     assert offenders == []
