@@ -3,7 +3,7 @@
 A second caller of the same operation on the same engine joins the one in flight and gets its
 result; a different operation waits its turn (one operation per engine at a time). Operations
 run as tasks of their own, so a client that hangs up does not cancel a half-done operation.
-Across replicas the same exclusion comes from the lease on the engine's row (lifecycle.lease).
+Across replicas the same exclusion comes from the lease on the engine's row (runner.lease).
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """The one backend interface. `local` and `nomad` implement it.
 
 A driver knows how to run an engine; it knows nothing of products, quotas or states. The
-lifecycle module calls it and keeps the driver's `state` (a JSON-serialisable dict: pid and
-port, or job, allocation and volume ids) on the engine's row, and hands it back on every call,
-so a driver holds no state of its own that a restart of the orchestrator would lose.
+operations (app.operations) call it and keep what it returns (a JSON-serialisable dict: pid
+and port, or job, allocation and volume ids) on the engine's row as `driver_state`, and hand it
+back on every call, so a driver holds no state of its own that a restart of the orchestrator
+would lose. Drivers raise the domain errors of app.errors (re-exported below), never an HTTP
+status.
 """
 
 from __future__ import annotations
