@@ -368,8 +368,10 @@ class TaskRunner:
         try:
             await asyncio.wait_for(asyncio.shield(proc.wait()), timeout=grace)
         except TimeoutError:
-            signal_group(proc.pid, signal.SIGKILL)
+            self.send(signal.SIGKILL)
             await proc.wait()
+        # drivers/shared/executor Shutdown ends with killProcessTree: SIGKILL to the group
+        signal_group(proc.pid, signal.SIGKILL)
 
 
 def _wait(tmpl: dict[str, Any]) -> tuple[float, float]:
