@@ -23,7 +23,7 @@ from typing import TypeVar
 from app import crypto, engine_http, errors, metrics, naming, registry, states
 from app.config import Settings
 from app.crypto import KeyBox
-from app.drivers.base import BootTimeout, Driver, DriverError, EngineCrashed, EngineSpec, State
+from app.drivers.base import BadVersion, BootTimeout, Driver, DriverError, EngineCrashed, EngineSpec, State
 from app.flights import Flights
 from app.registry import Engine
 
@@ -60,6 +60,10 @@ class Lifecycle:
     async def provision(self, product: ProductRef, user_id: str,
                         engine_version: str | None = None) -> tuple[Engine, str]:
         version = engine_version or self.settings.engine_image
+        try:  # issue 8: the driver refuses what it cannot run (SPEC "Additions")
+            self.driver.check_version(version)
+        except BadVersion as exc:
+            raise errors.invalid(str(exc)) from None
         return await self._run((product.id, user_id), "provision",
                                       lambda: self._provision(product, user_id, version))
 

@@ -86,8 +86,8 @@ class Reconciler:
                 _quietly(registry.update, engine, restarts=0)
             if self.settings.idle_sleep_s > 0 and lifecycle.idle_for(engine, now) >= self.settings.idle_sleep_s:
                 self._spawn(lifecycle.sleep_if_idle(engine))
-        elif probe == "dead":
-            self._spawn(lifecycle.fail(engine, "crashed"))
+        elif probe in ("dead", "node_lost"):  # issue 8: node_lost is its own reason
+            self._spawn(lifecycle.fail(engine, "crashed" if probe == "dead" else probe))
         else:
             since = self._unhealthy_since.setdefault(engine.id, now)
             if now - since >= self.settings.health_grace_s:

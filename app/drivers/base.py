@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-State = dict  # driver-private, JSON-serialisable
-Probe = Literal["healthy", "unhealthy", "paused", "dead"]
+State = dict[str, Any]  # driver-private, JSON-serialisable
+# "node_lost" (issue 8): the engine's node is gone, and its brain with it until it returns.
+Probe = Literal["healthy", "unhealthy", "paused", "dead", "node_lost"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,10 @@ class DriverError(Exception):
     def __init__(self, message: str, state: State | None = None):
         super().__init__(message)
         self.state = state  # what was left running, when anything was (None: nothing)
+
+
+class BadVersion(ValueError):
+    """An engine_version this driver cannot run (issue 8); str() says why: a 400."""
 
 
 class PortExhausted(DriverError):
@@ -107,8 +112,14 @@ class Driver(abc.ABC):
     async def list_names(self) -> set[str]:
         """Names of every engine this driver holds resources for (for the reconciler)."""
 
+    def check_version(self, version: str) -> None:
+        """Raise BadVersion for an engine_version this driver refuses (default: none)."""
+        return None
+
     async def ping(self) -> None:
         """Raise SchedulerUnavailable when the backend cannot be reached."""
+        return None
 
     async def close(self) -> None:
         """Release connections; engines keep running."""
+        return None
