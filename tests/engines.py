@@ -165,7 +165,8 @@ def _assert_consistent_nomad(orch: Orchestrator) -> None:
                          for e in passing}
             assert url in addresses, f"{name}: url {url} vs passing instances {addresses}"
     left = leftovers(nomad)
-    ours = [j["ID"] for j in get(nomad, "/v1/jobs", prefix="e-")  # the stubs carry Meta
+    # a stub carries Meta only with ?meta=true (command/agent/job_endpoint.go)
+    ours = [j["ID"] for j in get(nomad, "/v1/jobs", prefix="e-", meta="true")
             if (j.get("Meta") or {}).get("managed_by") == "orch"]
     assert set(ours) <= set(rows), f"jobs without a row: {set(ours) - set(rows)}"
     assert set(left["volumes"]) <= set(rows), f"volumes without a row: {set(left['volumes']) - set(rows)}"

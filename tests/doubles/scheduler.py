@@ -75,13 +75,15 @@ class Cluster:
                 "Index": self.state.index, "LastContact": 0, "KnownLeader": True}
 
     def _needs_placement(self, job: dict[str, Any]) -> bool:
-        # The job as its last alloc ran it is a no-op while that alloc lives, and after it
+        # The version its last alloc ran is a no-op while that alloc lives, and after it
         # failed (Nomad does not replace a failed alloc whose reschedule policy is spent). A
-        # changed job, or a lost or completed alloc, is placed.
+        # new version, or a lost or completed alloc, is placed.
         allocs = self.state.job_allocs(job["ID"])
         if job["Stop"]:
             return False
-        if not allocs or allocs[-1].job["_submitted"] != job["_submitted"]:
+        # A new version (a changed job, or one registered again after a stop) is placed
+        # afresh: allocations of older versions no longer count (scheduler/reconcile.go).
+        if not allocs or allocs[-1].job["Version"] != job["Version"]:
             return True
         if any(not a.terminal and a.desired == "run" for a in allocs):
             return False
