@@ -399,4 +399,7 @@ def _key(engine: Engine) -> tuple[int, str]:
 
 
 def _placement_reason(exc: DriverError) -> str:
+    reason = getattr(exc, "reason", None)  # issue 8: NodeLost says node_lost
+    if isinstance(reason, str):
+        return reason
     return {"PORT_EXHAUSTION": "port_exhausted"}.get(exc.code, "placement_failed")

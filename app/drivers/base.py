@@ -48,6 +48,12 @@ class CapacityExhausted(DriverError):
     code = "CAPACITY_EXHAUSTED"
 
 
+class NodeLost(CapacityExhausted):
+    """The engine's node is down, and its brain with it (issue 8): a 503, reason node_lost."""
+
+    reason = "node_lost"
+
+
 class SchedulerUnavailable(DriverError):
     code = "SCHEDULER_UNAVAILABLE"
 

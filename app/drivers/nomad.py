@@ -34,6 +34,7 @@ from app.drivers.base import (
     DriverError,
     EngineCrashed,
     EngineSpec,
+    NodeLost,
     PortExhausted,
     Probe,
     SchedulerUnavailable,
@@ -111,10 +112,12 @@ class NomadDriver(Driver):
         eval_id = await self._register(job)
         try:
             alloc = await self._placed(spec, eval_id)
-        except DriverError:
+        except DriverError as exc:
             # Unplaced, the job would wait in a blocked evaluation and start behind our back
             # once capacity frees up: take it back.
             await self._quietly(self._io(self.api.deregister, spec.name, False))
+            if isinstance(exc, CapacityExhausted):
+                await self._raise_if_node_down(spec, state)
             raise
         return {**_without(state, "url"), "job": spec.name, "alloc": alloc}
 
@@ -258,6 +261,17 @@ class NomadDriver(Driver):
             if time.monotonic() > deadline:
                 raise CapacityExhausted(f"Nomad did not place {spec.name} within {PLACEMENT_WAIT_S:g}s")
             await asyncio.sleep(0.05)
+
+    async def _raise_if_node_down(self, spec: EngineSpec, state: State) -> None:
+        """A placement that failed because the brain's node is down is node_lost."""
+        node_id = state.get("node")
+        if not node_id and state.get("volume"):
+            volume = await self._io(self.api.volume, state["volume"])
+            node_id = (volume or {}).get("NodeID")
+        node = await self._io(self.api.node, node_id) if node_id else None
+        if node is not None and node.get("Status") != "ready":
+            raise NodeLost(f"the brain of {spec.name} is on node {node_id}, which is "
+                           f"{node.get('Status')}: unavailable until the node returns", state)
 
     async def _newer_eval(self, job_id: str, evaluation: dict[str, Any]) -> str | None:
         evals = [e for e in await self._io(self.api.evaluations, job_id)
