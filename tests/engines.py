@@ -107,7 +107,8 @@ def assert_consistent(orch: Orchestrator) -> None:
     for name, (status, _) in rows.items():
         if status in ("running", "sleeping"):
             assert name in processes, f"{name} is {status} but has no process"
-    brains = {p.name for p in (orch.state_dir / "brains").iterdir()} if (orch.state_dir / "brains").exists() else set()
+    root = orch.state_dir / "brains"
+    brains = {p.name for p in root.iterdir()} if root.exists() else set()
     assert brains == set(rows), f"brains {brains} vs rows {set(rows)}"
     ports = {name for (name,) in orch.rows("SELECT engine_name FROM port_lease")}
     assert ports == set(rows), f"port leases {ports} vs rows {set(rows)}"
