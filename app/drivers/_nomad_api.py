@@ -56,7 +56,9 @@ class VariableConflict(Exception):
 class NomadAPI:
     def __init__(self, settings: Settings, timeout: float = TIMEOUT_S):
         self.namespace = settings.nomad_namespace
-        self.nomad = nomad.Nomad(  # type: ignore[attr-defined]  # python-nomad is untypedaddress=settings.nomad_addr, token=settings.nomad_token,
+        # python-nomad is untyped
+        self.nomad = nomad.Nomad(address=settings.nomad_addr,  # type: ignore[attr-defined]
+                                 token=settings.nomad_token,
                                  namespace=settings.nomad_namespace, region=settings.nomad_region,
                                  timeout=int(max(1, timeout)))
         headers = {"X-Nomad-Token": settings.nomad_token} if settings.nomad_token else {}
