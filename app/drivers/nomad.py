@@ -152,7 +152,10 @@ class NomadDriver(Driver):
         # Nomad sends only the KillSignal, then SIGKILL after the KillTimeout: a paused
         # (SIGSTOPped) engine would never see its SIGTERM and would lose its clean exit.
         if state.get("alloc"):
-            await self._quietly(self._io(self.api.signal, state["alloc"], TASK, "SIGCONT"))
+            try:
+                await self._io(self.api.signal, state["alloc"], TASK, "SIGCONT")
+            except DriverError as exc:   # not running (any more): nothing to thaw
+                log.debug("SIGCONT before stopping %s: %s", state["alloc"], exc)
 
     async def pause(self, spec: EngineSpec, state: State) -> None:
         if state.get("alloc"):
