@@ -214,12 +214,13 @@ class Lifecycle:
         restarts = {"start": 0, "restart": engine.restarts + 1}.get(how, engine.restarts)
         registry.transition(engine, "start", how, restarts=restarts, next_restart_at=None)
         spec, state = self.spec(engine), engine.state
-        if was == states.SLEEPING and self.settings.sleep_mode == "pause":
-            if await self.driver.resume(spec, state):
-                try:
-                    return await self._boot(engine, spec, state, timeout=min(WAKE_TIMEOUT_S, self.settings.boot_timeout_s))
-                except (BootTimeout, EngineCrashed):
-                    log.info("engine %s did not come back from pause; cold start", engine.name)
+        paused = was == states.SLEEPING and self.settings.sleep_mode == "pause"
+        if paused and await self.driver.resume(spec, state):
+            try:
+                timeout = min(WAKE_TIMEOUT_S, self.settings.boot_timeout_s)
+                return await self._boot(engine, spec, state, timeout=timeout)
+            except (BootTimeout, EngineCrashed):
+                log.info("engine %s did not come back from pause; cold start", engine.name)
         state = await self.driver.stop(spec, state, min(self.settings.stop_grace_s, 5.0))
         try:
             state = await self.driver.launch(spec, state, self.api_key(engine))

@@ -84,7 +84,8 @@ class Reconciler:
             self._unhealthy_since.pop(engine.id, None)
             if engine.restarts and now - engine.status_since > STABLE_AFTER_S:
                 _quietly(registry.update, engine, restarts=0)
-            if self.settings.idle_sleep_s > 0 and lifecycle.idle_for(engine, now) >= self.settings.idle_sleep_s:
+            idle_s = self.settings.idle_sleep_s
+            if idle_s > 0 and lifecycle.idle_for(engine, now) >= idle_s:
                 self._spawn(lifecycle.sleep_if_idle(engine))
         elif probe in ("dead", "node_lost"):  # issue 8: node_lost is its own reason
             self._spawn(lifecycle.fail(engine, "crashed" if probe == "dead" else probe))
