@@ -195,6 +195,12 @@ def test_docker_template_on_three_nodes_as_real_nomad_runs_it(tmp_path: Path) ->
         assert task["Env"]["ENGINE_USER_ID"] == "u%24{node.unique.name}"
         assert "${node" not in json.dumps(job["Meta"]) + json.dumps(job["TaskGroups"][0]["Services"])
         assert task["Templates"][0]["Uid"] == 65534 and task["Templates"][0]["Splay"] == 0
+        # and the engine got it unexpanded (the double interpolates ${node.unique.name} as
+        # Nomad's client does)
+        [pid] = [p for a in stack.state()["allocs"] if a["job"] == name
+                 for p in a["pids"].values()]
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert b"ENGINE_USER_ID=u%24{node.unique.name}" in environ
         # rotation: confirmed with the template's own Wait and no splay (the double would wait
         # 5-10 s with Nomad's defaults, past the 10 s confirm window)
         rotated = api.post(f"/engines/{users[1]}/rotate-key")
