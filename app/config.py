@@ -6,6 +6,7 @@ names the variable; `orch` prints it and exits, so start-up stops before anythin
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import shlex
 import sys
@@ -15,6 +16,17 @@ from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
+
+
+def _package_version() -> str:
+    # issue 8: the default image's tag is the package version (docker always pulls `latest`)
+    try:
+        return importlib.metadata.version("engine-orchestrator")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.1.0"
+
+
+ENGINE_IMAGE_DEFAULT = f"orch-refengine:{_package_version()}"
 
 SLEEP_MODES = ("pause", "stop")
 DRIVERS = ("local", "nomad")
@@ -29,7 +41,7 @@ class ConfigError(ValueError):
 class Settings:
     database_url: str = "sqlite:///orch.db"
     driver: str = "local"
-    engine_image: str = "orch-refengine:latest"
+    engine_image: str = ENGINE_IMAGE_DEFAULT
     boot_timeout_s: float = 60.0
     stop_grace_s: float = 30.0
     idle_sleep_s: float = 900.0
@@ -56,6 +68,12 @@ class Settings:
     nomad_region: str | None = None
     consul_addr: str = "http://127.0.0.1:8500"
     consul_token: str | None = None
+    # issue 8 (Nomad as it really is): images an engine_version may name, and who owns an
+    # engine's brain volume and key file on Nomad (the image's user).
+    engine_images: tuple[str, ...] = ()   # repositories; () = only engine_image's
+    nomad_volume_uid: int = 65534
+    nomad_volume_gid: int = 65534
+    nomad_volume_mode: str = "0700"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -91,6 +109,11 @@ class Settings:
             nomad_region=r.get("NOMAD_REGION", _nonempty, None),
             consul_addr=r.get("CONSUL_HTTP_ADDR", _consul_addr, cls.consul_addr),
             consul_token=r.get("CONSUL_HTTP_TOKEN", _nonempty, None),
+            # issue 8
+            engine_images=r.get("ORCH_ENGINE_IMAGES", _repositories, cls.engine_images),
+            nomad_volume_uid=r.get("ORCH_NOMAD_VOLUME_UID", _non_negative_int, cls.nomad_volume_uid),
+            nomad_volume_gid=r.get("ORCH_NOMAD_VOLUME_GID", _non_negative_int, cls.nomad_volume_gid),
+            nomad_volume_mode=r.get("ORCH_NOMAD_VOLUME_MODE", _octal_mode, cls.nomad_volume_mode),
         )
 
     @property
@@ -206,3 +229,18 @@ def _command(raw: str) -> tuple[str, ...]:
     if not parts:
         raise ValueError("must name a command")
     return parts
+
+
+# issue 8
+def _repositories(raw: str) -> tuple[str, ...]:
+    repos = tuple(r.strip() for r in raw.split(",") if r.strip())
+    bad = [r for r in repos if ":" in r.rsplit("/", 1)[-1] or "@" in r or "$" in r]
+    if bad:
+        raise ValueError(f"list repositories without a tag or digest: {bad[0]!r}")
+    return repos
+
+
+def _octal_mode(raw: str) -> str:
+    if not raw.isdigit() or any(c not in "01234567" for c in raw) or int(raw, 8) > 0o777:
+        raise ValueError("an octal mode such as 0700 or 0770")
+    return raw

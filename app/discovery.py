@@ -65,7 +65,8 @@ class Discovery:
 def _pick(entries: list[dict[str, Any]] | None) -> Instance | None:
     instances = [_instance(e) for e in entries or []]
     passing = [i for i in instances if i.status == "passing"]
-    return (passing or instances or [None])[0]
+    chosen = passing or instances
+    return chosen[0] if chosen else None
 
 
 def _instance(entry: dict[str, Any]) -> Instance:

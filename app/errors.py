@@ -2,7 +2,7 @@
 knows HTTP: the API maps code -> status in one place (app/api/errors.py).
 
     DomainError
-    ├── InvalidRequest, Unauthorized                     (the caller's fault)
+    ├── InvalidRequest (BadVersion), Unauthorized        (the caller's fault)
     ├── EngineNotFound, AlreadyExists, AlreadyRunning, NotRunning
     ├── QuotaExceeded, RateLimited                       (policy)
     ├── Unavailable (SCHEDULER_UNAVAILABLE: nothing was changed; try again)
@@ -10,7 +10,7 @@ knows HTTP: the API maps code -> status in one place (app/api/errors.py).
     │   ├── Conflict     a compare-and-set lost: the row changed since it was read
     │   ├── IllegalTransition  the state table forbids the move from the row's current state
     │   └── DriverError  raised by drivers; carries what was left running (`state`)
-    │       ├── SchedulerUnavailable, PortExhausted, CapacityExhausted
+    │       ├── SchedulerUnavailable, PortExhausted, CapacityExhausted (NodeLost)
     │       └── BootTimeout, EngineCrashed               (BOOT_TIMEOUT)
 """
 
@@ -30,6 +30,10 @@ class DomainError(Exception):
 
 class InvalidRequest(DomainError):
     code = "INVALID_REQUEST"
+
+
+class BadVersion(InvalidRequest):
+    """An engine_version the driver cannot run (SPEC "Additions"); the message says why."""
 
 
 class Unauthorized(DomainError):
@@ -94,6 +98,12 @@ class PortExhausted(DriverError):
 
 class CapacityExhausted(DriverError):
     code = "CAPACITY_EXHAUSTED"
+
+
+class NodeLost(CapacityExhausted):
+    """The engine's node is down, and its brain with it (issue 8): a 503, reason node_lost."""
+
+    reason = "node_lost"
 
 
 class BootTimeout(DriverError):

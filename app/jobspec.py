@@ -6,6 +6,12 @@ placeholder takes the value's JSON type, so durations become integer nanoseconds
 decoder wants. Everything else (`${NOMAD_PORT_http}`, `${meta.x}`, `${node.unique.id}`) is
 Nomad's runtime interpolation and is left for the Nomad client. A lower-case name we do not know
 is a typo, and stops the template from loading.
+
+Nomad interpolates `${...}` at run time in Env, Meta, service names/tags/meta and driver config,
+with no escape (helper/args/args.go ReplaceEnv). So no product-supplied string (product, user
+id, engine version) reaches a template as written: `%` and `$` are percent-encoded (`%25`,
+`%24`), which Nomad leaves alone and anyone can decode. The docker image is built from a
+validated engine_version (`check_version`), which cannot hold a `$`.
 """
 
 from __future__ import annotations
@@ -26,9 +32,15 @@ NS = 1_000_000_000
 # Nomad refuses check intervals and timeouts under one second.
 CHECK_INTERVAL_NS = 1 * NS
 CHECK_TIMEOUT_NS = 1 * NS
-PLACEHOLDERS = ("job_id", "product", "user_id", "engine_version", "volume_name", "volume_path",
-                "var_path", "kill_timeout_ns", "check_interval_ns", "check_timeout_ns", "python",
-                "app_root")
+PLACEHOLDERS = ("job_id", "product", "user_id", "engine_version", "engine_image", "volume_name",
+                "volume_path", "var_path", "kill_timeout_ns", "check_interval_ns",
+                "check_timeout_ns", "python", "app_root", "volume_uid", "volume_gid")
+# A docker tag (distribution/reference), plus `+` for the reference engine's test tokens
+# (`ref+fault-crash`): docker itself would refuse a tag with a `+`.
+TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+REFERENCE = re.compile(rf"(?P<repo>(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*)"
+                       rf"(?::(?P<tag>{TAG.pattern}))?(?:@(?P<digest>sha256:[0-9a-f]{{64}}))?")
 VOLUME_PATH_UNKNOWN = "<the HostPath of volume ${volume_name}, known once it is created>"
 
 _OURS = re.compile(r"\$\{([a-z_]+)\}")
@@ -36,6 +48,51 @@ _OURS = re.compile(r"\$\{([a-z_]+)\}")
 
 class JobspecError(ValueError):
     """A template that cannot be used; str() names the file and the problem."""
+
+
+class BadVersion(ValueError):
+    """An engine_version the docker template cannot run; str() says why (a 400)."""
+
+
+def repository(image: str) -> str:
+    """The repository of an image reference (no tag, no digest)."""
+    found = REFERENCE.fullmatch(image)
+    return found.group("repo") if found else image
+
+
+def check_version(settings: Settings, version: str) -> None:
+    """SPEC "Additions": a tag of ORCH_ENGINE_IMAGE's repository (no `/` or `:`), or a full
+    reference whose repository ORCH_ENGINE_IMAGES lists. `latest` (or no tag) is refused:
+    the docker driver pulls it on every start (drivers/docker/driver.go createImage)."""
+    if "/" not in version and ":" not in version and "@" not in version:
+        if not TAG.fullmatch(version):
+            raise BadVersion("engine_version must be an image tag ([A-Za-z0-9_.+-], at most "
+                             "128) or a full image reference")
+        tag: str | None = version
+    else:
+        found = REFERENCE.fullmatch(version)
+        if found is None:
+            raise BadVersion("engine_version is not a valid image reference")
+        allowed = {repository(settings.engine_image), *settings.engine_images}
+        if found.group("repo") not in allowed:
+            raise BadVersion(f"engine_version's repository must be one of "
+                             f"{', '.join(sorted(allowed))} (ORCH_ENGINE_IMAGES)")
+        tag = found.group("tag") or (None if not found.group("digest") else "digest")
+    if tag in (None, "latest"):
+        raise BadVersion("engine_version must name a tag other than latest, or a digest: "
+                         "Nomad's docker driver pulls `latest` on every start")
+
+
+def image_for(settings: Settings, version: str) -> str:
+    """The docker image of an engine_version: a bare tag is one of ORCH_ENGINE_IMAGE's."""
+    if "/" not in version and ":" not in version and "@" not in version:
+        return f"{repository(settings.engine_image)}:{version}"
+    return version
+
+
+def literal(value: str) -> str:
+    """`value` in a form Nomad's runtime interpolation leaves as it is."""
+    return value.replace("%", "%25").replace("$", "%24")
 
 
 def var_path(job_id: str) -> str:
@@ -47,9 +104,12 @@ def render_job(settings: Settings, spec: EngineSpec, volume_path: str | None = N
     """The Job object (not yet wrapped in {"Job": ...}) for one engine."""
     values: dict[str, Any] = {
         "job_id": spec.name,
-        "product": spec.product,
-        "user_id": spec.user_id,
-        "engine_version": spec.version,
+        "product": literal(spec.product),
+        "user_id": literal(spec.user_id),
+        "engine_version": literal(spec.version),
+        "engine_image": literal(image_for(settings, spec.version)),
+        "volume_uid": settings.nomad_volume_uid,
+        "volume_gid": settings.nomad_volume_gid,
         "volume_name": spec.name,
         "var_path": var_path(spec.name),
         "kill_timeout_ns": int(settings.stop_grace_s * NS),
@@ -59,7 +119,7 @@ def render_job(settings: Settings, spec: EngineSpec, volume_path: str | None = N
         "app_root": str(APP_ROOT),
     }
     values["volume_path"] = volume_path or VOLUME_PATH_UNKNOWN.replace("${volume_name}", spec.name)
-    job = _fill(copy.deepcopy(load_template(_resolve(settings.nomad_jobspec))), values)
+    job: dict[str, Any] = _fill(copy.deepcopy(load_template(_resolve(settings.nomad_jobspec))), values)
     if settings.nomad_namespace:
         job["Namespace"] = settings.nomad_namespace
     if settings.nomad_region:

@@ -44,6 +44,7 @@ class Lifecycle:
     async def provision(self, product: ProductRef, user_id: str,
                         engine_version: str | None = None) -> tuple[EngineRow, str]:
         version = engine_version or self.settings.engine_image
+        self.driver.check_version(version)  # the driver refuses what it cannot run (SPEC "Additions")
         self.ops.remember_product(product.id, product.name)
         api_key = crypto.new_engine_key()
 

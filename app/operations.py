@@ -267,4 +267,7 @@ class Operations:
 
 
 def _placement_reason(exc: DriverError) -> str:
+    reason = getattr(exc, "reason", None)  # NodeLost says node_lost
+    if isinstance(reason, str):
+        return reason
     return {"PORT_EXHAUSTION": "port_exhausted"}.get(exc.code, "placement_failed")

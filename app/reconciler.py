@@ -87,8 +87,8 @@ class Reconciler:
             idle = self.settings.idle_sleep_s
             if idle > 0 and lifecycle.idle_for(engine, now) >= idle:
                 self._spawn(lifecycle.sleep_if_idle(engine))
-        elif probe == "dead":
-            self._spawn(lifecycle.fail(engine, "crashed"))
+        elif probe in ("dead", "node_lost"):  # issue 8: node_lost is its own reason
+            self._spawn(lifecycle.fail(engine, "crashed" if probe == "dead" else probe))
         else:
             since = self._unhealthy_since.setdefault(engine.id, now)
             if now - since >= self.settings.health_grace_s:

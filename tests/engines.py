@@ -107,7 +107,8 @@ def assert_consistent(orch: Orchestrator) -> None:
     for name, (status, _) in rows.items():
         if status in ("running", "sleeping"):
             assert name in processes, f"{name} is {status} but has no process"
-    brains = {p.name for p in (orch.state_dir / "brains").iterdir()} if (orch.state_dir / "brains").exists() else set()
+    root = orch.state_dir / "brains"
+    brains = {p.name for p in root.iterdir()} if root.exists() else set()
     assert brains == set(rows), f"brains {brains} vs rows {set(rows)}"
     ports = {name for (name,) in orch.rows("SELECT engine_name FROM port_lease")}
     assert ports == set(rows), f"port leases {ports} vs rows {set(rows)}"
@@ -165,7 +166,8 @@ def _assert_consistent_nomad(orch: Orchestrator) -> None:
                          for e in passing}
             assert url in addresses, f"{name}: url {url} vs passing instances {addresses}"
     left = leftovers(nomad)
-    ours = [j["ID"] for j in get(nomad, "/v1/jobs", prefix="e-")  # the stubs carry Meta
+    # a stub carries Meta only with ?meta=true (command/agent/job_endpoint.go)
+    ours = [j["ID"] for j in get(nomad, "/v1/jobs", prefix="e-", meta="true")
             if (j.get("Meta") or {}).get("managed_by") == "orch"]
     assert set(ours) <= set(rows), f"jobs without a row: {set(ours) - set(rows)}"
     assert set(left["volumes"]) <= set(rows), f"volumes without a row: {set(left['volumes']) - set(rows)}"

@@ -16,19 +16,22 @@ from typing import Any, Literal
 
 # Drivers raise domain errors (app.errors); re-exported here under the names drivers use.
 from app.errors import (
+    BadVersion,
     BootTimeout,
     CapacityExhausted,
     DriverError,
     EngineCrashed,
+    NodeLost,
     PortExhausted,
     SchedulerUnavailable,
 )
 
-__all__ = ["BootTimeout", "CapacityExhausted", "Driver", "DriverError", "EngineCrashed", "EngineSpec",
-           "PortExhausted", "Probe", "SchedulerUnavailable", "State"]
+__all__ = ["BadVersion", "BootTimeout", "CapacityExhausted", "Driver", "DriverError", "EngineCrashed", "EngineSpec",
+           "NodeLost", "PortExhausted", "Probe", "SchedulerUnavailable", "State"]
 
 State = dict[str, Any]  # driver-private, JSON-serialisable
-Probe = Literal["healthy", "unhealthy", "paused", "dead"]
+# "node_lost" (issue 8): the engine's node is gone, and its brain with it until it returns.
+Probe = Literal["healthy", "unhealthy", "paused", "dead", "node_lost"]
 
 
 @dataclass(frozen=True)
@@ -94,8 +97,14 @@ class Driver(abc.ABC):
     async def list_names(self) -> set[str]:
         """Names of every engine this driver holds resources for (for the reconciler)."""
 
+    def check_version(self, version: str) -> None:
+        """Raise BadVersion for an engine_version this driver refuses (default: none)."""
+        return None
+
     async def ping(self) -> None:  # noqa: B027 - optional: a driver with no backend has nothing to ping
         """Raise SchedulerUnavailable when the backend cannot be reached."""
+        return None
 
     async def close(self) -> None:  # noqa: B027 - optional: nothing to release by default
         """Release connections; engines keep running."""
+        return None

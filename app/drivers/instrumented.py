@@ -69,6 +69,9 @@ class Instrumented(Driver):
         with self._measure("list_names"):
             return await self.inner.list_names()
 
+    def check_version(self, version: str) -> None:  # issue 8
+        self.inner.check_version(version)
+
     async def ping(self) -> None:
         with self._measure("ping"):
             await self.inner.ping()

@@ -3,9 +3,11 @@ Nomad Variable, its readiness from Consul.
 
 An engine's resources all carry its name (app.naming): the job ID, the Consul service, the host
 volume's name and the variable `nomad/jobs/<name>`. The driver's state on the row holds the
-volume's ID and host path, the current allocation and the URL. Restarts belong to the
+volume's ID, node and host path, the current allocation and the URL. Restarts belong to the
 orchestrator (the job templates set Nomad's restart and reschedule attempts to 0), so a crash
-is seen here and counted once, with the orchestrator's backoff.
+is seen here and counted once, with the orchestrator's backoff. An allocation lost with its
+node is `node_lost`: Nomad would replace it once the node (and the brain on it) is back, but
+the orchestrator decides, so the engine is failed and restarted by the reconciler.
 """
 
 from __future__ import annotations
@@ -22,14 +24,17 @@ from typing import Any, TypeVar
 from app import engine_http, jobspec
 from app.config import ConfigError, Settings
 from app.discovery import Discovery
-from app.drivers._nomad_api import NomadAPI, SchedulerRejected, VariableConflict
+from app.drivers._nomad_api import NomadAPI, NomadError, SchedulerRejected, VariableConflict
+from app.drivers._nomad_volumes import VolumeGone, Volumes
 from app.drivers.base import (
+    BadVersion,
     BootTimeout,
     CapacityExhausted,
     Driver,
     DriverError,
     EngineCrashed,
     EngineSpec,
+    NodeLost,
     PortExhausted,
     Probe,
     SchedulerUnavailable,
@@ -45,6 +50,7 @@ LIVE = ("pending", "running")
 PORTS_EXHAUSTED = "network: dynamic port selection failed"
 PLACEMENT_WAIT_S = 30.0
 STOP_MARGIN_S = 15.0  # beyond the kill timeout: the client reporting the allocation's end
+VALIDATE_TIMEOUT_S = 3.0
 _OUR_NAME = re.compile(r"e-[a-z0-9-]+-[0-9a-f]{12}")
 
 
@@ -62,10 +68,13 @@ class NomadDriver(Driver):
         try:
             jobspec.check(settings)
         except jobspec.JobspecError as exc:
-            raise ConfigError(f"ORCH_NOMAD_JOBSPEC={str(settings.nomad_jobspec)!r} is invalid: {exc}") from None
+            raise ConfigError(f"ORCH_NOMAD_JOBSPEC={str(settings.nomad_jobspec)!r} is invalid: "
+                              f"{exc}") from None
         self.settings = settings
         self.api = NomadAPI(settings)
+        self.volumes = Volumes(self.api, settings)
         self.consul = Discovery(settings)
+        _validate_with_nomad(settings)
         # Blocking queries hold a thread each: a pool of our own, so they never starve others.
         self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="nomad")
         self.http = engine_http.client()
@@ -78,12 +87,20 @@ class NomadDriver(Driver):
 
     # ---- Driver interface ----------------------------------------------------------------
 
+    def check_version(self, version: str) -> None:
+        try:
+            jobspec.check_version(self.settings, version)
+        except jobspec.BadVersion as exc:
+            raise BadVersion(str(exc)) from None
+
     async def create(self, spec: EngineSpec, api_key: str) -> State:
         state: State = {"job": spec.name}
         try:
-            volume = await self._io(self.api.create_volume, spec.name)
-            state.update(volume=volume["ID"], volume_path=volume.get("HostPath"))
-            await self._volume_ready(volume)
+            job = jobspec.render_job(self.settings, spec)
+            volume = await self._io(self.volumes.create, spec.name, job)
+            state.update(volume=volume["ID"], node=volume.get("NodeID"))
+            volume = await self._volume_ready(volume)
+            state["volume_path"] = volume.get("HostPath")
             return await self.launch(spec, state, api_key)
         except BaseException:
             await self._quietly(self.destroy(spec, state))
@@ -92,13 +109,15 @@ class NomadDriver(Driver):
     async def launch(self, spec: EngineSpec, state: State, api_key: str) -> State:
         await self._io(self.api.put_variable, jobspec.var_path(spec.name), {"api_key": api_key})
         job = jobspec.render_job(self.settings, spec, volume_path=state.get("volume_path"))
-        eval_id = await self._io(self.api.register, job)
+        eval_id = await self._register(job)
         try:
             alloc = await self._placed(spec, eval_id)
-        except DriverError:
+        except DriverError as exc:
             # Unplaced, the job would wait in a blocked evaluation and start behind our back
             # once capacity frees up: take it back.
             await self._quietly(self._io(self.api.deregister, spec.name, False))
+            if isinstance(exc, CapacityExhausted):
+                await self._raise_if_node_down(spec, state)
             raise
         return {**_without(state, "url"), "job": spec.name, "alloc": alloc}
 
@@ -123,13 +142,20 @@ class NomadDriver(Driver):
     async def stop(self, spec: EngineSpec, state: State, grace: float) -> State:
         # Nomad kills with the job's KillTimeout (ORCH_STOP_GRACE_S, rendered into the job):
         # `grace` cannot shorten it, so the wait covers that.
-        if state.get("alloc"):
-            # A paused engine must run to see its SIGTERM.
-            await self._quietly(self._io(self.api.signal, state["alloc"], TASK, "SIGCONT"))
+        await self._thaw(state)
         if await self._io(self.api.job, spec.name) is not None:
             await self._io(self.api.deregister, spec.name, False)
         await self._until_stopped(spec.name, self.settings.stop_grace_s + STOP_MARGIN_S)
         return _without(state, "alloc", "url")
+
+    async def _thaw(self, state: State) -> None:
+        # Nomad sends only the KillSignal, then SIGKILL after the KillTimeout: a paused
+        # (SIGSTOPped) engine would never see its SIGTERM and would lose its clean exit.
+        if state.get("alloc"):
+            try:
+                await self._io(self.api.signal, state["alloc"], TASK, "SIGCONT")
+            except DriverError as exc:   # not running (any more): nothing to thaw
+                log.debug("SIGCONT before stopping %s: %s", state["alloc"], exc)
 
     async def pause(self, spec: EngineSpec, state: State) -> None:
         if state.get("alloc"):
@@ -158,6 +184,7 @@ class NomadDriver(Driver):
     async def destroy(self, spec: EngineSpec, state: State | None) -> None:
         state = state or {}
         if await self._io(self.api.job, spec.name) is not None:
+            await self._thaw(state)
             await self._io(self.api.deregister, spec.name, False)
             await self._until_stopped(spec.name, self.settings.stop_grace_s + STOP_MARGIN_S)
             await self._io(self.api.deregister, spec.name, True)
@@ -174,6 +201,8 @@ class NomadDriver(Driver):
         snapshot = await self._snapshot()
         if snapshot.allocs.get(alloc_id) not in LIVE:
             alloc = await self._io(self.api.allocation, alloc_id)
+            if alloc is not None and alloc.get("ClientStatus") == "lost":
+                return "node_lost"
             if alloc is None or alloc.get("ClientStatus") not in LIVE:
                 return "dead"
         if snapshot.health.get(spec.name) == "passing":
@@ -216,6 +245,13 @@ class NomadDriver(Driver):
         deadline = time.monotonic() + PLACEMENT_WAIT_S
         while True:
             evaluation = await self._io(self.api.evaluation, eval_id)
+            if evaluation.get("Status") == "canceled":
+                # The broker cancels an eval superseded by a newer one of the same job
+                # (nomad/eval_broker.go): that one does the work. Follow it.
+                newer = await self._newer_eval(spec.name, evaluation)
+                if newer:
+                    eval_id = newer
+                    continue
             _raise_placement_failure(spec, evaluation)
             if evaluation.get("Status") in ("failed", "canceled"):
                 raise CapacityExhausted(f"Nomad could not place {spec.name}: "
@@ -224,10 +260,40 @@ class NomadDriver(Driver):
                 live = [a for a in await self._io(self.api.allocations, spec.name)
                         if a.get("DesiredStatus") == "run" and a.get("ClientStatus") not in TERMINAL]
                 if live:
-                    return max(live, key=lambda a: a.get("CreateIndex", 0))["ID"]
+                    return str(max(live, key=lambda a: a.get("CreateIndex", 0))["ID"])
             if time.monotonic() > deadline:
                 raise CapacityExhausted(f"Nomad did not place {spec.name} within {PLACEMENT_WAIT_S:g}s")
             await asyncio.sleep(0.05)
+
+    async def _raise_if_node_down(self, spec: EngineSpec, state: State) -> None:
+        """A placement that failed because the brain's node is down is node_lost."""
+        node_id = state.get("node")
+        if not node_id and state.get("volume"):
+            volume = await self._io(self.api.volume, state["volume"])
+            node_id = (volume or {}).get("NodeID")
+        node = await self._io(self.api.node, node_id) if node_id else None
+        if node is not None and node.get("Status") != "ready":
+            raise NodeLost(f"the brain of {spec.name} is on node {node_id}, which is "
+                           f"{node.get('Status')}: unavailable until the node returns", state)
+
+    async def _newer_eval(self, job_id: str, evaluation: dict[str, Any]) -> str | None:
+        evals = [e for e in await self._io(self.api.evaluations, job_id)
+                 if e.get("CreateIndex", 0) > evaluation.get("CreateIndex", 0)
+                 and e.get("Status") != "canceled" and e.get("TriggeredBy") != "queued-allocs"]
+        return max(evals, key=lambda e: e.get("CreateIndex", 0))["ID"] if evals else None
+
+    async def _register(self, job: dict[str, Any]) -> str:
+        try:
+            return await self._io(self.api.register, job)
+        except NomadError as exc:
+            # Nomad answers its job validation's refusal as an uncoded error, a 500
+            # (nomad/job_endpoint.go Register): ask its validator whether that is what this
+            # is, so a broken job is reported as ours, not as "Nomad is down".
+            problems = await self._io(self.api.validate, job) if exc.http_status == 500 else []
+            if problems:
+                raise SchedulerRejected(f"Nomad refused job {job['ID']}: {'; '.join(problems)}") \
+                    from None
+            raise
 
     async def _until_stopped(self, job_id: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -237,37 +303,65 @@ class NomadDriver(Driver):
                 raise SchedulerUnavailable(f"the allocations of {job_id} did not stop within {timeout:g}s")
             await asyncio.sleep(0.05)
 
-    async def _volume_ready(self, volume: dict[str, Any]) -> None:
+    async def _volume_ready(self, volume: dict[str, Any]) -> dict[str, Any]:
+        # A new volume is `pending` until its node's next fingerprint reports it.
         deadline = time.monotonic() + PLACEMENT_WAIT_S
         while volume.get("State") != "ready":
             if volume.get("State") == "unavailable" or time.monotonic() > deadline:
                 raise CapacityExhausted(f"host volume {volume.get('Name')} is {volume.get('State')}")
             await asyncio.sleep(0.05)
-            volume = await self._io(self.api.volume, volume["ID"]) or {"State": "deleted"}
+            try:
+                volume = await self._io(self.volumes.get, volume["ID"])
+            except VolumeGone:
+                volume = {**volume, "State": "deleted"}
+        return volume
 
     async def _volume_ids(self, name: str, known: str | None) -> list[str]:
         if known:
             return [known]
         # No state (an orphan, or a crash before the row learnt the ID): find it by name.
-        return [v["ID"] for v in await self._io(self.api.volumes) if v.get("Name") == name]
+        return [v["ID"] for v in await self._io(self.volumes.find, name)]
 
     async def _delete_volume(self, volume_id: str) -> None:
         # The client may hold its claim a moment after the allocation ended.
         deadline = time.monotonic() + STOP_MARGIN_S
         while True:
-            try:
-                await self._io(self.api.delete_volume, volume_id)
+            outcome = await self._io(self.volumes.delete, volume_id)
+            if outcome in ("deleted", "gone"):
                 return
-            except SchedulerRejected:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.1)
+            if outcome == "node down":
+                # Destroy must end: Nomad forgets the volume; its directory stays on the
+                # lost node's disk (logged, for the operator to wipe).
+                log.warning("host volume %s is on a down node: forgotten with force=true, its "
+                            "directory stays on that node", volume_id)
+                await self._io(self.volumes.force_delete, volume_id)
+                return
+            if time.monotonic() > deadline:
+                raise SchedulerUnavailable(f"host volume {volume_id} is still in use")
+            await asyncio.sleep(0.1)
 
     async def _quietly(self, work: Any) -> None:
         try:
             await work
         except DriverError as exc:
             log.warning("clean-up left for the reconciler: %s", exc)
+
+
+def _validate_with_nomad(settings: Settings) -> None:
+    """The job template through Nomad's own validator (PUT /v1/validate/job), when Nomad
+    answers at start-up: a template Nomad would refuse stops start-up, not every provision."""
+    api = NomadAPI(settings, timeout=VALIDATE_TIMEOUT_S)
+    try:
+        spec = EngineSpec("e-validate-000000000000", "validate", "validate", settings.engine_image)
+        problems = api.validate(jobspec.render_job(settings, spec))
+    except DriverError as exc:
+        log.warning("job template not validated by Nomad at start-up: %s", exc)
+        return
+    finally:
+        api.close()
+    if problems:
+        raise ConfigError(f"ORCH_NOMAD_JOBSPEC={str(settings.nomad_jobspec)!r} is refused by "
+                          f"Nomad: {'; '.join(problems)}")
 
 
 def _raise_placement_failure(spec: EngineSpec, evaluation: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""python -m tests.doubles --data-dir DIR [--port-range A-B] [--nomad-port 0]
+"""python -m tests.doubles --data-dir DIR [--port-range A-B] [--nodes N] [--nomad-port 0]
 [--consul-port 0] [--control-port 0]
 
 Prints one JSON line {"nomad": url, "consul": url, "control": url} when ready, serves until
@@ -26,6 +26,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--data-dir", required=True, type=Path)
     parser.add_argument("--port-range", default="31000-31009",
                         help="dynamic ports for allocations, inclusive: LOW-HIGH")
+    parser.add_argument("--nodes", type=int, default=1, help="client nodes in the cluster")
     parser.add_argument("--nomad-port", type=int, default=0)
     parser.add_argument("--consul-port", type=int, default=0)
     parser.add_argument("--control-port", type=int, default=0)
@@ -40,11 +41,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 async def serve(args: argparse.Namespace) -> None:
     data_dir = args.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    state = State(data_dir, args.ports)
+    state = State(data_dir, args.ports, nodes=max(1, args.nodes))
     cluster = Cluster(state)
-    nomad = Listener(NomadAPI(cluster).app(), args.nomad_port)
+    nomad_api = NomadAPI(cluster)
+    nomad = Listener(nomad_api.app(), args.nomad_port)
     consul = Listener(ConsulAPI(state).app(), args.consul_port)
-    control = Listener(Control(cluster, nomad, consul).app(), args.control_port)
+    control = Listener(Control(cluster, nomad, consul, nomad_api.acl).app(), args.control_port)
     for listener in (nomad, consul, control):
         listener.up()
     stop = asyncio.Event()

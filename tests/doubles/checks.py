@@ -66,7 +66,7 @@ class ServiceManager:
         name = templates.interpolate(svc.get("Name") or "", env, meta)
         label = svc.get("PortLabel") or ""
         sid = f"_nomad-task-{alloc.id}-{owner}-{name}-{label}"
-        index = self.state.bump_consul()
+        index = self.state.bump_consul(name)
         service = ConsulService(
             id=sid, name=name,
             tags=[templates.interpolate(t, env, meta) for t in svc.get("Tags") or []],
@@ -103,7 +103,7 @@ class ServiceManager:
             loop = self.loops.pop(check_id, None)
             if loop:
                 loop.cancel()
-        self.state.bump_consul()
+        self.state.bump_consul(service.name)
 
     # ---- running checks ------------------------------------------------------------------
 
@@ -160,7 +160,7 @@ class ServiceManager:
         if current["Status"] == status and current["Output"] == output:
             return  # Consul's index moves only on a real change
         current["Status"], current["Output"] = status, output
-        current["ModifyIndex"] = self.state.bump_consul()
+        current["ModifyIndex"] = self.state.bump_consul(service.name)
 
 
 def _group(alloc: Alloc) -> dict[str, Any]:

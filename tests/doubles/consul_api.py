@@ -22,13 +22,16 @@ class ConsulAPI:
                 "X-Consul-KnownLeader": "true", "X-Consul-LastContact": "0",
                 "X-Consul-Effective-Consistency": "leader"}
 
-    def ok(self, body: Any) -> Response:
-        return json_response(body, self.headers())
+    def ok(self, body: Any, index: int | None = None) -> Response:
+        headers = self.headers()
+        if index is not None:
+            headers["X-Consul-Index"] = str(index)
+        return json_response(body, headers)
 
-    async def block(self, request: Request) -> None:
+    async def block(self, request: Request, service: str | None = None) -> None:
         index, wait = blocking_params(request)
         if index is not None:
-            await self.state.wait_past(index, wait, consul=True)
+            await self.state.wait_past(index, wait, consul=True, service=service)
 
     def app(self) -> Starlette:
         table = [
@@ -78,7 +81,11 @@ class ConsulAPI:
         return self.ok("127.0.0.1:8300")
 
     async def health_service(self, request: Request) -> Response:
-        await self.block(request)
+        # agent/health_endpoint.go -> state ServiceNodes/CheckServiceNodes: the index is the
+        # service's own (maxIndexForService), so a blocking query on one engine's service
+        # does not return on every other engine's check change.
+        name = request.path_params["name"]
+        await self.block(request, service=name)
         entries = []
         tag = request.query_params.get("tag")
         for svc in self._named(request.path_params["name"]):
@@ -88,7 +95,7 @@ class ConsulAPI:
             if tag and tag not in svc.tags:
                 continue
             entries.append({"Node": self.node(), "Service": self.service(svc), "Checks": checks})
-        return self.ok(entries)
+        return self.ok(entries, index=self.state.service_index.get(name, 1))
 
     async def health_checks(self, request: Request) -> Response:
         await self.block(request)

@@ -1,4 +1,5 @@
-"""The test-facing control API: faults, node loss, rejections, request counts, a state dump.
+"""The test-facing control API: faults, node loss and return, ACLs, rejections, request
+counts, a state dump.
 Also the listeners: "down" closes a port (connection refused) and "up" reopens the same one.
 """
 
@@ -17,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from tests.doubles.acl import ACL
 from tests.doubles.scheduler import Cluster
 from tests.doubles.state import Faults
 
@@ -77,15 +79,18 @@ def _bind(port: int) -> socket.socket:
 
 
 class Control:
-    def __init__(self, cluster: Cluster, nomad: Listener, consul: Listener):
+    def __init__(self, cluster: Cluster, nomad: Listener, consul: Listener, acl: ACL):
         self.cluster, self.state = cluster, cluster.state
         self.nomad, self.consul = nomad, consul
+        self.acl = acl
 
     def app(self) -> Starlette:
         return Starlette(routes=[
             Route("/faults", self.get_faults, methods=["GET"]),
             Route("/faults", self.set_faults, methods=["POST"]),
             Route("/node-lost", self.node_lost, methods=["POST"]),
+            Route("/node-up", self.node_up, methods=["POST"]),
+            Route("/acl", self.set_acl, methods=["POST"]),
             Route("/rejections", self.rejections, methods=["GET"]),
             Route("/rejections", self.clear_rejections, methods=["DELETE"]),
             Route("/requests", self.requests, methods=["GET"]),
@@ -120,8 +125,38 @@ class Control:
         else:
             listener.up()
 
+    async def _nodes(self, request: Request) -> list[str] | Response:
+        """The node named in the body ({"node": id}); without one, every node running a live
+        allocation (all nodes when none does)."""
+        body = json.loads(await request.body() or b"{}")
+        if body.get("node"):
+            if body["node"] not in self.state.nodes:
+                return self._json({"error": f"no node {body['node']!r}"}, 400)
+            return [body["node"]]
+        busy = sorted({a.node_id for a in self.state.live_allocs()})
+        return busy or sorted(self.state.nodes)
+
     async def node_lost(self, request: Request) -> Response:
-        return self._json({"lost": self.cluster.node_lost()})
+        nodes = await self._nodes(request)
+        if isinstance(nodes, Response):
+            return nodes
+        return self._json({"lost": [a for n in nodes for a in self.cluster.node_lost(n)],
+                           "nodes": nodes})
+
+    async def node_up(self, request: Request) -> Response:
+        nodes = await self._nodes(request)
+        if isinstance(nodes, Response):
+            return nodes
+        for node in nodes:
+            self.cluster.node_up(node)
+        return self._json({"nodes": nodes})
+
+    async def set_acl(self, request: Request) -> Response:
+        """{"enabled": bool, "tokens": {secret: {"namespace": [caps], "variables":
+        {path glob: [caps]}, "node": "read"}}}"""
+        body = json.loads(await request.body() or b"{}")
+        self.acl.configure(bool(body.get("enabled")), body.get("tokens") or {})
+        return self._json({"enabled": self.acl.enabled, "tokens": sorted(self.acl.tokens)})
 
     async def rejections(self, request: Request) -> Response:
         return self._json(self.state.rejections)

@@ -13,11 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from tests.doubles.state import Alloc
+from tests.doubles.volumes import CLIENT_UID, owner_and_mode
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: app.refengine lives there
 DRIVER_KEYS = {"raw_exec": {"command", "args"}, "docker": {"image", "ports", "args"}}
 BASE_ENV_KEYS = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")
 CRASH_CMD = [sys.executable, "-c", "import sys; sys.exit(1)"]  # the task_crash fault
+# The user every emulated image runs as: jobspecs/Dockerfile.refengine's `USER 65534:65534`.
+IMAGE_UID = IMAGE_GID = 65534
 
 
 class DriverError(Exception):
@@ -74,9 +77,66 @@ def base_env(job_env: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def command(task: dict[str, Any], config: dict[str, Any], crash: bool) -> list[str]:
+def pull_image(task: dict[str, Any]) -> None:
+    """drivers/docker/driver.go createImage: a `latest` (or missing) tag is always pulled;
+    any other tag is used from the node's image store when present. The double's image
+    store holds every non-latest tag (images built on the node) and no registry answers a
+    pull, so `latest` fails as a locally built image does on a real node."""
+    if task.get("Driver") != "docker":
+        return
+    image = (task.get("Config") or {}).get("image", "")
+    name = image.rsplit("/", 1)[-1]
+    if "@" in name:
+        return   # pinned by digest
+    tag = name.partition(":")[2]
+    if tag in ("", "latest"):
+        repo = image[:len(image) - len(tag) - 1] if tag else image
+        raise DriverError(f"Failed to pull `{image}`: Error response from daemon: pull access "
+                          f"denied for {repo}, repository does not exist or may require "
+                          f"'docker login'")
+
+
+def container_denied(task: dict[str, Any], alloc: Alloc, env: dict[str, str]) -> str | None:
+    """What the container's user (IMAGE_UID) cannot do that the engine must: write its brain
+    (a host volume: owner and mode from the mkdir plugin's Parameters, volumes.py) and read
+    its key (a template: the client's user unless Uid/Gid, Perms). None when all is well.
+    The double runs every process as one user, so it checks this instead of the kernel."""
+    if task.get("Driver") != "docker":
+        return None
+    for mount in task.get("VolumeMounts") or []:
+        volume = alloc.volumes.get(mount.get("Volume") or "")
+        if volume is None or mount.get("ReadOnly"):
+            continue
+        if not _allowed(*owner_and_mode(volume), want=0o3):
+            return f"PermissionError: [Errno 13] Permission denied: '{mount.get('Destination')}'"
+    for tmpl in task.get("Templates") or []:
+        # template.go: Uid/Gid only when set and >= 0; otherwise the agent's user owns it
+        uid, gid = (tmpl[k] if (tmpl.get(k) or 0) > 0 or tmpl.get(k) == 0 else CLIENT_UID
+                    for k in ("Uid", "Gid"))
+        if not _allowed(uid, gid, int(tmpl.get("Perms") or "0644", 8), want=0o4):
+            return f"PermissionError: [Errno 13] Permission denied: '{tmpl.get('DestPath')}'"
+    return None
+
+
+def _allowed(uid: int, gid: int, mode: int, want: int) -> bool:
+    """Unix permission check of `want` (4 read, 2 write, 1 search) for the image's user."""
+    if IMAGE_UID == 0:
+        return True
+    if uid == IMAGE_UID:
+        bits = (mode >> 6) & 7
+    elif gid == IMAGE_GID:
+        bits = (mode >> 3) & 7
+    else:
+        bits = mode & 7
+    return bits & want == want
+
+
+def command(task: dict[str, Any], config: dict[str, Any], crash: bool,
+            denied: str | None = None) -> list[str]:
     if crash:
         return list(CRASH_CMD)
+    if denied:   # the engine starts, fails on its brain or key, and exits 1
+        return [sys.executable, "-c", f"import sys; sys.stderr.write({denied!r} + '\\n'); sys.exit(1)"]
     if task["Driver"] == "raw_exec":
         return [config["command"], *config.get("args", [])]
     return [sys.executable, "-m", "app.refengine", *config.get("args", [])]

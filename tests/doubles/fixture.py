@@ -30,9 +30,10 @@ STOP_TIMEOUT_S = 10.0   # the double gives each task 2s, then SIGKILLs
 
 
 class Hashistack:
-    def __init__(self, tmp_dir: Path, port_range: tuple[int, int]):
+    def __init__(self, tmp_dir: Path, port_range: tuple[int, int], nodes: int = 1):
         self.data_dir = Path(tmp_dir).resolve() / "hashistack"
         self.port_range = port_range
+        self.nodes = nodes
         self.proc: subprocess.Popen[bytes] | None = None
         self.urls: dict[str, str] = {}
 
@@ -58,7 +59,7 @@ class Hashistack:
         with open(self.stderr_path, "ab") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "tests.doubles", "--data-dir", str(self.data_dir),
-                 "--port-range", f"{low}-{high}"],
+                 "--port-range", f"{low}-{high}", "--nodes", str(self.nodes)],
                 cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
         try:
             self.urls = json.loads(self._first_line())
@@ -109,8 +110,18 @@ class Hashistack:
     def state(self) -> dict[str, Any]:
         return self._control("GET", "/state")
 
-    def node_lost(self) -> list[str]:
-        return self._control("POST", "/node-lost")["lost"]
+    def node_lost(self, node: str | None = None) -> list[str]:
+        """The node (default: every node running an allocation) goes down; the ids of the
+        allocations now lost."""
+        return self._control("POST", "/node-lost", {"node": node} if node else {})["lost"]
+
+    def node_up(self, node: str | None = None) -> None:
+        self._control("POST", "/node-up", {"node": node} if node else {})
+
+    def acl(self, tokens: dict[str, dict[str, Any]] | None, enabled: bool = True) -> None:
+        """Turn ACLs on with these tokens (see tests/doubles/acl.py), or off."""
+        self._control("POST", "/acl", {"enabled": enabled and tokens is not None,
+                                       "tokens": tokens or {}})
 
     # ---- stopping ------------------------------------------------------------------------
 
@@ -149,9 +160,9 @@ class Hashistack:
                 environ = (entry / "environ").read_bytes()
             except OSError:
                 continue
-            if any(item.startswith(b"NOMAD_ALLOC_DIR=" + prefix) for item in environ.split(b"\0")):
-                if status(int(entry.name), None) != "dead":
-                    pids.add(int(entry.name))
+            ours = any(item.startswith(b"NOMAD_ALLOC_DIR=" + prefix) for item in environ.split(b"\0"))
+            if ours and status(int(entry.name), None) != "dead":
+                pids.add(int(entry.name))
         return sorted(pids)
 
     def __enter__(self) -> Hashistack:

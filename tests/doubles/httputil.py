@@ -32,6 +32,11 @@ class NotFound(Exception):
     """Answered as 404 text/plain ("job not found", ...)."""
 
 
+class ServerError(Exception):
+    """Answered as 500 text/plain: an error that is neither an HTTP-coded nor an RPC-coded
+    error in Nomad (command/agent/http.go `wrap` answers those with 500)."""
+
+
 def parse_duration(text: str) -> float:
     """Go's time.ParseDuration, in seconds ("5s", "100ms", "1m30s"); ValueError if bad."""
     if text in ("0", ""):

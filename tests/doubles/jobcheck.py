@@ -128,6 +128,12 @@ def _check_template(tmpl: dict[str, Any], where: str, errors: list[str]) -> None
     perms = tmpl.get("Perms")
     if perms is not None and not re.fullmatch(r"0?[0-7]{3,4}", perms):
         errors.append(f"{where}: Failed to parse {perms!r} as octal")
+    if (tmpl.get("Splay") or 0) < 0:
+        errors.append(f"{where}: Must specify positive splay value")
+    wait = tmpl.get("Wait") or {}
+    # nomad/structs WaitConfig.Validate
+    if wait.get("Min") is not None and wait.get("Max") is not None and wait["Min"] > wait["Max"]:
+        errors.append(f"{where}: wait min {wait['Min']} is greater than max {wait['Max']}")
 
 
 def with_defaults(job: dict[str, Any]) -> dict[str, Any]:
@@ -143,4 +149,16 @@ def with_defaults(job: dict[str, Any]) -> dict[str, Any]:
     for group in out.get("TaskGroups") or []:
         if group.get("Count") is None:
             group["Count"] = 1
+        for task in group.get("Tasks") or []:
+            for tmpl in task.get("Templates") or []:
+                _template_defaults(tmpl)
     return out
+
+
+def _template_defaults(tmpl: dict[str, Any]) -> None:
+    """api/tasks.go Template.Canonicalize (run by command/agent ApiJobToStructJob): change
+    mode restart, Splay 5s, Perms 0644; Uid/Gid stay unset (the file is the agent's user's)."""
+    for key, value in (("ChangeMode", "restart"), ("Splay", 5 * SECOND), ("Perms", "0644"),
+                       ("LeftDelim", "{{"), ("RightDelim", "}}"), ("Envvars", False)):
+        if tmpl.get(key) is None:
+            tmpl[key] = value

@@ -1,5 +1,12 @@
-"""The Nomad HTTP API of the double: jobs, evaluations, allocations, signals, logs (this
-file) plus host volumes and variables (nomad_store_api.py)."""
+"""The Nomad HTTP API of the double: jobs, evaluations, allocations, nodes, signals, logs
+(this file) plus host volumes (volumes.py) and variables (nomad_store_api.py).
+
+Follows command/agent/{job,eval,alloc,node}_endpoint.go and http.go `wrap` at v1.10.5: errors
+the HTTP layer codes (decode failures, "Job must be specified", an ID not matching the URL)
+are 400; errors from the RPC layer that carry no code (the job's own validation in
+nomad/job_endpoint.go `Register`, a signal to an unknown task in client/alloc_endpoint.go) are
+500; "Permission denied" is 403.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +19,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tests.doubles import jobcheck, views
+from tests.doubles.acl import ACL, Forbidden
 from tests.doubles.httputil import (
     BadRequest,
     NotFound,
+    ServerError,
     blocking_params,
     json_response,
     read_body,
@@ -25,7 +34,7 @@ from tests.doubles.httputil import (
 )
 from tests.doubles.nomad_store_api import store_routes
 from tests.doubles.scheduler import Cluster
-from tests.doubles.state import NODE_ID, NODE_NAME, State
+from tests.doubles.state import State
 from tests.doubles.tasks import parse_signal
 
 
@@ -41,6 +50,7 @@ class NomadAPI:
     def __init__(self, cluster: Cluster):
         self.cluster = cluster
         self.state: State = cluster.state
+        self.acl = ACL()
 
     def headers(self) -> dict[str, str]:
         return {"X-Nomad-Index": str(self.state.index), "X-Nomad-KnownLeader": "true",
@@ -69,10 +79,21 @@ class NomadAPI:
             ("/v1/allocation/{alloc_id}", ["GET"], self.get_alloc),
             ("/v1/client/allocation/{alloc_id}/signal", ["PUT", "POST"], self.signal),
             ("/v1/client/fs/logs/{alloc_id}", ["GET"], self.logs),
+            ("/v1/job/{job_id}/evaluations", ["GET"], self.job_evals),
+            ("/v1/validate/job", ["PUT", "POST"], self.validate),
+            ("/v1/nodes", ["GET"], self.list_nodes),
+            ("/v1/node/{node_id}", ["GET"], self.get_node),
             *store_routes(self),
         ]
         return Starlette(routes=routes(self.state, "nomad", table), exception_handlers={
-            BadRequest: self._bad_request, NotFound: self._not_found})
+            BadRequest: self._bad_request, NotFound: self._not_found,
+            ServerError: self._server_error, Forbidden: self._forbidden})
+
+    async def _server_error(self, request: Request, exc: Exception) -> Response:
+        return text_response(str(exc), 500, self.headers())
+
+    async def _forbidden(self, request: Request, exc: Exception) -> Response:
+        return text_response(str(exc), 403, self.headers())
 
     async def _bad_request(self, request: Request, exc: Exception) -> Response:
         return text_response(str(exc), 400, self.headers())
@@ -86,11 +107,31 @@ class NomadAPI:
         return self.ok("127.0.0.1:4647")
 
     async def agent_self(self, request: Request) -> Response:
+        first = next(iter(self.state.nodes.values()))
         return self.ok({"config": {"Region": "global", "Datacenter": "dc1",
-                                   "NodeName": NODE_NAME, "Version": {"Version": "1.10.5"}},
-                        "member": {"Name": NODE_NAME, "Addr": "127.0.0.1", "Port": 4648,
+                                   "NodeName": first.name, "Version": {"Version": "1.10.5"}},
+                        "member": {"Name": first.name, "Addr": "127.0.0.1", "Port": 4648,
                                    "Status": "alive"},
-                        "stats": {"client": {"node_id": NODE_ID}}})
+                        "stats": {"client": {"node_id": first.id}}})
+
+    # ---- nodes (command/agent/node_endpoint.go, nomad/node_endpoint.go List/GetNode) --------
+
+    async def list_nodes(self, request: Request) -> Response:
+        self.acl.require_node_read(request)
+        await self.block(request)
+        prefix = request.query_params.get("prefix", "")
+        return self.ok([views.node_stub(n) for n in sorted(self.state.nodes.values(),
+                                                            key=lambda n: n.id)
+                        if n.id.startswith(prefix)])
+
+    async def get_node(self, request: Request) -> Response:
+        self.acl.require_node_read(request)
+        await self.block(request)
+        node = self.state.nodes.get(request.path_params["node_id"])
+        if node is None:
+            raise NotFound("node not found")
+        volumes = [v for v in self.state.volumes.values() if v["NodeID"] == node.id]
+        return self.ok(views.node_view(node, volumes))
 
     # ---- jobs ----------------------------------------------------------------------------
 
@@ -103,12 +144,27 @@ class NomadAPI:
         job = body.get("Job")
         if not job:
             raise refuse(request, self.state, "Job must be specified")
+        if url_id is not None and job.get("ID") != url_id:
+            raise refuse(request, self.state, "Job ID does not match name")
+        self.acl.require_namespace(request, "submit-job")
         errors = jobcheck.check(job, url_id)
         if errors:
-            message = f"{len(errors)} error(s) occurred:\n" + "".join(
-                f"\t* {e}\n" for e in errors)
-            raise refuse(request, self.state, message)
+            # nomad/job_endpoint.go Register returns the validation's multierror uncoded: 500.
+            refuse(request, self.state, _multierror(errors))
+            raise ServerError(_multierror(errors))
         return self.ok(self.cluster.register(job))
+
+    async def validate(self, request: Request) -> Response:
+        """command/agent/job_endpoint.go ValidateJobRequest -> nomad/job_endpoint.go Validate:
+        validation errors are reported in a 200 JobValidateResponse, not as an HTTP error."""
+        body = await read_body(request, self.state, "nomad", "JobValidateRequest")
+        job = body.get("Job")
+        if not job:
+            raise BadRequest("Job must be specified")
+        self.acl.require_namespace(request, "read-job")
+        errors = jobcheck.check(job, None)
+        return self.ok({"DriverConfigValidated": True, "ValidationErrors": errors or None,
+                        "Error": _multierror(errors) if errors else "", "Warnings": ""})
 
     def _job(self, job_id: str) -> dict[str, Any]:
         job = self.state.jobs.get(job_id)
@@ -117,35 +173,49 @@ class NomadAPI:
         return job
 
     async def get_job(self, request: Request) -> Response:
+        self.acl.require_namespace(request, "read-job")
         await self.block(request)
         job = self._job(request.path_params["job_id"])
         return self.ok(views.job_view(job, self.cluster.job_status(job)))
 
     async def list_jobs(self, request: Request) -> Response:
+        self.acl.require_namespace(request, "list-jobs")
         await self.block(request)
         prefix = request.query_params.get("prefix", "")
-        return self.ok([views.job_stub(j, self.cluster.job_status(j))
+        meta = truthy(request, "meta")
+        return self.ok([views.job_stub(j, self.cluster.job_status(j), meta)
                         for jid, j in sorted(self.state.jobs.items()) if jid.startswith(prefix)])
 
     async def deregister(self, request: Request) -> Response:
+        self.acl.require_namespace(request, "submit-job")
         purge = truthy(request, "purge")
         return self.ok(self.cluster.deregister(request.path_params["job_id"], purge))
 
     async def job_allocs(self, request: Request) -> Response:
+        self.acl.require_namespace(request, "read-job")
         await self.block(request)
         jid = request.path_params["job_id"]
-        return self.ok([views.alloc_stub(a) for a in self.state.job_allocs(jid)])
+        return self.ok([views.alloc_stub(a, self.state) for a in self.state.job_allocs(jid)])
+
+    async def job_evals(self, request: Request) -> Response:
+        self.acl.require_namespace(request, "read-job")
+        await self.block(request)
+        jid = request.path_params["job_id"]
+        return self.ok(sorted((e for e in self.state.evals.values() if e["JobID"] == jid),
+                              key=lambda e: e["CreateIndex"]))
 
     async def list_allocs(self, request: Request) -> Response:
         # Nomad's ?prefix= matches the allocation ID, not the job.
+        self.acl.require_namespace(request, "read-job")
         await self.block(request)
         prefix = request.query_params.get("prefix", "")
-        return self.ok([views.alloc_stub(a) for a in self.state.allocs.values()
+        return self.ok([views.alloc_stub(a, self.state) for a in self.state.allocs.values()
                         if a.id.startswith(prefix)])
 
     # ---- evaluations and allocations -----------------------------------------------------
 
     async def get_eval(self, request: Request) -> Response:
+        self.acl.require_namespace(request, "read-job")
         await self.block(request)
         ev = self.state.evals.get(request.path_params["eval_id"])
         if ev is None:
@@ -159,6 +229,7 @@ class NomadAPI:
         return alloc
 
     async def get_alloc(self, request: Request) -> Response:
+        self.acl.require_namespace(request, "read-job")
         await self.block(request)
         alloc = self._alloc(request.path_params["alloc_id"])
         return self.ok(views.allocation(alloc, self.state))
@@ -166,6 +237,7 @@ class NomadAPI:
     async def signal(self, request: Request) -> Response:
         alloc = self._alloc(request.path_params["alloc_id"])
         body = await read_body(request, self.state, "nomad", "AllocSignalRequest")
+        self.acl.require_namespace(request, "alloc-lifecycle")
         try:
             sig = parse_signal(body.get("Signal") or "SIGKILL")
         except ValueError as exc:
@@ -174,7 +246,9 @@ class NomadAPI:
         task = body.get("Task") or ""
         chosen = [r for r in runners if not task or r.name == task]
         if not chosen:
-            raise refuse(request, self.state, f'Failed to signal task: {task}, err: task not found')
+            # client/allocrunner Signal: an uncoded error, so 500
+            refuse(request, self.state, f"Failed to signal task: {task}, err: task not found")
+            raise ServerError(f"Failed to signal task: {task}, err: task not found")
         if alloc.terminal or not any(r.ts["State"] == "running" for r in chosen):
             return text_response("Task not running", 500, self.headers())
         for runner in chosen:
@@ -184,6 +258,7 @@ class NomadAPI:
         return self.ok({})
 
     async def logs(self, request: Request) -> Response:
+        self.acl.require_namespace(request, "read-logs")
         alloc = self._alloc(request.path_params["alloc_id"])
         task = request.query_params.get("task", "")
         kind = request.query_params.get("type", "")
@@ -203,3 +278,9 @@ class NomadAPI:
         else:
             data = data[offset:]
         return Response(data, headers=self.headers(), media_type="text/plain")
+
+
+def _multierror(errors: list[str]) -> str:
+    # hashicorp/go-multierror's format, as Nomad's validation errors read
+    return f"{len(errors)} error{'s' if len(errors) > 1 else ''} occurred:\n" + "".join(
+        f"\t* {e}\n" for e in errors) + "\n"

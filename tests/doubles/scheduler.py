@@ -1,26 +1,37 @@
-"""The double's one-node cluster: job registration, evaluations, placement (ports, host
-volumes, faults), allocation runners, stops, node loss and shutdown.
+"""The double's cluster of N nodes: job registration, evaluations (and their broker),
+placement (placement.py), allocation runners, stops, node loss and return, shutdown.
 
-Evaluations are processed before the register call answers (so a test can read the eval at
-once), except that a replacement allocation waits for the allocation it replaces to stop.
+Follows, at v1.10.5: nomad/job_endpoint.go Register/Deregister (an eval per change),
+nomad/eval_broker.go (one eval per job in flight; evals arriving meanwhile wait, and when the
+in-flight one is acked the newest waiting one runs and the older ones are canceled, "canceled
+after more recent eval was processed", nomad/leader.go reapCancelableEvaluations),
+scheduler/reconcile.go (allocations on a down node are marked lost, "alloc is lost since its
+node is down", and replaced whatever the reschedule policy), nomad/blocked_evals.go (a
+placement failure leaves a blocked eval, unblocked when a node comes back or a volume turns
+ready).
+
+With no eval_delay_s, an evaluation of a job with none in flight is processed before the
+register call answers (a test can read the eval at once); a replacement allocation waits for
+the allocation it replaces to stop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import signal
-import socket
 import time
 from typing import Any
 
-from tests.doubles import jobcheck
+from tests.doubles import jobcheck, placement
 from tests.doubles.checks import ServiceManager
-from tests.doubles.state import NODE_ID, Alloc, State, new_id, now_ns
+from tests.doubles.state import Alloc, State, new_id, now_ns
 from tests.doubles.tasks import TaskRunner
 
 SERVER_FIELDS = ("Status", "StatusDescription", "Stable", "Version", "SubmitTime",
                  "CreateIndex", "ModifyIndex", "JobModifyIndex", "Stop")
-PORT_FAIL = "network: dynamic port selection failed"
+CANCELED = "canceled after more recent eval was processed"
+LOST = "alloc is lost since its node is down"
 
 
 class Cluster:
@@ -29,6 +40,9 @@ class Cluster:
         self.services = ServiceManager(state)
         self.runners: dict[str, list[TaskRunner]] = {}
         self.background: set[asyncio.Task[Any]] = set()
+        self.inflight: set[str] = set()                        # job IDs with an eval running
+        self.waiting: dict[str, list[dict[str, Any]]] = {}     # job ID -> evals queued behind
+        self.blocked: dict[str, dict[str, Any]] = {}           # job ID -> its blocked eval
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         """Run `coro` in the background, kept referenced until done (and awaited at close)."""
@@ -54,24 +68,58 @@ class Cluster:
                        "ModifyIndex": index, "JobModifyIndex": index})
         self.state.jobs[jid] = stored
         ev = self._new_eval(stored, "job-register")
-        if not unchanged or self._wants_replacement(jid):
-            self._evaluate(stored, ev)
-        else:
-            self._finish_eval(ev, {})   # nothing to change: a no-op plan
+        self.blocked.pop(jid, None)   # a new version supersedes the blocked eval's work
+        self.enqueue(jid, ev)
         return {"EvalID": ev["ID"], "EvalCreateIndex": ev["CreateIndex"],
                 "JobModifyIndex": stored["JobModifyIndex"], "Warnings": "",
                 "Index": self.state.index, "LastContact": 0, "KnownLeader": True}
 
-    def _wants_replacement(self, jid: str) -> bool:
-        # An unchanged job is a no-op while its alloc lives, and after it failed (Nomad does
-        # not replace a failed alloc whose reschedule policy is spent). A lost or completed
-        # alloc is replaced.
-        allocs = self.state.job_allocs(jid)
-        if not allocs:
+    def _needs_placement(self, job: dict[str, Any]) -> bool:
+        # The version its last alloc ran is a no-op while that alloc lives, and after it
+        # failed (Nomad does not replace a failed alloc whose reschedule policy is spent). A
+        # new version, or a lost or completed alloc, is placed.
+        allocs = self.state.job_allocs(job["ID"])
+        if job["Stop"]:
+            return False
+        # A new version (a changed job, or one registered again after a stop) is placed
+        # afresh: allocations of older versions no longer count (scheduler/reconcile.go).
+        if not allocs or allocs[-1].job["Version"] != job["Version"]:
             return True
-        if any(not a.terminal for a in allocs):
+        if any(not a.terminal and a.desired == "run" for a in allocs):
             return False
         return allocs[-1].client_status != "failed"
+
+    # ---- the eval broker -------------------------------------------------------------------
+
+    def enqueue(self, jid: str, ev: dict[str, Any]) -> None:
+        if jid in self.inflight:
+            self.waiting.setdefault(jid, []).append(ev)
+            return
+        if not self.state.faults.eval_delay_s:
+            self._process(ev)
+            return
+        self.inflight.add(jid)
+        self.spawn(self._work(jid, ev))
+
+    async def _work(self, jid: str, ev: dict[str, Any] | None) -> None:
+        try:
+            while ev is not None:
+                await asyncio.sleep(self.state.faults.eval_delay_s)
+                self._process(ev)
+                queued = sorted(self.waiting.pop(jid, []), key=lambda e: e["CreateIndex"])
+                for older in queued[:-1]:
+                    older.update({"Status": "canceled", "StatusDescription": CANCELED,
+                                  "ModifyIndex": self.state.bump(), "ModifyTime": now_ns()})
+                ev = queued[-1] if queued else None
+        finally:
+            self.inflight.discard(jid)
+
+    def _process(self, ev: dict[str, Any]) -> None:
+        job = self.state.jobs.get(ev["JobID"])
+        if job is not None and self._needs_placement(job):
+            self._evaluate(job, ev)
+        else:
+            self._finish_eval(ev, {})   # nothing to change: a no-op plan
 
     def deregister(self, jid: str, purge: bool) -> dict[str, Any]:
         job = self.state.jobs.get(jid)
@@ -136,64 +184,33 @@ class Cluster:
             blocked = self._new_eval(job, "queued-allocs", status="blocked")
             blocked["PreviousEval"] = ev["ID"]
             ev["BlockedEval"] = blocked["ID"]
+            self.blocked[job["ID"]] = blocked
         self._finish_eval(ev, failed)
 
     def _place(self, job: dict[str, Any], group: dict[str, Any], ev: dict[str, Any],
                previous: list[Alloc]) -> dict[str, Any] | None:
         """Place one alloc of `group`; the AllocationMetric of the failure, or None."""
-        volumes, missing = self._volumes(group)
-        if missing:
-            return _metric(constraint={"missing compatible host volumes": 1})
-        if self.state.faults.memory_exhausted:
-            return _metric(dimension={"memory": 1})
-        ports = self._ports(group)
+        nodes, failure = placement.feasible_nodes(self.state, job, group)
+        if failure:
+            return failure
+        ports = placement.pick_ports(self.state, group)
         if ports is None:
-            return _metric(dimension={PORT_FAIL: 1})
+            return placement.metric(self.state, len(self.state.nodes), len(nodes),
+                                    dimension={placement.PORT_FAIL: len(nodes)})
+        # scheduler/stack.go: shuffled nodes, the best of a couple by score; the double
+        # takes the least loaded of the feasible ones (ties at random)
+        node = min(random.sample(nodes, len(nodes)),
+                   key=lambda n: len(self.state.node_allocs(n.id)))
         index = self.state.bump()
         alloc = Alloc(id=new_id(), job_id=job["ID"], eval_id=ev["ID"], group=group["Name"],
-                      job=job, ports=ports, volumes=volumes,
-                      dir=self.state.data_dir / "allocs", create_index=index,
-                      modify_index=index)
+                      job=job, ports=ports, volumes=placement.volumes_on(self.state, node, group),
+                      dir=self.state.data_dir / "allocs", node_id=node.id,
+                      create_index=index, modify_index=index)
         alloc.dir = alloc.dir / alloc.id
         self.state.allocs[alloc.id] = alloc
-        ev["NodeID"] = NODE_ID
+        ev["NodeID"] = node.id
         self.runners[alloc.id] = [TaskRunner(self, alloc, t, group) for t in group["Tasks"]]
         self.spawn(self._run_alloc(alloc, previous))
-        return None
-
-    def _volumes(self, group: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], bool]:
-        found: dict[str, dict[str, Any]] = {}
-        for name, req in (group.get("Volumes") or {}).items():
-            vol = self.state.volume_by_name(req.get("Source") or "")
-            if req.get("Type") != "host" or vol is None or vol["State"] != "ready":
-                return {}, True
-            found[name] = vol
-        return found, False
-
-    def _ports(self, group: dict[str, Any]) -> dict[str, int] | None:
-        """label -> host port, or None when a dynamic port cannot be found."""
-        held = {p for a in self.state.live_allocs() if a.desired == "run"
-                for p in a.ports.values()}
-        ports: dict[str, int] = {}
-        for net in group.get("Networks") or []:
-            for port in net.get("ReservedPorts") or []:
-                ports[port["Label"]] = port["Value"]
-                held.add(port["Value"])
-            for port in net.get("DynamicPorts") or []:
-                value = self._free_port(held)
-                if value is None:
-                    return None
-                ports[port["Label"]] = value
-                held.add(value)
-        return ports
-
-    def _free_port(self, held: set[int]) -> int | None:
-        if self.state.faults.ports_exhausted:
-            return None
-        low, high = self.state.port_range
-        for port in range(low, high + 1):
-            if port not in held and _bindable(port):
-                return port
         return None
 
     # ---- allocations ---------------------------------------------------------------------
@@ -241,16 +258,46 @@ class Cluster:
                 runner.ts["State"] = "dead"
         self.alloc_changed(alloc)
 
-    def node_lost(self) -> list[str]:
+    def node_lost(self, node_id: str) -> list[str]:
+        """The node stops heartbeating: it goes down, its volumes unavailable
+        (state_store_host_volumes.go), its allocations lost and replaced (reconcile.go)."""
+        node = self.state.nodes[node_id]
+        node.status, node.modify_index = "down", self.state.bump()
+        for vol in self.state.volumes.values():
+            if vol["NodeID"] == node_id and vol["State"] == "ready":
+                vol["State"], vol["ModifyIndex"] = "unavailable", self.state.bump()
         lost = []
-        for alloc in self.state.live_allocs():
-            alloc.client_status = "lost"
-            alloc.client_description = "alloc is lost since its node is down"
+        for alloc in self.state.node_allocs(node_id):
+            alloc.client_status, alloc.client_description = "lost", LOST
+            alloc.desired = "stop"
             for runner in self.runners.get(alloc.id, []):
                 self.spawn(runner.kill(hard=True))
             self.alloc_changed(alloc)
-            lost.append(alloc.id)
-        return lost
+            lost.append(alloc)
+        for jid in sorted({a.job_id for a in lost}):
+            job = self.state.jobs.get(jid)
+            if job is not None and not job["Stop"]:
+                self.enqueue(jid, self._new_eval(job, "node-update"))
+        return [a.id for a in lost]
+
+    def node_up(self, node_id: str) -> None:
+        node = self.state.nodes[node_id]
+        node.status, node.modify_index = "ready", self.state.bump()
+        for vol in self.state.volumes.values():
+            if vol["NodeID"] == node_id and vol["State"] != "ready":
+                vol["State"], vol["ModifyIndex"] = "ready", self.state.bump()
+        self.volume_ready()
+
+    def volume_ready(self) -> None:
+        """Capacity changed: blocked evals run again (blocked_evals.go Unblock)."""
+        for jid, blocked in list(self.blocked.items()):
+            job = self.state.jobs.get(jid)
+            del self.blocked[jid]
+            if job is None or job["Stop"]:
+                self._finish_eval(blocked, {})
+                continue
+            blocked["Status"] = "pending"
+            self.enqueue(jid, blocked)
 
     async def variables_changed(self, path: str) -> None:
         for alloc in self.state.live_allocs():
@@ -272,25 +319,4 @@ class Cluster:
                 runner.send(signal.SIGKILL)
         await self.services.close()
 
-
-def _metric(dimension: dict[str, int] | None = None,
-            constraint: dict[str, int] | None = None) -> dict[str, Any]:
-    return {"NodesEvaluated": 1, "NodesFiltered": 1 if constraint else 0, "NodesInPool": 1,
-            "NodePool": "default", "NodesAvailable": {"dc1": 1}, "ClassFiltered": None,
-            "ConstraintFiltered": constraint, "NodesExhausted": 1 if dimension else 0,
-            "ClassExhausted": None, "DimensionExhausted": dimension, "QuotaExhausted": None,
-            "ResourcesExhausted": None, "Scores": None, "AllocationTime": 1000,
-            "CoalescedFailures": 0, "ScoreMetaData": None}
-
-
-def _bindable(port: int) -> bool:
-    # Only a listener makes a port unusable: without SO_REUSEADDR the TIME_WAIT left by a
-    # stopped engine's connections would too, for a minute (and real Nomad does not probe).
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 

@@ -15,11 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-NODE_ID = "5e0a1c3e-d0b1-4e5a-9f00-00000000d0b1"  # fixed: tests may assert on it
-NODE_NAME = "double-node"
+NODE_ID = "5e0a1c3e-d0b1-4e5a-9f00-000000000001"  # the first node; fixed: tests may assert on it
+NODE_NAME = "double-node-1"
 DATACENTER = "dc1"
 REGION = "global"
 TERMINAL = ("complete", "failed", "lost")
+MKDIR_VERSION = "0.0.1"  # client/hostvolumemanager: HostVolumePluginMkdirVersion
+
+
+def node_id(number: int) -> str:
+    """IDs sort in node order, so "first feasible node in node-ID order" is node 1, 2, ..."""
+    return f"5e0a1c3e-d0b1-4e5a-9f00-{number:012d}"
 
 
 def new_id() -> str:
@@ -45,9 +51,33 @@ class Faults:
     task_crash: bool = False
     slow_health_s: float = 0.0
     template_delay_s: float = 0.0
+    # How long a new host volume stays "pending": until the client's next fingerprint
+    # reports it (client/hostvolumemanager; nomad/state updates State on node update).
+    fingerprint_s: float = 0.2
+    # Evaluations wait this long in the broker before a worker takes them (0: at once), so
+    # tests can make evals of one job queue up and be canceled (nomad/eval_broker.go).
+    eval_delay_s: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+@dataclass
+class Node:
+    """A client node (nomad/structs Node, the fields the double uses). `status` is Nomad's
+    NodeStatus ("ready", "down"); a down node runs nothing and answers no client RPC."""
+    id: str
+    name: str
+    datacenter: str = DATACENTER
+    pool: str = "default"
+    status: str = "ready"
+    eligibility: str = "eligible"
+    create_index: int = 1
+    modify_index: int = 1
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ready" and self.eligibility == "eligible"
 
 
 @dataclass
@@ -67,6 +97,7 @@ class Alloc:
     client_description: str = ""
     task_states: dict[str, dict[str, Any]] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)  # task -> pid while it runs
+    node_id: str = NODE_ID
     create_index: int = 0
     modify_index: int = 0
     create_time: int = field(default_factory=now_ns)
@@ -91,11 +122,16 @@ class ConsulService:
 
 
 class State:
-    def __init__(self, data_dir: Path, port_range: tuple[int, int]):
+    def __init__(self, data_dir: Path, port_range: tuple[int, int], nodes: int = 1):
         self.data_dir = data_dir
         self.port_range = port_range
         self.index = 1
         self.consul_index = 1  # Consul's own counter: bumps only when the catalog changes
+        # Consul's X-Consul-Index of /v1/health/service/<name> is that service's own index
+        # (agent/consul/state/catalog.go maxIndexForService), not the catalog's.
+        self.service_index: dict[str, int] = {}
+        self.nodes: dict[str, Node] = {
+            node_id(i): Node(node_id(i), f"double-node-{i}") for i in range(1, nodes + 1)}
         self._changed = asyncio.Condition()
         self.jobs: dict[str, dict[str, Any]] = {}
         self.evals: dict[str, dict[str, Any]] = {}
@@ -115,9 +151,11 @@ class State:
         asyncio.get_running_loop().create_task(self._notify())
         return self.index
 
-    def bump_consul(self) -> int:
+    def bump_consul(self, service: str | None = None) -> int:
         self.index += 1
         self.consul_index = self.index
+        if service is not None:
+            self.service_index[service] = self.index
         asyncio.get_running_loop().create_task(self._notify())
         return self.consul_index
 
@@ -125,9 +163,13 @@ class State:
         async with self._changed:
             self._changed.notify_all()
 
-    async def wait_past(self, index: int, seconds: float, consul: bool = False) -> None:
-        """Return when the (Nomad or Consul) index exceeds `index`, or after `seconds`."""
+    async def wait_past(self, index: int, seconds: float, consul: bool = False,
+                        service: str | None = None) -> None:
+        """Return when the (Nomad, Consul, or one Consul service's) index exceeds `index`,
+        or after `seconds`."""
         def past() -> bool:
+            if service is not None:
+                return self.service_index.get(service, 1) > index
             return (self.consul_index if consul else self.index) > index
         try:
             async with self._changed:
@@ -144,11 +186,12 @@ class State:
     def live_allocs(self) -> list[Alloc]:
         return [a for a in self.allocs.values() if not a.terminal]
 
-    def volume_by_name(self, name: str, namespace: str = "default") -> dict[str, Any] | None:
-        for vol in self.volumes.values():
-            if vol["Name"] == name and vol["Namespace"] == namespace:
-                return vol
-        return None
+    def volumes_named(self, name: str, namespace: str = "default") -> list[dict[str, Any]]:
+        return [v for v in self.volumes.values()
+                if v["Name"] == name and v["Namespace"] == namespace]
+
+    def node_allocs(self, node: str) -> list[Alloc]:
+        return [a for a in self.live_allocs() if a.node_id == node]
 
     def reject(self, method: str, path: str, errors: list[str]) -> None:
         self.rejections.append({"method": method, "path": path, "errors": errors})
@@ -159,10 +202,12 @@ class State:
             "jobs": {jid: {"Status": j["Status"], "Stop": j["Stop"], "Version": j["Version"]}
                      for jid, j in self.jobs.items()},
             "allocs": [{"id": a.id, "job": a.job_id, "client_status": a.client_status,
-                        "desired_status": a.desired, "ports": a.ports,
+                        "desired_status": a.desired, "ports": a.ports, "node": a.node_id,
                         "pids": dict(a.pids)}
                        for a in self.allocs.values()],
-            "volumes": [{"id": v["ID"], "name": v["Name"], "host_path": v["HostPath"]}
+            "nodes": {n.id: n.status for n in self.nodes.values()},
+            "volumes": [{"id": v["ID"], "name": v["Name"], "host_path": v["HostPath"],
+                         "node": v["NodeID"], "state": v["State"]}
                         for v in self.volumes.values()],
             "variables": sorted(self.variables),
             "services": [{"id": s.id, "name": s.name, "port": s.port,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import time
 from pathlib import Path
@@ -39,6 +40,13 @@ def signal_group(pid: int, sig: signal.Signals) -> None:
         pass
 
 
+def signal_pid(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 class TaskRunner:
     def __init__(self, cluster: Cluster, alloc: Alloc, task: dict[str, Any],
                  group: dict[str, Any]):
@@ -51,6 +59,8 @@ class TaskRunner:
         self.rendered: dict[str, str] = {}
         self.started_at = 0.0
         self.restarts_in_window: list[float] = []
+        self.changed_first = self.changed_last = 0.0  # template quiescence (see _quiesce)
+        self.quiescing: asyncio.Task[Any] | None = None
         self.dirs = self._make_dirs()
         self.env: dict[str, str] = {}
         alloc.task_states[self.name] = {"State": "pending", "Failed": False, "Restarts": 0,
@@ -108,6 +118,7 @@ class TaskRunner:
         try:
             drivers.check_config(self.task, self.group)
             self.env = self._environment()
+            drivers.pull_image(self.task)
         except drivers.DriverError as exc:
             return self._fail("Driver Failure", str(exc), DriverError=str(exc))
         while not self.stopping:
@@ -138,7 +149,8 @@ class TaskRunner:
 
     async def _run_once(self) -> tuple[int, int]:
         config = templates.interpolate_any(self.task.get("Config") or {}, self.env, {})
-        cmd = drivers.command(self.task, config, self.cluster.state.faults.task_crash)
+        denied = drivers.container_denied(self.task, self.alloc, self.env)
+        cmd = drivers.command(self.task, config, self.cluster.state.faults.task_crash, denied)
         logs = Path(self.dirs["logs"])
         with open(logs / f"{self.name}.stdout.0", "ab") as out, \
                 open(logs / f"{self.name}.stderr.0", "ab") as err:
@@ -182,8 +194,8 @@ class TaskRunner:
         delay = policy["Delay"] / SECOND
         if len(self.restarts_in_window) >= policy["Attempts"]:
             if policy["Mode"] != "delay":
-                msg = "Exceeded allowed attempts %d in interval %s and mode is \"fail\"" % (
-                    policy["Attempts"], _go_duration(policy["Interval"]))
+                msg = (f"Exceeded allowed attempts {policy['Attempts']} in interval "
+                       f"{_go_duration(policy['Interval'])} and mode is \"fail\"")
                 self._fail("Not Restarting", msg)
                 return False
             delay = window - (now - self.restarts_in_window[0]) + delay
@@ -257,23 +269,53 @@ class TaskRunner:
         return dest
 
     async def variables_changed(self, paths: set[str]) -> None:
-        """Re-render templates reading `paths`; apply their ChangeMode if content changed."""
+        """A variable changed: its templates re-render once it has been quiet for the
+        template's Wait.Min (at most Wait.Max after the first change); the client's default
+        is min 5s, max 4m (client/config/config.go DefaultTemplateConfig; consul-template's
+        quiescence timers, manager/runner.go). The change mode then fires after a random
+        delay below the template's Splay (template.go handleTemplateRerenders)."""
         self.wake.set()
-        if self.ts["State"] != "running":
+        if self.ts["State"] != "running" or not self._reading(paths):
             return
+        now = time.monotonic()
+        if self.quiescing is None or self.quiescing.done():
+            self.changed_first = now
+            self.changed_last = now
+            self.quiescing = self.cluster.spawn(self._quiesce(paths))
+        else:
+            self.changed_last = now
+
+    def _reading(self, paths: set[str]) -> list[tuple[int, dict[str, Any]]]:
+        return [(i, t) for i, t in enumerate(self.task.get("Templates") or [])
+                if templates.variable_paths(t.get("EmbeddedTmpl") or "") & paths]
+
+    async def _quiesce(self, paths: set[str]) -> None:
+        reading = self._reading(paths)
+        wait_min, wait_max = _wait(reading[0][1])
+        while not self.stopping:
+            due = min(self.changed_last + wait_min, self.changed_first + wait_max)
+            if time.monotonic() >= due:
+                break
+            await asyncio.sleep(min(0.05, due - time.monotonic()))
         delay = self.cluster.state.faults.template_delay_s
         if delay:
             await asyncio.sleep(delay)
-        for i, tmpl in enumerate(self.task.get("Templates") or []):
-            if not templates.variable_paths(tmpl.get("EmbeddedTmpl") or "") & paths:
-                continue
+        if self.stopping or self.ts["State"] != "running":
+            return
+        changed = []
+        for i, tmpl in reading:
             try:
-                changed = self._write(i, tmpl)
+                if self._write(i, tmpl):
+                    changed.append(tmpl)
             except (templates.MissingVariable, templates.TemplateError, OSError) as exc:
                 self.event("Template", f"Template re-render failed: {exc}")
-                continue
-            if changed:
-                await self._on_change(tmpl)
+        if not changed:
+            return
+        splay = max((t.get("Splay") or 0) for t in changed) / SECOND
+        if splay:
+            await asyncio.sleep(random.uniform(0, splay))
+        for tmpl in changed:
+            await self._on_change(tmpl)
 
     async def _on_change(self, tmpl: dict[str, Any]) -> None:
         mode = tmpl.get("ChangeMode") or "restart"
@@ -291,8 +333,10 @@ class TaskRunner:
     # ---- signals and kills ---------------------------------------------------------------
 
     def send(self, sig: signal.Signals) -> None:
+        """To the task's main process, as raw_exec/exec's executor and docker's
+        ContainerKill do; only the final SIGKILL reaches the whole group (see _terminate)."""
         if self.proc is not None and self.proc.returncode is None:
-            signal_group(self.proc.pid, sig)
+            signal_pid(self.proc.pid, sig)
 
     async def kill(self, hard: bool = False, grace_cap: float | None = None) -> None:
         """Stop the task for good: KillSignal, KillTimeout, then SIGKILL."""
@@ -301,7 +345,7 @@ class TaskRunner:
         if self.proc is None or self.proc.returncode is not None:
             return
         if hard:
-            self.send(signal.SIGKILL)
+            signal_group(self.proc.pid, signal.SIGKILL)
             return
         self.event("Killing", "Sent interrupt", KillTimeout=self._kill_timeout_ns())
         await self._terminate(grace_cap)
@@ -318,13 +362,27 @@ class TaskRunner:
         grace = self._kill_timeout_ns() / SECOND
         if grace_cap is not None:
             grace = min(grace, grace_cap)
+        # Only the KillSignal, then SIGKILL after KillTimeout (taskrunner's killTask ->
+        # driver StopTask): a SIGSTOPped task stays stopped and never acts on the signal.
         self.send(parse_signal(self.task.get("KillSignal") or "SIGTERM"))
-        self.send(signal.SIGCONT)  # a SIGSTOPped task would never act on the kill signal
         try:
             await asyncio.wait_for(asyncio.shield(proc.wait()), timeout=grace)
         except TimeoutError:
             self.send(signal.SIGKILL)
             await proc.wait()
+        # drivers/shared/executor Shutdown ends with killProcessTree: SIGKILL to the group
+        signal_group(proc.pid, signal.SIGKILL)
+
+
+def _wait(tmpl: dict[str, Any]) -> tuple[float, float]:
+    """(min, max) seconds of a template's quiescence: its own Wait, else the client's."""
+    wait = tmpl.get("Wait")
+    if not wait:
+        return 5.0, 240.0
+    low = (wait.get("Min") or 0) / SECOND
+    high = wait.get("Max")
+    # consul-template config/wait.go Finalize: Max defaults to 4 x Min
+    return low, (high / SECOND) if high is not None else 4 * low
 
 
 def _go_duration(ns: int) -> str:

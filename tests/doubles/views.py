@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.doubles.state import NODE_ID, NODE_NAME, Alloc, State
+from tests.doubles.state import MKDIR_VERSION, Alloc, Node, State
 
 ZERO_TIME = "0001-01-01T00:00:00Z"  # Go's zero time.Time, as Nomad writes an unset time
 
@@ -16,15 +16,19 @@ def job_view(job: dict[str, Any], status: str) -> dict[str, Any]:
     return out
 
 
-def job_stub(job: dict[str, Any], status: str) -> dict[str, Any]:
-    return {"ID": job["ID"], "ParentID": "", "Name": job["Name"], "Namespace": job["Namespace"],
+def job_stub(job: dict[str, Any], status: str, meta: bool) -> dict[str, Any]:
+    """structs.JobListStub: `Meta` only when the list asked for it with ?meta=true
+    (command/agent/job_endpoint.go jobListRequest -> JobStubFields.Meta)."""
+    stub = {"ID": job["ID"], "ParentID": "", "Name": job["Name"], "Namespace": job["Namespace"],
             "Datacenters": job["Datacenters"], "NodePool": job["NodePool"],
             "Multiregion": None, "Type": job["Type"], "Priority": job["Priority"],
             "Periodic": False, "ParameterizedJob": False, "Stop": job["Stop"],
             "Status": status, "StatusDescription": "", "JobSummary": None,
             "CreateIndex": job["CreateIndex"], "ModifyIndex": job["ModifyIndex"],
-            "JobModifyIndex": job["JobModifyIndex"], "SubmitTime": job["SubmitTime"],
-            "Meta": job.get("Meta")}
+            "JobModifyIndex": job["JobModifyIndex"], "SubmitTime": job["SubmitTime"]}
+    if meta:
+        stub["Meta"] = job.get("Meta")
+    return stub
 
 
 def task_states(alloc: Alloc) -> dict[str, Any]:
@@ -38,11 +42,12 @@ def task_states(alloc: Alloc) -> dict[str, Any]:
     return out
 
 
-def alloc_stub(alloc: Alloc) -> dict[str, Any]:
+def alloc_stub(alloc: Alloc, state: State) -> dict[str, Any]:
     """AllocationListStub: no AllocatedResources (gotcha 5)."""
     return {"ID": alloc.id, "EvalID": alloc.eval_id, "Name": f"{alloc.job_id}.{alloc.group}[0]",
-            "Namespace": alloc.job.get("Namespace", "default"), "NodeID": NODE_ID,
-            "NodeName": NODE_NAME, "JobID": alloc.job_id, "JobType": alloc.job.get("Type"),
+            "Namespace": alloc.job.get("Namespace", "default"), "NodeID": alloc.node_id,
+            "NodeName": state.nodes[alloc.node_id].name, "JobID": alloc.job_id,
+            "JobType": alloc.job.get("Type"),
             "JobVersion": alloc.job.get("Version", 0), "TaskGroup": alloc.group,
             "DesiredStatus": alloc.desired, "DesiredDescription": _desired_description(alloc),
             "ClientStatus": alloc.client_status, "ClientDescription": alloc.client_description,
@@ -58,7 +63,7 @@ def _desired_description(alloc: Alloc) -> str:
 
 
 def allocation(alloc: Alloc, state: State) -> dict[str, Any]:
-    out = alloc_stub(alloc)
+    out = alloc_stub(alloc, state)
     out.pop("JobType")
     out.pop("JobVersion")
     out.update({"Job": job_view(alloc.job, "running"), "AllocatedResources": resources(alloc),
@@ -101,3 +106,39 @@ def volume_stub(vol: dict[str, Any]) -> dict[str, Any]:
 
 def variable_meta(var: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in var.items() if k != "Items"}
+
+
+def node_stub(node: Node) -> dict[str, Any]:
+    """structs.NodeListStub (nomad/structs/structs.go Node.Stub): no Attributes unless
+    ?os=true, and then only os.name/os.version."""
+    return {"Address": "127.0.0.1", "ID": node.id, "Attributes": None,
+            "Datacenter": node.datacenter, "Name": node.name, "NodeClass": "",
+            "NodePool": node.pool, "Version": "1.10.5", "Drain": False,
+            "SchedulingEligibility": node.eligibility, "Status": node.status,
+            "StatusDescription": "", "Drivers": _drivers(), "NodeResources": None,
+            "ReservedResources": None, "LastDrain": None,
+            "CreateIndex": node.create_index, "ModifyIndex": node.modify_index}
+
+
+def node_view(node: Node, volumes: list[dict[str, Any]]) -> dict[str, Any]:
+    """structs.Node: Attributes carry the fingerprinted host volume plugins
+    (plugins.host_volume.<id>.version, what placeHostVolume's constraint reads) and
+    HostVolumes the node's ready volumes by name."""
+    out = node_stub(node)
+    out.pop("Address")
+    out.update({"HTTPAddr": "127.0.0.1:4646", "TLSEnabled": False,
+                "Attributes": {"nomad.version": "1.10.5", "kernel.name": "linux",
+                               "driver.docker": "1", "driver.raw_exec": "1",
+                               "plugins.host_volume.mkdir.version": MKDIR_VERSION,
+                               "unique.hostname": node.name},
+                "Meta": {}, "HostVolumes": {v["Name"]: {"Path": v["HostPath"], "ReadOnly": False,
+                                                        "ID": v["ID"]}
+                                            for v in volumes if v["State"] == "ready"} or None,
+                "Events": None, "HostNetworks": None})
+    return out
+
+
+def _drivers() -> dict[str, Any]:
+    return {name: {"Detected": True, "Healthy": True, "HealthDescription": "Healthy",
+                   "Attributes": None, "UpdateTime": "0001-01-01T00:00:00Z"}
+            for name in ("docker", "raw_exec")}

@@ -3,6 +3,7 @@ registry and the machine agree, with nothing leaked or lost."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -56,7 +57,8 @@ def status(orch: Orchestrator, user: str) -> str | None:
 def test_killed_mid_provision(orch: Orchestrator) -> None:
     kill_during(orch, lambda c: c.post("/engines/provision", json={
         "user_id": "p", "engine_version": "ref+boot-delay-1500"}),
-        begun=lambda: (orch.engine_row("p") or {}).get("driver_state"))  # booting
+        # booting: the driver has reported its state (a new row's driver_state is "{}")
+        begun=lambda: json.loads((orch.engine_row("p") or {}).get("driver_state") or "{}"))
     wait_for(lambda: status(orch, "p") == "running", timeout=20, what="provision resumed")
     assert_consistent(orch)
     assert orch.client("acme").post("/engines/p/admit").json()["admitted"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.engines import nothing_left, proc_state
+from tests.engines import assert_consistent, nothing_left, proc_state
 from tests.harness import Orchestrator, running, wait_for
 from tests.scheduler import leftovers, needs_double, service
 
@@ -147,14 +147,69 @@ def test_nomad_down_is_503_and_admit_still_answers(nomad_orch: Orchestrator) -> 
     assert proc_state(pid) == "gone"
 
 
-def test_node_lost_fails_the_engine(nomad_orch: Orchestrator) -> None:
-    stack = needs_double(nomad_orch)
-    api = nomad_orch.client("acme")
-    api.post("/engines/provision", json={"user_id": "frank"})
-    stack.node_lost()
-    wait_for(lambda: api.get("/engines/frank").json()["failure_reason"] == "crashed"
-             or api.get("/engines/frank").json()["restarts"] >= 1,
-             timeout=20, what="the lost engine noticed")
+def test_node_lost_fails_the_engine_until_its_node_returns(tmp_path: Path) -> None:
+    with running(tmp_path, "nomad", env={"ORCH_MAX_RESTARTS": "1"}) as orch:
+        stack = needs_double(orch)
+        api = orch.client("acme")
+        engine = api.post("/engines/provision", json={"user_id": "frank"}).json()
+        bearer = {"Authorization": f"Bearer {engine['api_key']}"}
+        assert httpx.put(engine["url"] + "/v1/memory/k", content=b"v", headers=bearer,
+                         trust_env=False).status_code in (200, 201, 204)
+        node = json.loads(orch.engine_row("frank")["driver_state"])["node"]
+        stack.node_lost(node)
+
+        def failed_node_lost() -> bool:
+            got = api.get("/engines/frank").json()
+            return got["status"] == "failed" and got["failure_reason"] == "node_lost" \
+                and got["restarts"] == 1   # the one restart was tried, and could not place
+        wait_for(failed_node_lost, timeout=30, what="failed (node_lost), restart spent")
+        # Its brain is on that node: a start cannot place it, and says so.
+        answer = api.post("/engines/frank/start")
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "CAPACITY_EXHAUSTED"
+        assert "node" in answer.json()["error"]["message"]
+        assert api.get("/engines/frank").json()["failure_reason"] == "node_lost"
+        stack.node_up(node)
+        started = api.post("/engines/frank/start")
+        assert started.status_code == 200, started.text
+        got = httpx.get(started.json()["url"] + "/v1/memory/k", headers=bearer, trust_env=False)
+        assert got.content == b"v"   # the same brain, back with its node
+        assert_consistent(orch)
+
+
+def test_docker_template_on_three_nodes_as_real_nomad_runs_it(tmp_path: Path) -> None:
+    """Rows 1-4, 6, 10 and 15 end to end: a non-root image writes its brain and reads its
+    key, the image has a real tag, volumes spread over the nodes, a rotation is confirmed
+    with Nomad's template timing, and product strings reach Nomad uninterpolatable."""
+    with running(tmp_path, "nomad") as orch:
+        stack = needs_double(orch)
+        api = orch.client("acme")
+        users = ["u${node.unique.name}", "b", "c"]
+        engines = [api.post("/engines/provision", json={"user_id": u}) for u in users]
+        assert [e.status_code for e in engines] == [200, 200, 200], engines[0].text
+        nodes = {v["node"] for v in stack.state()["volumes"]}
+        assert len(nodes) == 3   # the fewest engine volumes: one per node
+        name = orch.rows("SELECT name FROM engine WHERE user_id = ?", users[0])[0][0]
+        job = httpx.get(f"{orch.env['NOMAD_ADDR']}/v1/job/{name}", trust_env=False).json()
+        task = job["TaskGroups"][0]["Tasks"][0]
+        assert task["Config"]["image"] == "orch-refengine:0.1.0"
+        assert task["Env"]["ENGINE_USER_ID"] == "u%24{node.unique.name}"
+        assert "${node" not in json.dumps(job["Meta"]) + json.dumps(job["TaskGroups"][0]["Services"])
+        assert task["Templates"][0]["Uid"] == 65534 and task["Templates"][0]["Splay"] == 0
+        # and the engine got it unexpanded (the double interpolates ${node.unique.name} as
+        # Nomad's client does)
+        [pid] = [p for a in stack.state()["allocs"] if a["job"] == name
+                 for p in a["pids"].values()]
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert b"ENGINE_USER_ID=u%24{node.unique.name}" in environ
+        # rotation: confirmed with the template's own Wait and no splay (the double would wait
+        # 5-10 s with Nomad's defaults, past the 10 s confirm window)
+        rotated = api.post(f"/engines/{users[1]}/rotate-key")
+        assert rotated.status_code == 200, rotated.text
+        # engine_version: a tag of ORCH_ENGINE_IMAGE's repository, or a listed repository
+        for bad in ("evil.example/miner:1", "orch-refengine:latest", "v${attr.x}"):
+            refused = api.post("/engines/provision", json={"user_id": "d", "engine_version": bad})
+            assert refused.status_code == 400, bad
+        assert_consistent(orch)   # reads the job list with meta=true (row 6)
 
 
 @pytest.mark.parametrize("jobspec", ["engine.raw_exec.json"])

@@ -73,10 +73,11 @@ def test_lifecycle_story(any_orch: Orchestrator) -> None:
     assert engine_get(url, "/v1/memory/color", new_key).content == b"blue"
 
     # restart the orchestrator with a short idle timeout: the engine is adopted, then sleeps
+    # (the pid is read first: the new orchestrator may put the engine to sleep at once)
+    pid = engine_get(url, "/v1/info", new_key).json()["pid"]
     orch.env["ORCH_IDLE_SLEEP_S"] = "1"
     orch.restart()
     api = orch.client("acme")
-    pid = engine_get(url, "/v1/info", new_key).json()["pid"]
     wait_for(lambda: api.get("/engines/alice").json()["status"] == "sleeping", timeout=15,
              what="idle sleep")
     wait_for(lambda: proc_state(pid) == "paused", what="SIGSTOP")

@@ -23,10 +23,13 @@ from tests.harness import free_port_range, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 JOB_ID = "e-acme-alice-0123456789ab"
+IMAGE = "orch-refengine:0.1.0"   # a real tag: `latest` is always pulled, and fails
+NOBODY = 65534                    # the user the image runs as (jobspecs/Dockerfile.refengine)
+MS = 1_000_000
 VAR_PATH = f"nomad/jobs/{JOB_ID}"
 DOCKER_JOB: dict[str, Any] = {"Job": {
     "ID": JOB_ID, "Name": JOB_ID, "Type": "service", "Datacenters": ["*"],
-    "Meta": {"product": "acme", "user_id": "alice", "engine_version": "orch-refengine:latest",
+    "Meta": {"product": "acme", "user_id": "alice", "engine_version": IMAGE,
              "managed_by": "orch"},
     "TaskGroups": [{
         "Name": "engine", "Count": 1,
@@ -44,16 +47,18 @@ DOCKER_JOB: dict[str, Any] = {"Job": {
                                   "Interval": 1000000000, "Timeout": 1000000000}]}],
         "Tasks": [{
             "Name": "engine", "Driver": "docker",
-            "Config": {"image": "orch-refengine:latest", "ports": ["http"]},
+            "Config": {"image": IMAGE, "ports": ["http"]},
             "Env": {"ENGINE_PORT": "${NOMAD_PORT_http}", "ENGINE_HOST": "0.0.0.0",
                     "ENGINE_BRAIN_DIR": "/brain",
                     "ENGINE_API_KEY_FILE": "${NOMAD_SECRETS_DIR}/api_key",
-                    "ENGINE_USER_ID": "alice", "ENGINE_VERSION": "orch-refengine:latest"},
+                    "ENGINE_USER_ID": "alice", "ENGINE_VERSION": IMAGE},
             "VolumeMounts": [{"Volume": "brain", "Destination": "/brain"}],
             "Templates": [{"EmbeddedTmpl": '{{ with nomadVar "' + VAR_PATH +
                            '" }}{{ .api_key }}{{ end }}',
                            "DestPath": "secrets/api_key", "ChangeMode": "signal",
-                           "ChangeSignal": "SIGHUP", "Perms": "0600"}],
+                           "ChangeSignal": "SIGHUP", "Perms": "0600", "Uid": NOBODY,
+                           "Gid": NOBODY, "Splay": 0, "Wait": {"Min": 100 * MS,
+                                                              "Max": 500 * MS}}],
             "KillTimeout": 30000000000, "KillSignal": "SIGTERM",
             "Resources": {"CPU": 100, "MemoryMB": 128}}]}]}}
 
@@ -84,12 +89,24 @@ def put(url: str, body: Any) -> httpx.Response:
     return httpx.put(url, json=body, timeout=10, trust_env=False)
 
 
-def create_volume(stack: Hashistack, name: str) -> dict[str, Any]:
-    resp = put(f"{stack.nomad}/v1/volume/host/create", {"Volume": {
+def create_volume(stack: Hashistack, name: str, node: str | None = None,
+                  params: dict[str, str] | None = None) -> dict[str, Any]:
+    """A volume the image's user can write (unless `params` says otherwise), once ready."""
+    spec: dict[str, Any] = {
         "Name": name, "PluginID": "mkdir", "RequestedCapabilities": [
-            {"AccessMode": "single-node-writer", "AttachmentMode": "file-system"}]}})
+            {"AccessMode": "single-node-writer", "AttachmentMode": "file-system"}],
+        "Parameters": {"uid": str(NOBODY), "gid": str(NOBODY)} if params is None else params}
+    if node:
+        spec["NodeID"] = node
+    resp = put(f"{stack.nomad}/v1/volume/host/create", {"Volume": spec})
     assert resp.status_code == 200, resp.text
-    return resp.json()["Volume"]
+    volume = resp.json()["Volume"]
+    return wait_for(lambda: _ready(stack, volume["ID"]), what="the volume to be ready")
+
+
+def _ready(stack: Hashistack, volume_id: str) -> dict[str, Any] | None:
+    volume = httpx.get(f"{stack.nomad}/v1/volume/host/{volume_id}", trust_env=False).json()
+    return volume if volume["State"] == "ready" else None
 
 
 # ---- strictness --------------------------------------------------------------------------
@@ -239,16 +256,18 @@ def test_docker_job_lifecycle(stack: Hashistack) -> None:
 
     # Deregister with purge: the process and the service go, the volume can be deleted.
     pid = engine_get(port_no, "/v1/info", "k2").json()["pid"]
-    resp = httpx.delete(f"{stack.nomad}/v1/volume/host/{volume['ID']}/delete", trust_env=False)
-    assert resp.status_code == 400 and "in use" in resp.text
+    resp = httpx.delete(f"{stack.nomad}/v1/volume/host/{volume['ID']}", trust_env=False)
+    assert resp.status_code == 500 and "in use by allocations" in resp.text
     client.job.deregister_job(JOB_ID, purge=True)
     wait_for(lambda: not Path(f"/proc/{pid}").exists() or _zombie(pid), what="engine exit")
     wait_for(lambda: not service_entries(cons, JOB_ID), what="service deregistration")
     with pytest.raises(nomad.api.exceptions.URLNotFoundNomadException):
         client.job.get_job(JOB_ID)
     assert client.allocation.get_allocation(stub["ID"])["ClientStatus"] == "complete"
-    resp = httpx.delete(f"{stack.nomad}/v1/volume/host/{volume['ID']}/delete", trust_env=False)
+    resp = httpx.delete(f"{stack.nomad}/v1/volume/host/{volume['ID']}", trust_env=False)
     assert resp.status_code == 200 and not Path(volume["HostPath"]).exists()
+    resp = httpx.delete(f"{stack.nomad}/v1/volume/host/{volume['ID']}", trust_env=False)
+    assert resp.status_code == 500 and resp.text == f"no such volume: {volume['ID']}"
 
 
 def alloc_dir(stack: Hashistack, alloc_id: str) -> Path:

@@ -20,7 +20,7 @@ TEMPLATES = sorted((ROOT / "jobspecs").glob("engine.*.json"))
 
 
 def _spec(user_id: str = "Alice Smith") -> EngineSpec:
-    return EngineSpec(naming.engine_name("acme", user_id), "acme", user_id, "orch-refengine:latest")
+    return EngineSpec(naming.engine_name("acme", user_id), "acme", user_id, "orch-refengine:0.1.0")
 
 
 @pytest.mark.parametrize("template", TEMPLATES, ids=lambda p: p.name)
@@ -84,3 +84,49 @@ def test_cli_render_prints_the_job() -> None:
     job = json.loads(result.stdout)
     assert job["TaskGroups"][0]["Tasks"][0]["Config"]["image"] == "img:2"
     assert validate(load("nomad"), "JobRegisterRequest", {"Job": job}) == []
+
+
+# ---- issue 8: images, versions, and what Nomad would interpolate ---------------------------
+
+@pytest.mark.parametrize("version, image", [
+    ("0.2.0", "orch-refengine:0.2.0"),                       # a tag of ORCH_ENGINE_IMAGE's repository
+    ("orch-refengine:0.2.0", "orch-refengine:0.2.0"),
+    ("ref+fault-crash", "orch-refengine:ref+fault-crash"),   # the reference engine's test tokens
+    ("registry.example:5000/team/engine:1.2", "registry.example:5000/team/engine:1.2"),
+])
+def test_accepted_versions_and_their_images(version: str, image: str) -> None:
+    settings = Settings(engine_images=("registry.example:5000/team/engine",))
+    jobspec.check_version(settings, version)
+    assert jobspec.image_for(settings, version) == image
+
+
+@pytest.mark.parametrize("version", [
+    "orch-refengine:latest", "other/engine:1", "v${attr.x}", "a b",
+    "orch-refengine:1${x}", "registry.example:5000/team/engine",
+])
+def test_refused_versions(version: str) -> None:
+    settings = Settings(engine_images=("registry.example:5000/team/engine",))
+    with pytest.raises(jobspec.BadVersion):
+        jobspec.check_version(settings, version)
+
+
+def test_no_product_string_reaches_nomad_in_a_form_it_would_expand() -> None:
+    job = jobspec.render_job(Settings(), EngineSpec("e-acme-x-0123456789ab", "acme",
+                                                    "u${node.unique.name}%", "0.1.0"))
+    text = json.dumps(job)
+    assert "${node.unique.name}" not in text and "u%24{node.unique.name}%25" in text
+    task = job["TaskGroups"][0]["Tasks"][0]
+    assert task["Config"]["image"] == "orch-refengine:0.1.0"
+    tmpl = task["Templates"][0]
+    assert (tmpl["Uid"], tmpl["Gid"], tmpl["Perms"], tmpl["Splay"]) == (65534, 65534, "0600", 0)
+    assert tmpl["Wait"]["Min"] < tmpl["Wait"]["Max"] <= 2_000_000_000
+
+
+def test_engine_images_setting_is_checked() -> None:
+    from app.config import ConfigError
+    assert Settings.from_env({"ORCH_ENGINE_IMAGES": "a/b, c"}).engine_images == ("a/b", "c")
+    with pytest.raises(ConfigError, match="ORCH_ENGINE_IMAGES"):
+        Settings.from_env({"ORCH_ENGINE_IMAGES": "a/b:1"})
+    with pytest.raises(ConfigError, match="ORCH_NOMAD_VOLUME_MODE"):
+        Settings.from_env({"ORCH_NOMAD_VOLUME_MODE": "999"})
+    assert Settings().engine_image.rsplit(":", 1)[1] not in ("", "latest")

@@ -1,0 +1,118 @@
+"""An engine's brain on Nomad: its dynamic host volume, placed on a node the driver chooses,
+created and deleted idempotently against the answers Nomad really gives.
+
+Nomad itself, given no NodeID, takes the first feasible node in node-ID order
+(nomad/host_volume_endpoint.go placeHostVolume), ready or not: every engine would land on one
+node, and nothing could be provisioned while that node is down. So the driver chooses: a node
+that is ready, eligible and not draining, in one of the job's datacenters and its node pool,
+that has the `mkdir` plugin (attribute plugins.host_volume.mkdir.version), holding the fewest
+engine volumes. Create looks the name up first (a retried provision finds its volume); delete
+treats "no such volume" (a 500, like every refusal of HostVolume.Delete) as done.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import time
+from typing import Any
+
+from app.config import Settings
+from app.drivers._nomad_api import NomadAPI, NomadError
+from app.drivers.base import CapacityExhausted, SchedulerUnavailable
+
+ENGINE_VOLUME = re.compile(r"e-[a-z0-9-]+-[0-9a-f]{12}")
+MKDIR_ATTRIBUTE = "plugins.host_volume.mkdir.version"
+NODE_CACHE_S = 60.0  # a node's plugins change only when its agent restarts
+
+
+class VolumeGone(Exception):
+    """The volume does not exist (any more)."""
+
+
+class Volumes:
+    def __init__(self, api: NomadAPI, settings: Settings):
+        self.api = api
+        self.parameters = {"uid": str(settings.nomad_volume_uid),
+                           "gid": str(settings.nomad_volume_gid),
+                           "mode": settings.nomad_volume_mode}
+        self._has_mkdir: dict[str, tuple[float, bool]] = {}
+
+    def find(self, name: str) -> list[dict[str, Any]]:
+        return [v for v in self.api.volumes() if v.get("Name") == name]
+
+    def create(self, name: str, job: dict[str, Any]) -> dict[str, Any]:
+        """The engine's volume: the one it already has on a live node, else a new one on the
+        best node. Raises CapacityExhausted when no node fits."""
+        nodes = {n["ID"]: n for n in self.api.nodes()}
+        for volume in self.find(name):
+            node = nodes.get(volume.get("NodeID") or "")
+            if node is not None and node.get("Status") == "ready":
+                return volume
+            raise CapacityExhausted(f"the brain of {name} is on node {volume.get('NodeID')}, "
+                                    f"which is down: unavailable until the node returns")
+        tried: set[str] = set()
+        while True:
+            node_id = self._choose(job, list(nodes.values()), tried)
+            try:
+                return self.api.create_volume(name, node_id, self.parameters)
+            except NomadError as exc:
+                # The node went down since we listed it: the client RPC fails. Another one.
+                if "No path to node" not in exc.text and "no node" not in exc.text.lower():
+                    raise
+                tried.add(node_id)
+
+    def _choose(self, job: dict[str, Any], nodes: list[dict[str, Any]], tried: set[str]) -> str:
+        pool = job.get("NodePool") or "default"
+        datacenters = job.get("Datacenters") or ["*"]
+        fit = [n for n in nodes
+               if n["ID"] not in tried and n.get("Status") == "ready"
+               and n.get("SchedulingEligibility") == "eligible" and not n.get("Drain")
+               and (n.get("NodePool") or "default") == pool
+               and any(fnmatch.fnmatchcase(n.get("Datacenter") or "", d) for d in datacenters)
+               and self._mkdir(n["ID"])]
+        if not fit:
+            raise CapacityExhausted(f"no ready, eligible node with the mkdir host volume plugin "
+                                    f"in node pool {pool!r} and datacenters {datacenters}")
+        load: dict[str, int] = {}
+        for volume in self.api.volumes():
+            if ENGINE_VOLUME.fullmatch(volume.get("Name") or ""):
+                load[volume.get("NodeID") or ""] = load.get(volume.get("NodeID") or "", 0) + 1
+        return str(min(fit, key=lambda n: (load.get(n["ID"], 0), n["ID"]))["ID"])
+
+    def _mkdir(self, node_id: str) -> bool:
+        cached = self._has_mkdir.get(node_id)
+        if cached and time.monotonic() - cached[0] < NODE_CACHE_S:
+            return cached[1]
+        node = self.api.node(node_id) or {}
+        has = bool((node.get("Attributes") or {}).get(MKDIR_ATTRIBUTE))
+        self._has_mkdir[node_id] = (time.monotonic(), has)
+        return has
+
+    def get(self, volume_id: str) -> dict[str, Any]:
+        volume = self.api.volume(volume_id)
+        if volume is None:
+            raise VolumeGone(volume_id)
+        return volume
+
+    def delete(self, volume_id: str) -> str:
+        """Delete; "deleted", "gone" (there was none), "in use" or "node down"."""
+        try:
+            self.api.delete_volume(volume_id)
+            return "deleted"
+        except NomadError as exc:
+            if exc.text.startswith("no such volume"):
+                return "gone"
+            if "in use by allocations" in exc.text:
+                return "in use"
+            if "without force=true" in exc.text:
+                return "node down"
+            raise
+
+    def force_delete(self, volume_id: str) -> None:
+        """Forget a volume whose node is down (its directory stays on that node's disk)."""
+        try:
+            self.api.delete_volume(volume_id, force=True)
+        except NomadError as exc:
+            if not exc.text.startswith("no such volume"):
+                raise SchedulerUnavailable(str(exc)) from None
