@@ -98,19 +98,15 @@ def _db(settings: Settings) -> None:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    import uvicorn
-
     from app import logs
+    from app.api import server
     from app.api.app import OrchestratorApp
     from app.crypto import load_keybox
 
     logs.setup(settings.log_level)
     load_keybox(settings)  # a bad ORCH_SECRET_KEY stops start-up here, with one line
     _db(settings)
-    uvicorn.run(OrchestratorApp(settings), host=args.host or settings.host,
-                port=args.port if args.port is not None else settings.port,
-                log_level=settings.log_level.lower(), access_log=False, lifespan="on",
-                log_config=None)
+    server.serve(OrchestratorApp(settings).app, settings, args.host, args.port)
     return 0
 
 

@@ -56,6 +56,10 @@ class Settings:
     nomad_region: str | None = None
     consul_addr: str = "http://127.0.0.1:8500"
     consul_token: str | None = None
+    # Issue 10 (the HTTP server): /metrics' bearer token, and uvicorn's guards.
+    metrics_token: str | None = None
+    limit_concurrency: int = 1000
+    head_timeout_s: float = 10.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -91,6 +95,10 @@ class Settings:
             nomad_region=r.get("NOMAD_REGION", _nonempty, None),
             consul_addr=r.get("CONSUL_HTTP_ADDR", _consul_addr, cls.consul_addr),
             consul_token=r.get("CONSUL_HTTP_TOKEN", _nonempty, None),
+            # Issue 10 (the HTTP server).
+            metrics_token=r.get("ORCH_METRICS_TOKEN", _nonempty, None),
+            limit_concurrency=r.get("ORCH_LIMIT_CONCURRENCY", _positive_int, cls.limit_concurrency),
+            head_timeout_s=r.get("ORCH_HEAD_TIMEOUT_S", _positive, cls.head_timeout_s),
         )
 
     @property
@@ -154,6 +162,13 @@ def _non_negative_int(raw: str) -> int:
         raise ValueError("must be a whole number") from None
     if value < 0:
         raise ValueError("must be 0 or more")
+    return value
+
+
+def _positive_int(raw: str) -> int:  # issue 10
+    value = _non_negative_int(raw)
+    if value < 1:
+        raise ValueError("must be 1 or more")
     return value
 
 
