@@ -94,7 +94,8 @@ def _int(name: str, value: str) -> int:
 def _is_int(annotation: Any) -> bool:
     info = msgspec.inspect.type_info(annotation)
     kinds = info.types if isinstance(info, msgspec.inspect.UnionType) else (info,)
-    return any(isinstance(kind, msgspec.inspect.IntType) for kind in kinds)
+    return any(isinstance(k.type if isinstance(k, msgspec.inspect.Metadata) else k,
+                          msgspec.inspect.IntType) for k in kinds)
 
 
 def platform_key(headers: list[tuple[bytes, bytes]]) -> str:

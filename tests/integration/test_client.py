@@ -203,7 +203,7 @@ def test_unauthorized(server: Orchestrator) -> None:
 
 def test_engine_not_found_on_every_user_call(client: Client) -> None:
     for call in (client.get, client.start, client.stop, client.rotate_key, client.destroy):
-        expect(EngineNotFound, 404, lambda: call("nobody"))
+        expect(EngineNotFound, 404, lambda call=call: call("nobody"))
 
 
 def test_conflicts_and_request_id(client: Client) -> None:

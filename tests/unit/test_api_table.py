@@ -115,3 +115,15 @@ def test_the_client_models_read_every_field_the_server_sends(answer: type, model
 
 def test_engine_states_are_the_state_table() -> None:
     assert set(spec.EngineStatus.__args__) == set(states.STATES)
+
+
+def test_query_integers_are_read_from_ascii_digits_only() -> None:
+    from app.api.validate import Checks
+
+    checks = Checks(spec.BY_NAME["list"])
+    assert checks.query(b"limit=7").limit == 7
+    for bad in (b"limit=%C2%B2", b"limit=1e3", b"limit=+5", b"limit=0x10", b"limit=" + b"9" * 30,
+                b"limit=0", b"limit=1001", b"limit=5&limit=6", b"colour=red", b"limit"):
+        with pytest.raises(Exception) as caught:  # the domain error, told by its code
+            checks.query(bad)
+        assert getattr(caught.value, "code", None) == "INVALID_REQUEST", bad
