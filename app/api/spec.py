@@ -193,8 +193,12 @@ class Endpoint:
 
 BOOTING = ("PORT_EXHAUSTION", "CAPACITY_EXHAUSTED", "BOOT_TIMEOUT")
 
-# Order matters where paths overlap: /engines/provision is tried before /engines/{user_id}.
+# Routes are tried in this order: admit, the hot path, first (Starlette matches route by
+# route); where paths overlap, /engines/provision before /engines/{user_id}.
 ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint("admit", "POST", "/engines/{user_id}/admit",
+             "Admit a user request: the engine's URL and key, or why not",
+             Admission, ("RATE_LIMITED", "QUOTA_EXCEEDED", *BOOTING), body=AdmitBody),
     Endpoint("provision", "POST", "/engines/provision", "Create a user's engine and wait until it runs",
              EngineWithKey, ("ENGINE_ALREADY_EXISTS", "QUOTA_EXCEEDED", *BOOTING), body=ProvisionBody),
     Endpoint("list", "GET", "/engines", "List the product's engines, a page at a time",
@@ -210,9 +214,6 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("rotate_key", "POST", "/engines/{user_id}/rotate-key",
              "Give a running engine a new key; the old one is refused from then on",
              EngineWithKey, ("ENGINE_NOT_FOUND", "ENGINE_NOT_RUNNING")),
-    Endpoint("admit", "POST", "/engines/{user_id}/admit",
-             "Admit a user request: the engine's URL and key, or why not",
-             Admission, ("RATE_LIMITED", "QUOTA_EXCEEDED", *BOOTING), body=AdmitBody),
     Endpoint("events", "GET", "/engines/{user_id}/events",
              "The engine's audit events, newest first, a page at a time (kept after destroy)",
              EventPage, query=EventsQuery),

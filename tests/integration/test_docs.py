@@ -26,7 +26,8 @@ def test_docs_page_and_assets_are_served_locally(orch: Orchestrator) -> None:
         assert httpx.get(orch.url + source, trust_env=False).status_code == 200, source
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install -y chromium)")
+@pytest.mark.skipif(CHROMIUM is None,
+                    reason="chromium is not installed (Debian: apt-get install -y chromium)")
 def test_docs_render_every_operation_in_chromium(orch: Orchestrator, tmp_path: Path) -> None:
     assert CHROMIUM is not None
     command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
