@@ -253,7 +253,8 @@ def _lines(r: dict) -> dict[str, list[str]]:
         f"at {a['half_load']['rate']:.0f} req/s   bare at that rate p50 {a['bare_half_load']['p50_ms']} ms   "
         f"p99 {a['bare_half_load']['p99_ms']} ms   (target p99 < 5 ms)"], "wake": [
         f"wake (pause mode)  p50 {w['wake']['p50_ms']} ms   p99 {w['wake']['p99_ms']} ms   "
-        f"/health round trip p50 {w['health']['p50_ms']} ms   ratio {w['ratio']:.1f}   (target p50 < 50 ms)"], "provision": [
+        f"/health round trip p50 {w['health']['p50_ms']} ms   ratio {w['ratio']:.1f}   "
+        f"(target p50 < 50 ms)"], "provision": [
         f"provision          p50 {p['provision']['p50_ms']} ms   engine boot alone p50 "
         f"{p['boot_alone']['p50_ms']} ms   overhead {p['overhead_ms']} ms   (target < 100 ms)"], "rows": [
         f"registry size      admit p50 {rows['p50_1k_ms']} ms @1k rows, {rows['p50_100k_ms']} ms "
