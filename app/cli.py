@@ -161,7 +161,7 @@ def cmd_products_delete(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_engines_list(settings: Settings, args: argparse.Namespace) -> int:
-    from app.api.routes import engine_json
+    from app.api.handlers import engine_json
 
     _db(settings)
     product_id = products.get(args.product).id if args.product else None
@@ -173,7 +173,7 @@ def cmd_engines_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
-    from app.api.routes import event_json
+    from app.api.handlers import event_json
 
     _db(settings)
     if args.product:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 from msgspec import UNSET
 
 from app import errors, naming, registry
@@ -158,3 +159,15 @@ def decode_cursor(raw: str) -> int:
     if prefix != "e" or not (value.isascii() and value.isdigit()) or int(value) >= CURSOR_MAX:
         raise errors.invalid("cursor is not one this API gave out")
     return int(value)
+
+
+def engine_json(engine: Any) -> dict[str, Any]:
+    """An engine as the API shows it, as a dict (for the CLI's JSON output)."""
+    shown: dict[str, Any] = msgspec.to_builtins(engine_struct(engine))
+    return shown
+
+
+def event_json(event: Any) -> dict[str, Any]:
+    """An event as the API shows it, as a dict (for the CLI's JSON output)."""
+    shown: dict[str, Any] = msgspec.to_builtins(event_struct(event))
+    return shown
