@@ -40,6 +40,8 @@ class Operations:
             info.user_id = check_user_id(user_id)
         query = checks.query(scope["query_string"])
         body = checks.body(await _read_body(receive, length))
+        if user_id is None:  # provision names its user in the body
+            info.user_id = getattr(body, "user_id", None)
         services: Services = self.services()
         result = await handler(services, Call(product, user_id or "", body, query))
         if endpoint.name == "admit" and not _admitted(result):
