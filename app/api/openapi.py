@@ -88,6 +88,8 @@ def _inline(schema: dict[str, Any], name: str) -> dict[str, Any]:
 
 def _responses(endpoint: Endpoint, refs: dict[type[Any], Any]) -> dict[str, Any]:
     ok = _answer(endpoint, refs)
+    if endpoint.name == "provision":
+        ok = {**ok, "links": _user_links()}
     responses: dict[str, Any] = {str(s): ok for s in (200, *endpoint.also_ok)}
     by_status: dict[int, list[str]] = {}
     for code in endpoint.codes:
@@ -97,6 +99,14 @@ def _responses(endpoint: Endpoint, refs: dict[type[Any], Any]) -> dict[str, Any]
             "description": "error: " + ", ".join(codes),
             "content": {"application/json": {"schema": _error_schema(codes)}}}
     return responses
+
+
+def _user_links() -> dict[str, Any]:
+    """A provisioned engine's user id leads to every call on that engine (stateful testing,
+    and a hint to readers)."""
+    return {f"{e.name}_the_engine": {"operationId": e.name,
+                                     "parameters": {"path.user_id": "$response.body#/user_id"}}
+            for e in ENDPOINTS if "{user_id}" in e.path}
 
 
 def _answer(endpoint: Endpoint, refs: dict[type[Any], Any]) -> dict[str, Any]:

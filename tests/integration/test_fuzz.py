@@ -7,12 +7,17 @@ so the lifecycle is reached (engines really start, stop and go). Each answer mus
   named for provision, a 500 never is);
 - match the document's schema and content type;
 - reject invalid input with a 4xx.
-Bounded: FUZZ_EXAMPLES examples per operation (default 50, about 30 s here).
+Then stateful sequences follow the document's links (and the links schemathesis infers), so
+calls meet engines that exist: rotate-key, stop and start answer 200 too.
+Bounded: FUZZ_EXAMPLES examples per operation (default 40) and FUZZ_STATEFUL_EXAMPLES
+(default 30) for the stateful run: about 40 s here.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +36,8 @@ from schemathesis.specs.openapi.checks import (
 from app.api.openapi import document
 from tests.harness import Orchestrator, running
 
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "50"))
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "40"))
+STATEFUL_EXAMPLES = int(os.environ.get("FUZZ_STATEFUL_EXAMPLES", "30"))
 CHECKS = [status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance, negative_data_rejection]
 
@@ -41,6 +47,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orchestrator]:
     tmp: Path = tmp_path_factory.mktemp("fuzz")
     with running(tmp, product=None, ports=4, env={"ORCH_BOOT_TIMEOUT_S": "5"}) as orch:
         orch.product("fuzz", max_engines=3)
+        orch.product("steps", max_engines=3)  # the stateful run's own product and quota
         yield orch
 
 
@@ -67,11 +74,33 @@ def test_every_operation_conforms(case: schemathesis.Case, live: Orchestrator) -
     assert response.headers.get("x-request-id"), "every answer has X-Request-ID"
 
 
+def test_stateful_sequences_follow_the_links(live: Orchestrator, tmp_path: Path) -> None:
+    """Sequences along links (ours from provision, and those schemathesis infers from
+    GET /engines): calls on engines that exist, in whatever state the last call left them.
+    Run by schemathesis' own runner: its state machine draws from the server's answers, which
+    Hypothesis under pytest reports as a flaky strategy."""
+    # Its sequences start from GET /engines (and start/stop), not from provision: engines
+    # that exist give them something to follow.
+    for user in ("seq-a", "seq-b"):
+        assert live.client("steps").post("/engines/provision", json={"user_id": user}).status_code == 200
+    command = [str(Path(sys.executable).with_name("schemathesis")), "run", live.url + "/openapi.json",
+               "--phases", "stateful", "--seed", "1", "--workers", "1", "--no-color",
+               "-n", str(STATEFUL_EXAMPLES), "-H", f"X-Platform-Key: {live.keys['steps']}",
+               "-c", ",".join(check.__name__ for check in CHECKS)]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "NO_PROXY": "*"})
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert "No issues found" in result.stdout
+    text = httpx.get(live.url + "/metrics", trust_env=False).text
+    reached = [line for line in text.splitlines() if line.startswith("orch_requests_total")
+               and 'status="200"' in line and "{user_id}" in line]
+    assert any("/stop" in r or "/start" in r or "/rotate-key" in r for r in reached), reached
+
+
 def test_the_fuzzing_reached_the_lifecycle_and_the_checks(live: Orchestrator) -> None:
     """Runs after the fuzzing (file order): it provisioned engines and was refused too."""
     events = {kind for (kind,) in live.rows("SELECT DISTINCT event FROM event")}
     assert "provision" in events, events
     text = httpx.get(live.url + "/metrics", trust_env=False).text
     assert 'route="/engines/provision",status="200"' in text
-    print("\n".join(line for line in text.splitlines() if line.startswith("orch_requests_total")))
     assert 'route="/engines/{user_id}/admit",status="400"' in text  # negative cases too
