@@ -54,6 +54,8 @@ class OrchestratorApp:
             exception_handlers=dict.fromkeys(HANDLED, handle),
             lifespan=self._lifespan,
         )
+        # "/engines/" is no route: a 404 in the error shape, not a redirect to "/engines".
+        self.app.router.redirect_slashes = False
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         await self.app(scope, receive, send)

@@ -120,6 +120,8 @@ def test_not_found_codes(running: Orchestrator) -> None:
         assert_error(api.request(method, path), 404, "ENGINE_NOT_FOUND")
     assert_error(api.get("/nope"), 404, "NOT_FOUND")
     assert_error(api.get("/engines/bob/teleport"), 404, "NOT_FOUND")
+    assert_error(api.get("/engines/"), 404, "NOT_FOUND")  # not a redirect
+    assert_error(api.post("/engines/bob/stop/"), 404, "NOT_FOUND")
     response = api.put("/engines/bob")
     assert_error(response, 405, "METHOD_NOT_ALLOWED")
     assert "DELETE" in response.headers["allow"]
