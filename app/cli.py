@@ -98,19 +98,15 @@ def _db(settings: Settings) -> None:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    import uvicorn
-
     from app import logs
+    from app.api import server
     from app.api.app import OrchestratorApp
     from app.crypto import load_keybox
 
     logs.setup(settings.log_level)
     load_keybox(settings)  # a bad ORCH_SECRET_KEY stops start-up here, with one line
     _db(settings)
-    uvicorn.run(OrchestratorApp(settings), host=args.host or settings.host,
-                port=args.port if args.port is not None else settings.port,
-                log_level=settings.log_level.lower(), access_log=False, lifespan="on",
-                log_config=None)
+    server.serve(OrchestratorApp(settings).app, settings, args.host, args.port)
     return 0
 
 
@@ -165,7 +161,7 @@ def cmd_products_delete(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_engines_list(settings: Settings, args: argparse.Namespace) -> int:
-    from app.api.routes import engine_json
+    from app.api.handlers import engine_json
 
     _db(settings)
     product_id = products.get(args.product).id if args.product else None
@@ -177,7 +173,7 @@ def cmd_engines_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
-    from app.api.routes import event_json
+    from app.api.handlers import event_json
 
     _db(settings)
     if args.product:

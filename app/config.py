@@ -74,6 +74,10 @@ class Settings:
     nomad_volume_uid: int = 65534
     nomad_volume_gid: int = 65534
     nomad_volume_mode: str = "0700"
+    # Issue 10 (the HTTP server): /metrics' bearer token, and uvicorn's guards.
+    metrics_token: str | None = None
+    limit_concurrency: int = 1000
+    head_timeout_s: float = 10.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -114,6 +118,10 @@ class Settings:
             nomad_volume_uid=r.get("ORCH_NOMAD_VOLUME_UID", _non_negative_int, cls.nomad_volume_uid),
             nomad_volume_gid=r.get("ORCH_NOMAD_VOLUME_GID", _non_negative_int, cls.nomad_volume_gid),
             nomad_volume_mode=r.get("ORCH_NOMAD_VOLUME_MODE", _octal_mode, cls.nomad_volume_mode),
+            # Issue 10 (the HTTP server).
+            metrics_token=r.get("ORCH_METRICS_TOKEN", _nonempty, None),
+            limit_concurrency=r.get("ORCH_LIMIT_CONCURRENCY", _positive_int, cls.limit_concurrency),
+            head_timeout_s=r.get("ORCH_HEAD_TIMEOUT_S", _positive, cls.head_timeout_s),
         )
 
     @property
@@ -177,6 +185,13 @@ def _non_negative_int(raw: str) -> int:
         raise ValueError("must be a whole number") from None
     if value < 0:
         raise ValueError("must be 0 or more")
+    return value
+
+
+def _positive_int(raw: str) -> int:  # issue 10
+    value = _non_negative_int(raw)
+    if value < 1:
+        raise ValueError("must be 1 or more")
     return value
 
 

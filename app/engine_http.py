@@ -1,4 +1,9 @@
-"""Talking to engines over HTTP: health, and confirming which key an engine accepts."""
+"""Talking to engines over HTTP: health, and confirming which key an engine accepts.
+
+Every call has a deadline for the whole exchange (asyncio.wait_for), not only httpx's
+per-read timeout: an engine that dribbles its answer a byte at a time must not hold a
+health check or a key confirmation past it.
+"""
 
 from __future__ import annotations
 
@@ -16,21 +21,26 @@ def client() -> httpx.AsyncClient:
                              limits=httpx.Limits(max_keepalive_connections=64))
 
 
-async def healthy(http: httpx.AsyncClient, url: str, timeout: float = 1.0) -> bool:
+async def _get(http: httpx.AsyncClient, url: str, timeout: float,
+               headers: dict[str, str] | None = None) -> httpx.Response | None:
+    """The response (body read), or None when there was none within `timeout`."""
     try:
-        response = await http.get(url + "/health", timeout=timeout)
-    except httpx.HTTPError:
-        return False
-    return response.status_code == 200
+        return await asyncio.wait_for(http.get(url, headers=headers, timeout=timeout), timeout)
+    except (httpx.HTTPError, TimeoutError):
+        return None
+
+
+async def healthy(http: httpx.AsyncClient, url: str, timeout: float = 1.0) -> bool:
+    response = await _get(http, url + "/health", timeout)
+    return response is not None and response.status_code == 200
 
 
 async def accepts(http: httpx.AsyncClient, url: str, key: str) -> bool | None:
     """Whether the engine accepts `key`: every route but /health needs it, so an authorised
-    request to any route is anything but 401/403. None when the engine did not answer."""
-    try:
-        response = await http.get(url + KEYCHECK_PATH, headers={"Authorization": f"Bearer {key}"},
-                                  timeout=1.0)
-    except httpx.HTTPError:
+    request to any route is anything but 401/403. None when the engine did not answer, or
+    answered 5xx (a broken engine says nothing about the key)."""
+    response = await _get(http, url + KEYCHECK_PATH, 1.0, {"Authorization": f"Bearer {key}"})
+    if response is None or response.status_code >= 500:
         return None
     return response.status_code not in (401, 403)
 

@@ -9,6 +9,7 @@ stops working within that time on every replica.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from app import errors, registry
 from app.crypto import hash_key, same_hash
@@ -30,7 +31,7 @@ class Authenticator:
         if hit is not None and hit[1] > now:
             return hit[0]
         digest = hash_key(key)
-        row = registry.product_by_key_hash(digest)
+        row: Any = registry.product_by_key_hash(digest)
         if row is None or not same_hash(row.key_hash, digest):
             self._cache.pop(key, None)
             raise errors.unauthorized()

@@ -1,57 +1,82 @@
-"""How errors are answered: one JSON shape for every error, never a traceback. The one place
-where a domain error's code becomes an HTTP status."""
+"""How every error is answered: one exception handler, keyed by the error's `code`.
+
+Domain errors (app/errors.py, the drivers' errors) carry a `code` from the spec and no HTTP
+status; STATUS_BY_CODE in the endpoint table is the one place that maps a code to a status.
+Starlette's own 404/405, a database that cannot be reached, and bugs are mapped here too.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
+from typing import Any
 
+import orjson
 import peewee as pw
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
 
+from app.api.spec import STATUS_BY_CODE
 from app.errors import DomainError
 
 log = logging.getLogger("orch.api")
 
-STATUS = {
-    "INVALID_REQUEST": 400, "UNAUTHORIZED": 401, "ENGINE_NOT_FOUND": 404, "NOT_FOUND": 404,
-    "METHOD_NOT_ALLOWED": 405, "ENGINE_ALREADY_EXISTS": 409, "ENGINE_ALREADY_RUNNING": 409,
-    "ENGINE_NOT_RUNNING": 409, "QUOTA_EXCEEDED": 429, "RATE_LIMITED": 429,
-    "PORT_EXHAUSTION": 503, "CAPACITY_EXHAUSTED": 503, "SCHEDULER_UNAVAILABLE": 503,
-    "BOOT_TIMEOUT": 504, "INTERNAL": 500,
-}
 
+class CodedError(Exception):
+    """An error of the HTTP layer itself (not a domain error), with a spec code."""
 
-class ApiError(Exception):
-    """An answer: HTTP status, code, message and extra headers."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+    def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-        self.headers = headers or {}
+        self.code, self.message = code, message
 
 
-def error_body(status: int, code: str, message: str, request_id: str) -> bytes:
-    return json.dumps({"error": {"code": code, "message": message, "request_id": request_id}},
-                      separators=(",", ":")).encode()
+def error_response(status: int, code: str, message: str, request_id: str,
+                   headers: dict[str, str] | None = None) -> Response:
+    body = orjson.dumps({"error": {"code": code, "message": message, "request_id": request_id}})
+    return Response(body, status, headers, media_type="application/json")
 
 
-def to_api_error(exc: BaseException, request_id: str) -> ApiError:
-    if isinstance(exc, ApiError):
-        return exc
-    if isinstance(exc, DomainError) and exc.code in STATUS and exc.code != "INTERNAL":
-        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
-        return ApiError(STATUS[exc.code], exc.code, exc.message, headers)
+def classify(exc: BaseException, request_id: str) -> tuple[int, str, str, dict[str, str]]:
+    """(status, code, message, extra headers) for any exception."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, str) and not isinstance(exc, HTTPException):
+        status = STATUS_BY_CODE.get(code) or _declared_status(exc)
+        if status is not None:
+            return status, code, str(getattr(exc, "message", None) or exc), _headers(exc)
+    if isinstance(exc, HTTPException):
+        if exc.status_code == 405:
+            return 405, "METHOD_NOT_ALLOWED", "method not allowed here", dict(exc.headers or {})
+        return exc.status_code, "NOT_FOUND", "no such route", {}
     if isinstance(exc, (pw.OperationalError, pw.InterfaceError)):
         log.warning("database unavailable (request %s): %s", request_id, exc)
-        return ApiError(503, "SCHEDULER_UNAVAILABLE", "the database cannot be reached; try again")
+        return 503, "SCHEDULER_UNAVAILABLE", "the database cannot be reached; try again", {}
     log.error("internal error (request %s)", request_id, exc_info=exc)
-    return ApiError(500, "INTERNAL", f"internal error; quote request id {request_id}")
+    return 500, "INTERNAL", f"internal error; quote request id {request_id}", {}
 
 
-def not_found() -> ApiError:
-    return ApiError(404, "NOT_FOUND", "no such route")
+def _declared_status(exc: BaseException) -> int | None:
+    # A code the table does not know yet (a newer domain error): its own status, if it has one.
+    status = getattr(exc, "status", None)
+    return status if isinstance(status, int) and 400 <= status <= 599 else None
 
 
-def method_not_allowed(allowed: list[str]) -> ApiError:
-    return ApiError(405, "METHOD_NOT_ALLOWED", "method not allowed here",
-                    {"Allow": ", ".join(sorted(allowed))})
+def _headers(exc: BaseException) -> dict[str, str]:
+    headers: dict[str, str] = dict(getattr(exc, "headers", None) or {})
+    retry_after = getattr(exc, "retry_after", None)
+    if isinstance(retry_after, (int, float)) and "Retry-After" not in headers:
+        headers["Retry-After"] = str(max(1, int(retry_after)))
+    return headers
+
+
+HANDLED: tuple[type[Exception], ...] = (
+    HTTPException, CodedError, DomainError, pw.OperationalError, pw.InterfaceError)
+
+
+async def handle(request: Request, exc: Exception) -> Response:
+    """The application's exception handler, for every exception (see app.build)."""
+    info: Any = request.scope.get("orch")
+    request_id = info.request_id if info is not None else "-"
+    status, code, message, headers = classify(exc, request_id)
+    if info is not None:
+        info.code = code
+    return error_response(status, code, message, request_id, headers)

@@ -1,148 +1,123 @@
-"""The OpenAPI 3 document of the whole API, served at /openapi.json."""
+"""The OpenAPI 3.1 document, derived from the endpoint table (app/api/spec.py): paths,
+parameters, bodies, answers and every status each operation can answer."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from app import states
+import msgspec
 
-ISO = {"type": ["string", "null"], "format": "date-time"}
+from app.api.spec import (
+    ENDPOINTS,
+    STATUS_BY_CODE,
+    USER_ID_PATTERN,
+    USER_ID_RULE,
+    Document,
+    Endpoint,
+    ErrorAnswer,
+    Text,
+)
 
-ENGINE = {
-    "type": "object",
-    "required": ["user_id", "status", "url", "engine_version", "created_at", "updated_at",
-                 "last_admit_at", "restarts", "failure_reason"],
-    "properties": {
-        "user_id": {"type": "string"},
-        "status": {"type": "string", "enum": list(states.STATES)},
-        "url": {"type": ["string", "null"]},
-        "engine_version": {"type": "string"},
-        "created_at": {"type": "string", "format": "date-time"},
-        "updated_at": {"type": "string", "format": "date-time"},
-        "last_admit_at": ISO,
-        "restarts": {"type": "integer", "minimum": 0},
-        "failure_reason": {"type": ["string", "null"]},
-    },
-}
-
-ENGINE_WITH_KEY = {"allOf": [{"$ref": "#/components/schemas/Engine"},
-                             {"type": "object", "required": ["api_key"],
-                              "properties": {"api_key": {"type": "string"}}}]}
-
-ERROR = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {"error": {"type": "object", "required": ["code", "message", "request_id"],
-                             "properties": {"code": {"type": "string"},
-                                            "message": {"type": "string"},
-                                            "request_id": {"type": "string"}}}},
-}
-
-ADMIT = {
-    "type": "object",
-    "required": ["admitted"],
-    "properties": {
-        "admitted": {"type": "boolean"},
-        "user_id": {"type": "string"}, "url": {"type": ["string", "null"]},
-        "api_key": {"type": "string"}, "engine_version": {"type": "string"},
-        "status": {"type": ["string", "null"]},
-        "provisioned": {"type": "boolean"}, "woken": {"type": "boolean"},
-        "reason": {"type": "string", "enum": ["engine_not_found", "engine_sleeping",
-                                              "engine_stopped", "engine_unhealthy"]},
-    },
-}
-
-EVENT = {
-    "type": "object",
-    "properties": {"id": {"type": "integer"}, "at": {"type": "string", "format": "date-time"},
-                   "event": {"type": "string"}, "from": {"type": ["string", "null"]},
-                   "to": {"type": ["string", "null"]}, "reason": {"type": ["string", "null"]},
-                   "request_id": {"type": ["string", "null"]}},
-}
-
-USER_PARAM = {"name": "user_id", "in": "path", "required": True,
-              "description": "1-128 printable characters, no '/', URL-encoded",
-              "schema": {"type": "string", "minLength": 1, "maxLength": 128}}
-
-LIMIT_PARAM = {"name": "limit", "in": "query", "required": False,
-               "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}
-
-
-def _ok(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"description": "OK", "content": {"application/json": {"schema": schema}}}
-
-
-def _errors(*codes: int) -> dict[str, Any]:
-    ref = {"$ref": "#/components/responses/Error"}
-    return {str(code): ref for code in (400, 401, *codes)}
-
-
-def _body(properties: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
-    schema = {"type": "object", "additionalProperties": False, "properties": properties}
-    if required:
-        schema["required"] = required
-    return {"required": bool(required), "content": {"application/json": {"schema": schema}}}
-
-
-def _op(summary: str, ok: dict[str, Any], *codes: int, params: list[Any] | None = None,
-        body: dict[str, Any] | None = None) -> dict[str, Any]:
-    op: dict[str, Any] = {"summary": summary, "parameters": params or [],
-                          "responses": {"200": _ok(ok), **_errors(*codes)},
-                          "security": [{"platformKey": []}]}
-    if body:
-        op["requestBody"] = body
-    return op
+REF = "#/components/schemas/{name}"
 
 
 def document() -> dict[str, Any]:
-    engine = {"$ref": "#/components/schemas/Engine"}
-    with_key = {"$ref": "#/components/schemas/EngineWithKey"}
-    user = [USER_PARAM]
+    types = list(dict.fromkeys([ErrorAnswer, *(t for e in ENDPOINTS for t in _types(e))]))
+    refs, schemas = msgspec.json.schema_components(types, ref_template=REF)
+    by_type: dict[Any, Any] = dict(zip(types, refs))
+    paths: dict[str, dict[str, Any]] = {}
+    for endpoint in ENDPOINTS:
+        paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = _operation(endpoint, by_type)
     return {
         "openapi": "3.1.0",
-        "info": {"title": "Engine orchestrator", "version": "1.0.0"},
-        "paths": {
-            "/engines/provision": {"post": _op(
-                "Create a user's engine", with_key, 409, 429, 503, 504,
-                body=_body({"user_id": {"type": "string", "minLength": 1, "maxLength": 128},
-                            "engine_version": {"type": "string", "minLength": 1, "maxLength": 256}},
-                           ["user_id"]))},
-            "/engines": {"get": _op(
-                "List the product's engines",
-                {"type": "object", "properties": {"engines": {"type": "array", "items": engine},
-                                                  "next_cursor": {"type": ["string", "null"]}}},
-                params=[{"name": "status", "in": "query", "required": False,
-                         "schema": {"type": "string", "enum": list(states.STATES)}},
-                        LIMIT_PARAM,
-                        {"name": "cursor", "in": "query", "required": False,
-                         "schema": {"type": "string"}}])},
-            "/engines/{user_id}": {
-                "get": _op("Look up a user's engine", engine, 404, params=user),
-                "delete": _op("Destroy a user's engine",
-                              {"type": "object", "properties": {"user_id": {"type": "string"},
-                                                                "destroyed": {"const": True}}},
-                              404, params=user)},
-            "/engines/{user_id}/start": {"post": _op("Start a stopped, sleeping or failed engine",
-                                                     engine, 404, 409, 503, 504, params=user)},
-            "/engines/{user_id}/stop": {"post": _op("Stop an engine; its brain is kept",
-                                                    engine, 404, 409, params=user)},
-            "/engines/{user_id}/rotate-key": {"post": _op("Give a running engine a new key",
-                                                          with_key, 404, 409, 503, params=user)},
-            "/engines/{user_id}/admit": {"post": _op(
-                "Admit a user request: the engine's URL and key, or why not", ADMIT, 429, 503, 504,
-                params=user, body=_body({"auto_provision": {"type": "boolean"},
-                                         "auto_wake": {"type": "boolean"}}))},
-            "/engines/{user_id}/events": {"get": _op(
-                "The engine's audit events, newest first",
-                {"type": "object", "properties": {"events": {"type": "array", "items": EVENT}}},
-                params=[USER_PARAM, LIMIT_PARAM])},
-        },
+        "info": {"title": "Engine orchestrator", "version": "1.0.0",
+                 "description": "Every error answers the Error shape with one of the codes "
+                                "listed under each status; every answer has X-Request-ID."},
+        "paths": paths,
         "components": {
-            "schemas": {"Engine": ENGINE, "EngineWithKey": ENGINE_WITH_KEY, "Error": ERROR},
-            "responses": {"Error": {"description": "An error",
-                                    "content": {"application/json": {
-                                        "schema": {"$ref": "#/components/schemas/Error"}}}}},
+            "schemas": schemas,
             "securitySchemes": {"platformKey": {"type": "apiKey", "in": "header",
                                                 "name": "X-Platform-Key"}},
         },
     }
+
+
+def _types(endpoint: Endpoint) -> list[type[Any]]:
+    found = [t for t in (endpoint.body, endpoint.answer) if t is not None]
+    return [t for t in found if t not in (Text, Document)]
+
+
+def _operation(endpoint: Endpoint, refs: dict[type[Any], Any]) -> dict[str, Any]:
+    op: dict[str, Any] = {"operationId": endpoint.name, "summary": endpoint.summary,
+                          "parameters": _parameters(endpoint),
+                          "responses": _responses(endpoint, refs)}
+    if endpoint.auth:
+        op["security"] = [{"platformKey": []}]
+    if endpoint.body is not None:
+        op["requestBody"] = {"required": endpoint.body_required,
+                             "content": {"application/json": {"schema": refs[endpoint.body]}}}
+    return op
+
+
+def _parameters(endpoint: Endpoint) -> list[dict[str, Any]]:
+    params: list[dict[str, Any]] = []
+    if "{user_id}" in endpoint.path:
+        params.append({"name": "user_id", "in": "path", "required": True,
+                       "description": USER_ID_RULE,
+                       "schema": {"type": "string", "minLength": 1, "maxLength": 128,
+                                  "pattern": USER_ID_PATTERN}})
+    if endpoint.query is not None:
+        schema = msgspec.json.schema(endpoint.query)
+        for field in msgspec.structs.fields(endpoint.query):
+            prop = _inline(schema, field.encode_name)
+            params.append({"name": field.encode_name, "in": "query", "required": field.required,
+                           "schema": prop})
+    return params
+
+
+def _inline(schema: dict[str, Any], name: str) -> dict[str, Any]:
+    """A query field's schema with the Struct's $defs resolved (a parameter stands alone)."""
+    defs = schema.get("$defs", {})
+    struct = defs[schema["$ref"].rsplit("/", 1)[1]]
+    prop = dict(struct["properties"][name])
+    ref = prop.pop("$ref", None)
+    if ref is not None:
+        prop.update(defs[ref.rsplit("/", 1)[1]])
+    return prop
+
+
+def _responses(endpoint: Endpoint, refs: dict[type[Any], Any]) -> dict[str, Any]:
+    ok = _answer(endpoint, refs)
+    if endpoint.name == "provision":
+        ok = {**ok, "links": _user_links()}
+    responses: dict[str, Any] = {str(s): ok for s in (200, *endpoint.also_ok)}
+    by_status: dict[int, list[str]] = {}
+    for code in endpoint.codes:
+        by_status.setdefault(STATUS_BY_CODE[code], []).append(code)
+    for status, codes in sorted(by_status.items()):
+        responses[str(status)] = {
+            "description": "error: " + ", ".join(codes),
+            "content": {"application/json": {"schema": _error_schema(codes)}}}
+    return responses
+
+
+def _user_links() -> dict[str, Any]:
+    """A provisioned engine's user id leads to every call on that engine (stateful testing,
+    and a hint to readers)."""
+    return {f"{e.name}_the_engine": {"operationId": e.name,
+                                     "parameters": {"path.user_id": "$response.body#/user_id"}}
+            for e in ENDPOINTS if "{user_id}" in e.path}
+
+
+def _answer(endpoint: Endpoint, refs: dict[type[Any], Any]) -> dict[str, Any]:
+    if endpoint.answer is Text:
+        return {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}
+    if endpoint.answer is Document:
+        return {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
+    return {"description": "OK", "content": {"application/json": {"schema": refs[endpoint.answer]}}}
+
+
+def _error_schema(codes: list[str]) -> dict[str, Any]:
+    return {"allOf": [{"$ref": REF.format(name="ErrorAnswer")},
+                      {"type": "object", "properties": {"error": {
+                          "type": "object", "properties": {"code": {"enum": codes}}}}}]}

@@ -32,7 +32,15 @@ from app.client._errors import (
     error_from_response,
     raise_for_error,
 )
-from app.client._models import Admission, Engine, EnginePage, Event, Health, ProvisionedEngine
+from app.client._models import (
+    Admission,
+    Engine,
+    EnginePage,
+    Event,
+    EventPage,
+    Health,
+    ProvisionedEngine,
+)
 from app.client._sync import Client
 
 __all__ = [
@@ -49,6 +57,7 @@ __all__ = [
     "EngineNotRunning",
     "EnginePage",
     "Event",
+    "EventPage",
     "Health",
     "Internal",
     "InvalidRequest",

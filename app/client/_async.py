@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import builtins
 import ssl
 from collections.abc import AsyncIterator
 from types import TracebackType
@@ -12,7 +11,15 @@ from typing import Any, TypeVar
 import httpx
 
 from app.client import _calls
-from app.client._models import Admission, Engine, EnginePage, Event, Health, ProvisionedEngine
+from app.client._models import (
+    Admission,
+    Engine,
+    EnginePage,
+    Event,
+    EventPage,
+    Health,
+    ProvisionedEngine,
+)
 
 T = TypeVar("T")
 
@@ -99,11 +106,21 @@ class AsyncClient:
                 return
             cursor = page.next_cursor
 
-    async def events(self, user_id: str, limit: int | None = None, *,
-                     request_id: str | None = None) -> builtins.list[Event]:
-        """The engine's audit events, newest first (kept after destroy)."""
-        # builtins.list: in this class `list` is the method above.
-        return await self._send(_calls.events(user_id, limit, request_id))
+    async def events(self, user_id: str, limit: int | None = None, cursor: str | None = None, *,
+               request_id: str | None = None) -> EventPage:
+        """One page of the engine's audit events, newest first (kept after destroy)."""
+        return await self._send(_calls.events(user_id, limit, cursor, request_id))
+
+    async def iter_events(self, user_id: str, *, page_size: int | None = None) -> AsyncIterator[Event]:
+        """Every audit event of the user's engine(s), newest first, page by page."""
+        cursor: str | None = None
+        while True:
+            page = await self.events(user_id, page_size, cursor)
+            for event in page.events:
+                yield event
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
 
     # ---- the service --------------------------------------------------------------------------
 

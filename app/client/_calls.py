@@ -14,8 +14,16 @@ from urllib.parse import quote
 
 import httpx
 
+from app.api.spec import BY_NAME
 from app.client._errors import UnexpectedResponse, error_from_response
-from app.client._models import Admission, Engine, EnginePage, Event, Health, ProvisionedEngine
+from app.client._models import (
+    Admission,
+    Engine,
+    EnginePage,
+    EventPage,
+    Health,
+    ProvisionedEngine,
+)
 
 T = TypeVar("T")
 
@@ -43,14 +51,14 @@ def finish(call: Call[T], response: httpx.Response) -> T:
                                  response.headers.get("x-request-id"), response=response) from exc
 
 
-def user_path(user_id: str, *rest: str) -> str:
-    """`/engines/{user_id}/...` with the user id as one percent-encoded segment."""
+def _segment(user_id: str) -> str:
+    """The user id as one percent-encoded path segment."""
     segment = quote(user_id, safe="")
     if segment in (".", ".."):
         # httpx (like browsers) drops dot segments from a path, so "/engines/.." would become
         # "/"; encoded dots reach the server, which decodes them back to the user id.
         segment = segment.replace(".", "%2E")
-    return "/".join(("/engines", segment, *rest))
+    return segment
 
 
 def _headers(request_id: str | None) -> dict[str, str]:
@@ -65,81 +73,95 @@ def _json(response: httpx.Response) -> dict[str, Any]:
     return body
 
 
-# ---- the endpoints ------------------------------------------------------------------------
+# ---- the endpoints: method and path from the server's endpoint table -------------------------
+
+
+def _call(name: str, read: Callable[[httpx.Response], T], user_id: str | None = None, *,
+          json: dict[str, Any] | None = None, params: dict[str, str | int] | None = None,
+          request_id: str | None = None) -> Call[T]:
+    endpoint = BY_NAME[name]
+    path = endpoint.path
+    if user_id is not None:
+        path = path.replace("{user_id}", _segment(user_id))
+    return Call(endpoint.method, path, read, json=json, params=params or None,
+                headers=_headers(request_id), also_ok=endpoint.also_ok)
+
+
+def _present(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def provision(user_id: str, engine_version: str | None,
               request_id: str | None) -> Call[ProvisionedEngine]:
-    body: dict[str, Any] = {"user_id": user_id}
-    if engine_version is not None:  # omitted: the server's ORCH_ENGINE_IMAGE
-        body["engine_version"] = engine_version
-    return Call("POST", "/engines/provision", lambda r: ProvisionedEngine.from_json(_json(r)),
-                json=body, headers=_headers(request_id))
+    # engine_version omitted: the server's ORCH_ENGINE_IMAGE
+    return _call("provision", lambda r: ProvisionedEngine.from_json(_json(r)),
+                 json=_present(user_id=user_id, engine_version=engine_version),
+                 request_id=request_id)
 
 
 def get(user_id: str, request_id: str | None) -> Call[Engine]:
-    return Call("GET", user_path(user_id), lambda r: Engine.from_json(_json(r)),
-                headers=_headers(request_id))
+    return _call("get", lambda r: Engine.from_json(_json(r)), user_id, request_id=request_id)
 
 
 def admit(user_id: str, auto_provision: bool, auto_wake: bool,
           request_id: str | None) -> Call[Admission]:
-    return Call("POST", user_path(user_id, "admit"),
-                lambda r: Admission.from_json(_json(r), user_id),
-                json={"auto_provision": auto_provision, "auto_wake": auto_wake},
-                headers=_headers(request_id))
+    return _call("admit", lambda r: Admission.from_json(_json(r), user_id), user_id,
+                 json={"auto_provision": auto_provision, "auto_wake": auto_wake},
+                 request_id=request_id)
 
 
 def start(user_id: str, request_id: str | None) -> Call[Engine]:
-    return Call("POST", user_path(user_id, "start"), lambda r: Engine.from_json(_json(r)),
-                headers=_headers(request_id))
+    return _call("start", lambda r: Engine.from_json(_json(r)), user_id, request_id=request_id)
 
 
 def stop(user_id: str, request_id: str | None) -> Call[Engine]:
-    return Call("POST", user_path(user_id, "stop"), lambda r: Engine.from_json(_json(r)),
-                headers=_headers(request_id))
+    return _call("stop", lambda r: Engine.from_json(_json(r)), user_id, request_id=request_id)
 
 
 def rotate_key(user_id: str, request_id: str | None) -> Call[ProvisionedEngine]:
-    return Call("POST", user_path(user_id, "rotate-key"),
-                lambda r: ProvisionedEngine.from_json(_json(r)), headers=_headers(request_id))
+    return _call("rotate_key", lambda r: ProvisionedEngine.from_json(_json(r)), user_id,
+                 request_id=request_id)
 
 
 def destroy(user_id: str, request_id: str | None) -> Call[None]:
-    return Call("DELETE", user_path(user_id), _read_destroyed, headers=_headers(request_id))
+    return _call("destroy", _read_destroyed, user_id, request_id=request_id)
 
 
 def list_engines(status: str | None, limit: int | None, cursor: str | None,
                  request_id: str | None) -> Call[EnginePage]:
-    params = {k: v for k, v in (("status", status), ("limit", limit), ("cursor", cursor))
-              if v is not None}
-    return Call("GET", "/engines", lambda r: EnginePage.from_json(_json(r)),
-                params=params or None, headers=_headers(request_id))
+    return _call("list", lambda r: EnginePage.from_json(_json(r)),
+                 params=_present(status=status, limit=limit, cursor=cursor), request_id=request_id)
 
 
-def events(user_id: str, limit: int | None, request_id: str | None) -> Call[list[Event]]:
-    return Call("GET", user_path(user_id, "events"),
-                lambda r: [Event.from_json(e) for e in _json(r)["events"]],
-                params={"limit": limit} if limit is not None else None,
-                headers=_headers(request_id))
+def events(user_id: str, limit: int | None, cursor: str | None,
+           request_id: str | None) -> Call[EventPage]:
+    return _call("events", lambda r: EventPage.from_json(_json(r)), user_id,
+                 params=_present(limit=limit, cursor=cursor), request_id=request_id)
 
 
 def healthz() -> Call[Health]:
-    return Call("GET", "/healthz", lambda r: Health.from_json(_json(r), ok=True))
+    return _call("healthz", lambda r: Health.from_json(_json(r), ok=True))
 
 
 def readyz() -> Call[Health]:
-    # 503 is readyz's way of saying "not ready", with its own body, not the error shape.
-    return Call("GET", "/readyz", lambda r: Health.from_json(_json(r), ok=r.status_code == 200),
-                also_ok=(503,))
+    # 503 is readyz's way of saying "not ready" (the table's also_ok), with its own body.
+    return _call("readyz", lambda r: Health.from_json(_json(r), ok=r.status_code == 200))
 
 
 def metrics() -> Call[str]:
-    return Call("GET", "/metrics", lambda r: r.text)
+    return _call("metrics", lambda r: r.text)
 
 
 def openapi() -> Call[dict[str, Any]]:
-    return Call("GET", "/openapi.json", _json)
+    return _call("openapi", _json)
+
+
+# The builder of each endpoint of the table (tests check that none is missing).
+BUILDERS: dict[str, Callable[..., Call[Any]]] = {
+    "provision": provision, "list": list_engines, "get": get, "destroy": destroy,
+    "start": start, "stop": stop, "rotate_key": rotate_key, "admit": admit, "events": events,
+    "healthz": healthz, "readyz": readyz, "metrics": metrics, "openapi": openapi,
+}
 
 
 def _read_destroyed(response: httpx.Response) -> None:

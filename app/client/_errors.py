@@ -8,6 +8,7 @@ so a caller can tell "the orchestrator said no" from "the orchestrator could not
 
 from __future__ import annotations
 
+import math
 import time
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
@@ -148,9 +149,11 @@ def parse_retry_after(value: str | None) -> float | None:
     if value is None:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     try:
         return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError):

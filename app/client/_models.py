@@ -106,6 +106,7 @@ class Event:
 
     id: int
     at: datetime
+    engine: str  # the engine's name; a destroyed and re-created engine has another
     event: str  # provision, ready, stop, stopped, start, rotate_key, destroy, destroyed, ...
     from_status: str | None  # "from" in the JSON, a Python keyword
     to_status: str | None  # "to" in the JSON
@@ -114,9 +115,23 @@ class Event:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Event:
-        return cls(id=int(data["id"]), at=parse_time(data["at"]), event=data["event"],
+        return cls(id=int(data["id"]), at=parse_time(data["at"]), engine=data["engine"],
+                   event=data["event"],
                    from_status=data.get("from"), to_status=data.get("to"),
                    reason=data.get("reason"), request_id=data.get("request_id"))
+
+
+@dataclass(frozen=True)
+class EventPage:
+    """One page of `events`, newest first; pass `next_cursor` back for older ones."""
+
+    events: tuple[Event, ...]
+    next_cursor: str | None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> EventPage:
+        return cls(events=tuple(Event.from_json(e) for e in data["events"]),
+                   next_cursor=data.get("next_cursor"))
 
 
 @dataclass(frozen=True)

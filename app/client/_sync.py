@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
 import ssl
 from collections.abc import Iterator
 from types import TracebackType
@@ -11,7 +10,15 @@ from typing import Any, TypeVar
 import httpx
 
 from app.client import _calls
-from app.client._models import Admission, Engine, EnginePage, Event, Health, ProvisionedEngine
+from app.client._models import (
+    Admission,
+    Engine,
+    EnginePage,
+    Event,
+    EventPage,
+    Health,
+    ProvisionedEngine,
+)
 
 T = TypeVar("T")
 
@@ -95,11 +102,20 @@ class Client:
                 return
             cursor = page.next_cursor
 
-    def events(self, user_id: str, limit: int | None = None, *,
-               request_id: str | None = None) -> builtins.list[Event]:
-        """The engine's audit events, newest first (kept after destroy)."""
-        # builtins.list: in this class `list` is the method above.
-        return self._send(_calls.events(user_id, limit, request_id))
+    def events(self, user_id: str, limit: int | None = None, cursor: str | None = None, *,
+               request_id: str | None = None) -> EventPage:
+        """One page of the engine's audit events, newest first (kept after destroy)."""
+        return self._send(_calls.events(user_id, limit, cursor, request_id))
+
+    def iter_events(self, user_id: str, *, page_size: int | None = None) -> Iterator[Event]:
+        """Every audit event of the user's engine(s), newest first, page by page."""
+        cursor: str | None = None
+        while True:
+            page = self.events(user_id, page_size, cursor)
+            yield from page.events
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
 
     # ---- the service --------------------------------------------------------------------------
 

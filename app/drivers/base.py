@@ -26,8 +26,8 @@ from app.errors import (
     SchedulerUnavailable,
 )
 
-__all__ = ["BadVersion", "BootTimeout", "CapacityExhausted", "Driver", "DriverError", "EngineCrashed", "EngineSpec",
-           "NodeLost", "PortExhausted", "Probe", "SchedulerUnavailable", "State"]
+__all__ = ["BadVersion", "BootTimeout", "CapacityExhausted", "Driver", "DriverError", "EngineCrashed",
+           "EngineSpec", "NodeLost", "PortExhausted", "Probe", "SchedulerUnavailable", "State"]
 
 State = dict[str, Any]  # driver-private, JSON-serialisable
 # "node_lost" (issue 8): the engine's node is gone, and its brain with it until it returns.
@@ -101,10 +101,10 @@ class Driver(abc.ABC):
         """Raise BadVersion for an engine_version this driver refuses (default: none)."""
         return None
 
-    async def ping(self) -> None:  # noqa: B027 - optional: a driver with no backend has nothing to ping
+    async def ping(self) -> None:
         """Raise SchedulerUnavailable when the backend cannot be reached."""
         return None
 
-    async def close(self) -> None:  # noqa: B027 - optional: nothing to release by default
+    async def close(self) -> None:
         """Release connections; engines keep running."""
         return None

@@ -68,3 +68,11 @@ def events_for(product_id: int, user_id: str | None = None, limit: int = 100) ->
 
 def recent_events(limit: int = 100) -> list[Event]:
     return list(Event.select().order_by(Event.id.desc()).limit(limit))
+
+
+def events_page(product_id: int, user_id: str, before_id: int | None, limit: int) -> list[Event]:
+    """One page of a user's events, newest first, older than `before_id` (the API's cursor)."""
+    query = Event.select().where((Event.product_id == product_id) & (Event.user_id == user_id))
+    if before_id is not None:
+        query = query.where(Event.id < before_id)
+    return list(query.order_by(Event.id.desc()).limit(limit))

@@ -10,6 +10,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from app.api.server import config
+from app.config import Settings
+
 BODY = {"admitted": True, "user_id": "bench", "url": "http://127.0.0.1:20000",
         "api_key": "eng_" + "x" * 43, "status": "running", "engine_version": "ref",
         "provisioned": False, "woken": False}
@@ -23,5 +26,7 @@ async def admit(request: Request) -> JSONResponse:
 app = Starlette(routes=[Route("/engines/{user_id}/admit", admit, methods=["POST"])])
 
 if __name__ == "__main__":
-    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning",
-                access_log=False, log_config=None)
+    # The same uvicorn settings as `orch serve` (app/api/server.py), the lifespan aside.
+    settings = Settings()
+    uvicorn.Server(config(app, settings, "127.0.0.1", int(sys.argv[1]), lifespan="off",
+                          log_level="warning")).run()

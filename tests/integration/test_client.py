@@ -126,18 +126,21 @@ def test_every_endpoint(server: Orchestrator) -> None:
         assert sorted(e.user_id for e in api.iter_engines(page_size=1)) == ["..", ODD_USER]
         assert [e.user_id for e in api.list(status="stopped").engines] == []
 
-        events = api.events(ODD_USER)
+        events = api.events(ODD_USER).events
         assert [e.id for e in events] == sorted((e.id for e in events), reverse=True)
         kinds = {e.event for e in events}
         assert {"provision", "rotate_key", "stop", "start"} <= kinds, kinds
         assert any(e.request_id == "tour-provision" for e in events)
         assert all(isinstance(e.at, datetime) for e in events)
-        assert len(api.events(ODD_USER, limit=2)) == 2
+        first = api.events(ODD_USER, limit=2)
+        assert len(first.events) == 2 and first.next_cursor is not None
+        assert [e.id for e in api.iter_events(ODD_USER, page_size=2)] == [e.id for e in events]
+        assert all(e.engine == events[0].engine for e in events)
 
         api.destroy(ODD_USER)
         api.destroy("..")
         expect(EngineNotFound, 404, lambda: api.get(ODD_USER))
-        assert api.events(ODD_USER)[0].event == "destroyed"  # the audit trail outlives the engine
+        assert api.events(ODD_USER).events[0].event == "destroyed"  # the audit trail outlives the engine
         assert list(api.iter_engines()) == []
 
 
@@ -169,7 +172,7 @@ def test_async_client_round_trip(server: Orchestrator) -> None:
             assert rotated.api_key != created.api_key
             assert (await api.get("async-user")).status == "running"
             assert "async-user" in [e.user_id async for e in api.iter_engines(page_size=1)]
-            assert (await api.events("async-user"))[-1].request_id == "async-1"
+            assert (await api.events("async-user")).events[-1].request_id == "async-1"
             assert (await api.stop("async-user")).status == "stopped"
             assert (await api.start("async-user")).status == "running"
             assert (await api.list(status="running")).engines
@@ -200,7 +203,7 @@ def test_unauthorized(server: Orchestrator) -> None:
 
 def test_engine_not_found_on_every_user_call(client: Client) -> None:
     for call in (client.get, client.start, client.stop, client.rotate_key, client.destroy):
-        expect(EngineNotFound, 404, lambda: call("nobody"))
+        expect(EngineNotFound, 404, lambda call=call: call("nobody"))
 
 
 def test_conflicts_and_request_id(client: Client) -> None:
@@ -312,7 +315,7 @@ def test_user_ids_are_one_encoded_segment() -> None:
 
     def answer(request: httpx.Request) -> httpx.Response:
         paths.append(request.url.raw_path)
-        return httpx.Response(200, json={"events": []})
+        return httpx.Response(200, json={"events": [], "next_cursor": None})
 
     with Client("http://orch.test/prefix", "key", transport=httpx.MockTransport(answer)) as api:
         for user_id in ("a b", "q?x#y", "100%", "é", ".", "..", "a/b"):

@@ -59,7 +59,7 @@ def test_products_cannot_reach_each_others_engines(orch: Orchestrator) -> None:
         response = theirs.request(method, path)
         assert response.status_code == 404 and response.json()["error"]["code"] == "ENGINE_NOT_FOUND"
     assert theirs.get("/engines").json() == {"engines": [], "next_cursor": None}
-    assert theirs.get("/engines/dave/events").json() == {"events": []}
+    assert theirs.get("/engines/dave/events").json() == {"events": [], "next_cursor": None}
     denied = theirs.post("/engines/dave/admit").json()
     assert denied == {"admitted": False, "reason": "engine_not_found", "status": None}
     assert orch.rows("SELECT id, status, row_version FROM engine") == before

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import socket
+import time
 from pathlib import Path
 
 import httpx
@@ -35,6 +38,10 @@ def running(orch: Orchestrator) -> Orchestrator:
     return orch
 
 
+def cursor(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
 BAD_REQUESTS = [
     ("POST", "/engines/provision", b"{not json"),
     ("POST", "/engines/provision", b"[1, 2]"),
@@ -58,6 +65,22 @@ BAD_REQUESTS = [
     ("GET", "/engines?cursor=%%%", b""),
     ("GET", "/engines?colour=red", b""),
     ("GET", "/engines/bob/events?limit=100000", b""),
+    # Found by an outside run as 500s: deep nesting, a digit int() refuses, a huge cursor.
+    ("POST", "/engines/provision", b'{"user_id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+    ("POST", "/engines/provision", b"[" * 100_000 + b"]" * 100_000),
+    ("POST", "/engines/bob/admit", b'{"auto_wake": ' + b'{"a":' * 20_000 + b"1" + b"}" * 20_001),
+    ("POST", "/engines/bob/admit", b'{"colour": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+    ("GET", "/engines?limit=%C2%B2", b""),  # '²'
+    ("GET", "/engines?limit=%D9%A3", b""),  # Arabic-Indic three
+    ("GET", "/engines/bob/events?limit=%C2%B2", b""),
+    ("GET", "/engines?cursor=" + cursor("e:" + "9" * 30), b""),
+    ("GET", "/engines?cursor=" + cursor("e:9223372036854775808"), b""),
+    ("GET", "/engines/bob/events?cursor=" + cursor("e:" + "9" * 30), b""),
+    ("GET", "/engines?limit=1&limit=2", b""),
+    ("GET", "/engines/bob", b'{"x": 1}'),
+    ("POST", "/engines/bob/admit", b'{"auto_wake": null}'),
+    ("GET", "/engines/%F0%9F", b""),  # a cut UTF-8 sequence
+    ("GET", "/engines/a%2fb/events", b""),
 ]
 
 
@@ -97,6 +120,8 @@ def test_not_found_codes(running: Orchestrator) -> None:
         assert_error(api.request(method, path), 404, "ENGINE_NOT_FOUND")
     assert_error(api.get("/nope"), 404, "NOT_FOUND")
     assert_error(api.get("/engines/bob/teleport"), 404, "NOT_FOUND")
+    assert_error(api.get("/engines/"), 404, "NOT_FOUND")  # not a redirect
+    assert_error(api.post("/engines/bob/stop/"), 404, "NOT_FOUND")
     response = api.put("/engines/bob")
     assert_error(response, 405, "METHOD_NOT_ALLOWED")
     assert "DELETE" in response.headers["allow"]
@@ -223,8 +248,9 @@ def test_internal_error_is_json_without_traceback(monkeypatch: pytest.MonkeyPatc
             def boom(*_a, **_k):
                 raise RuntimeError("secret internals")
 
+            assert application.services is not None
             monkeypatch.setattr(application.services.lifecycle, "get", boom)
-            transport = httpx.ASGITransport(app=application)
+            transport = httpx.ASGITransport(app=application.app)
             async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
                 return await client.get("/engines/u", headers={"X-Platform-Key": key,
                                                                "X-Request-ID": "req-42"})
@@ -240,3 +266,93 @@ def test_request_id_is_echoed(running: Orchestrator) -> None:
     api = running.client("acme")
     assert api.get("/engines/bob", headers={"X-Request-ID": "abc-123"}).headers["x-request-id"] == "abc-123"
     assert len(api.get("/engines/bob").headers["x-request-id"]) >= 16
+
+
+def test_two_platform_keys_are_refused(running: Orchestrator) -> None:
+    key = running.keys["acme"]
+    before = snapshot(running)
+    for keys in ([key, key], [key, "orch_pk_other"], ["orch_pk_other", key]):
+        response = httpx.request("POST", running.url + "/engines/bob/stop", trust_env=False,
+                                 headers=[("X-Platform-Key", k) for k in keys])
+        assert_error(response, 400, "INVALID_REQUEST")
+    assert snapshot(running) == before
+
+
+def test_options_on_provision_is_not_read_as_a_user(running: Orchestrator) -> None:
+    response = running.client("acme").options("/engines/provision")
+    assert_error(response, 405, "METHOD_NOT_ALLOWED")
+    assert response.headers["allow"] == "POST"
+    engine = running.client("acme").get("/engines/provision")  # a user may be called that
+    assert_error(engine, 404, "ENGINE_NOT_FOUND")
+
+
+# ---- the request head: size and time limits (app/api/server.py) ------------------------------
+
+
+def raw_request(orch: Orchestrator, head: bytes, timeout: float = 10.0) -> bytes:
+    """Sends `head` on a fresh connection; everything the server answers until it closes."""
+    with socket.create_connection(("127.0.0.1", orch.port), timeout=timeout) as sock:
+        try:
+            sock.sendall(head)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server may close before the whole head is sent
+        return read_until_closed(sock)
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks)
+
+
+def test_a_head_over_64_kib_is_refused(running: Orchestrator) -> None:
+    key = running.keys["acme"].encode()
+    big = b"GET /engines HTTP/1.1\r\nHost: t\r\nX-Platform-Key: " + key + b"\r\nX-Big: " + \
+        b"a" * (65 * 1024) + b"\r\n\r\n"
+    assert raw_request(running, big).startswith(b"HTTP/1.1 431 ")
+    many = b"GET /engines HTTP/1.1\r\nHost: t\r\n" + b"".join(
+        b"X-H%d: v\r\n" % i for i in range(100_000)) + b"\r\n"
+    assert raw_request(running, many).startswith(b"HTTP/1.1 431 ")
+    # just under the limit is served
+    fits = b"GET /engines HTTP/1.1\r\nHost: t\r\nConnection: close\r\nX-Platform-Key: " + key + \
+        b"\r\nX-Big: " + b"a" * (60 * 1024) + b"\r\n\r\n"
+    assert raw_request(running, fits).startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_connection_without_a_whole_head_is_closed(tmp_path: Path) -> None:
+    orch = Orchestrator(tmp_path, env={"ORCH_HEAD_TIMEOUT_S": "1"}).start()
+    try:
+        socks = [socket.create_connection(("127.0.0.1", orch.port), timeout=10) for _ in range(3)]
+        socks[0].sendall(b"GET /engines HTTP/1.1\r\nHost: t\r\nX-Slow: ")  # and nothing more
+        socks[1].sendall(b"G")
+        # socks[2] sends nothing at all
+        started = time.monotonic()
+        for sock in socks:
+            with sock:
+                assert read_until_closed(sock) == b""  # closed by the server, not answered
+        assert time.monotonic() - started < 8
+        # a whole head in time is answered, and the body may take longer than the head limit
+        with socket.create_connection(("127.0.0.1", orch.port), timeout=10) as sock:
+            sock.sendall(b"POST /engines/provision HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n"
+                         b"Connection: close\r\n\r\n{")
+            time.sleep(1.5)
+            sock.sendall(b"}")
+            assert read_until_closed(sock).startswith(b"HTTP/1.1 401 ")
+    finally:
+        orch.close()
+
+
+def test_concurrency_is_limited_from_configuration(tmp_path: Path) -> None:
+    orch = Orchestrator(tmp_path, env={"ORCH_LIMIT_CONCURRENCY": "2"}).start()
+    try:
+        with socket.create_connection(("127.0.0.1", orch.port), timeout=10):
+            with socket.create_connection(("127.0.0.1", orch.port), timeout=10):
+                answer = raw_request(orch, b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 503 "), answer[:100]
+        assert httpx.get(orch.url + "/healthz", trust_env=False).status_code == 200
+    finally:
+        orch.close()

@@ -71,3 +71,26 @@ def test_logs_are_json_and_never_hold_a_key(orch: Orchestrator) -> None:
     text = orch.log.read_text()
     for secret in (created["api_key"], rotated["api_key"], orch.keys["acme"]):
         assert secret not in text
+
+
+def test_metrics_need_the_token_when_one_is_set(tmp_path) -> None:
+    from tests.harness import running
+
+    with running(tmp_path, env={"ORCH_METRICS_TOKEN": "s3cret-token"}) as orch:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"}):
+            refused = httpx.get(orch.url + "/metrics", headers=headers, trust_env=False)
+            assert refused.status_code == 401, refused.text
+            assert refused.json()["error"]["code"] == "UNAUTHORIZED"
+            assert "orch_requests_total" not in refused.text
+        allowed = httpx.get(orch.url + "/metrics", trust_env=False,
+                            headers={"Authorization": "Bearer s3cret-token"})
+        assert allowed.status_code == 200 and "orch_requests_total" in allowed.text
+        assert httpx.get(orch.url + "/healthz", trust_env=False).status_code == 200  # no token
+
+
+def test_every_answer_has_a_request_id_and_unrouted_paths_are_labelled_as_such(orch: Orchestrator) -> None:
+    for path in ("/healthz", "/nope", "/engines/a%2Fb", "/openapi.json", "/docs"):
+        assert httpx.get(orch.url + path, trust_env=False).headers["x-request-id"]
+    samples = scrape(orch)
+    assert value(samples, "orch_requests_total", route="unmatched", method="GET", status="404") >= 1
+    assert value(samples, "orch_requests_total", route="/healthz", method="GET", status="200") >= 1

@@ -216,7 +216,7 @@ def test_concurrent_writes_of_one_key_never_mix(start: Callable[..., Engine]) ->
                     r = client.put("/v1/memory/shared", content=value,
                                    headers={"Authorization": f"Bearer {KEY}"})
                     assert r.status_code == 200
-        except BaseException as exc:  # noqa: BLE001 - reported below, in the test's thread
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=writer, args=(v,)) for v in values]

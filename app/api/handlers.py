@@ -1,0 +1,173 @@
+"""The operations behind the endpoint table: each takes the checked request and calls the
+lifecycle. Shapes of the answers are the table's Structs (app/api/spec.py)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+from msgspec import UNSET
+
+from app import errors, naming, registry
+from app.admit import Admitter
+from app.api import spec
+from app.lifecycle import Lifecycle, ProductRef
+
+CURSOR_MAX = 2**62  # below SQLite's and PostgreSQL's largest integer
+
+
+@dataclass
+class Services:
+    lifecycle: Lifecycle
+    admitter: Admitter
+
+
+@dataclass
+class Call:
+    """A request that passed the table's checks."""
+
+    product: ProductRef
+    user_id: str  # "" for the routes without one
+    body: Any  # the endpoint's body Struct, or None
+    query: Any  # the endpoint's query Struct, or None
+
+
+Handler = Callable[[Services, Call], Awaitable[Any]]
+
+
+async def provision(svc: Services, call: Call) -> Any:
+    body: spec.ProvisionBody = call.body
+    check_user_id(body.user_id)
+    version = None if body.engine_version is UNSET else body.engine_version
+    if version is not None and not version.isprintable():
+        raise errors.invalid("engine_version must be 1 to 256 printable characters")
+    engine, api_key = await svc.lifecycle.provision(call.product, body.user_id, version)
+    return with_key(engine, api_key)
+
+
+async def get(svc: Services, call: Call) -> Any:
+    return engine_struct(svc.lifecycle.get(call.product, call.user_id))
+
+
+async def destroy(svc: Services, call: Call) -> Any:
+    await svc.lifecycle.destroy(call.product, call.user_id)
+    return spec.Destroyed(call.user_id, True)
+
+
+async def start(svc: Services, call: Call) -> Any:
+    return engine_struct(await svc.lifecycle.start(call.product, call.user_id))
+
+
+async def stop(svc: Services, call: Call) -> Any:
+    return engine_struct(await svc.lifecycle.stop(call.product, call.user_id))
+
+
+async def rotate_key(svc: Services, call: Call) -> Any:
+    engine, api_key = await svc.lifecycle.rotate_key(call.product, call.user_id)
+    return with_key(engine, api_key)
+
+
+async def admit(svc: Services, call: Call) -> Any:
+    body: spec.AdmitBody = call.body
+    return await svc.admitter.admit(call.product, call.user_id, body.auto_provision, body.auto_wake)
+
+
+async def list_engines(svc: Services, call: Call) -> Any:
+    query: spec.ListQuery = call.query
+    status = None if query.status is UNSET else query.status
+    after = 0 if query.cursor is UNSET else decode_cursor(query.cursor)
+    rows = registry.list_engines(call.product.id, status, after, query.limit + 1)
+    more = len(rows) > query.limit
+    rows = rows[:query.limit]
+    return spec.EnginePage([engine_struct(e) for e in rows], _next_cursor(rows, more))
+
+
+async def events(svc: Services, call: Call) -> Any:
+    query: spec.EventsQuery = call.query
+    before = None if query.cursor is UNSET else decode_cursor(query.cursor)
+    rows = registry.events_page(call.product.id, call.user_id, before, query.limit + 1)
+    more = len(rows) > query.limit
+    rows = rows[:query.limit]
+    return spec.EventPage([event_struct(e) for e in rows], _next_cursor(rows, more))
+
+
+HANDLERS: dict[str, Handler] = {
+    "provision": provision, "list": list_engines, "get": get, "destroy": destroy,
+    "start": start, "stop": stop, "rotate_key": rotate_key, "admit": admit, "events": events,
+}
+
+
+# ---- shapes -----------------------------------------------------------------------------
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def iso_or_none(ts: float | None) -> str | None:
+    return None if ts is None else iso(ts)
+
+
+def _engine_fields(engine: Any) -> dict[str, Any]:
+    # Only these attributes of an engine row are ever shown (never its key or driver state).
+    return {"user_id": engine.user_id, "status": engine.status, "url": engine.url,
+            "engine_version": engine.engine_version, "created_at": iso(engine.created_at),
+            "updated_at": iso(engine.updated_at), "last_admit_at": iso_or_none(engine.last_admit_at),
+            "restarts": engine.restarts, "failure_reason": engine.failure_reason}
+
+
+def engine_struct(engine: Any) -> spec.Engine:
+    return spec.Engine(**_engine_fields(engine))
+
+
+def with_key(engine: Any, api_key: str) -> spec.EngineWithKey:
+    return spec.EngineWithKey(**_engine_fields(engine), api_key=api_key)
+
+
+def event_struct(event: Any) -> spec.Event:
+    return spec.Event(event.id, iso(event.at), event.engine_name, event.event, event.from_status,
+                      event.to_status, event.reason, event.request_id)
+
+
+def check_user_id(user_id: str) -> str:
+    problem = naming.user_id_problem(user_id)
+    if problem:
+        raise errors.invalid(problem)
+    return user_id
+
+
+def _next_cursor(rows: list[Any], more: bool) -> str | None:
+    return encode_cursor(rows[-1].id) if more else None
+
+
+def encode_cursor(last_id: int) -> str:
+    return base64.urlsafe_b64encode(f"e:{last_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(raw: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode("ascii")
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise errors.invalid("cursor is not one this API gave out") from None
+    prefix, _, value = text.partition(":")
+    if prefix != "e" or not (value.isascii() and value.isdigit()) or int(value) >= CURSOR_MAX:
+        raise errors.invalid("cursor is not one this API gave out")
+    return int(value)
+
+
+def engine_json(engine: Any) -> dict[str, Any]:
+    """An engine as the API shows it, as a dict (for the CLI's JSON output)."""
+    shown: dict[str, Any] = msgspec.to_builtins(engine_struct(engine))
+    return shown
+
+
+def event_json(event: Any) -> dict[str, Any]:
+    """An event as the API shows it, as a dict (for the CLI's JSON output)."""
+    shown: dict[str, Any] = msgspec.to_builtins(event_struct(event))
+    return shown

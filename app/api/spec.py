@@ -1,0 +1,229 @@
+"""The endpoint table: the one description of the HTTP API.
+
+Every operation is one `Endpoint`: method, path, query and body types, answer type and the
+error codes it can give. The server's routes and request validation (app/api/app.py), the
+OpenAPI document (app/api/openapi.py) and the Python client (app/client/_calls.py) are all
+derived from it; tests/unit/test_api_table.py fails when any of them disagrees with it.
+
+This module imports nothing of the server, so the client can import it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+# ---- the error codes of the spec, and their HTTP statuses -----------------------------------
+
+STATUS_BY_CODE: dict[str, int] = {
+    "INVALID_REQUEST": 400,
+    "UNAUTHORIZED": 401,
+    "ENGINE_NOT_FOUND": 404,
+    "NOT_FOUND": 404,
+    "METHOD_NOT_ALLOWED": 405,
+    "ENGINE_ALREADY_EXISTS": 409,
+    "ENGINE_ALREADY_RUNNING": 409,
+    "ENGINE_NOT_RUNNING": 409,
+    "QUOTA_EXCEEDED": 429,
+    "RATE_LIMITED": 429,
+    "INTERNAL": 500,
+    "PORT_EXHAUSTION": 503,
+    "CAPACITY_EXHAUSTED": 503,
+    "SCHEDULER_UNAVAILABLE": 503,
+    "BOOT_TIMEOUT": 504,
+}
+
+# Every authenticated call can meet these: bad input, a bad key, and the database (or, for
+# the calls that reach it, the scheduler) being out of reach.
+COMMON_ERRORS = ("INVALID_REQUEST", "UNAUTHORIZED", "SCHEDULER_UNAVAILABLE")
+
+# ---- field types ------------------------------------------------------------------------------
+
+# The server also refuses what str.isprintable() refuses (format, separator, unassigned and
+# private-use characters); the pattern names the control characters and '/'.
+USER_ID_PATTERN = "^[^\\u0000-\\u001f\\u007f-\\u009f/]{1,128}$"
+USER_ID_RULE = "1 to 128 printable characters, no '/', no control characters; URL-encoded in paths"
+UserId = Annotated[str, Meta(min_length=1, max_length=128, pattern=USER_ID_PATTERN,
+                             description=USER_ID_RULE)]
+EngineVersion = Annotated[str, Meta(min_length=1, max_length=256,
+                                    description="1 to 256 printable characters")]
+Timestamp = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]
+Limit = Annotated[int, Meta(ge=1, le=1000, description="page size")]
+Cursor = Annotated[str, Meta(min_length=1, max_length=64,
+                             description="next_cursor of the previous page, as given")]
+EngineStatus = Literal["provisioning", "starting", "running", "stopping", "stopped",
+                       "sleeping", "failed", "destroying"]
+DenialReason = Literal["engine_not_found", "engine_sleeping", "engine_stopped",
+                       "engine_unhealthy"]
+
+
+# ---- request bodies and queries ----------------------------------------------------------
+
+
+class ProvisionBody(Struct, forbid_unknown_fields=True):
+    user_id: UserId
+    engine_version: EngineVersion | UnsetType = UNSET  # omitted: ORCH_ENGINE_IMAGE
+
+
+class AdmitBody(Struct, forbid_unknown_fields=True):
+    auto_provision: bool = False
+    auto_wake: bool = False
+
+
+class ListQuery(Struct, forbid_unknown_fields=True):
+    status: EngineStatus | UnsetType = UNSET
+    limit: Limit = 100
+    cursor: Cursor | UnsetType = UNSET
+
+
+class EventsQuery(Struct, forbid_unknown_fields=True):
+    limit: Limit = 100
+    cursor: Cursor | UnsetType = UNSET
+
+
+# ---- answers ------------------------------------------------------------------------------
+
+
+class Engine(Struct):
+    user_id: str
+    status: EngineStatus
+    url: str | None
+    engine_version: str
+    created_at: Timestamp
+    updated_at: Timestamp
+    last_admit_at: Timestamp | None
+    restarts: Annotated[int, Meta(ge=0)]
+    failure_reason: str | None
+
+
+class EngineWithKey(Engine):
+    api_key: str  # shown this one time
+
+
+class Destroyed(Struct):
+    user_id: str
+    destroyed: Literal[True]
+
+
+class Admission(Struct, omit_defaults=True):
+    """Admitted: every field but `reason`; denied: `admitted`, `reason` and `status` only."""
+
+    admitted: bool
+    status: EngineStatus | None
+    user_id: str | UnsetType = UNSET
+    url: str | UnsetType | None = UNSET
+    api_key: str | UnsetType = UNSET
+    engine_version: str | UnsetType = UNSET
+    provisioned: bool | UnsetType = UNSET
+    woken: bool | UnsetType = UNSET
+    reason: DenialReason | UnsetType = UNSET
+
+
+class EnginePage(Struct):
+    engines: list[Engine]
+    next_cursor: str | None
+
+
+class Event(Struct, rename={"from_status": "from", "to_status": "to"}):
+    id: int
+    at: Timestamp
+    engine: str  # the engine's name: events of a destroyed and re-created engine are told apart
+    event: str
+    from_status: str | None
+    to_status: str | None
+    reason: str | None
+    request_id: str | None
+
+
+class EventPage(Struct):
+    events: list[Event]  # newest first
+    next_cursor: str | None
+
+
+class Health(Struct, omit_defaults=True):
+    status: Literal["ok", "ready", "unavailable"]
+    reason: str | UnsetType = UNSET
+
+
+class ErrorDetail(Struct):
+    code: str
+    message: str
+    request_id: str
+
+
+class ErrorAnswer(Struct):
+    error: ErrorDetail
+
+
+class Text(Struct):
+    """Marks a plain-text answer (the Prometheus exposition) in the table."""
+
+
+class Document(Struct):
+    """Marks an answer that is a JSON document of its own (the OpenAPI document)."""
+
+
+# ---- the table --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str  # operationId, and the client's method name
+    method: str
+    path: str  # Starlette's syntax; {user_id} is the only path parameter
+    summary: str
+    answer: type[Any]
+    errors: tuple[str, ...] = ()  # besides COMMON_ERRORS (when auth)
+    body: type[Struct] | None = None
+    query: type[Struct] | None = None
+    auth: bool = True  # X-Platform-Key
+    also_ok: tuple[int, ...] = ()  # statuses answered with `answer`, not an error (readyz's 503)
+
+    @property
+    def codes(self) -> tuple[str, ...]:
+        return (*COMMON_ERRORS, *self.errors) if self.auth else self.errors
+
+    @property
+    def body_required(self) -> bool:
+        return self.body is not None and any(f.required for f in msgspec.structs.fields(self.body))
+
+
+BOOTING = ("PORT_EXHAUSTION", "CAPACITY_EXHAUSTED", "BOOT_TIMEOUT")
+
+# Routes are tried in this order: admit, the hot path, first (Starlette matches route by
+# route); where paths overlap, /engines/provision before /engines/{user_id}.
+ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint("admit", "POST", "/engines/{user_id}/admit",
+             "Admit a user request: the engine's URL and key, or why not",
+             Admission, ("RATE_LIMITED", "QUOTA_EXCEEDED", *BOOTING), body=AdmitBody),
+    Endpoint("provision", "POST", "/engines/provision", "Create a user's engine and wait until it runs",
+             EngineWithKey, ("ENGINE_ALREADY_EXISTS", "QUOTA_EXCEEDED", *BOOTING), body=ProvisionBody),
+    Endpoint("list", "GET", "/engines", "List the product's engines, a page at a time",
+             EnginePage, query=ListQuery),
+    Endpoint("get", "GET", "/engines/{user_id}", "Look up a user's engine", Engine,
+             ("ENGINE_NOT_FOUND",)),
+    Endpoint("destroy", "DELETE", "/engines/{user_id}", "Destroy a user's engine and its brain",
+             Destroyed, ("ENGINE_NOT_FOUND",)),
+    Endpoint("start", "POST", "/engines/{user_id}/start", "Start a stopped, sleeping or failed engine",
+             Engine, ("ENGINE_NOT_FOUND", "ENGINE_ALREADY_RUNNING", *BOOTING)),
+    Endpoint("stop", "POST", "/engines/{user_id}/stop", "Stop an engine; its brain is kept",
+             Engine, ("ENGINE_NOT_FOUND", "ENGINE_NOT_RUNNING")),
+    Endpoint("rotate_key", "POST", "/engines/{user_id}/rotate-key",
+             "Give a running engine a new key; the old one is refused from then on",
+             EngineWithKey, ("ENGINE_NOT_FOUND", "ENGINE_NOT_RUNNING")),
+    Endpoint("events", "GET", "/engines/{user_id}/events",
+             "The engine's audit events, newest first, a page at a time (kept after destroy)",
+             EventPage, query=EventsQuery),
+    Endpoint("healthz", "GET", "/healthz", "The process is up", Health, auth=False),
+    Endpoint("readyz", "GET", "/readyz", "The database and the scheduler answer (503 when not)",
+             Health, auth=False, also_ok=(503,)),
+    Endpoint("metrics", "GET", "/metrics",
+             "Prometheus metrics (Authorization: Bearer ORCH_METRICS_TOKEN when that is set)",
+             Text, ("UNAUTHORIZED",), auth=False),
+    Endpoint("openapi", "GET", "/openapi.json", "This document", Document, auth=False),
+)
+
+BY_NAME: dict[str, Endpoint] = {e.name: e for e in ENDPOINTS}

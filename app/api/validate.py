@@ -1,0 +1,110 @@
+"""Request checks derived from the endpoint table: the body (size-capped, decoded by msgspec
+into the endpoint's Struct: unknown fields, wrong types and nulls refused), the query string
+(strict: unknown or repeated parameters refused) and the platform key header (exactly one)."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qsl
+
+import msgspec
+import msgspec.inspect
+
+from app import errors
+from app.api.spec import Endpoint
+
+MAX_BODY = 64 * 1024
+_EMPTY = (b"", b"{}")
+
+
+class Checks:
+    """The decoders of one endpoint, built once."""
+
+    __slots__ = ("body_decoder", "empty_body", "endpoint", "int_params", "query_fields")
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.body_decoder = msgspec.json.Decoder(endpoint.body) if endpoint.body else None
+        # An omitted body is "every field omitted"; for a body with a required field the
+        # decoder says which one is missing.
+        self.empty_body: Any = None
+        if endpoint.body is not None and not endpoint.body_required:
+            self.empty_body = endpoint.body()
+        fields = msgspec.structs.fields(endpoint.query) if endpoint.query else ()
+        self.query_fields = {f.encode_name for f in fields}
+        self.int_params = {f.encode_name for f in fields if _is_int(f.type)}
+
+    def body(self, raw: bytes) -> Any:
+        if self.body_decoder is None:
+            if raw.strip() not in _EMPTY:
+                raise errors.invalid("this call takes no body")
+            return None
+        if not raw.strip():
+            if self.empty_body is None:
+                return self._decode(b"{}")  # names the missing field
+            return self.empty_body
+        return self._decode(raw)
+
+    def _decode(self, raw: bytes) -> Any:
+        assert self.body_decoder is not None
+        try:
+            return self.body_decoder.decode(raw)
+        except msgspec.ValidationError as exc:
+            raise errors.invalid(f"body: {exc}") from None
+        except msgspec.DecodeError:
+            raise errors.invalid("body is not valid JSON") from None
+
+    def query(self, raw: bytes) -> Any:
+        pairs = _pairs(raw)
+        if self.endpoint.query is None:
+            if pairs:
+                raise errors.invalid(f"unknown query parameter {pairs[0][0]!r}")
+            return None
+        found: dict[str, Any] = {}
+        for name, value in pairs:
+            if name not in self.query_fields:
+                raise errors.invalid(f"unknown query parameter {name!r}")
+            if name in found:
+                raise errors.invalid(f"query parameter {name!r} given twice")
+            found[name] = _int(name, value) if name in self.int_params else value
+        try:
+            return msgspec.convert(found, self.endpoint.query)
+        except msgspec.ValidationError as exc:
+            raise errors.invalid(f"query: {exc}") from None
+
+
+def _pairs(raw: bytes) -> list[tuple[str, str]]:
+    if not raw:
+        return []
+    try:
+        return parse_qsl(raw.decode("ascii"), keep_blank_values=True, strict_parsing=True,
+                         errors="strict")
+    except (ValueError, UnicodeDecodeError):
+        raise errors.invalid("malformed query string") from None
+
+
+def _int(name: str, value: str) -> int:
+    # ASCII digits only: str.isdigit() is true for '²' and '٣', which int() refuses or reads
+    # differently; 19 digits keep it inside a 64-bit integer.
+    if not (value.isascii() and value.isdigit() and len(value) <= 19):
+        raise errors.invalid(f"{name} must be a whole number")
+    return int(value)
+
+
+def _is_int(annotation: Any) -> bool:
+    info = msgspec.inspect.type_info(annotation)
+    kinds = info.types if isinstance(info, msgspec.inspect.UnionType) else (info,)
+    return any(isinstance(k.type if isinstance(k, msgspec.inspect.Metadata) else k,
+                          msgspec.inspect.IntType) for k in kinds)
+
+
+def platform_key(headers: list[tuple[bytes, bytes]]) -> str:
+    found: bytes | None = None
+    for name, value in headers:
+        if name == b"x-platform-key":
+            if found is not None:
+                raise errors.invalid("X-Platform-Key given more than once")
+            found = value
+    if not found:
+        raise errors.unauthorized()
+    return found.decode("latin-1")
