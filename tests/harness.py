@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import random
 import signal
 import socket
@@ -83,6 +84,9 @@ class Orchestrator:
             "ORCH_LOG_LEVEL": "INFO",
             "PYTHONPATH": str(ROOT),
             "NO_PROXY": "*",
+            # Engines run as the test's own user; tests/integration/test_security.py runs them
+            # as `nobody` (a root orchestrator's default) where the temp dir allows it.
+            "ORCH_ENGINE_USER": pwd.getpwuid(os.geteuid()).pw_name,
             **(env or {}),
         }
         if self.pg_url:
