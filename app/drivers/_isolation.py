@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,16 +72,28 @@ class Isolation:
         return {"user": self.uid, "group": self.gid(port), "extra_groups": [], "umask": 0o077}
 
 
-    def check_reachable(self, path: Path) -> None:
-        """Refuse to start when engines could not even reach their own directories."""
+    def check_reachable(self, path: Path, fix: str) -> None:
+        """Refuse to start when engines could not even reach their own directories, or the
+        engine command: one line naming the directory in the way, instead of every provision
+        failing later."""
         if not self.switching:
             return
-        for parent in path.resolve().parents:
-            info = parent.stat()
-            if not info.st_mode & 0o001 and info.st_uid != self.uid:
-                raise ConfigError(f"engines run as uid {self.uid} cannot pass through {parent} "
-                                  f"(mode {info.st_mode & 0o777:o}) to reach {path}: allow "
-                                  "o+x on it, or move ORCH_STATE_DIR / ORCH_BRAIN_ROOT")
+        target = path.resolve()
+        for step in [*reversed(target.parents), target]:
+            info = step.stat()
+            need = 0o001 if step.is_dir() else 0o004
+            if not info.st_mode & need and info.st_uid != self.uid:
+                raise ConfigError(f"engines run as uid {self.uid} cannot reach {target} "
+                                  f"({step} is mode {info.st_mode & 0o777:o}): {fix}")
+
+    def check_command(self, cmd: tuple[str, ...]) -> None:
+        fix = ("set ORCH_ENGINE_CMD to one they can run (README, Security), "
+               "or ORCH_ENGINE_USER to run engines as ourselves")
+        exe = shutil.which(cmd[0])
+        self.check_reachable(Path(exe or cmd[0]), fix)
+        for arg in cmd[1:]:  # a script the interpreter must read
+            if arg.startswith("/") and Path(arg).exists():
+                self.check_reachable(Path(arg), fix)
 
 
 def _engine_uid(name: str | None) -> int | None:

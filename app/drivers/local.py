@@ -40,7 +40,8 @@ class LocalDriver(Driver):
         self.isolation = Isolation.from_settings(settings)
         for root in (settings.state_dir.resolve(), self.brain_root, self.run_root):
             self.isolation.prepare_root(root)
-            self.isolation.check_reachable(root)
+            self.isolation.check_reachable(root, "allow o+x on it, or move ORCH_STATE_DIR")
+        self.isolation.check_command(settings.engine_cmd)
         self.http = engine_http.client()
 
     # ---- Driver interface ----------------------------------------------------------------
