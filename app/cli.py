@@ -121,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd(sub: Any, name: str, func: Callable[..., Any], help_: str,
          output: bool = True) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = sub.add_parser(name, help=help_, description=help_)
-    parser.set_defaults(func=func, json=True)
+    parser.set_defaults(func=func, json=not output)  # no --json: the output is JSON or prose
     if output:
         parser.add_argument("--json", action="store_true",
                             help="print JSON (the default when stdout is not a terminal)")
