@@ -226,6 +226,18 @@ def test_engines_run_as_nobody_and_reach_only_their_own_files(as_nobody: Path) -
         assert {p: got[str(p)] for p in allowed} == {p: "read" for p in allowed}
         assert {p: got[str(p)] for p in forbidden} == {p: "PermissionError" for p in forbidden}
 
+        # ours alone, or its group's (root-owned, so no engine owns another's by uid)
+        gid = ids["alice"]["Gid"][0]
+        expected = {state: (0, 0, 0o711), state / "brains": (0, 0, 0o711),
+                    state / "run": (0, 0, 0o711), state / "secret.key": (0, 0, 0o600),
+                    state / "orch.db": (0, 0, 0o600), state / "orch.db-wal": (0, 0, 0o600),
+                    state / "brains" / own: (0, gid, 0o2770), state / "run" / own: (0, gid, 0o750),
+                    state / "run" / own / "api_key": (0, gid, 0o640),
+                    state / "run" / own / "engine.log": (0, 0, 0o600)}
+        found = {p: (p.stat().st_uid, p.stat().st_gid, stat.S_IMODE(p.stat().st_mode))
+                 for p in expected}
+        assert found == expected
+
         # the engine still uses its brain and key: rotation, stop/start keep working
         new_key = api.post("/engines/alice/rotate-key").json()["api_key"]
         assert api.post("/engines/alice/stop").status_code == 200
