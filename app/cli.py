@@ -115,6 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("--version", help="engine_version (default: ORCH_ENGINE_IMAGE)")
 
     _cmd(sub, "reconcile", cmd_reconcile, "run one reconciler pass and print what it did")
+    _cmd(sub, "openapi", cmd_openapi, "print the API's OpenAPI document (what GET /openapi.json "
+         "serves)", output=False)
     return parser
 
 
@@ -306,10 +308,11 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     from app.lifecycle import Lifecycle
     from app.reconciler import Reconciler
 
+    driver = make_driver(settings)  # a bad driver setting is a usage error before the database
     _db(settings)
 
     async def once() -> dict[str, int]:
-        lifecycle = Lifecycle(settings, make_driver(settings), load_keybox(settings))
+        lifecycle = Lifecycle(settings, driver, load_keybox(settings))
         try:
             return await Reconciler(lifecycle).pass_once(wait=True)
         finally:
@@ -317,6 +320,13 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
             await lifecycle.driver.close()
 
     _show(args, asyncio.run(once()))
+    return OK
+
+
+def cmd_openapi(settings: Settings, args: argparse.Namespace) -> int:
+    from app.api import openapi
+
+    _show(args, openapi.document())
     return OK
 
 
