@@ -48,16 +48,20 @@ class Isolation:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(path, 0o711 if self.switching else 0o700)
 
-    def engine_dir(self, path: Path, port: int, mode: int) -> None:
+    def engine_dir(self, path: Path, port: int, mode: int, contents: bool = False) -> None:
         """An engine's own directory (brain 0o2770: setgid, so what the engine makes there
-        keeps its group; run dir 0o750), owned by root and the engine's group."""
+        keeps its group; run dir 0o750), owned by root and the engine's group. contents=True
+        (the brain) also hands what is inside to the engine: a brain an engine running as
+        root left, or one whose engine moved to another port (so another group)."""
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         gid = self.gid(port)
-        if gid is None:
+        if gid is None or self.uid is None:
             os.chmod(path, 0o700)
             return
-        if path.stat().st_gid != gid:  # new, or the engine moved to another port
-            _regroup_tree(path, gid)
+        if path.stat().st_gid != gid:  # new, moved, or left by an older version
+            if contents:
+                _hand_over(path, self.uid, gid)
+            os.chown(path, 0, gid)
         os.chmod(path, mode)
 
     def key_file_mode(self, fd: int, port: int) -> None:
@@ -117,8 +121,14 @@ def _lookup(name: str) -> int:
         raise ConfigError(f"ORCH_ENGINE_USER={name!r} is invalid: no such user") from None
 
 
-def _regroup_tree(root: Path, gid: int) -> None:
+def _hand_over(root: Path, uid: int, gid: int) -> None:
+    # lchown, and os.walk not following links: a link the engine planted never makes us
+    # change a file outside its brain. A file with several names is skipped: it may be a
+    # hard link to a file of ours (the kernel's protected_hardlinks usually refuses those).
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
-            os.lchown(os.path.join(dirpath, name), -1, gid)
-    os.chown(root, 0, gid)
+            entry = os.path.join(dirpath, name)
+            info = os.lstat(entry)
+            if name in filenames and info.st_nlink > 1:
+                continue
+            os.lchown(entry, uid, gid)

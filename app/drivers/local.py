@@ -59,7 +59,7 @@ class LocalDriver(Driver):
         if not _bindable(port):  # someone took our port while the engine was stopped
             port = self._move_port(spec.name, port)
         brain, run = self._dirs(spec)
-        self.isolation.engine_dir(brain, port, 0o2770)
+        self.isolation.engine_dir(brain, port, 0o2770, contents=True)
         self.isolation.engine_dir(run, port, 0o750)
         key_file = run / "api_key"
         self._write_key(key_file, api_key, port)

@@ -132,6 +132,8 @@ def test_engines_get_only_the_allowed_environment(tmp_path: Path) -> None:
 
 
 def test_everything_written_is_private_whatever_the_umask(orch: Orchestrator) -> None:
+    os.chmod(orch.state_dir, 0o755)  # as an older version left them
+    os.chmod(orch.state_dir / "orch.db", 0o644)
     old = os.umask(0o022)  # the orchestrator inherits a permissive umask
     try:
         orch.restart()
@@ -246,3 +248,22 @@ def test_engines_run_as_nobody_and_reach_only_their_own_files(as_nobody: Path) -
         got_back = httpx.get(f"{url}/v1/memory/secret", trust_env=False,
                              headers={"Authorization": f"Bearer {new_key}"})
         assert got_back.status_code == 200 and got_back.text == "alice"
+
+
+def test_a_brain_left_by_a_root_engine_is_handed_to_nobody(as_nobody: Path) -> None:
+    """Upgrading a root-run deployment: the brain's files become the engine's, nothing lost."""
+    with running(as_nobody, env={"ORCH_ENGINE_USER": "root"}) as orch:
+        api = orch.client("acme")
+        key = api.post("/engines/provision", json={"user_id": "old"}).json()["api_key"]
+        url = api.get("/engines/old").json()["url"]
+        bearer = {"Authorization": f"Bearer {key}"}
+        httpx.put(f"{url}/v1/memory/kept", content=b"yes", headers=bearer, trust_env=False)
+        assert api.post("/engines/old/stop").status_code == 200
+        orch.env.update(ORCH_ENGINE_USER="", ORCH_ENGINE_CMD=f"{SYSTEM_PYTHON} {ROOT}/app/refengine")
+        orch.restart()
+        api = orch.client("acme")
+        assert api.post("/engines/old/start").status_code == 200
+        assert proc_ids(engine_pid(orch, "old"))["Uid"][0] == pwd.getpwnam("nobody").pw_uid
+        url = api.get("/engines/old").json()["url"]
+        got = httpx.get(f"{url}/v1/memory/kept", headers=bearer, trust_env=False)
+        assert got.status_code == 200 and got.content == b"yes"
