@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=_port, help="port to listen on (default: ORCH_PORT, 8080)")
 
     prod = sub.add_parser("products", help="manage products (tenants and their platform keys)"
-                          ).add_subparsers(metavar="ACTION", parser_class=_Parser)
+                          ).add_subparsers(metavar="ACTION", parser_class=_Parser, required=True)
     create = _cmd(prod, "create", cmd_products_create, "create a product; prints its key once")
     create.add_argument("name", type=_product_name, help="product name, [a-z0-9-]{1,32}")
     _limits(create, products.DEFAULT_MAX_ENGINES, products.DEFAULT_RATE_LIMIT_RPM)
@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
          ).add_argument("name", help="the product to delete")
 
     engines = sub.add_parser("engines", help="look at engines"
-                             ).add_subparsers(metavar="ACTION", parser_class=_Parser)
+                             ).add_subparsers(metavar="ACTION", parser_class=_Parser, required=True)
     elist = _cmd(engines, "list", cmd_engines_list, "list engines, every product's by default")
     elist.add_argument("--product", help="only this product's engines")
     elist.add_argument("--status", choices=STATES, metavar="STATUS",
@@ -107,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="at most this many events, 1 to 1000000 (default 50)")
 
     jobspec = sub.add_parser("jobspec", help="Nomad job templates"
-                             ).add_subparsers(metavar="ACTION", parser_class=_Parser)
+                             ).add_subparsers(metavar="ACTION", parser_class=_Parser, required=True)
     render = _cmd(jobspec, "render", cmd_jobspec_render,
                   "print the Nomad job JSON that would be submitted for an engine", output=False)
     render.add_argument("--product", required=True, type=_product_name, help="product name")

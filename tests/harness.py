@@ -58,6 +58,11 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
         time.sleep(interval)
 
 
+# The user tests run engines as unless they say otherwise: ourselves, as before issue 12 (a
+# root orchestrator's default, `nobody`, cannot pass through pytest's 0700 temp dirs).
+OWN_USER = pwd.getpwuid(os.geteuid()).pw_name
+
+
 class Orchestrator:
     """One orchestrator process on a temp state dir; restartable on the same database."""
 
@@ -86,7 +91,7 @@ class Orchestrator:
             "NO_PROXY": "*",
             # Engines run as the test's own user; tests/integration/test_security.py runs them
             # as `nobody` (a root orchestrator's default) where the temp dir allows it.
-            "ORCH_ENGINE_USER": pwd.getpwuid(os.geteuid()).pw_name,
+            "ORCH_ENGINE_USER": OWN_USER,
             **(env or {}),
         }
         if self.pg_url:

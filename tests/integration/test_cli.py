@@ -96,7 +96,9 @@ def test_make_run_the_cli_and_serve_share_one_database(orch: Orchestrator, tmp_p
     key = ensured.stdout.split("ORCH_PLATFORM_KEY=")[1].split()[0]
     listed = orch_in(project, env, "products", "list", "--json")
     assert [p["name"] for p in json.loads(listed.stdout)] == ["demo"]
-    assert sorted(p.name for p in (project / ".orch").iterdir()) == ["demo.platform-key", "orch.db"]
+    state = project / ".orch"
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in [state, *state.iterdir()]} == {
+        ".orch": "0o700", "demo.platform-key": "0o600", "orch.db": "0o600"}
     port = free_port()
     with open(tmp_path / "serve.log", "wb") as log:
         server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)],

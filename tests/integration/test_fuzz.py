@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from app import products, registry
 from app.api.app import OrchestratorApp
 from app.config import Settings
+from tests.harness import OWN_USER
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "10000"))
 
@@ -87,8 +88,9 @@ def requests(draw: st.DrawFn) -> tuple[str, str, bytes, dict[str, str]]:
 @pytest.fixture(scope="module")
 def fuzz_app(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("fuzz")
-    env = {"ORCH_STATE_DIR": str(tmp / "state"), "ORCH_DATABASE_URL": f"sqlite:///{tmp / 'state' / 'orch.db'}",
-           "ORCH_PORT_RANGE": "39000-39001"}
+    env = {"ORCH_STATE_DIR": str(tmp / "state"),
+           "ORCH_DATABASE_URL": f"sqlite:///{tmp / 'state' / 'orch.db'}",
+           "ORCH_PORT_RANGE": "39000-39001", "ORCH_ENGINE_USER": OWN_USER}
     if os.environ.get("ORCH_TEST_DB") == "postgres":
         from tests.harness import _fresh_postgres_database
 
