@@ -199,6 +199,10 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     logs.setup(settings.log_level)
     load_keybox(settings)  # a bad ORCH_SECRET_KEY stops start-up here, with one line
     _db(settings, create=True)
+    if settings.driver == "local":
+        from app.drivers.local import preflight
+
+        preflight(settings)  # engines that could not run stop start-up here, with one line
     uvicorn.run(OrchestratorApp(settings), host=args.host or settings.host,
                 port=args.port if args.port is not None else settings.port,
                 log_level=settings.log_level.lower(), access_log=False, lifespan="on",

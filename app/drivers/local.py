@@ -37,11 +37,7 @@ class LocalDriver(Driver):
         self.settings = settings
         self.brain_root = settings.brain_root.resolve()
         self.run_root = settings.run_dir.resolve()
-        self.isolation = Isolation.from_settings(settings)
-        for root in (settings.state_dir.resolve(), self.brain_root, self.run_root):
-            self.isolation.prepare_root(root)
-            self.isolation.check_reachable(root, "allow o+x on it, or move ORCH_STATE_DIR")
-        self.isolation.check_command(settings.engine_cmd)
+        self.isolation = preflight(settings)
         self.http = engine_http.client()
 
     # ---- Driver interface ----------------------------------------------------------------
@@ -198,6 +194,17 @@ class LocalDriver(Driver):
         port = self._reserve_port(name)
         PortLease.delete().where(PortLease.port == old).execute()
         return port
+
+
+def preflight(settings: Settings) -> Isolation:
+    """Make the roots, with their modes, and check that engines can reach them and their
+    command: a ConfigError (one line) before serving, instead of every provision failing."""
+    isolation = Isolation.from_settings(settings)
+    for root in (settings.state_dir, settings.brain_root, settings.run_dir):
+        isolation.prepare_root(root.resolve())
+        isolation.check_reachable(root.resolve(), "allow o+x on it, or move ORCH_STATE_DIR")
+    isolation.check_command(settings.engine_cmd)
+    return isolation
 
 
 def _url(port: int) -> str:

@@ -9,6 +9,7 @@ import pwd
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -267,3 +268,25 @@ def test_a_brain_left_by_a_root_engine_is_handed_to_nobody(as_nobody: Path) -> N
         url = api.get("/engines/old").json()["url"]
         got = httpx.get(f"{url}/v1/memory/kept", headers=bearer, trust_env=False)
         assert got.status_code == 200 and got.content == b"yes"
+
+
+def test_serve_refuses_engines_that_could_not_run(as_nobody: Path) -> None:
+    """Run as root, engines run as nobody: a state dir or an engine command nobody cannot
+    reach stops start-up with one line, rather than failing every provision later."""
+    private = as_nobody / "private"
+    private.mkdir(mode=0o700)
+    engine = private / "engine.sh"
+    engine.write_text("#!/bin/sh\nexit 0\n")
+    engine.chmod(0o755)
+    ok_state = as_nobody / "state"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "NOMAD_", "CONSUL_"))}
+    for extra, needle in [({"ORCH_STATE_DIR": str(ok_state), "ORCH_ENGINE_CMD": str(engine)},
+                           f"({private} is mode 700)"),
+                          ({"ORCH_STATE_DIR": str(private / "state")},
+                           f"({private} is mode 700)")]:
+        result = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--port", "0"],
+                                env={**env, **extra}, cwd=ROOT, capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("orch: engines run as uid ") and needle in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
