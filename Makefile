@@ -21,8 +21,8 @@ install: $(STAMP)
 
 run: install
 	$(BIN)/orch products ensure demo
-	@if [ "$$(id -u)" = 0 ] && [ -z "$$ORCH_ENGINE_CMD" ] && [ -z "$$ORCH_ENGINE_USER" ] \
-	    && [ -n "$(ENGINE_PY)" ]; then \
+	@if [ "$$(id -u)" = 0 ] && [ "$${ORCH_DRIVER:-local}" = local ] && [ -z "$$ORCH_ENGINE_CMD" ] \
+	    && [ -z "$$ORCH_ENGINE_USER" ] && [ -n "$(ENGINE_PY)" ]; then \
 	  echo "engines run as nobody, under $(ENGINE_PY) (ORCH_ENGINE_CMD)"; \
 	  export ORCH_ENGINE_CMD="$(ENGINE_PY) $(CURDIR)/app/refengine"; \
 	fi; exec $(BIN)/orch serve
