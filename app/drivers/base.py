@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-State = dict  # driver-private, JSON-serialisable
+State = dict[str, Any]  # driver-private, JSON-serialisable
 Probe = Literal["healthy", "unhealthy", "paused", "dead"]
 
 
