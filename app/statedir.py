@@ -46,7 +46,10 @@ def prepare(settings: Settings, create: bool) -> None:
         settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     if settings.state_dir.exists():
         _tighten(settings.state_dir, dir_=True)
-    if db is not None:
+        for path in settings.state_dir.iterdir():  # secret.key, demo keys, a database here
+            if stat.S_ISREG(path.lstat().st_mode):
+                _tighten(path, dir_=False)
+    if db is not None:  # a database elsewhere
         for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
             if path.exists():
                 _tighten(path, dir_=False)

@@ -135,6 +135,7 @@ def test_engines_get_only_the_allowed_environment(tmp_path: Path) -> None:
 def test_everything_written_is_private_whatever_the_umask(orch: Orchestrator) -> None:
     os.chmod(orch.state_dir, 0o755)  # as an older version left them
     os.chmod(orch.state_dir / "orch.db", 0o644)
+    os.chmod(orch.state_dir / "secret.key", 0o644)
     old = os.umask(0o022)  # the orchestrator inherits a permissive umask
     try:
         orch.restart()
