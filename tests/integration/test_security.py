@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import ROOT, Orchestrator, running
+from tests.harness import OWN_USER, ROOT, Orchestrator, running
 
 
 def every_stored_value(orch: Orchestrator) -> str:
@@ -41,7 +41,8 @@ def test_keys_are_not_stored_in_plain_text(orch: Orchestrator) -> None:
     assert orch.keys["acme"][:12] not in stored
 
 
-def test_files_are_private(orch: Orchestrator) -> None:
+def test_files_are_private(own_orch: Orchestrator) -> None:
+    orch = own_orch
     api = orch.client("acme")
     api.post("/engines/provision", json={"user_id": "modes"})
     name = orch.rows("SELECT name FROM engine")[0][0]
@@ -132,7 +133,15 @@ def test_engines_get_only_the_allowed_environment(tmp_path: Path) -> None:
     assert "aws-leak" not in repr(got) and "pg-leak" not in repr(got)
 
 
-def test_everything_written_is_private_whatever_the_umask(orch: Orchestrator) -> None:
+@pytest.fixture
+def own_orch(tmp_path: Path) -> Iterator[Orchestrator]:
+    """Engines as ourselves, whatever ORCH_TEST_ENGINE_USER says: modes are then all 0700/0600."""
+    with running(tmp_path, env={"ORCH_ENGINE_USER": OWN_USER}) as orch:
+        yield orch
+
+
+def test_everything_written_is_private_whatever_the_umask(own_orch: Orchestrator) -> None:
+    orch = own_orch
     os.chmod(orch.state_dir, 0o755)  # as an older version left them
     os.chmod(orch.state_dir / "orch.db", 0o644)
     os.chmod(orch.state_dir / "secret.key", 0o644)
