@@ -107,8 +107,8 @@ class Driver(abc.ABC):
     async def list_names(self) -> set[str]:
         """Names of every engine this driver holds resources for (for the reconciler)."""
 
-    async def ping(self) -> None:
+    async def ping(self) -> None:  # noqa: B027 - optional: a driver with no backend has nothing to ping
         """Raise SchedulerUnavailable when the backend cannot be reached."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional: nothing to release by default
         """Release connections; engines keep running."""
