@@ -3,8 +3,11 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-export ORCH_STATE_DIR ?= .orch
-export ORCH_DATABASE_URL ?= sqlite:///$(ORCH_STATE_DIR)/orch.db
+# No ORCH_ variables here: `make run`, `orch serve` and every `orch` command share the same
+# defaults (the state dir .orch, its orch.db), so the CLI sees what `make run` serves.
+# Run as root, engines run as `nobody` (README, "Security"), which needs an interpreter it can
+# run; ours may sit under /root. The reference engine needs only the standard library.
+ENGINE_PY := $(firstword $(wildcard /usr/bin/python3 /usr/local/bin/python3))
 
 .PHONY: install run test unit integration bench lint nomad-dev clean
 
@@ -17,9 +20,12 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: install
-	mkdir -p $(ORCH_STATE_DIR)
 	$(BIN)/orch products ensure demo
-	$(BIN)/orch serve
+	@if [ "$$(id -u)" = 0 ] && [ "$${ORCH_DRIVER:-local}" = local ] && [ -z "$$ORCH_ENGINE_CMD" ] \
+	    && [ -z "$$ORCH_ENGINE_USER" ] && [ -n "$(ENGINE_PY)" ]; then \
+	  echo "engines run as nobody, under $(ENGINE_PY) (ORCH_ENGINE_CMD)"; \
+	  export ORCH_ENGINE_CMD="$(ENGINE_PY) $(CURDIR)/app/refengine"; \
+	fi; exec $(BIN)/orch serve
 
 test: install
 	$(BIN)/pytest -q tests/unit tests/integration

@@ -1,96 +1,188 @@
-"""`orch`: serve the API, manage products, look at engines and the audit log."""
+"""`orch`: serve the API, manage products, look at engines and the audit log.
+
+Exit status: 0 done; 1 refused (no such product, it already exists, it still has engines);
+2 bad usage or configuration (nothing was changed); 3 no database where the settings say, or
+it cannot be reached; 141 the output was closed early (`orch audit | head -1`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from app import products, registry
+import peewee as pw
+
+from app import cli_output, naming, products, registry, statedir
 from app.config import ConfigError, Settings
+from app.states import STATES
+
+OK, REFUSED, USAGE, NO_DATABASE = 0, 1, 2, 3
+ENGINE_COLUMNS = ("product", "user_id", "status", "url", "engine_version", "restarts",
+                  "failure_reason", "updated_at")
+EVENT_COLUMNS = ("at", "user_id", "event", "from", "to", "reason")
 
 
 def main(argv: list[str] | None = None) -> int:
+    statedir.private()  # before anything is written: the database, keys, logs, run dirs
     parser = _parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return USAGE
     try:
         settings = Settings.from_env()
-        return args.func(settings, args) or 0
+        code: int = args.func(settings, args) or OK
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        cli_output.silence_stdout()
+        return cli_output.PIPE_CLOSED
     except ConfigError as exc:
-        print(f"orch: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc), USAGE)
     except products.ProductError as exc:
-        print(f"orch: {exc}", file=sys.stderr)
-        return 1
+        return _fail(str(exc), REFUSED)
+    except statedir.NoDatabase as exc:
+        return _fail(str(exc), NO_DATABASE)
+    except (pw.OperationalError, pw.InterfaceError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return _fail(f"the database cannot be used: {first} (check ORCH_DATABASE_URL)",
+                     NO_DATABASE)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"orch: {message}", file=sys.stderr)
+    return code
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, with where to look, instead of argparse's usage block.
+        self.exit(USAGE, f"orch: {message} (see: {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="orch", description=__doc__)
-    sub = parser.add_subparsers(metavar="COMMAND")
+    parser = _Parser(prog="orch", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(metavar="COMMAND", parser_class=_Parser)
 
-    serve = _cmd(sub, "serve", cmd_serve, "serve the HTTP API")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
+    serve = _cmd(sub, "serve", cmd_serve, "serve the HTTP API", output=False)
+    serve.add_argument("--host", help="address to listen on (default: ORCH_HOST, 127.0.0.1)")
+    serve.add_argument("--port", type=_port, help="port to listen on (default: ORCH_PORT, 8080)")
 
-    prod = sub.add_parser("products", help="manage products").add_subparsers(metavar="ACTION")
+    prod = sub.add_parser("products", help="manage products (tenants and their platform keys)"
+                          ).add_subparsers(metavar="ACTION", parser_class=_Parser, required=True)
     create = _cmd(prod, "create", cmd_products_create, "create a product; prints its key once")
-    create.add_argument("name")
+    create.add_argument("name", type=_product_name, help="product name, [a-z0-9-]{1,32}")
     _limits(create, products.DEFAULT_MAX_ENGINES, products.DEFAULT_RATE_LIMIT_RPM)
-    ensure = _cmd(prod, "ensure", cmd_products_ensure,
-                  "create a product if missing; keep its key in the state dir (local demo)")
-    ensure.add_argument("name")
-    _cmd(prod, "list", cmd_products_list, "list products")
-    update = _cmd(prod, "update", cmd_products_update, "change a product's limits")
-    update.add_argument("name")
+    ensure = _cmd(prod, "ensure", cmd_products_ensure, "create a product if missing; keep its "
+                  "key in the state dir (local demo)", output=False)
+    ensure.add_argument("name", type=_product_name, help="product name, [a-z0-9-]{1,32}")
+    _cmd(prod, "list", cmd_products_list, "list products with their limits and engine counts")
+    update = _cmd(prod, "update", cmd_products_update,
+                  "change a product's limits (give at least one option)")
+    update.add_argument("name", help="the product to change")
     _limits(update, None, None)
     _cmd(prod, "rotate-key", cmd_products_rotate, "new platform key; the old one stops working"
-         ).add_argument("name")
-    _cmd(prod, "delete", cmd_products_delete, "delete a product with no engines").add_argument("name")
+         ).add_argument("name", help="the product whose key to replace")
+    _cmd(prod, "delete", cmd_products_delete, "delete a product that has no engines left"
+         ).add_argument("name", help="the product to delete")
 
-    engines = sub.add_parser("engines", help="look at engines").add_subparsers(metavar="ACTION")
-    elist = _cmd(engines, "list", cmd_engines_list, "list engines")
-    elist.add_argument("--product")
-    elist.add_argument("--status")
+    engines = sub.add_parser("engines", help="look at engines"
+                             ).add_subparsers(metavar="ACTION", parser_class=_Parser, required=True)
+    elist = _cmd(engines, "list", cmd_engines_list, "list engines, every product's by default")
+    elist.add_argument("--product", help="only this product's engines")
+    elist.add_argument("--status", choices=STATES, metavar="STATUS",
+                       help=f"only engines in this state: {', '.join(STATES)}")
 
     audit = _cmd(sub, "audit", cmd_audit, "print the audit log, newest first")
-    audit.add_argument("--product")
-    audit.add_argument("--user")
-    audit.add_argument("--limit", type=int, default=50)
+    audit.add_argument("--product", help="only this product's events")
+    audit.add_argument("--user", help="only this user's events (needs --product: user ids are "
+                       "per product)")
+    audit.add_argument("--limit", type=_positive("--limit", 1_000_000), default=50,
+                       help="at most this many events, 1 to 1000000 (default 50)")
 
-    jobspec = sub.add_parser("jobspec", help="Nomad job templates").add_subparsers(metavar="ACTION")
-    render = _cmd(jobspec, "render", cmd_jobspec_render, "print the Nomad job JSON for an engine")
-    render.add_argument("--product", required=True)
-    render.add_argument("--user", required=True)
-    render.add_argument("--version")
+    jobspec = sub.add_parser("jobspec", help="Nomad job templates"
+                             ).add_subparsers(metavar="ACTION", parser_class=_Parser, required=True)
+    render = _cmd(jobspec, "render", cmd_jobspec_render,
+                  "print the Nomad job JSON that would be submitted for an engine", output=False)
+    render.add_argument("--product", required=True, type=_product_name, help="product name")
+    render.add_argument("--user", required=True, help="the engine's user id")
+    render.add_argument("--version", help="engine_version (default: ORCH_ENGINE_IMAGE)")
 
-    _cmd(sub, "reconcile", cmd_reconcile, "run one reconciler pass")
+    _cmd(sub, "reconcile", cmd_reconcile, "run one reconciler pass and print what it did")
+    _cmd(sub, "openapi", cmd_openapi, "print the API's OpenAPI document (what GET /openapi.json "
+         "serves)", output=False)
     return parser
 
 
-def _cmd(sub: Any, name: str, func: Callable[..., Any], help_: str) -> argparse.ArgumentParser:
-    parser = sub.add_parser(name, help=help_)
-    parser.set_defaults(func=func)
+def _cmd(sub: Any, name: str, func: Callable[..., Any], help_: str,
+         output: bool = True) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help_, description=help_)
+    parser.set_defaults(func=func, json=not output)  # no --json: the output is JSON or prose
+    if output:
+        parser.add_argument("--json", action="store_true",
+                            help="print JSON (the default when stdout is not a terminal)")
     return parser
 
 
 def _limits(parser: argparse.ArgumentParser, engines: int | None, rpm: int | None) -> None:
-    parser.add_argument("--max-engines", type=int, default=engines)
-    parser.add_argument("--rate-limit-rpm", type=int, default=rpm)
+    parser.add_argument("--max-engines", type=_count("max_engines"), default=engines,
+                        help="most engines the product may have, every state counted"
+                        + (f" (default {engines})" if engines is not None else ""))
+    parser.add_argument("--rate-limit-rpm", type=_positive("rate_limit_rpm", 10**9), default=rpm,
+                        help="admits per minute"
+                        + (f" (default {rpm})" if rpm is not None else ""))
 
 
-def _out(data: Any) -> None:
-    print(json.dumps(data, indent=2))
+def _whole(raw: str, name: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name} must be a whole number, not {raw!r}") from None
 
 
-def _db(settings: Settings) -> None:
+def _count(name: str) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        value = _whole(raw, name)
+        if not 0 <= value <= 10**9:
+            raise argparse.ArgumentTypeError(f"{name} must be 0 or more, not {raw}")
+        return value
+    return parse
+
+
+def _positive(name: str, most: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        value = _whole(raw, name)
+        if not 1 <= value <= most:
+            raise argparse.ArgumentTypeError(f"{name} must be from 1 to {most}, not {raw}")
+        return value
+    return parse
+
+
+def _port(raw: str) -> int:
+    value = _whole(raw, "--port")
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"--port must be 0 to 65535, not {raw}")
+    return value
+
+
+def _product_name(raw: str) -> str:
+    if not naming.valid_product_name(raw):
+        raise argparse.ArgumentTypeError(f"product name must match [a-z0-9-]{{1,32}}, not {raw!r}")
+    return raw
+
+
+def _show(args: argparse.Namespace, data: Any, columns: tuple[str, ...] | None = None) -> None:
+    cli_output.show(data, cli_output.wants_json(args.json), columns)
+
+
+def _db(settings: Settings, create: bool = False) -> None:
+    statedir.prepare(settings, create)
     registry.connect(settings.database_url, settings.db_timeout_s)
 
 
@@ -105,20 +197,24 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
     logs.setup(settings.log_level)
     load_keybox(settings)  # a bad ORCH_SECRET_KEY stops start-up here, with one line
-    _db(settings)
+    _db(settings, create=True)
+    if settings.driver == "local":
+        from app.drivers.local import preflight
+
+        preflight(settings)  # engines that could not run stop start-up here, with one line
     server.serve(OrchestratorApp(settings).app, settings, args.host, args.port)
-    return 0
+    return OK
 
 
 def cmd_products_create(settings: Settings, args: argparse.Namespace) -> int:
-    _db(settings)
+    _db(settings, create=True)
     product, key = products.create(args.name, args.max_engines, args.rate_limit_rpm)
-    _out({**products.as_json(product), "platform_key": key})
-    return 0
+    _show(args, {**products.as_json(product), "platform_key": key})
+    return OK
 
 
 def cmd_products_ensure(settings: Settings, args: argparse.Namespace) -> int:
-    _db(settings)
+    _db(settings, create=True)
     key_file = settings.state_dir / f"{args.name}.platform-key"
     product = registry.product_by_name(args.name)
     if product is None or not key_file.exists():
@@ -131,73 +227,79 @@ def cmd_products_ensure(settings: Settings, args: argparse.Namespace) -> int:
     print(f"product {product.name!r}: export ORCH_PLATFORM_KEY={key}")
     print(f"  (kept in {key_file}; try: curl -s -XPOST -H \"X-Platform-Key: $ORCH_PLATFORM_KEY\" "
           f"http://{settings.host}:{settings.port}/engines/alice/admit -d '{{\"auto_provision\":true}}')")
-    return 0
+    return OK
 
 
 def cmd_products_list(settings: Settings, args: argparse.Namespace) -> int:
     _db(settings)
-    _out([products.as_json(p) for p in registry.Product.select().order_by(registry.Product.name)])
-    return 0
+    _show(args, [products.as_json(p)
+                 for p in registry.Product.select().order_by(registry.Product.name)])
+    return OK
 
 
 def cmd_products_update(settings: Settings, args: argparse.Namespace) -> int:
+    if args.max_engines is None and args.rate_limit_rpm is None:
+        return _fail("nothing to change: give --max-engines N and/or --rate-limit-rpm R", USAGE)
     _db(settings)
-    _out(products.as_json(products.update(args.name, args.max_engines, args.rate_limit_rpm)))
-    return 0
+    _show(args, products.as_json(products.update(args.name, args.max_engines,
+                                                 args.rate_limit_rpm)))
+    return OK
 
 
 def cmd_products_rotate(settings: Settings, args: argparse.Namespace) -> int:
     _db(settings)
     product, key = products.rotate_key(args.name)
-    _out({**products.as_json(product), "platform_key": key})
-    return 0
+    _show(args, {**products.as_json(product), "platform_key": key})
+    return OK
 
 
 def cmd_products_delete(settings: Settings, args: argparse.Namespace) -> int:
     _db(settings)
     products.delete(args.name)
-    _out({"name": args.name, "deleted": True})
-    return 0
+    _show(args, {"name": args.name, "deleted": True})
+    return OK
 
 
 def cmd_engines_list(settings: Settings, args: argparse.Namespace) -> int:
     from app.api.handlers import engine_json
 
     _db(settings)
-    product_id = products.get(args.product).id if args.product else None
+    product_id = _product_id(products.get(args.product)) if args.product else None
     rows = registry.list_engines(product_id, args.status, limit=1_000_000)
-    names = {p.id: p.name for p in registry.Product.select()}
-    _out([{"product": names.get(e.product_id), "name": e.name, **engine_json(e)}
-          for e in rows])
-    return 0
+    names = {_product_id(p): p.name for p in registry.Product.select()}
+    _show(args, [{"product": names.get(e.product_id), "name": e.name, **engine_json(e)}
+                 for e in rows], ENGINE_COLUMNS)
+    return OK
 
 
 def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
     from app.api.handlers import event_json
 
+    if args.user is not None and not args.product:
+        # A user id is unique only within a product: "carol" of two products is two people.
+        return _fail("--user needs --product: user ids are per product "
+                     "(orch audit --product P --user U)", USAGE)
     _db(settings)
     if args.product:
-        rows = registry.events_for(products.get(args.product).id, args.user, args.limit)
+        rows = registry.events_for(_product_id(products.get(args.product)), args.user, args.limit)
     else:
         rows = registry.recent_events(args.limit)
-    _out([{"user_id": e.user_id, "engine": e.engine_name, **event_json(e)} for e in rows])
-    return 0
+    _show(args, [{"user_id": e.user_id, "engine": e.engine_name, **event_json(e)} for e in rows],
+          EVENT_COLUMNS)
+    return OK
 
 
 def cmd_jobspec_render(settings: Settings, args: argparse.Namespace) -> int:
-    from app import naming
     from app.drivers.base import EngineSpec
     from app.jobspec import render_job
 
-    if not naming.valid_product_name(args.product):
-        raise products.ProductError("product name must match [a-z0-9-]{1,32}")
     problem = naming.user_id_problem(args.user)
     if problem:
-        raise products.ProductError(problem)
+        return _fail(f"--user: {problem}", USAGE)
     spec = EngineSpec(naming.engine_name(args.product, args.user), args.product, args.user,
                       args.version or settings.engine_image)
-    _out(render_job(settings, spec))
-    return 0
+    _show(args, render_job(settings, spec))
+    return OK
 
 
 def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
@@ -206,18 +308,30 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     from app.lifecycle import Lifecycle
     from app.reconciler import Reconciler
 
+    driver = make_driver(settings)  # a bad driver setting is a usage error before the database
     _db(settings)
 
     async def once() -> dict[str, int]:
-        lifecycle = Lifecycle(settings, make_driver(settings), load_keybox(settings))
+        lifecycle = Lifecycle(settings, driver, load_keybox(settings))
         try:
             return await Reconciler(lifecycle).pass_once(wait=True)
         finally:
             await lifecycle.close()
             await lifecycle.driver.close()
 
-    _out(asyncio.run(once()))
-    return 0
+    _show(args, asyncio.run(once()))
+    return OK
+
+
+def cmd_openapi(settings: Settings, args: argparse.Namespace) -> int:
+    from app.api import openapi
+
+    _show(args, openapi.document())
+    return OK
+
+
+def _product_id(product: registry.Product) -> int:
+    return int(product.__data__["id"])
 
 
 def _write_private(path: Path, value: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import re
 import shlex
 import sys
 from collections.abc import Callable, Mapping
@@ -39,7 +40,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
-    database_url: str = "sqlite:///orch.db"
+    database_url: str = "sqlite:///.orch/orch.db"  # always under state_dir unless set
     driver: str = "local"
     engine_image: str = ENGINE_IMAGE_DEFAULT
     boot_timeout_s: float = 60.0
@@ -78,6 +79,10 @@ class Settings:
     metrics_token: str | None = None
     limit_concurrency: int = 1000
     head_timeout_s: float = 10.0
+    # Issue 12 (hostile tenants): who engines run as and what they inherit.
+    engine_user: str | None = None  # None: "nobody" when we are root, else ourselves
+    engine_env: tuple[str, ...] = ()
+    engine_gid_base: int = 200_000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -85,7 +90,10 @@ class Settings:
         r = _Reader(env)
         state_dir = r.get("ORCH_STATE_DIR", Path, cls.state_dir)
         return cls(
-            database_url=r.get("ORCH_DATABASE_URL", _database_url, cls.database_url),
+            # The database lives in the state dir unless named: `make run`, `orch serve` and
+            # every CLI command agree by construction.
+            database_url=r.get("ORCH_DATABASE_URL", _database_url,
+                               f"sqlite:///{state_dir / 'orch.db'}"),
             driver=r.get("ORCH_DRIVER", _choice(DRIVERS), cls.driver),
             engine_image=r.get("ORCH_ENGINE_IMAGE", _nonempty, cls.engine_image),
             boot_timeout_s=r.get("ORCH_BOOT_TIMEOUT_S", _positive, cls.boot_timeout_s),
@@ -122,6 +130,10 @@ class Settings:
             metrics_token=r.get("ORCH_METRICS_TOKEN", _nonempty, None),
             limit_concurrency=r.get("ORCH_LIMIT_CONCURRENCY", _positive_int, cls.limit_concurrency),
             head_timeout_s=r.get("ORCH_HEAD_TIMEOUT_S", _positive, cls.head_timeout_s),
+            # Issue 12 (hostile tenants).
+            engine_user=r.get("ORCH_ENGINE_USER", _nonempty, None),
+            engine_env=r.get("ORCH_ENGINE_ENV", _env_names, cls.engine_env),
+            engine_gid_base=r.get("ORCH_ENGINE_GID_BASE", _gid_base, cls.engine_gid_base),
         )
 
     @property
@@ -237,6 +249,27 @@ def _http_url(raw: str) -> str:
 def _consul_addr(raw: str) -> str:
     # Consul's CLI accepts a bare host:port here.
     return _http_url(raw if "://" in raw else f"http://{raw}")
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _env_names(raw: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in raw.split(",") if n.strip())
+    for name in names:
+        if not _ENV_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not a variable name")
+        if name.startswith(("ORCH_", "NOMAD_", "CONSUL_", "ENGINE_")):
+            raise ValueError(f"{name} is the orchestrator's own (or the engine contract's); "
+                             "it never reaches engines")
+    return names
+
+
+def _gid_base(raw: str) -> int:
+    value = _non_negative_int(raw)
+    if not 1000 <= value <= 2**31 - 65536:
+        raise ValueError(f"must be a group id from 1000 to {2**31 - 65536} (a port is added)")
+    return value
 
 
 def _command(raw: str) -> tuple[str, ...]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import random
 import signal
 import socket
@@ -57,6 +58,23 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
         time.sleep(interval)
 
 
+# The user tests run engines as unless they say otherwise: ourselves, as before issue 12 (a
+# root orchestrator's default, `nobody`, cannot pass through pytest's 0700 temp dirs).
+# ORCH_TEST_ENGINE_USER=nobody runs them as that user instead, under /usr/bin/python3, and
+# opens each test's temp dirs for passing through (0711); README, "Security".
+OWN_USER = pwd.getpwuid(os.geteuid()).pw_name
+TEST_ENGINE_USER = os.environ.get("ORCH_TEST_ENGINE_USER") or OWN_USER
+
+
+def _engines_as(user: str, tmp: Path) -> dict[str, str]:
+    if user == OWN_USER:
+        return {"ORCH_ENGINE_USER": user}
+    for directory in [tmp, *tmp.parents]:
+        if directory.stat().st_mode & 0o777 == 0o700 and directory.stat().st_uid == os.geteuid():
+            os.chmod(directory, 0o711)
+    return {"ORCH_ENGINE_USER": user, "ORCH_ENGINE_CMD": f"/usr/bin/python3 {ROOT}/app/refengine"}
+
+
 class Orchestrator:
     """One orchestrator process on a temp state dir; restartable on the same database."""
 
@@ -83,6 +101,9 @@ class Orchestrator:
             "ORCH_LOG_LEVEL": "INFO",
             "PYTHONPATH": str(ROOT),
             "NO_PROXY": "*",
+            # Engines run as the test's own user; tests/integration/test_security.py runs them
+            # as `nobody` (a root orchestrator's default) where the temp dir allows it.
+            **_engines_as(TEST_ENGINE_USER, tmp),
             **(env or {}),
         }
         if self.pg_url:

@@ -8,13 +8,21 @@ import os
 import signal
 import subprocess
 from pathlib import Path
+from typing import Any
 
 
-def launch(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
-    with open(log, "ab") as out:
+def launch(cmd: list[str], env: dict[str, str], cwd: Path, log: Path,
+           extra: dict[str, Any]) -> subprocess.Popen[bytes]:
+    """`extra`: user, group, extra_groups and umask from the driver's Isolation."""
+    # The log is ours (0600), opened before the switch: the engine writes to it through the
+    # inherited descriptor and cannot open or read it.
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "ab") as out:
+        os.fchmod(fd, 0o600)  # a log left by an older version may be 0644
         # start_new_session: the engine gets its own process group, and outlives us.
         return subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+                                **extra)
 
 
 def start_time(pid: int) -> int | None:

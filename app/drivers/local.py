@@ -20,10 +20,12 @@ from pathlib import Path
 from app import engine_http
 from app.config import Settings
 from app.drivers import _process
+from app.drivers._isolation import Isolation
 from app.drivers.base import BootTimeout, Driver, EngineCrashed, EngineSpec, PortExhausted, Probe, State
 from app.registry import ports
 
-_APP_ROOT = str(Path(__file__).resolve().parents[2])
+# What an engine inherits from our environment besides ORCH_ENGINE_ENV's names (issue 12).
+_INHERITED = ("PATH", "LANG")
 
 
 class LocalDriver(Driver):
@@ -33,6 +35,7 @@ class LocalDriver(Driver):
         self.settings = settings
         self.brain_root = settings.brain_root.resolve()
         self.run_root = settings.run_dir.resolve()
+        self.isolation = preflight(settings)
         self.http = engine_http.client()
 
     # ---- Driver interface ----------------------------------------------------------------
@@ -40,9 +43,6 @@ class LocalDriver(Driver):
     async def create(self, spec: EngineSpec, api_key: str) -> State:
         port = self._reserve_port(spec.name)
         try:
-            brain, run = self._dirs(spec)
-            brain.mkdir(mode=0o700, parents=True, exist_ok=True)
-            run.mkdir(mode=0o700, parents=True, exist_ok=True)
             return await self.launch(spec, {"port": port}, api_key)
         except BaseException:
             await self.destroy(spec, {"port": port})
@@ -53,12 +53,13 @@ class LocalDriver(Driver):
         if not _bindable(port):  # someone took our port while the engine was stopped
             port = self._move_port(spec.name, port)
         brain, run = self._dirs(spec)
-        brain.mkdir(mode=0o700, parents=True, exist_ok=True)
-        run.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.isolation.engine_dir(brain, port, 0o2770, contents=True)
+        self.isolation.engine_dir(run, port, 0o750)
         key_file = run / "api_key"
-        _write_secret(key_file, api_key)
+        self._write_key(key_file, api_key, port)
         env = self._env(spec, port, brain, key_file)
-        proc = _process.launch(list(self.settings.engine_cmd), env, run, run / "engine.log")
+        proc = _process.launch(list(self.settings.engine_cmd), env, run, run / "engine.log",
+                               self.isolation.popen_kwargs(port))
         return {"port": port, "pid": proc.pid, "started": _process.start_time(proc.pid)}
 
     async def wait_ready(self, spec: EngineSpec, state: State, timeout: float) -> tuple[State, str]:
@@ -99,7 +100,7 @@ class LocalDriver(Driver):
 
     async def set_key(self, spec: EngineSpec, state: State, api_key: str) -> None:
         _, run = self._dirs(spec)
-        _write_secret(run / "api_key", api_key)
+        self._write_key(run / "api_key", api_key, state["port"])
         if state.get("pid") and self._status(state) != "dead":
             os.kill(state["pid"], signal.SIGHUP)
 
@@ -141,14 +142,24 @@ class LocalDriver(Driver):
         return self.brain_root / spec.name, self.run_root / spec.name
 
     def _env(self, spec: EngineSpec, port: int, brain: Path, key_file: Path) -> dict[str, str]:
-        # The engine gets none of the orchestrator's secrets or scheduler credentials.
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("ORCH_", "NOMAD_", "CONSUL_"))}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_APP_ROOT, env.get("PYTHONPATH")]))
-        env.update(ENGINE_PORT=str(port), ENGINE_HOST="127.0.0.1", ENGINE_BRAIN_DIR=str(brain),
+        # An allowlist, not a denylist: whatever tokens our environment holds (cloud, database,
+        # scheduler) reach no engine unless the operator names them in ORCH_ENGINE_ENV.
+        names = _INHERITED + self.settings.engine_env
+        env = {k: os.environ[k] for k in names if k in os.environ}
+        env.update(HOME=str(brain), ENGINE_PORT=str(port), ENGINE_HOST="127.0.0.1",
+                   ENGINE_BRAIN_DIR=str(brain),
                    ENGINE_API_KEY_FILE=str(key_file), ENGINE_USER_ID=spec.user_id,
                    ENGINE_VERSION=spec.version)
         return env
+
+    def _write_key(self, path: Path, value: str, port: int) -> None:
+        # Written aside and renamed, so the engine never reads half a key.
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            self.isolation.key_file_mode(fd, port)
+            f.write(value)
+        os.replace(tmp, path)
 
     def _status(self, state: State) -> str:
         return _process.status(state["pid"], state.get("started")) if state.get("pid") else "dead"
@@ -176,6 +187,17 @@ class LocalDriver(Driver):
         return port
 
 
+def preflight(settings: Settings) -> Isolation:
+    """Make the roots, with their modes, and check that engines can reach them and their
+    command: a ConfigError (one line) before serving, instead of every provision failing."""
+    isolation = Isolation.from_settings(settings)
+    for root in (settings.state_dir, settings.brain_root, settings.run_dir):
+        isolation.prepare_root(root.resolve())
+        isolation.check_reachable(root.resolve(), "allow o+x on it, or move ORCH_STATE_DIR")
+    isolation.check_command(settings.engine_cmd)
+    return isolation
+
+
 def _url(port: int) -> str:
     return f"http://127.0.0.1:{port}"
 
@@ -188,11 +210,3 @@ def _bindable(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _write_secret(path: Path, value: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(value)
-    os.replace(tmp, path)

@@ -62,7 +62,8 @@ class EngineServer(ThreadingHTTPServer):
         self.server_address = sock.getsockname()
         # HTTPServer.server_bind would also resolve our fully qualified name, a DNS lookup that
         # can be slow where DNS is, for a name nothing here uses.
-        self.server_name, self.server_port = self.server_address[:2]
+        host, port = sock.getsockname()[:2]
+        self.server_name, self.server_port = str(host), int(port)
         # Non-blocking: a connection reset between our select and accept must not block the
         # main loop (and with it signal handling) until the next client comes.
         sock.setblocking(False)
@@ -75,7 +76,8 @@ class EngineServer(ThreadingHTTPServer):
         self.stopping = False
         self.inflight = InFlight()
 
-    def handle_error(self, request: object, client_address: object) -> None:
+    def handle_error(self, request: socket.socket | tuple[bytes, socket.socket],
+                     client_address: object) -> None:
         if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
             return  # a client that went away is not our bug
         super().handle_error(request, client_address)  # a traceback on stderr: a bug

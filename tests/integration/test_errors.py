@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.engines import proc_state
-from tests.harness import Orchestrator
+from tests.harness import OWN_USER, Orchestrator
 
 
 def snapshot(orch: Orchestrator) -> tuple[list, list, list]:
@@ -237,7 +237,7 @@ def test_internal_error_is_json_without_traceback(monkeypatch: pytest.MonkeyPatc
     from app.config import Settings
 
     async def scenario() -> httpx.Response:
-        settings = Settings.from_env({"ORCH_STATE_DIR": str(tmp_path),
+        settings = Settings.from_env({"ORCH_STATE_DIR": str(tmp_path), "ORCH_ENGINE_USER": OWN_USER,
                                       "ORCH_DATABASE_URL": f"sqlite:///{tmp_path / 'o.db'}"})
         application = app_module.OrchestratorApp(settings, run_reconciler=False)
         await application.startup()
