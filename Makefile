@@ -9,6 +9,14 @@ STAMP := $(VENV)/.installed
 # run; ours may sit under /root. The reference engine needs only the standard library.
 ENGINE_PY := $(firstword $(wildcard /usr/bin/python3 /usr/local/bin/python3))
 
+# What the PostgreSQL pass runs: the suites whose outcome depends on the database (the registry,
+# leases, compare-and-set, quota, rate limit, recovery, replicas), on the local driver; the rest
+# (HTTP shapes, the CLI, the Nomad double, the browser) adds no database behaviour.
+PG_SUITES := tests/unit/test_registry_policy.py tests/unit/test_runner.py tests/unit/test_operations.py \
+	tests/unit/test_admitter.py tests/unit/test_reconciler.py tests/integration/test_concurrency.py \
+	tests/integration/test_replicas.py tests/integration/test_faults.py tests/integration/test_product_ids.py \
+	tests/integration/test_crash_mid_destroy.py tests/integration/test_errors.py::test_database_unavailable
+
 .PHONY: install run test unit integration bench lint nomad-dev clean
 
 $(STAMP): pyproject.toml
@@ -31,8 +39,7 @@ test: install
 	$(BIN)/pytest -q tests/unit tests/integration
 	@if [ -n "$$ORCH_TEST_POSTGRES" ]; then \
 		echo "== the database-facing suites again, on PostgreSQL ($$ORCH_TEST_POSTGRES)"; \
-		ORCH_TEST_DB=postgres $(BIN)/pytest -q -p no:cacheprovider tests/unit/test_registry_policy.py tests/integration \
-			-k "not nomad" --ignore=tests/integration/test_client.py; \
+		ORCH_TEST_DB=postgres $(BIN)/pytest -q -p no:cacheprovider $(PG_SUITES) -k "not nomad"; \
 	else \
 		echo "PostgreSQL: not run (set ORCH_TEST_POSTGRES=postgresql://user:pass@127.0.0.1:5432/postgres; .ci/postgres.sh sets one up)"; \
 	fi
