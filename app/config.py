@@ -78,6 +78,10 @@ class Settings:
     metrics_token: str | None = None
     limit_concurrency: int = 1000
     head_timeout_s: float = 10.0
+    # Issue 11 (a fleet of engines): each running engine is health-checked this often (with
+    # jitter), and every row is looked at again in a full resync this often.
+    health_interval_s: float = 10.0
+    resync_s: float = 60.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -122,6 +126,9 @@ class Settings:
             metrics_token=r.get("ORCH_METRICS_TOKEN", _nonempty, None),
             limit_concurrency=r.get("ORCH_LIMIT_CONCURRENCY", _positive_int, cls.limit_concurrency),
             head_timeout_s=r.get("ORCH_HEAD_TIMEOUT_S", _positive, cls.head_timeout_s),
+            # Issue 11 (a fleet of engines).
+            health_interval_s=r.get("ORCH_HEALTH_INTERVAL_S", _positive, cls.health_interval_s),
+            resync_s=r.get("ORCH_RESYNC_S", _positive, cls.resync_s),
         )
 
     @property

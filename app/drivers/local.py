@@ -15,11 +15,12 @@ import shutil
 import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from app import engine_http
 from app.config import Settings
-from app.drivers import _process
+from app.drivers import _exits, _process
 from app.drivers.base import BootTimeout, Driver, EngineCrashed, EngineSpec, PortExhausted, Probe, State
 from app.registry import ports
 
@@ -34,6 +35,7 @@ class LocalDriver(Driver):
         self.brain_root = settings.brain_root.resolve()
         self.run_root = settings.run_dir.resolve()
         self.http = engine_http.client()
+        self.exits = _exits.ExitWatcher()  # issue 11: a pidfd per engine
 
     # ---- Driver interface ----------------------------------------------------------------
 
@@ -59,7 +61,9 @@ class LocalDriver(Driver):
         _write_secret(key_file, api_key)
         env = self._env(spec, port, brain, key_file)
         proc = _process.launch(list(self.settings.engine_cmd), env, run, run / "engine.log")
-        return {"port": port, "pid": proc.pid, "started": _process.start_time(proc.pid)}
+        started = _process.start_time(proc.pid)
+        self.exits.watch(spec.name, proc.pid, started)
+        return {"port": port, "pid": proc.pid, "started": started}
 
     async def wait_ready(self, spec: EngineSpec, state: State, timeout: float) -> tuple[State, str]:
         url = _url(state["port"])
@@ -77,6 +81,7 @@ class LocalDriver(Driver):
             delay = min(delay * 1.5, 0.1)
 
     async def stop(self, spec: EngineSpec, state: State, grace: float) -> State:
+        self.exits.forget(spec.name)  # an exit we cause is no news
         pid = state.get("pid")
         if pid and self._status(state) != "dead":
             _process.signal_group(pid, signal.SIGTERM)
@@ -131,7 +136,16 @@ class LocalDriver(Driver):
         names |= set(await asyncio.to_thread(_process.engines_under, self.brain_root))
         return names
 
+    def on_exit(self, listener: Callable[[str], None]) -> bool:
+        self.exits.subscribe(listener)
+        return True
+
+    def watch(self, spec: EngineSpec, state: State) -> None:
+        if state.get("pid"):
+            self.exits.watch(spec.name, state["pid"], state.get("started"))
+
     async def close(self) -> None:
+        self.exits.close()
         await self.http.aclose()
 
     # ---- helpers ---------------------------------------------------------------------------

@@ -60,7 +60,11 @@ class Engine(BaseModel):
     lease_until = pw.DoubleField(null=True)
 
     class Meta:
-        indexes = ((("product", "user_id"), True),)
+        indexes = ((("product", "user_id"), True),
+                   # Issue 11: the reconciler's range reads (engines started since its last
+                   # look; idle engines), without reading every running row.
+                   (("status", "status_since"), False),
+                   (("status", "last_admit_at"), False))
 
 
 class Event(BaseModel):
