@@ -11,7 +11,10 @@ What it looks at (issue 11: a fleet's cost at rest must not grow with every engi
   transient state whose lease ran out (their orchestrator died mid-operation) are finished or
   rolled back; driver resources with no row are removed after a grace period;
 - every ORCH_RESYNC_S a full resync re-reads every running row: the safety net for a missed
-  event (the schedule and the driver's watches are rebuilt from it).
+  event (the schedule and the driver's watches are rebuilt from it);
+- replicas share the work: each does only the engines of the shards it holds a lease on
+  (app.registry.shards, renewed three times a lease period), so R replicas together do one's
+  work, and a dead replica's shards are taken over within ORCH_LEASE_S.
 Every repair goes through the lifecycle, so it is a compare-and-set with an audit event, under
 the row's lease: safe on every replica at once.
 """
@@ -28,7 +31,7 @@ from app import errors, registry, states
 from app.errors import DriverError
 from app.health_schedule import HealthSchedule
 from app.lifecycle import Lifecycle
-from app.registry import EngineRow
+from app.registry import EngineRow, shards
 
 log = logging.getLogger("orch.reconciler")
 
@@ -48,20 +51,46 @@ class Reconciler:
         self._last: dict[str, float] = {}  # chore -> when it last ran
         self._seen_until = 0.0  # rows that entered `running` before this are scheduled
         self.probes = 0  # health checks sent (tests and the bench read it)
+        self.shards: frozenset[int] | None = None  # None: every engine (`orch reconcile`)
         self.exit_events = 0
         self.events = lifecycle.on_exit(self._on_exit)
 
     async def run_forever(self) -> None:
-        while True:
-            try:
-                await self.tick()
-            except Exception:
-                log.exception("reconciler pass failed")
-            try:
-                await asyncio.to_thread(registry.checkpoint)
-            except Exception as exc:  # noqa: BLE001 - a busy or missing file: next tick
-                log.debug("checkpoint skipped: %s", exc)
-            await asyncio.sleep(self.settings.tick_s)
+        try:
+            while True:
+                try:
+                    self.heartbeat(time.time())
+                    await self.tick()
+                except Exception:
+                    log.exception("reconciler pass failed")
+                try:
+                    await asyncio.to_thread(registry.checkpoint)
+                except Exception as exc:  # noqa: BLE001 - a busy or missing file: next tick
+                    log.debug("checkpoint skipped: %s", exc)
+                await asyncio.sleep(self.settings.tick_s)
+        finally:
+            if self.shards is not None:
+                try:  # a clean shutdown hands its shards over now, not a lease later
+                    shards.release(self.lifecycle.runner.owner)
+                except Exception as exc:  # noqa: BLE001 - the lease runs out anyway
+                    log.debug("shards not released: %s", exc)
+
+    def heartbeat(self, now: float) -> None:
+        """Renew this replica's shards (three times a lease period); a shard gained means
+        engines not looked at yet: resync now."""
+        lease = self.settings.lease_s
+        if self.shards is not None and not self._due("shards", lease / 3, now):
+            return
+        self._last["shards"] = now
+        # Held two thirds of a lease, renewed every third: a dead replica's shards are free
+        # within 2/3 of a lease and taken at the next heartbeat, within ORCH_LEASE_S in all.
+        held = shards.claim(self.lifecycle.runner.owner, lease * 2 / 3, now)
+        if self.shards is None or held - self.shards:
+            self._last.pop("resync", None)
+        self.shards = held
+
+    def mine(self, row: EngineRow) -> bool:
+        return self.shards is None or shards.shard_of(row.id) in self.shards
 
     async def tick(self, now: float | None = None) -> dict[str, int]:
         """One step of the loop: the engines whose check is due, and the chores."""
@@ -81,6 +110,7 @@ class Reconciler:
         """A full pass: every running engine checked now (`orch reconcile`, tests). With wait,
         the repairs it starts are finished before it returns."""
         now = time.time()
+        self.shards = None  # a full pass looks at every engine, whoever holds its shard
         running = self.resync(now)
         await self._check_all(running, now)
         await self._chores(now, recovery=True)
@@ -92,7 +122,7 @@ class Reconciler:
     def resync(self, now: float) -> list[EngineRow]:
         """Re-read every running row: schedule the new ones, drop the gone ones, and have the
         driver watch each (an engine that ended unseen is reported at once)."""
-        running = registry.engines_in([states.RUNNING])
+        running = [r for r in registry.engines_in([states.RUNNING]) if self.mine(r)]
         self._last["resync"] = now
         self._seen_until = now
         self.schedule.replace({r.id for r in running}, now)
@@ -118,7 +148,8 @@ class Reconciler:
     def _schedule_new(self, now: float) -> None:
         since = self._seen_until - CLOCK_SKEW_S
         self._seen_until = now
-        fresh = [r for r in registry.entered_since(states.RUNNING, since) if r.id not in self.schedule]
+        fresh = [r for r in registry.entered_since(states.RUNNING, since)
+                 if r.id not in self.schedule and self.mine(r)]
         self.schedule.add((r.id for r in fresh), now)
         if self.events:
             for row in fresh:
@@ -161,13 +192,13 @@ class Reconciler:
     async def _chores(self, now: float, recovery: bool) -> None:
         idle = self.settings.idle_sleep_s
         if idle > 0:
-            for engine in registry.idle_running(now - idle):
+            for engine in filter(self.mine, registry.idle_running(now - idle)):
                 self._spawn(self.lifecycle.sleep_if_idle(engine))
-        for engine in registry.engines_in([states.FAILED]):
+        for engine in filter(self.mine, registry.engines_in([states.FAILED])):
             if self.lifecycle.restartable(engine) and (engine.next_restart_at or 0) <= now:
                 self._spawn(self.lifecycle.restart(engine))
         if recovery:  # not an indexed read (pending keys): a few times a lease period
-            for engine in registry.needing_recovery(now):
+            for engine in filter(self.mine, registry.needing_recovery(now)):
                 self._spawn(self.lifecycle.recover(engine))
         await self._orphans(now)
 
@@ -182,6 +213,8 @@ class Reconciler:
         Listing them is not cheap on a big fleet, so it runs once a lease period only."""
         # A row is inserted before its resources exist and deleted after they are gone, so a
         # name without a row is only ever transient for a lease's time; give it four.
+        if self.shards is not None and 0 not in self.shards:
+            return  # one replica sweeps: shard 0's
         if not self._due("orphans", self.settings.lease_s, now):
             return
         try:

@@ -5,13 +5,14 @@ written here and nowhere else. Modules:
 - models: the tables;  db: connecting, migrating, transactions, the hot path's SQL;
 - engines: the typed `EngineRow`, compare-and-set transitions, leases;
 - events: the audit log and the transitions published to subscribers (metrics, logs);
-- products, limits (rate-limit slots), ports (the local driver's port pool).
+- products, limits (rate-limit slots), ports (the local driver's port pool);
+- shards (issue 11): the reconciler's work split across replicas, leased.
 """
 
 from __future__ import annotations
 
 from app.errors import AlreadyExists, Conflict, QuotaExceeded
-from app.registry import limits, ports
+from app.registry import limits, ports, shards
 from app.registry.db import checkpoint, connect, execute_hot, hot_sql, is_sqlite, request_id_var, write_lock
 from app.registry.engines import (
     HOT_COLUMNS,
@@ -69,6 +70,6 @@ __all__ = [
     "execute_hot", "find_engine", "find_engine_hot", "hot_sql", "idle_running", "insert_engine", "is_sqlite",
     "known_names", "limits", "list_engines", "needing_recovery", "ports", "product_by_key_hash",
     "product_by_name", "product_name", "publish", "recent_events", "record_orphan_removed",
-    "release_lease", "reload", "request_id_var", "set_product_key", "subscribe", "touch_admit",
+    "release_lease", "reload", "request_id_var", "set_product_key", "shards", "subscribe", "touch_admit",
     "transition", "update", "update_product", "write_lock",
 ]

@@ -92,5 +92,21 @@ class PortLease(BaseModel):
     engine_name = pw.CharField(max_length=63, index=True)
 
 
-MODELS = (Product, IdCounter, RateLimit, Engine, Event, PortLease)
+class ShardLease(BaseModel):
+    """Issue 11: the reconciler's work is split in shards (engine id modulo their number); a
+    replica does the shards it holds a lease on."""
+
+    shard = pw.IntegerField(primary_key=True)
+    owner = pw.CharField(max_length=64, null=True)
+    until = pw.DoubleField(default=0.0)
+
+
+class Replica(BaseModel):
+    """Issue 11: the live reconcilers (a heartbeat each), so shards are shared out evenly."""
+
+    owner = pw.CharField(max_length=64, primary_key=True)
+    until = pw.DoubleField()
+
+
+MODELS = (Product, IdCounter, RateLimit, Engine, Event, PortLease, ShardLease, Replica)
 ENGINE_COLUMNS = tuple(f.column_name for f in Engine._meta.sorted_fields)
