@@ -20,7 +20,7 @@ from pathlib import Path
 
 from app import engine_http
 from app.config import Settings
-from app.drivers import _exits, _process
+from app.drivers import _exits, _health, _process
 from app.drivers.base import BootTimeout, Driver, EngineCrashed, EngineSpec, PortExhausted, Probe, State
 from app.registry import ports
 
@@ -125,7 +125,7 @@ class LocalDriver(Driver):
             return "dead"
         if status == "stopped":
             return "paused"
-        healthy = await engine_http.healthy(self.http, _url(state["port"]))
+        healthy = await _health.healthy("127.0.0.1", state["port"])  # issue 11: cheap
         return "healthy" if healthy else "unhealthy"
 
     async def list_names(self) -> set[str]:
