@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from collections.abc import Awaitable, Iterable
 from typing import Any
@@ -84,12 +86,13 @@ class Reconciler:
         self._last["shards"] = now
         # Held two thirds of a lease, renewed every third: a dead replica's shards are free
         # within 2/3 of a lease and taken at the next heartbeat, within ORCH_LEASE_S in all.
-        held = shards.claim(self.lifecycle.runner.owner, lease * 2 / 3, now)
+        held = shards.claim(self.lifecycle.runner.owner, lease * 2 / 3, now, gone=_gone)
         if self.shards is None or held - self.shards:
             self._last.pop("resync", None)
         self.shards = held
 
     def mine(self, row: EngineRow) -> bool:
+        """Is this engine in one of this replica's shards (or is this a full pass)?"""
         return self.shards is None or shards.shard_of(row.id) in self.shards
 
     async def tick(self, now: float | None = None) -> dict[str, int]:
@@ -244,3 +247,20 @@ class Reconciler:
             return  # another operation has the engine, or it is gone: the next pass looks again
         if error is not None:
             log.info("repair did not complete: %s", error)
+
+
+def _gone(owner: str) -> bool:
+    """A replica of this host (runner owners are host:pid:nonce) whose process is gone: its
+    shards need not wait out their lease (a restarted orchestrator takes them at once). A
+    reused pid only makes it wait for the lease, as for a replica on another host."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname()[:32] or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 from app.registry.db import tuples, write_lock
 from app.registry.models import Replica, ShardLease
@@ -23,8 +24,10 @@ def shard_of(engine_id: int) -> int:
     return (((engine_id * 2654435761) & 0xFFFFFFFF) * SHARDS) >> 32
 
 
-def claim(owner: str, lease_s: float, now: float | None = None) -> frozenset[int]:
-    """Heartbeat as `owner`; return the shards it now holds until `now + lease_s`."""
+def claim(owner: str, lease_s: float, now: float | None = None,
+          gone: Callable[[str], bool] = lambda owner: False) -> frozenset[int]:
+    """Heartbeat as `owner`; return the shards it now holds until `now + lease_s`. A holder
+    `gone` says is dead (a process of this host that no longer exists) is not waited for."""
     now = time.time() if now is None else now
     until = now + lease_s
     with write_lock():
@@ -32,12 +35,13 @@ def claim(owner: str, lease_s: float, now: float | None = None) -> frozenset[int
         Replica.insert(owner=owner, until=until).on_conflict(
             conflict_target=[Replica.owner], update={Replica.until: until}).execute()
         Replica.delete().where(Replica.until < now - 10 * lease_s).execute()  # long gone
-        live = Replica.select().where(Replica.until >= now).count()
+        live = sum(1 for (o,) in tuples(Replica.select(Replica.owner).where(Replica.until >= now))
+                   if o == owner or not gone(o))
         fair = math.ceil(SHARDS / max(1, live))
         leases = tuples(ShardLease.select(ShardLease.shard, ShardLease.owner, ShardLease.until)
                         .order_by(ShardLease.shard))
         mine = [s for s, o, _ in leases if o == owner]
-        free = [s for s, o, u in leases if o != owner and (o is None or u < now)]
+        free = [s for s, o, u in leases if o != owner and (o is None or u < now or gone(o))]
         keep, give_back = mine[:fair], mine[fair:]
         take = free[:max(0, fair - len(keep))]
         if give_back:

@@ -1,6 +1,7 @@
 """Issue 11, item 3, end to end: two orchestrator processes on one database share the
 reconciler's shards; one is SIGKILLed, the other takes all its shards over within
-ORCH_LEASE_S and then notices the crash of an engine the dead one had launched."""
+ORCH_LEASE_S (on one host at once: it sees the dead pid; tests/unit/test_shards.py covers
+the lease running out) and then notices the crash of an engine the dead one had launched."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ lease ends, and each replica's reconciler looks only at its own shards' engines.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -65,5 +66,28 @@ def test_each_reconciler_looks_only_at_its_own_shards(tmp_path: Path) -> None:
         one, two, every = world.run(scenario())
         assert one and two and not one & two and one | two == every
         assert registry.shards.holders()  # seeded and held
+    finally:
+        world.close()
+
+
+def test_a_replica_of_this_host_that_is_gone_is_not_waited_for(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+
+    from app.reconciler import _gone
+
+    host = socket.gethostname()[:32]
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    assert _gone(f"{host}:{dead.pid}:0a1b2c3d")
+    assert not _gone(f"{host}:{os.getpid()}:0a1b2c3d")  # alive
+    assert not _gone(f"another-host:{dead.pid}:0a1b2c3d")  # can't tell: its lease decides
+    world = World(tmp_path)
+    try:
+        t = 1000.0
+        assert len(shards.claim("a", LEASE, t)) == shards.SHARDS
+        assert shards.claim("b", LEASE, t + 1) == frozenset()  # a is alive as far as b knows
+        taken = shards.claim("b", LEASE, t + 2, gone=lambda owner: owner == "a")
+        assert taken == frozenset(range(shards.SHARDS))  # long before a's lease ends
     finally:
         world.close()
