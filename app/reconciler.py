@@ -78,8 +78,8 @@ class Reconciler:
                     log.debug("shards not released: %s", exc)
 
     def heartbeat(self, now: float) -> None:
-        """Renew this replica's shards (three times a lease period); a shard gained means
-        engines not looked at yet: resync now."""
+        """Renew this replica's shards (three times a lease period); when they change, the
+        next tick resyncs."""
         lease = self.settings.lease_s
         if self.shards is not None and not self._due("shards", lease / 3, now):
             return
@@ -87,7 +87,7 @@ class Reconciler:
         # Held two thirds of a lease, renewed every third: a dead replica's shards are free
         # within 2/3 of a lease and taken at the next heartbeat, within ORCH_LEASE_S in all.
         held = shards.claim(self.lifecycle.runner.owner, lease * 2 / 3, now, gone=_gone)
-        if self.shards is None or held - self.shards:
+        if held != self.shards:  # gained: engines to look at; lost: engines to leave
             self._last.pop("resync", None)
         self.shards = held
 
