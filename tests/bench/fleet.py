@@ -5,7 +5,7 @@ a killed engine is `failed`.
   minimal engine) running, nothing calling the API; the orchestrator's CPU over
   BENCH_FLEET_SECONDS. Baseline in the same run, on the same fleet (the orchestrator restarted
   and adopting it): ORCH_HEALTH_INTERVAL_S = ORCH_TICK_S = 1, every engine probed every tick
-  as the reconciler did before issue 11.
+  as the reconciler did before issue 11. And two replicas together, beside one alone.
 - crash to failed: BENCH_FLEET_KILLS engines SIGKILLed one at a time; the delay from the kill
   to the `fail` audit event's timestamp (written by the orchestrator, so no polling here).
 """
@@ -44,6 +44,12 @@ def bench_fleet(tmp: Path) -> dict:
         provisioned_s = time.monotonic() - started
         time.sleep(3.0)  # the provisioning's after-effects settle
         ours = _cpu_at_rest(orch)
+        second = orch.replica()  # the shards are shared out within a heartbeat or two
+        try:
+            time.sleep(5.0)
+            pair = _cpu_at_rest(orch, second)
+        finally:
+            second.kill(signal.SIGTERM)
         crash = _crash_detection(orch)
         # The baseline: the same fleet, every engine probed every tick (the old reconciler).
         orch.kill(signal.SIGTERM)  # a clean stop hands its shards back at once
@@ -52,7 +58,7 @@ def bench_fleet(tmp: Path) -> dict:
         time.sleep(3.0)
         old = _cpu_at_rest(orch)
         return {"n": n, "provisioned_s": round(provisioned_s, 1), "cpu_pct": ours,
-                "old_cpu_pct": old, "crash": crash, "kills": KILLS}
+                "old_cpu_pct": old, "pair_cpu_pct": pair, "crash": crash, "kills": KILLS}
     finally:
         orch.close()
 
@@ -73,14 +79,14 @@ async def _provision(orch: Orchestrator, n: int) -> int:
         return sum(await asyncio.gather(*(one(i) for i in range(n))))
 
 
-def _cpu_at_rest(orch: Orchestrator) -> float:
-    """Percent of one core the orchestrator used over SECONDS of rest."""
+def _cpu_at_rest(*replicas: Orchestrator) -> float:
+    """Percent of one core the orchestrator processes used together over SECONDS of rest."""
     from tests.bench.__main__ import _cpu_seconds
 
-    assert orch.proc is not None
-    before, at = _cpu_seconds(orch.proc.pid), time.monotonic()
+    pids = [r.proc.pid for r in replicas if r.proc is not None]
+    before, at = sum(map(_cpu_seconds, pids)), time.monotonic()
     time.sleep(SECONDS)
-    return round(100 * (_cpu_seconds(orch.proc.pid) - before) / (time.monotonic() - at), 2)
+    return round(100 * (sum(map(_cpu_seconds, pids)) - before) / (time.monotonic() - at), 2)
 
 
 def _crash_detection(orch: Orchestrator) -> dict:
@@ -111,6 +117,8 @@ def lines(f: dict) -> list[str]:
         f"fleet at rest      {f['n']} engines running: orchestrator {f['cpu_pct']}% of a core   "
         f"probing every engine every tick (as before): {f['old_cpu_pct']}%   "
         f"(target < 2% per 1,000)",
+        f"two replicas       together {f['pair_cpu_pct']}% of a core at rest, beside one alone "
+        f"{f['cpu_pct']}%   (target: the same)",
         f"crash -> failed    p50 {c['p50_ms']} ms   p99 {c['p99_ms']} ms   max {c['max_ms']} ms   "
         f"over {f['kills']} SIGKILLs among {f['n']} engines   (target p50 < 1 s, p99 < 2 s)"]
 
