@@ -83,6 +83,10 @@ class Settings:
     engine_user: str | None = None  # None: "nobody" when we are root, else ourselves
     engine_env: tuple[str, ...] = ()
     engine_gid_base: int = 200_000
+    # Issue 11 (a fleet of engines): each running engine is health-checked this often (with
+    # jitter), and every row is looked at again in a full resync this often.
+    health_interval_s: float = 10.0
+    resync_s: float = 60.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -134,6 +138,9 @@ class Settings:
             engine_user=r.get("ORCH_ENGINE_USER", _nonempty, None),
             engine_env=r.get("ORCH_ENGINE_ENV", _env_names, cls.engine_env),
             engine_gid_base=r.get("ORCH_ENGINE_GID_BASE", _gid_base, cls.engine_gid_base),
+            # Issue 11 (a fleet of engines).
+            health_interval_s=r.get("ORCH_HEALTH_INTERVAL_S", _positive, cls.health_interval_s),
+            resync_s=r.get("ORCH_RESYNC_S", _positive, cls.resync_s),
         )
 
     @property

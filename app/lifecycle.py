@@ -7,6 +7,7 @@ lease, a flight or the driver.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -106,6 +107,14 @@ class Lifecycle:
 
     async def probe(self, row: EngineRow) -> Probe:
         return await self.driver.probe(self.ops.spec(row), row.driver_state)
+
+    def on_exit(self, listener: Callable[[str], None]) -> bool:
+        """Issue 11: have the driver call `listener(name)` when an engine ends (False: it can't)."""
+        return self.driver.on_exit(listener)
+
+    def watch(self, row: EngineRow) -> None:
+        """Issue 11: have the driver watch a running engine for its end (adoption)."""
+        self.driver.watch(self.ops.spec(row), row.driver_state)
 
     async def orphan_names(self) -> set[str]:
         """Names the driver holds resources for that have no registry row."""

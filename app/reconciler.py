@@ -1,79 +1,175 @@
 """The background loop: compare the registry with what the driver sees, and repair drift.
 
-Each pass: running engines are probed (dead -> failed `crashed`; unhealthy past the grace
-period -> failed `unhealthy`; idle -> sleeping); failed engines with restarts left are restarted
-once their backoff has passed; engines sitting in a transient state whose lease ran out (their
-orchestrator died mid-operation) are finished or rolled back; driver resources with no row are
-removed after a grace period. Every repair goes through the lifecycle, so it is a
-compare-and-set with an audit event, under the row's lease: safe on every replica at once.
+What it looks at (issue 11: a fleet's cost at rest must not grow with every engine each tick):
+- an engine's end is an event where the driver has them (the local driver's pidfds): the
+  engine is probed once, then failed `crashed`, at once;
+- each running engine is health-checked every ORCH_HEALTH_INTERVAL_S, at its own jittered time
+  (`HealthSchedule`), not all of them every tick: dead -> failed `crashed`, unhealthy past the
+  grace period -> failed `unhealthy`;
+- idle engines (no admit for ORCH_IDLE_SLEEP_S) are found by one indexed query, and put to sleep;
+- failed engines with restarts left are restarted once their backoff has passed; engines in a
+  transient state whose lease ran out (their orchestrator died mid-operation) are finished or
+  rolled back; driver resources with no row are removed after a grace period;
+- every ORCH_RESYNC_S a full resync re-reads every running row: the safety net for a missed
+  event (the schedule and the driver's watches are rebuilt from it);
+- replicas share the work: each does only the engines of the shards it holds a lease on
+  (app.registry.shards, renewed three times a lease period), so R replicas together do one's
+  work, and a dead replica's shards are taken over within ORCH_LEASE_S.
+Every repair goes through the lifecycle, so it is a compare-and-set with an audit event, under
+the row's lease: safe on every replica at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from typing import Any
 
 from app import errors, registry, states
 from app.errors import DriverError
+from app.health_schedule import HealthSchedule
 from app.lifecycle import Lifecycle
-from app.registry import EngineRow
+from app.registry import EngineRow, shards
 
 log = logging.getLogger("orch.reconciler")
 
 PROBE_CONCURRENCY = 32
 STABLE_AFTER_S = 60.0  # running this long without trouble: the restart count starts over
+CLOCK_SKEW_S = 5.0  # replicas' clocks may differ this much: "entered running since" looks back by it
 
 
 class Reconciler:
     def __init__(self, lifecycle: Lifecycle):
         self.lifecycle = lifecycle
         self.settings = lifecycle.settings
+        self.schedule = HealthSchedule(self.settings.health_interval_s)
         self._unhealthy_since: dict[int, float] = {}
         self._orphan_since: dict[str, float] = {}
         self._inflight: set[asyncio.Task[Any]] = set()
-        self._last_sweep = 0.0
+        self._last: dict[str, float] = {}  # chore -> when it last ran
+        self._seen_until = 0.0  # rows that entered `running` before this are scheduled
+        self.probes = 0  # health checks sent (tests and the bench read it)
+        self.shards: frozenset[int] | None = None  # None: every engine (`orch reconcile`)
+        self.exit_events = 0
+        self.events = lifecycle.on_exit(self._on_exit)
 
     async def run_forever(self) -> None:
-        while True:
-            try:
-                await self.pass_once(wait=False)
-            except Exception:
-                log.exception("reconciler pass failed")
-            try:
-                await asyncio.to_thread(registry.checkpoint)
-            except Exception as exc:  # noqa: BLE001 - a busy or missing file: next tick
-                log.debug("checkpoint skipped: %s", exc)
-            await asyncio.sleep(self.settings.tick_s)
+        try:
+            while True:
+                try:
+                    self.heartbeat(time.time())
+                    await self.tick()
+                except Exception:
+                    log.exception("reconciler pass failed")
+                try:
+                    await asyncio.to_thread(registry.checkpoint)
+                except Exception as exc:  # noqa: BLE001 - a busy or missing file: next tick
+                    log.debug("checkpoint skipped: %s", exc)
+                await asyncio.sleep(self.settings.tick_s)
+        finally:
+            if self.shards is not None:
+                try:  # a clean shutdown hands its shards over now, not a lease later
+                    shards.release(self.lifecycle.runner.owner)
+                except Exception as exc:  # noqa: BLE001 - the lease runs out anyway
+                    log.debug("shards not released: %s", exc)
+
+    def heartbeat(self, now: float) -> None:
+        """Renew this replica's shards (three times a lease period); when they change, the
+        next tick resyncs."""
+        lease = self.settings.lease_s
+        if self.shards is not None and not self._due("shards", lease / 3, now):
+            return
+        self._last["shards"] = now
+        # Held two thirds of a lease, renewed every third: a dead replica's shards are free
+        # within 2/3 of a lease and taken at the next heartbeat, within ORCH_LEASE_S in all.
+        held = shards.claim(self.lifecycle.runner.owner, lease * 2 / 3, now, gone=_gone)
+        if held != self.shards:  # gained: engines to look at; lost: engines to leave
+            self._last.pop("resync", None)
+        self.shards = held
+
+    def mine(self, row: EngineRow) -> bool:
+        """Is this engine in one of this replica's shards (or is this a full pass)?"""
+        return self.shards is None or shards.shard_of(row.id) in self.shards
+
+    async def tick(self, now: float | None = None) -> dict[str, int]:
+        """One step of the loop: the engines whose check is due, and the chores."""
+        now = time.time() if now is None else now
+        if self._due("resync", self.settings.resync_s, now):
+            self.resync(now)
+        else:
+            self._schedule_new(now)
+        due = self.schedule.due(now)
+        rows = registry.engines_by_ids(due, states.RUNNING) if due else []
+        self.schedule.keep_only_among(due, {r.id for r in rows})
+        await self._check_all(rows, now)
+        await self._chores(now, recovery=self._due("recovery", self.settings.lease_s / 4, now))
+        return {"probed": len(rows), "repairs": len(self._inflight)}
 
     async def pass_once(self, wait: bool = True) -> dict[str, int]:
-        """One pass. With wait, the repairs it starts are finished before it returns."""
+        """A full pass: every running engine checked now (`orch reconcile`, tests). With wait,
+        the repairs it starts are finished before it returns."""
         now = time.time()
-        counts = {"probed": 0, "repairs": 0}
-        running = registry.engines_in([states.RUNNING])
-        counts["probed"] = len(running)
+        self.shards = None  # a full pass looks at every engine, whoever holds its shard
+        running = self.resync(now)
+        await self._check_all(running, now)
+        await self._chores(now, recovery=True)
+        counts = {"probed": len(running), "repairs": len(self._inflight)}
+        if wait and self._inflight:
+            await asyncio.gather(*list(self._inflight), return_exceptions=True)
+        return counts
+
+    def resync(self, now: float) -> list[EngineRow]:
+        """Re-read every running row: schedule the new ones, drop the gone ones, and have the
+        driver watch each (an engine that ended unseen is reported at once)."""
+        running = [r for r in registry.engines_in([states.RUNNING]) if self.mine(r)]
+        self._last["resync"] = now
+        self._seen_until = now
+        self.schedule.replace({r.id for r in running}, now)
+        if self.events:
+            for row in running:
+                self.lifecycle.watch(row)
+        return running
+
+    # ---- events -----------------------------------------------------------------------------
+
+    def _on_exit(self, name: str) -> None:
+        self.exit_events += 1
+        self._spawn(self._exited(name))
+
+    async def _exited(self, name: str) -> None:
+        row = registry.engine_named(name)
+        if row is None or row.status != states.RUNNING:
+            return  # being stopped, restarted or destroyed: that operation knows
+        await self._check_running(row, time.time())
+
+    # ---- health ----------------------------------------------------------------------------
+
+    def _schedule_new(self, now: float) -> None:
+        since = self._seen_until - CLOCK_SKEW_S
+        self._seen_until = now
+        fresh = [r for r in registry.entered_since(states.RUNNING, since)
+                 if r.id not in self.schedule and self.mine(r)]
+        self.schedule.add((r.id for r in fresh), now)
+        if self.events:
+            for row in fresh:
+                self.lifecycle.watch(row)
+
+    async def _check_all(self, rows: Iterable[EngineRow], now: float) -> None:
         semaphore = asyncio.Semaphore(PROBE_CONCURRENCY)
 
         async def check(engine: EngineRow) -> None:
             async with semaphore:
                 await self._check_running(engine, now)
 
-        await asyncio.gather(*(check(e) for e in running))
-        for engine in registry.engines_in([states.FAILED]):
-            if self.lifecycle.restartable(engine) and (engine.next_restart_at or 0) <= now:
-                self._spawn(self.lifecycle.restart(engine))
-        for engine in registry.needing_recovery(now):
-            self._spawn(self.lifecycle.recover(engine))
-        await self._orphans(now)
-        counts["repairs"] = len(self._inflight)
-        if wait and self._inflight:
-            await asyncio.gather(*list(self._inflight), return_exceptions=True)
-        return counts
+        await asyncio.gather(*(check(e) for e in rows))
 
     async def _check_running(self, engine: EngineRow, now: float) -> None:
         lifecycle = self.lifecycle
+        self.probes += 1
         try:
             probe = await lifecycle.probe(engine)
         except DriverError as exc:
@@ -84,9 +180,6 @@ class Reconciler:
             self._unhealthy_since.pop(engine.id, None)
             if engine.restarts and now - engine.status_since > STABLE_AFTER_S:
                 self._spawn(lifecycle.reset_restarts(engine))
-            idle = self.settings.idle_sleep_s
-            if idle > 0 and lifecycle.idle_for(engine, now) >= idle:
-                self._spawn(lifecycle.sleep_if_idle(engine))
         elif probe in ("dead", "node_lost"):  # issue 8: node_lost is its own reason
             self._spawn(lifecycle.fail(engine, "crashed" if probe == "dead" else probe))
         else:
@@ -94,15 +187,39 @@ class Reconciler:
             if now - since >= self.settings.health_grace_s:
                 self._unhealthy_since.pop(engine.id, None)
                 self._spawn(lifecycle.fail(engine, "unhealthy"))
+            else:  # look again soon: the grace period, not the interval, decides
+                self.schedule.soon(engine.id, now + min(self.settings.tick_s, self.settings.health_grace_s))
+
+    # ---- chores ----------------------------------------------------------------------------
+
+    async def _chores(self, now: float, recovery: bool) -> None:
+        idle = self.settings.idle_sleep_s
+        if idle > 0:
+            for engine in filter(self.mine, registry.idle_running(now - idle)):
+                self._spawn(self.lifecycle.sleep_if_idle(engine))
+        for engine in filter(self.mine, registry.engines_in([states.FAILED])):
+            if self.lifecycle.restartable(engine) and (engine.next_restart_at or 0) <= now:
+                self._spawn(self.lifecycle.restart(engine))
+        if recovery:  # not an indexed read (pending keys): a few times a lease period
+            for engine in filter(self.mine, registry.needing_recovery(now)):
+                self._spawn(self.lifecycle.recover(engine))
+        await self._orphans(now)
+
+    def _due(self, chore: str, every: float, now: float) -> bool:
+        if now - self._last.get(chore, float("-inf")) < every:
+            return False
+        self._last[chore] = now
+        return True
 
     async def _orphans(self, now: float) -> None:
         """Driver resources with no row: left by a crash between create and insert/delete.
         Listing them is not cheap on a big fleet, so it runs once a lease period only."""
         # A row is inserted before its resources exist and deleted after they are gone, so a
         # name without a row is only ever transient for a lease's time; give it four.
-        if now - self._last_sweep < self.settings.lease_s:
+        if self.shards is not None and 0 not in self.shards:
+            return  # one replica sweeps: shard 0's
+        if not self._due("orphans", self.settings.lease_s, now):
             return
-        self._last_sweep = now
         try:
             orphans = await self.lifecycle.orphan_names()
         except DriverError as exc:
@@ -130,3 +247,20 @@ class Reconciler:
             return  # another operation has the engine, or it is gone: the next pass looks again
         if error is not None:
             log.info("repair did not complete: %s", error)
+
+
+def _gone(owner: str) -> bool:
+    """A replica of this host (runner owners are host:pid:nonce) whose process is gone: its
+    shards need not wait out their lease (a restarted orchestrator takes them at once). A
+    reused pid only makes it wait for the lease, as for a replica on another host."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname()[:32] or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

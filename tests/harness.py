@@ -96,6 +96,8 @@ class Orchestrator:
             "ORCH_STOP_GRACE_S": "3",
             "ORCH_IDLE_SLEEP_S": "0",
             "ORCH_TICK_S": "0.1",
+            "ORCH_HEALTH_INTERVAL_S": "0.2",  # issue 11: checks spread over this
+            "ORCH_RESYNC_S": "2",
             "ORCH_HEALTH_GRACE_S": "1",
             "ORCH_RESTART_BACKOFF_S": "0.1",
             "ORCH_LOG_LEVEL": "INFO",

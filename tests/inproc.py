@@ -28,7 +28,8 @@ T = TypeVar("T")
 
 # Short enough for fast tests, long enough that a loaded machine does not trip them.
 FAST = dict(boot_timeout_s=3.0, stop_grace_s=1.0, lease_s=1.0, idle_sleep_s=0.0,
-            restart_backoff_s=0.05, health_grace_s=0.0, max_restarts=2, tick_s=0.05)
+            restart_backoff_s=0.05, health_grace_s=0.0, max_restarts=2, tick_s=0.05,
+            health_interval_s=0.1, resync_s=1.0)
 
 
 class World:

@@ -11,6 +11,7 @@ status.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -99,6 +100,16 @@ class Driver(abc.ABC):
 
     def check_version(self, version: str) -> None:
         """Raise BadVersion for an engine_version this driver refuses (default: none)."""
+        return None
+
+    # Issue 11: drivers that learn of an engine's end as an event (the local driver's pidfds)
+    # tell the reconciler at once, rather than waiting for its next health check.
+    def on_exit(self, listener: Callable[[str], None]) -> bool:
+        """Have `listener(name)` called when an engine ends. False: no such events here."""
+        return False
+
+    def watch(self, spec: EngineSpec, state: State) -> None:
+        """Start watching a running engine found in the registry (adopted after a restart)."""
         return None
 
     async def ping(self) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from app import metrics
@@ -71,6 +71,12 @@ class Instrumented(Driver):
 
     def check_version(self, version: str) -> None:  # issue 8
         self.inner.check_version(version)
+
+    def on_exit(self, listener: Callable[[str], None]) -> bool:  # issue 11
+        return self.inner.on_exit(listener)
+
+    def watch(self, spec: EngineSpec, state: State) -> None:  # issue 11
+        self.inner.watch(spec, state)
 
     async def ping(self) -> None:
         with self._measure("ping"):

@@ -15,11 +15,12 @@ import shutil
 import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from app import engine_http
 from app.config import Settings
-from app.drivers import _process
+from app.drivers import _exits, _health, _process
 from app.drivers._isolation import Isolation
 from app.drivers.base import BootTimeout, Driver, EngineCrashed, EngineSpec, PortExhausted, Probe, State
 from app.registry import ports
@@ -37,6 +38,7 @@ class LocalDriver(Driver):
         self.run_root = settings.run_dir.resolve()
         self.isolation = preflight(settings)
         self.http = engine_http.client()
+        self.exits = _exits.ExitWatcher()  # issue 11: a pidfd per engine
 
     # ---- Driver interface ----------------------------------------------------------------
 
@@ -60,7 +62,9 @@ class LocalDriver(Driver):
         env = self._env(spec, port, brain, key_file)
         proc = _process.launch(list(self.settings.engine_cmd), env, run, run / "engine.log",
                                self.isolation.popen_kwargs(port))
-        return {"port": port, "pid": proc.pid, "started": _process.start_time(proc.pid)}
+        started = _process.start_time(proc.pid)
+        self.exits.watch(spec.name, proc.pid, started)
+        return {"port": port, "pid": proc.pid, "started": started}
 
     async def wait_ready(self, spec: EngineSpec, state: State, timeout: float) -> tuple[State, str]:
         url = _url(state["port"])
@@ -78,6 +82,7 @@ class LocalDriver(Driver):
             delay = min(delay * 1.5, 0.1)
 
     async def stop(self, spec: EngineSpec, state: State, grace: float) -> State:
+        self.exits.forget(spec.name)  # an exit we cause is no news
         pid = state.get("pid")
         if pid and self._status(state) != "dead":
             _process.signal_group(pid, signal.SIGTERM)
@@ -121,7 +126,7 @@ class LocalDriver(Driver):
             return "dead"
         if status == "stopped":
             return "paused"
-        healthy = await engine_http.healthy(self.http, _url(state["port"]))
+        healthy = await _health.healthy("127.0.0.1", state["port"])  # issue 11: cheap
         return "healthy" if healthy else "unhealthy"
 
     async def list_names(self) -> set[str]:
@@ -132,7 +137,16 @@ class LocalDriver(Driver):
         names |= set(await asyncio.to_thread(_process.engines_under, self.brain_root))
         return names
 
+    def on_exit(self, listener: Callable[[str], None]) -> bool:
+        self.exits.subscribe(listener)
+        return True
+
+    def watch(self, spec: EngineSpec, state: State) -> None:
+        if state.get("pid"):
+            self.exits.watch(spec.name, state["pid"], state.get("started"))
+
     async def close(self) -> None:
+        self.exits.close()
         await self.http.aclose()
 
     # ---- helpers ---------------------------------------------------------------------------

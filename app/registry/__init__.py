@@ -5,13 +5,14 @@ written here and nowhere else. Modules:
 - models: the tables;  db: connecting, migrating, transactions, the hot path's SQL;
 - engines: the typed `EngineRow`, compare-and-set transitions, leases;
 - events: the audit log and the transitions published to subscribers (metrics, logs);
-- products, limits (rate-limit slots), ports (the local driver's port pool).
+- products, limits (rate-limit slots), ports (the local driver's port pool);
+- shards (issue 11): the reconciler's work split across replicas, leased.
 """
 
 from __future__ import annotations
 
 from app.errors import AlreadyExists, Conflict, QuotaExceeded
-from app.registry import limits, ports
+from app.registry import limits, ports, shards
 from app.registry.db import checkpoint, connect, execute_hot, hot_sql, is_sqlite, request_id_var, write_lock
 from app.registry.engines import (
     HOT_COLUMNS,
@@ -19,9 +20,13 @@ from app.registry.engines import (
     acquire_lease,
     delete_engine,
     engine_counts,
+    engine_named,
+    engines_by_ids,
     engines_in,
+    entered_since,
     find_engine,
     find_engine_hot,
+    idle_running,
     insert_engine,
     known_names,
     list_engines,
@@ -60,11 +65,11 @@ __all__ = [
     "HOT_COLUMNS", "AlreadyExists", "Conflict", "Engine", "EngineRow", "Event", "IdCounter",
     "PortLease", "Product", "ProductExists", "ProductInUse", "QuotaExceeded", "RateLimit",
     "Transition", "acquire_lease", "all_products", "checkpoint", "connect", "create_product", "db",
-    "delete_engine", "delete_product", "engine_count", "engine_counts", "engines_in", "events_for",
-    "events_page",
-    "execute_hot", "find_engine", "find_engine_hot", "hot_sql", "insert_engine", "is_sqlite",
+    "delete_engine", "delete_product", "engine_count", "engine_counts", "engine_named",
+    "engines_by_ids", "engines_in", "entered_since", "events_for", "events_page",
+    "execute_hot", "find_engine", "find_engine_hot", "hot_sql", "idle_running", "insert_engine", "is_sqlite",
     "known_names", "limits", "list_engines", "needing_recovery", "ports", "product_by_key_hash",
     "product_by_name", "product_name", "publish", "recent_events", "record_orphan_removed",
-    "release_lease", "reload", "request_id_var", "set_product_key", "subscribe", "touch_admit",
+    "release_lease", "reload", "request_id_var", "set_product_key", "shards", "subscribe", "touch_admit",
     "transition", "update", "update_product", "write_lock",
 ]

@@ -60,7 +60,11 @@ class Engine(BaseModel):
     lease_until = pw.DoubleField(null=True)
 
     class Meta:
-        indexes = ((("product", "user_id"), True),)
+        indexes = ((("product", "user_id"), True),
+                   # Issue 11: the reconciler's range reads (engines started since its last
+                   # look; idle engines), without reading every running row.
+                   (("status", "status_since"), False),
+                   (("status", "last_admit_at"), False))
 
 
 class Event(BaseModel):
@@ -88,5 +92,21 @@ class PortLease(BaseModel):
     engine_name = pw.CharField(max_length=63, index=True)
 
 
-MODELS = (Product, IdCounter, RateLimit, Engine, Event, PortLease)
+class ShardLease(BaseModel):
+    """Issue 11: the reconciler's work is split in shards (engine id modulo their number); a
+    replica does the shards it holds a lease on."""
+
+    shard = pw.IntegerField(primary_key=True)
+    owner = pw.CharField(max_length=64, null=True)
+    until = pw.DoubleField(default=0.0)
+
+
+class Replica(BaseModel):
+    """Issue 11: the live reconcilers (a heartbeat each), so shards are shared out evenly."""
+
+    owner = pw.CharField(max_length=64, primary_key=True)
+    until = pw.DoubleField()
+
+
+MODELS = (Product, IdCounter, RateLimit, Engine, Event, PortLease, ShardLease, Replica)
 ENGINE_COLUMNS = tuple(f.column_name for f in Engine._meta.sorted_fields)

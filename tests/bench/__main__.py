@@ -7,6 +7,8 @@
     provision         request -> admitted, minus the engine's own boot time measured alone
     registry size     admit p50 with 100k engine rows vs 1k
     thundering herd   200 concurrent admits for one new user: time, engines created
+    fleet             issue 11: CPU at rest with BENCH_FLEET_N running engines, beside every
+                      engine probed every tick; crash-to-failed p50/p99 (tests/bench/fleet.py)
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.bench import fleet
 from tests.bench.loadgen import Target, run_in_process
 from tests.harness import ROOT, Orchestrator, free_port, wait_for
 
@@ -38,7 +41,7 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"ORCH_LOG_LEVEL={LOG_LEVEL}")
     benches = {"admit": bench_admit, "wake": bench_wake, "provision": bench_provision,
-               "rows": bench_rows, "herd": bench_herd}
+               "rows": bench_rows, "herd": bench_herd, "fleet": fleet.bench_fleet}
     only = [name for name in os.environ.get("BENCH_ONLY", "").split(",") if name] or list(benches)
     results = {}
     try:
@@ -254,6 +257,8 @@ def report(r: dict) -> None:
     for name, lines in _lines(r).items():
         if name in r:
             print("\n".join(lines))
+    if "fleet" in r:
+        print("\n".join(fleet.lines(r["fleet"])))
 
 
 def _lines(r: dict) -> dict[str, list[str]]:
