@@ -22,14 +22,15 @@ from app.lifecycle import Lifecycle, ProductRef
 from app.reconciler import Reconciler
 from app.registry import EngineRow
 from tests.fake_driver import Behaviour, FakeDriver
-from tests.harness import _drop_postgres_database, _fresh_postgres_database
+from tests.harness import OWN_USER, _drop_postgres_database, _fresh_postgres_database
 
 T = TypeVar("T")
 
 # Short enough for fast tests, long enough that a loaded machine does not trip them.
 FAST = dict(boot_timeout_s=3.0, stop_grace_s=1.0, lease_s=1.0, idle_sleep_s=0.0,
             restart_backoff_s=0.05, health_grace_s=0.0, max_restarts=2, tick_s=0.05,
-            health_interval_s=0.1, resync_s=1.0)
+            health_interval_s=0.1, resync_s=1.0,
+            engine_user=OWN_USER)  # a local driver in process runs engines as us (no temp-dir dance)
 
 
 class World:
