@@ -6,6 +6,7 @@ import json
 import os
 import pwd
 import random
+import shutil
 import signal
 import socket
 import sqlite3
@@ -72,7 +73,20 @@ def _engines_as(user: str, tmp: Path) -> dict[str, str]:
     for directory in [tmp, *tmp.parents]:
         if directory.stat().st_mode & 0o777 == 0o700 and directory.stat().st_uid == os.geteuid():
             os.chmod(directory, 0o711)
-    return {"ORCH_ENGINE_USER": user, "ORCH_ENGINE_CMD": f"/usr/bin/python3 {ROOT}/app/refengine"}
+    return {"ORCH_ENGINE_USER": user, "ORCH_ENGINE_CMD": f"/usr/bin/python3 {reachable_refengine(tmp)}"}
+
+
+def reachable_refengine(tmp: Path) -> Path:
+    """A copy of the reference engine (standard library only, runnable by path) in `tmp`,
+    world-readable: the checkout may sit where another user cannot go (a 0700 clone dir)."""
+    target = tmp / "refengine-copy"
+    if not target.exists():
+        shutil.copytree(ROOT / "app" / "refengine", target / "app" / "refengine",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy(ROOT / "app" / "__init__.py", target / "app" / "__init__.py")
+        for path in [target, *target.rglob("*")]:
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    return target / "app" / "refengine"
 
 
 class Orchestrator:

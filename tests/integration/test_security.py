@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import OWN_USER, ROOT, Orchestrator, running
+from tests.harness import OWN_USER, ROOT, Orchestrator, reachable_refengine, running
 
 
 def every_stored_value(orch: Orchestrator) -> str:
@@ -209,7 +209,7 @@ def test_engines_run_as_nobody_and_reach_only_their_own_files(as_nobody: Path) -
     nobody = pwd.getpwnam("nobody").pw_uid
     # ORCH_ENGINE_USER unset: a root orchestrator's default. Our venv's interpreter may sit
     # where `nobody` cannot go (here: /root/.pyenv); the reference engine runs by path anywhere.
-    env = {"ORCH_ENGINE_USER": "", "ORCH_ENGINE_CMD": f"{SYSTEM_PYTHON} {ROOT}/app/refengine"}
+    env = {"ORCH_ENGINE_USER": "", "ORCH_ENGINE_CMD": f"{SYSTEM_PYTHON} {reachable_refengine(as_nobody)}"}
     with running(as_nobody, env=env) as orch:
         api = orch.client("acme")
         keys = {u: api.post("/engines/provision", json={"user_id": u}).json()["api_key"]
@@ -270,7 +270,8 @@ def test_a_brain_left_by_a_root_engine_is_handed_to_nobody(as_nobody: Path) -> N
         bearer = {"Authorization": f"Bearer {key}"}
         httpx.put(f"{url}/v1/memory/kept", content=b"yes", headers=bearer, trust_env=False)
         assert api.post("/engines/old/stop").status_code == 200
-        orch.env.update(ORCH_ENGINE_USER="", ORCH_ENGINE_CMD=f"{SYSTEM_PYTHON} {ROOT}/app/refengine")
+        orch.env.update(ORCH_ENGINE_USER="",
+                        ORCH_ENGINE_CMD=f"{SYSTEM_PYTHON} {reachable_refengine(as_nobody)}")
         orch.restart()
         api = orch.client("acme")
         assert api.post("/engines/old/start").status_code == 200
