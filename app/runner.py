@@ -50,6 +50,7 @@ class Op(StrEnum):
     FAIL = "fail"
     RECOVER = "recover"
     RESET_RESTARTS = "reset_restarts"
+    UPGRADE = "upgrade"
 
 
 def needs_settling(row: EngineRow) -> bool:

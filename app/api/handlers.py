@@ -72,6 +72,13 @@ async def rotate_key(svc: Services, call: Call) -> Any:
     return with_key(engine, api_key)
 
 
+async def upgrade(svc: Services, call: Call) -> Any:
+    body: spec.UpgradeBody = call.body
+    if not body.engine_version.isprintable():
+        raise errors.invalid("engine_version must be 1 to 256 printable characters")
+    return engine_struct(await svc.lifecycle.upgrade(call.product, call.user_id, body.engine_version))
+
+
 async def admit(svc: Services, call: Call) -> Any:
     body: spec.AdmitBody = call.body
     return await svc.admitter.admit(call.product, call.user_id, body.auto_provision, body.auto_wake)
@@ -99,6 +106,7 @@ async def events(svc: Services, call: Call) -> Any:
 HANDLERS: dict[str, Handler] = {
     "provision": provision, "list": list_engines, "get": get, "destroy": destroy,
     "start": start, "stop": stop, "rotate_key": rotate_key, "admit": admit, "events": events,
+    "upgrade": upgrade,
 }
 
 

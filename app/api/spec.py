@@ -30,6 +30,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "QUOTA_EXCEEDED": 429,
     "RATE_LIMITED": 429,
     "INTERNAL": 500,
+    "UPGRADE_FAILED": 502,
     "PORT_EXHAUSTION": 503,
     "CAPACITY_EXHAUSTED": 503,
     "SCHEDULER_UNAVAILABLE": 503,
@@ -71,6 +72,10 @@ class ProvisionBody(Struct, forbid_unknown_fields=True):
 class AdmitBody(Struct, forbid_unknown_fields=True):
     auto_provision: bool = False
     auto_wake: bool = False
+
+
+class UpgradeBody(Struct, forbid_unknown_fields=True):
+    engine_version: EngineVersion
 
 
 class ListQuery(Struct, forbid_unknown_fields=True):
@@ -214,6 +219,11 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("rotate_key", "POST", "/engines/{user_id}/rotate-key",
              "Give a running engine a new key; the old one is refused from then on",
              EngineWithKey, ("ENGINE_NOT_FOUND", "ENGINE_NOT_RUNNING")),
+    Endpoint("upgrade", "POST", "/engines/{user_id}/upgrade",
+             "Move an engine to another engine_version, brain kept: a running one restarts on it "
+             "(back on its old version and 502 UPGRADE_FAILED when not healthy in time), "
+             "others take it at their next start",
+             Engine, ("ENGINE_NOT_FOUND", "UPGRADE_FAILED"), body=UpgradeBody),
     Endpoint("events", "GET", "/engines/{user_id}/events",
              "The engine's audit events, newest first, a page at a time (kept after destroy)",
              EventPage, query=EventsQuery),

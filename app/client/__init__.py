@@ -29,6 +29,7 @@ from app.client._errors import (
     SchedulerUnavailable,
     Unauthorized,
     UnexpectedResponse,
+    UpgradeFailed,
     error_from_response,
     raise_for_error,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "SchedulerUnavailable",
     "Unauthorized",
     "UnexpectedResponse",
+    "UpgradeFailed",
     "error_from_response",
     "raise_for_error",
 ]

@@ -84,6 +84,12 @@ class AsyncClient:
         """A new key for a running engine; the old one is refused once this returns."""
         return await self._send(_calls.rotate_key(user_id, request_id))
 
+    async def upgrade(self, user_id: str, engine_version: str, *,
+                      request_id: str | None = None) -> Engine:
+        """Move the engine to `engine_version`, brain kept. A running engine restarts on it;
+        UpgradeFailed when it was not healthy in time (the engine is back on its old one)."""
+        return await self._send(_calls.upgrade(user_id, engine_version, request_id))
+
     async def destroy(self, user_id: str, *, request_id: str | None = None) -> None:
         """Remove the engine and its brain for good (the audit events are kept)."""
         await self._send(_calls.destroy(user_id, request_id))

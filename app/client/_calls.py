@@ -123,6 +123,11 @@ def rotate_key(user_id: str, request_id: str | None) -> Call[ProvisionedEngine]:
                  request_id=request_id)
 
 
+def upgrade(user_id: str, engine_version: str, request_id: str | None) -> Call[Engine]:
+    return _call("upgrade", lambda r: Engine.from_json(_json(r)), user_id,
+                 json={"engine_version": engine_version}, request_id=request_id)
+
+
 def destroy(user_id: str, request_id: str | None) -> Call[None]:
     return _call("destroy", _read_destroyed, user_id, request_id=request_id)
 
@@ -160,7 +165,7 @@ def openapi() -> Call[dict[str, Any]]:
 BUILDERS: dict[str, Callable[..., Call[Any]]] = {
     "provision": provision, "list": list_engines, "get": get, "destroy": destroy,
     "start": start, "stop": stop, "rotate_key": rotate_key, "admit": admit, "events": events,
-    "healthz": healthz, "readyz": readyz, "metrics": metrics, "openapi": openapi,
+    "upgrade": upgrade, "healthz": healthz, "readyz": readyz, "metrics": metrics, "openapi": openapi,
 }
 
 

@@ -106,6 +106,13 @@ class BootTimeout(OrchestratorError):
     CODE = "BOOT_TIMEOUT"
 
 
+class UpgradeFailed(OrchestratorError):
+    """The new engine_version was not healthy in time; the engine is back on its previous
+    version, running, brain kept (issue 13)."""
+
+    CODE = "UPGRADE_FAILED"
+
+
 class Internal(OrchestratorError):
     CODE = "INTERNAL"
 
@@ -120,7 +127,7 @@ ERRORS_BY_CODE: dict[str, type[OrchestratorError]] = {
     cls.CODE: cls for cls in (
         InvalidRequest, Unauthorized, EngineNotFound, NotFound, MethodNotAllowed,
         EngineAlreadyExists, EngineAlreadyRunning, EngineNotRunning, QuotaExceeded, RateLimited,
-        PortExhaustion, CapacityExhausted, SchedulerUnavailable, BootTimeout, Internal)
+        PortExhaustion, CapacityExhausted, SchedulerUnavailable, BootTimeout, UpgradeFailed, Internal)
     if cls.CODE is not None
 }
 

@@ -58,6 +58,8 @@ class Engine(BaseModel):
     last_admit_at = pw.DoubleField(null=True)
     lease_owner = pw.CharField(max_length=64, null=True)
     lease_until = pw.DoubleField(null=True)
+    # An upgrade in flight (issue 13): the version to go back to if it does not come up.
+    previous_version = pw.CharField(max_length=256, null=True)
 
     class Meta:
         indexes = ((("product", "user_id"), True),)
