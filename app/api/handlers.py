@@ -81,7 +81,8 @@ async def upgrade(svc: Services, call: Call) -> Any:
 
 async def admit(svc: Services, call: Call) -> Any:
     body: spec.AdmitBody = call.body
-    return await svc.admitter.admit(call.product, call.user_id, body.auto_provision, body.auto_wake)
+    return await svc.admitter.admit(call.product, call.user_id, body.auto_provision, body.auto_wake,
+                                    body.wait)
 
 
 async def list_engines(svc: Services, call: Call) -> Any:

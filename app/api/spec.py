@@ -58,7 +58,7 @@ Cursor = Annotated[str, Meta(min_length=1, max_length=64,
 EngineStatus = Literal["provisioning", "starting", "running", "stopping", "stopped",
                        "sleeping", "failed", "destroying"]
 DenialReason = Literal["engine_not_found", "engine_sleeping", "engine_stopped",
-                       "engine_unhealthy"]
+                       "engine_unhealthy", "engine_starting"]
 
 
 # ---- request bodies and queries ----------------------------------------------------------
@@ -72,6 +72,7 @@ class ProvisionBody(Struct, forbid_unknown_fields=True):
 class AdmitBody(Struct, forbid_unknown_fields=True):
     auto_provision: bool = False
     auto_wake: bool = False
+    wait: bool = True  # false: never block on a boot; engine_starting instead (issue 13)
 
 
 class UpgradeBody(Struct, forbid_unknown_fields=True):

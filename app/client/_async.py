@@ -69,9 +69,10 @@ class AsyncClient:
         return await self._send(_calls.get(user_id, request_id))
 
     async def admit(self, user_id: str, auto_provision: bool = False, auto_wake: bool = False,
-                    *, request_id: str | None = None) -> Admission:
-        """Call on every user request. A denial is an answer (`admitted=False`), not an error."""
-        return await self._send(_calls.admit(user_id, auto_provision, auto_wake, request_id))
+                    *, request_id: str | None = None, wait: bool = True) -> Admission:
+        """Call on every user request. A denial is an answer (`admitted=False`), not an error.
+        With `wait=False` it never waits for a boot: `reason="engine_starting"` meanwhile."""
+        return await self._send(_calls.admit(user_id, auto_provision, auto_wake, request_id, wait))
 
     async def start(self, user_id: str, *, request_id: str | None = None) -> Engine:
         return await self._send(_calls.start(user_id, request_id))

@@ -104,10 +104,12 @@ def get(user_id: str, request_id: str | None) -> Call[Engine]:
 
 
 def admit(user_id: str, auto_provision: bool, auto_wake: bool,
-          request_id: str | None) -> Call[Admission]:
+          request_id: str | None, wait: bool = True) -> Call[Admission]:
+    body: dict[str, Any] = {"auto_provision": auto_provision, "auto_wake": auto_wake}
+    if not wait:  # sent only when asked for: older servers refuse unknown fields
+        body["wait"] = False
     return _call("admit", lambda r: Admission.from_json(_json(r), user_id), user_id,
-                 json={"auto_provision": auto_provision, "auto_wake": auto_wake},
-                 request_id=request_id)
+                 json=body, request_id=request_id)
 
 
 def start(user_id: str, request_id: str | None) -> Call[Engine]:

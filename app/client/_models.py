@@ -60,7 +60,8 @@ class ProvisionedEngine:
 @dataclass(frozen=True)
 class Admission:
     """The answer of admit. When `admitted`, `url` and `api_key` are set; when not, `reason`
-    says why (`engine_not_found`, `engine_sleeping`, `engine_stopped`, `engine_unhealthy`)."""
+    says why (`engine_not_found`, `engine_sleeping`, `engine_stopped`, `engine_unhealthy`,
+    `engine_starting`: with `wait=False`, provisioning or starting)."""
 
     admitted: bool
     user_id: str  # the server omits it on a denial; the client fills in the one it asked about
