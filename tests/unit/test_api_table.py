@@ -99,7 +99,7 @@ def test_the_client_has_every_endpoint_and_sends_what_the_table_says() -> None:
 
 def _example(parameter: str) -> object:
     return {"user_id": "u v", "engine_version": "v1", "auto_provision": True, "auto_wake": False,
-            "status": "running", "limit": 5, "cursor": "ZToz", "request_id": None}[parameter]
+            "status": "running", "limit": 5, "cursor": "ZToz", "request_id": None, "wait": False}[parameter]
 
 
 @pytest.mark.parametrize("answer,model", [
