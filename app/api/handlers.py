@@ -15,7 +15,7 @@ from msgspec import UNSET
 
 from app import errors, naming, registry
 from app.admit import Admitter
-from app.api import spec
+from app.api import follow, spec
 from app.lifecycle import Lifecycle, ProductRef
 
 CURSOR_MAX = 2**62  # below SQLite's and PostgreSQL's largest integer
@@ -97,6 +97,10 @@ async def list_engines(svc: Services, call: Call) -> Any:
 
 async def events(svc: Services, call: Call) -> Any:
     query: spec.EventsQuery = call.query
+    if query.follow:  # a stream, not a page: the cursor does not apply
+        if query.cursor is not UNSET:
+            raise errors.invalid("cursor does not go with follow=true")
+        return follow.follow(call.product.id, call.user_id, query.limit, event_struct)
     before = None if query.cursor is UNSET else decode_cursor(query.cursor)
     rows = registry.events_page(call.product.id, call.user_id, before, query.limit + 1)
     more = len(rows) > query.limit

@@ -114,7 +114,10 @@ def _answer(endpoint: Endpoint, refs: dict[type[Any], Any]) -> dict[str, Any]:
         return {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}
     if endpoint.answer is Document:
         return {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
-    return {"description": "OK", "content": {"application/json": {"schema": refs[endpoint.answer]}}}
+    content: dict[str, Any] = {"application/json": {"schema": refs[endpoint.answer]}}
+    if endpoint.streams:  # each `data:` line holds one Event
+        content["text/event-stream"] = {"schema": {"type": "string"}}
+    return {"description": "OK", "content": content}
 
 
 def _error_schema(codes: list[str]) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from app import errors
@@ -44,6 +45,9 @@ class Operations:
             info.user_id = getattr(body, "user_id", None)
         services: Services = self.services()
         result = await handler(services, Call(product, user_id or "", body, query))
+        if isinstance(result, Response):  # a stream (events?follow=true) answers itself
+            await result(scope, receive, send)
+            return
         if endpoint.name == "admit" and not _admitted(result):
             info.outcome = "denied"
         payload = _encode(result)

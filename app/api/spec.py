@@ -88,6 +88,8 @@ class ListQuery(Struct, forbid_unknown_fields=True):
 class EventsQuery(Struct, forbid_unknown_fields=True):
     limit: Limit = 100
     cursor: Cursor | UnsetType = UNSET
+    # true: text/event-stream, the latest `limit` events then each new one (issue 13)
+    follow: bool = False
 
 
 # ---- answers ------------------------------------------------------------------------------
@@ -187,6 +189,7 @@ class Endpoint:
     query: type[Struct] | None = None
     auth: bool = True  # X-Platform-Key
     also_ok: tuple[int, ...] = ()  # statuses answered with `answer`, not an error (readyz's 503)
+    streams: bool = False  # may answer text/event-stream instead (events?follow=true)
 
     @property
     def codes(self) -> tuple[str, ...]:
@@ -226,8 +229,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              "others take it at their next start",
              Engine, ("ENGINE_NOT_FOUND", "UPGRADE_FAILED"), body=UpgradeBody),
     Endpoint("events", "GET", "/engines/{user_id}/events",
-             "The engine's audit events, newest first, a page at a time (kept after destroy)",
-             EventPage, query=EventsQuery),
+             "The engine's audit events, newest first, a page at a time (kept after destroy); "
+             "with follow=true a Server-Sent Events stream: the latest events, oldest first, "
+             "then each new one, and a comment line every 15 s",
+             EventPage, query=EventsQuery, streams=True),
     Endpoint("healthz", "GET", "/healthz", "The process is up", Health, auth=False),
     Endpoint("readyz", "GET", "/readyz", "The database and the scheduler answer (503 when not)",
              Health, auth=False, also_ok=(503,)),

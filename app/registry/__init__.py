@@ -34,6 +34,7 @@ from app.registry.engines import (
 )
 from app.registry.events import (
     Transition,
+    events_after,
     events_for,
     events_page,
     publish,
@@ -60,7 +61,8 @@ __all__ = [
     "HOT_COLUMNS", "AlreadyExists", "Conflict", "Engine", "EngineRow", "Event", "IdCounter",
     "PortLease", "Product", "ProductExists", "ProductInUse", "QuotaExceeded", "RateLimit",
     "Transition", "acquire_lease", "all_products", "checkpoint", "connect", "create_product", "db",
-    "delete_engine", "delete_product", "engine_count", "engine_counts", "engines_in", "events_for",
+    "delete_engine", "delete_product", "engine_count", "engine_counts", "engines_in",
+    "events_after", "events_for",
     "events_page",
     "execute_hot", "find_engine", "find_engine_hot", "hot_sql", "insert_engine", "is_sqlite",
     "known_names", "limits", "list_engines", "needing_recovery", "ports", "product_by_key_hash",

@@ -3,6 +3,7 @@ Server-Sent Events. Real orchestrator, real engines, both drivers."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -71,3 +72,34 @@ def test_admit_without_wait_still_answers_the_quota(tmp_path: Path) -> None:
         answer = api.post("/engines/two/admit", json={"wait": False, "auto_provision": True})
         assert answer.status_code == 429 and answer.json()["error"]["code"] == "QUOTA_EXCEEDED"
         assert orch.engine_row("two") is None
+
+
+def test_a_follower_receives_the_stop_event_as_it_happens(tmp_path: Path) -> None:
+    with running(tmp_path, "local") as orch:
+        api = orch.client("acme")
+        assert api.post("/engines/provision", json={"user_id": "w"}).status_code == 200
+        stopper = threading.Thread(target=lambda: api.post("/engines/w/stop"))
+        seen: list[dict[str, object]] = []
+        timeout = httpx.Timeout(10.0, read=20.0)
+        with httpx.Client(base_url=orch.url, headers={"X-Platform-Key": orch.keys["acme"]},
+                          timeout=timeout, trust_env=False) as follower, \
+                follower.stream("GET", "/engines/w/events", params={"follow": "true"}) as stream:
+            assert stream.status_code == 200
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            for line in stream.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                seen.append(json.loads(line[len("data: "):]))
+                if seen[-1]["event"] == "ready":  # the latest events came first; now act
+                    stopper.start()
+                if seen[-1]["event"] == "stopped":
+                    break
+        stopper.join(timeout=30)
+        assert [e["event"] for e in seen] == ["provision", "ready", "stop", "stopped"]
+        assert all(e["engine"] == seen[0]["engine"] for e in seen)
+        assert [e["id"] for e in seen] == sorted(e["id"] for e in seen)  # type: ignore[type-var]
+        for bad in ({"follow": "yes"}, {"follow": "true", "cursor": "ZToz"}):
+            answer = api.get("/engines/w/events", params=bad)
+            assert answer.status_code == 400 and answer.json()["error"]["code"] == "INVALID_REQUEST"
+        page = api.get("/engines/w/events", params={"follow": "false"}).json()
+        assert [e["event"] for e in page["events"]] == ["stopped", "stop", "ready", "provision"]
