@@ -115,9 +115,17 @@ def _answer(endpoint: Endpoint, refs: dict[type[Any], Any]) -> dict[str, Any]:
     if endpoint.answer is Document:
         return {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
     content: dict[str, Any] = {"application/json": {"schema": refs[endpoint.answer]}}
-    if endpoint.streams:  # each `data:` line holds one Event
-        content["text/event-stream"] = {"schema": {"type": "string"}}
+    if endpoint.streams:  # one Server-Sent Event per audit event: its JSON in `data`, its id
+        content["text/event-stream"] = {"schema": _sse_schema()}
     return {"description": "OK", "content": content}
+
+
+def _sse_schema() -> dict[str, Any]:
+    """One Server-Sent Event of a follow=true stream: an audit Event's JSON in `data`."""
+    event = {"$ref": REF.format(name="Event")}
+    return {"type": "object", "required": ["data"], "properties": {
+        "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": event},
+        "id": {"type": "string"}, "event": {"type": "string"}}}
 
 
 def _error_schema(codes: list[str]) -> dict[str, Any]:
