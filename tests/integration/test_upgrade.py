@@ -3,6 +3,8 @@ Every test ends by reading the brain back with the engine's key."""
 
 from __future__ import annotations
 
+import json
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import httpx
 import pytest
 
 from app.client import Client, UpgradeFailed
+from tests.engines import engine_processes
 from tests.harness import Orchestrator, wait_for
 
 
@@ -145,3 +148,39 @@ def test_bad_requests_change_nothing(orch: Orchestrator) -> None:
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "ENGINE_NOT_FOUND"
     assert_running_on(api, "erin", key, "ref-1")
     assert "upgrade" not in {e for e, _ in events_of(api, "erin")}
+
+
+def test_an_upgrade_cut_short_by_a_crash_is_rolled_back_on_restart(
+        make_orch: Callable[..., Orchestrator]) -> None:
+    orch = make_orch(ORCH_BOOT_TIMEOUT_S="10", ORCH_LEASE_S="2")
+    api = orch.client("acme")
+    key = provision_with_brain(api, "gus", "ref-1")
+    slow = "ref-2+boot-delay-6000"
+    upgrading = threading.Thread(target=_quietly, args=(
+        lambda: api.post("/engines/gus/upgrade", json={"engine_version": slow}),))
+    upgrading.start()
+
+    def launched_new() -> bool:
+        row = orch.engine_row("gus") or {}
+        state = json.loads(row.get("driver_state") or "{}")
+        return row.get("previous_version") == "ref-1" and bool(state.get("pid") or state.get("alloc"))
+
+    wait_for(launched_new, timeout=20, what="the new version's launch")
+    orch.kill()  # SIGKILL mid-upgrade: the row is `starting`, on the new version, leased
+    upgrading.join(timeout=30)
+    orch.start()
+    api = orch.client("acme")
+    wait_for(lambda: api.get("/engines/gus").json()["status"] == "running", timeout=40,
+             what="the recovery")
+    assert_running_on(api, "gus", key, "ref-1")
+    assert events_of(api, "gus")[-1] == ("upgrade_rolled_back", f"interrupted; {slow} -> ref-1")
+    name = orch.engine_row("gus")["name"]  # type: ignore[index]
+    wait_for(lambda: len(engine_processes(orch).get(name, [])) == 1, timeout=15,
+             what="one engine process, the old version's")
+
+
+def _quietly(call: Callable[[], object]) -> None:
+    try:
+        call()
+    except httpx.HTTPError:
+        pass  # the orchestrator was killed under it
