@@ -129,6 +129,20 @@ class AsyncClient:
                 return
             cursor = page.next_cursor
 
+    async def watch(self, user_id: str, *, latest: int | None = None) -> AsyncIterator[Event]:
+        """The user's audit events as they happen (events?follow=true, Server-Sent Events):
+        the `latest` ones first, oldest first, then each new one; endless until closed."""
+        call = _calls.watch(user_id, latest)
+        async with self._http.stream(call.method, call.path, params=call.params,
+                                     headers=call.headers) as response:
+            if response.is_error:
+                await response.aread()
+                _calls.finish(call, response)  # raises the error's OrchestratorError
+            async for line in response.aiter_lines():
+                event = _calls.sse_event(line)
+                if event is not None:
+                    yield event
+
     # ---- the service --------------------------------------------------------------------------
 
     async def healthz(self) -> Health:

@@ -6,6 +6,7 @@ live here, once.
 
 from __future__ import annotations
 
+import json as json_module
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from app.client._models import (
     Admission,
     Engine,
     EnginePage,
+    Event,
     EventPage,
     Health,
     ProvisionedEngine,
@@ -144,6 +146,19 @@ def events(user_id: str, limit: int | None, cursor: str | None,
            request_id: str | None) -> Call[EventPage]:
     return _call("events", lambda r: EventPage.from_json(_json(r)), user_id,
                  params=_present(limit=limit, cursor=cursor), request_id=request_id)
+
+
+def watch(user_id: str, latest: int | None) -> Call[None]:
+    """events?follow=true: read as a stream by `watch()`, line by line (`sse_event`)."""
+    params: dict[str, str | int] = {"follow": "true", **_present(limit=latest)}
+    return _call("events", lambda r: None, user_id, params=params)
+
+
+def sse_event(line: str) -> Event | None:
+    """The Event of one `data:` line of the stream; None for the other lines (id, comments)."""
+    if not line.startswith("data:"):
+        return None
+    return Event.from_json(json_module.loads(line[len("data:"):].strip()))
 
 
 def healthz() -> Call[Health]:

@@ -124,6 +124,20 @@ class Client:
                 return
             cursor = page.next_cursor
 
+    def watch(self, user_id: str, *, latest: int | None = None) -> Iterator[Event]:
+        """The user's audit events as they happen (events?follow=true, Server-Sent Events):
+        the `latest` ones first, oldest first, then each new one; endless until closed."""
+        call = _calls.watch(user_id, latest)
+        with self._http.stream(call.method, call.path, params=call.params,
+                               headers=call.headers) as response:
+            if response.is_error:
+                response.read()
+                _calls.finish(call, response)  # raises the error's OrchestratorError
+            for line in response.iter_lines():
+                event = _calls.sse_event(line)
+                if event is not None:
+                    yield event
+
     # ---- the service --------------------------------------------------------------------------
 
     def healthz(self) -> Health:

@@ -3,6 +3,7 @@ Server-Sent Events. Real orchestrator, real engines, both drivers."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.client import Client
+from app.client import AsyncClient, Client, InvalidRequest
 from tests.harness import Orchestrator, running, wait_for
 
 SLOW = "ref+boot-delay-3000"
@@ -103,3 +104,33 @@ def test_a_follower_receives_the_stop_event_as_it_happens(tmp_path: Path) -> Non
             assert answer.status_code == 400 and answer.json()["error"]["code"] == "INVALID_REQUEST"
         page = api.get("/engines/w/events", params={"follow": "false"}).json()
         assert [e["event"] for e in page["events"]] == ["stopped", "stop", "ready", "provision"]
+
+
+def test_the_clients_watch_follows_the_events(tmp_path: Path) -> None:
+    with running(tmp_path, "local") as orch:
+        api = orch.client("acme")
+        assert api.post("/engines/provision", json={"user_id": "cw"}).status_code == 200
+        with Client(orch.url, orch.keys["acme"]) as client:
+            seen = []
+            for event in client.watch("cw"):
+                seen.append(event.event)
+                if event.event == "ready":
+                    threading.Thread(target=lambda: api.post("/engines/cw/stop")).start()
+                if event.event == "stopped":
+                    break
+            assert seen == ["provision", "ready", "stop", "stopped"]
+            with pytest.raises(InvalidRequest):
+                next(client.watch("cw", latest=0))
+
+        async def watch_async() -> list[str]:
+            async with AsyncClient(orch.url, orch.keys["acme"]) as client:
+                seen: list[str] = []
+                async for event in client.watch("cw", latest=1):
+                    seen.append(event.event)
+                    if event.event == "stopped" and len(seen) == 1:
+                        await asyncio.to_thread(api.post, "/engines/cw/start")
+                    if event.event == "ready":
+                        return seen
+            return seen
+
+        assert asyncio.run(asyncio.wait_for(watch_async(), 60)) == ["stopped", "start", "ready"]
