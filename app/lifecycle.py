@@ -72,7 +72,8 @@ class Lifecycle:
         UpgradeFailed when it is not healthy in time), or record it for the next start."""
         self.driver.check_version(engine_version)
         return await self.runner.run(Op.UPGRADE, (product.id, user_id),
-                                     partial(self.ops.upgrade, version=engine_version))
+                                     partial(self.ops.upgrade, version=engine_version),
+                                     flight=f"{Op.UPGRADE.value}:{engine_version}")
 
     async def destroy(self, product: ProductRef, user_id: str) -> None:
         # Destroy applies from every state, half-done ones included: nothing to settle first.

@@ -184,3 +184,25 @@ def _quietly(call: Callable[[], object]) -> None:
         call()
     except httpx.HTTPError:
         pass  # the orchestrator was killed under it
+
+
+def test_concurrent_upgrades_to_two_versions_each_get_their_own(orch: Orchestrator) -> None:
+    api = orch.client("acme")
+    key = provision_with_brain(api, "hal", "ref-1")
+    answers: dict[str, httpx.Response] = {}
+
+    def upgrade(version: str) -> None:
+        answers[version] = api.post("/engines/hal/upgrade", json={"engine_version": version})
+
+    # Slow boots: the three calls arrive while the first upgrade still runs.
+    two, three = "ref-2+boot-delay-1500", "ref-3+boot-delay-1500"
+    callers = [threading.Thread(target=upgrade, args=(v,)) for v in (two, two, three)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(timeout=60)
+    assert {v: a.json()["engine_version"] for v, a in answers.items()} == {two: two, three: three}
+    final = api.get("/engines/hal").json()["engine_version"]
+    assert_running_on(api, "hal", key, final)
+    upgrades = [r for e, r in events_of(api, "hal") if e == "upgrade"]
+    assert len(upgrades) == 2, upgrades  # the two callers of `two` shared one run
