@@ -124,6 +124,16 @@ class UpgradeFailed(DomainError):
     code = "UPGRADE_FAILED"
 
 
+class RolloutNotFound(DomainError):
+    code = "NOT_FOUND"
+
+
+class RolloutFinished(DomainError):
+    """Pause, resume or abort of a rollout that already ended."""
+
+    code = "ROLLOUT_FINISHED"
+
+
 # ---- factories (the messages in one place) ---------------------------------------------------
 
 

@@ -35,6 +35,7 @@ class Call:
     user_id: str  # "" for the routes without one
     body: Any  # the endpoint's body Struct, or None
     query: Any  # the endpoint's query Struct, or None
+    rollout_id: int = 0  # the routes with {rollout_id}
 
 
 Handler = Callable[[Services, Call], Awaitable[Any]]

@@ -27,6 +27,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "ENGINE_ALREADY_EXISTS": 409,
     "ENGINE_ALREADY_RUNNING": 409,
     "ENGINE_NOT_RUNNING": 409,
+    "ROLLOUT_FINISHED": 409,
     "QUOTA_EXCEEDED": 429,
     "RATE_LIMITED": 429,
     "INTERNAL": 500,
@@ -77,6 +78,13 @@ class AdmitBody(Struct, forbid_unknown_fields=True):
 
 class UpgradeBody(Struct, forbid_unknown_fields=True):
     engine_version: EngineVersion
+
+
+class RolloutBody(Struct, forbid_unknown_fields=True):
+    to_version: EngineVersion
+    from_version: EngineVersion | UnsetType = UNSET  # only the engines on this version
+    batch_size: Annotated[int, Meta(ge=1, le=1000)] = 1
+    max_failures: Annotated[int, Meta(ge=0, le=1_000_000)] = 0
 
 
 class ListQuery(Struct, forbid_unknown_fields=True):
@@ -130,6 +138,33 @@ class Admission(Struct, omit_defaults=True):
     reason: DenialReason | UnsetType = UNSET
 
 
+class RolloutFailure(Struct):
+    user_id: str
+    reason: str
+
+
+RolloutStatus = Literal["running", "paused", "succeeded", "failed", "rolled_back", "aborted"]
+
+
+class Rollout(Struct):
+    id: int
+    status: RolloutStatus
+    to_version: str
+    from_version: str | None
+    batch_size: int
+    max_failures: int
+    total: int
+    upgraded: int
+    failed: int
+    created_at: Timestamp
+    updated_at: Timestamp
+    failures: list[RolloutFailure]
+
+
+class RolloutPage(Struct):
+    rollouts: list[Rollout]  # newest first, at most 100
+
+
 class EnginePage(Struct):
     engines: list[Engine]
     next_cursor: str | None
@@ -181,7 +216,7 @@ class Document(Struct):
 class Endpoint:
     name: str  # operationId, and the client's method name
     method: str
-    path: str  # Starlette's syntax; {user_id} is the only path parameter
+    path: str  # Starlette's syntax; {user_id} or {rollout_id} are the path parameters
     summary: str
     answer: type[Any]
     errors: tuple[str, ...] = ()  # besides COMMON_ERRORS (when auth)
@@ -190,6 +225,7 @@ class Endpoint:
     auth: bool = True  # X-Platform-Key
     also_ok: tuple[int, ...] = ()  # statuses answered with `answer`, not an error (readyz's 503)
     streams: bool = False  # may answer text/event-stream instead (events?follow=true)
+    ok: int = 200  # the success status (202 for a rollout started)
 
     @property
     def codes(self) -> tuple[str, ...]:
@@ -233,6 +269,20 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              "with follow=true a Server-Sent Events stream: the latest events, oldest first, "
              "then each new one, and a comment line every 15 s",
              EventPage, query=EventsQuery, streams=True),
+    Endpoint("start_rollout", "POST", "/rollouts",
+             "Start moving the product's engines (those on from_version, when given) to "
+             "to_version, batch_size at a time; more than max_failures failures roll it back",
+             Rollout, body=RolloutBody, ok=202),
+    Endpoint("rollouts", "GET", "/rollouts", "The product's rollouts, newest first", RolloutPage),
+    Endpoint("rollout", "GET", "/rollouts/{rollout_id}", "One rollout and its progress", Rollout,
+             ("NOT_FOUND",)),
+    Endpoint("pause_rollout", "POST", "/rollouts/{rollout_id}/pause",
+             "Pause a rollout after its current batch", Rollout, ("NOT_FOUND", "ROLLOUT_FINISHED")),
+    Endpoint("resume_rollout", "POST", "/rollouts/{rollout_id}/resume", "Resume a paused rollout",
+             Rollout, ("NOT_FOUND", "ROLLOUT_FINISHED")),
+    Endpoint("abort_rollout", "POST", "/rollouts/{rollout_id}/abort",
+             "Stop a rollout after its current batch; upgraded engines stay as they are",
+             Rollout, ("NOT_FOUND", "ROLLOUT_FINISHED")),
     Endpoint("healthz", "GET", "/healthz", "The process is up", Health, auth=False),
     Endpoint("readyz", "GET", "/readyz", "The database and the scheduler answer (503 when not)",
              Health, auth=False, also_ok=(503,)),

@@ -26,6 +26,7 @@ from app.client._errors import (
     PortExhaustion,
     QuotaExceeded,
     RateLimited,
+    RolloutFinished,
     SchedulerUnavailable,
     Unauthorized,
     UnexpectedResponse,
@@ -41,6 +42,7 @@ from app.client._models import (
     EventPage,
     Health,
     ProvisionedEngine,
+    Rollout,
 )
 from app.client._sync import Client
 
@@ -69,6 +71,8 @@ __all__ = [
     "ProvisionedEngine",
     "QuotaExceeded",
     "RateLimited",
+    "Rollout",
+    "RolloutFinished",
     "SchedulerUnavailable",
     "Unauthorized",
     "UnexpectedResponse",

@@ -19,6 +19,7 @@ from app.client._models import (
     EventPage,
     Health,
     ProvisionedEngine,
+    Rollout,
 )
 
 T = TypeVar("T")
@@ -142,6 +143,30 @@ class AsyncClient:
                 event = _calls.sse_event(line)
                 if event is not None:
                     yield event
+
+    # ---- rollouts (issue 13) -------------------------------------------------------------------
+
+    async def start_rollout(self, to_version: str, *, from_version: str | None = None,
+                      batch_size: int | None = None, max_failures: int | None = None,
+                      request_id: str | None = None) -> Rollout:
+        """Move the product's engines (those on `from_version`) to `to_version`, batch by batch."""
+        return await self._send(_calls.start_rollout(to_version, from_version, batch_size,
+                                                max_failures, request_id))
+
+    async def rollouts(self, *, request_id: str | None = None) -> tuple[Rollout, ...]:
+        return await self._send(_calls.rollouts(request_id))
+
+    async def rollout(self, rollout_id: int, *, request_id: str | None = None) -> Rollout:
+        return await self._send(_calls.rollout(rollout_id, request_id))
+
+    async def pause_rollout(self, rollout_id: int, *, request_id: str | None = None) -> Rollout:
+        return await self._send(_calls.pause_rollout(rollout_id, request_id))
+
+    async def resume_rollout(self, rollout_id: int, *, request_id: str | None = None) -> Rollout:
+        return await self._send(_calls.resume_rollout(rollout_id, request_id))
+
+    async def abort_rollout(self, rollout_id: int, *, request_id: str | None = None) -> Rollout:
+        return await self._send(_calls.abort_rollout(rollout_id, request_id))
 
     # ---- the service --------------------------------------------------------------------------
 

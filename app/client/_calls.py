@@ -25,6 +25,7 @@ from app.client._models import (
     EventPage,
     Health,
     ProvisionedEngine,
+    Rollout,
 )
 
 T = TypeVar("T")
@@ -80,11 +81,13 @@ def _json(response: httpx.Response) -> dict[str, Any]:
 
 def _call(name: str, read: Callable[[httpx.Response], T], user_id: str | None = None, *,
           json: dict[str, Any] | None = None, params: dict[str, str | int] | None = None,
-          request_id: str | None = None) -> Call[T]:
+          request_id: str | None = None, rollout_id: int | None = None) -> Call[T]:
     endpoint = BY_NAME[name]
     path = endpoint.path
     if user_id is not None:
         path = path.replace("{user_id}", _segment(user_id))
+    if rollout_id is not None:
+        path = path.replace("{rollout_id}", str(int(rollout_id)))
     return Call(endpoint.method, path, read, json=json, params=params or None,
                 headers=_headers(request_id), also_ok=endpoint.also_ok)
 
@@ -161,6 +164,39 @@ def sse_event(line: str) -> Event | None:
     return Event.from_json(json_module.loads(line[len("data:"):].strip()))
 
 
+def start_rollout(to_version: str, from_version: str | None, batch_size: int | None,
+                  max_failures: int | None, request_id: str | None) -> Call[Rollout]:
+    body = _present(to_version=to_version, from_version=from_version, batch_size=batch_size,
+                    max_failures=max_failures)
+    return _call("start_rollout", lambda r: Rollout.from_json(_json(r)), json=body,
+                 request_id=request_id)
+
+
+def rollouts(request_id: str | None) -> Call[tuple[Rollout, ...]]:
+    return _call("rollouts", lambda r: tuple(Rollout.from_json(x) for x in _json(r)["rollouts"]),
+                 request_id=request_id)
+
+
+def rollout(rollout_id: int, request_id: str | None) -> Call[Rollout]:
+    return _call("rollout", lambda r: Rollout.from_json(_json(r)), rollout_id=rollout_id,
+                 request_id=request_id)
+
+
+def pause_rollout(rollout_id: int, request_id: str | None) -> Call[Rollout]:
+    return _call("pause_rollout", lambda r: Rollout.from_json(_json(r)), rollout_id=rollout_id,
+                 request_id=request_id)
+
+
+def resume_rollout(rollout_id: int, request_id: str | None) -> Call[Rollout]:
+    return _call("resume_rollout", lambda r: Rollout.from_json(_json(r)), rollout_id=rollout_id,
+                 request_id=request_id)
+
+
+def abort_rollout(rollout_id: int, request_id: str | None) -> Call[Rollout]:
+    return _call("abort_rollout", lambda r: Rollout.from_json(_json(r)), rollout_id=rollout_id,
+                 request_id=request_id)
+
+
 def healthz() -> Call[Health]:
     return _call("healthz", lambda r: Health.from_json(_json(r), ok=True))
 
@@ -182,7 +218,10 @@ def openapi() -> Call[dict[str, Any]]:
 BUILDERS: dict[str, Callable[..., Call[Any]]] = {
     "provision": provision, "list": list_engines, "get": get, "destroy": destroy,
     "start": start, "stop": stop, "rotate_key": rotate_key, "admit": admit, "events": events,
-    "upgrade": upgrade, "healthz": healthz, "readyz": readyz, "metrics": metrics, "openapi": openapi,
+    "upgrade": upgrade, "start_rollout": start_rollout, "rollouts": rollouts,
+    "rollout": rollout, "pause_rollout": pause_rollout, "resume_rollout": resume_rollout,
+    "abort_rollout": abort_rollout,
+    "healthz": healthz, "readyz": readyz, "metrics": metrics, "openapi": openapi,
 }
 
 

@@ -113,6 +113,12 @@ class UpgradeFailed(OrchestratorError):
     CODE = "UPGRADE_FAILED"
 
 
+class RolloutFinished(OrchestratorError):
+    """Pause, resume or abort of a rollout that already ended."""
+
+    CODE = "ROLLOUT_FINISHED"
+
+
 class Internal(OrchestratorError):
     CODE = "INTERNAL"
 
@@ -127,7 +133,8 @@ ERRORS_BY_CODE: dict[str, type[OrchestratorError]] = {
     cls.CODE: cls for cls in (
         InvalidRequest, Unauthorized, EngineNotFound, NotFound, MethodNotAllowed,
         EngineAlreadyExists, EngineAlreadyRunning, EngineNotRunning, QuotaExceeded, RateLimited,
-        PortExhaustion, CapacityExhausted, SchedulerUnavailable, BootTimeout, UpgradeFailed, Internal)
+        PortExhaustion, CapacityExhausted, SchedulerUnavailable, BootTimeout, UpgradeFailed, RolloutFinished,
+        Internal)
     if cls.CODE is not None
 }
 

@@ -136,6 +136,34 @@ class EventPage:
 
 
 @dataclass(frozen=True)
+class Rollout:
+    """A rollout of a new engine_version across the product's engines (issue 13)."""
+
+    id: int
+    status: str  # running, paused, succeeded, failed, rolled_back, aborted
+    to_version: str
+    from_version: str | None
+    batch_size: int
+    max_failures: int
+    total: int
+    upgraded: int
+    failed: int
+    created_at: datetime
+    updated_at: datetime
+    failures: tuple[tuple[str, str], ...]  # (user_id, reason)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Rollout:
+        return cls(id=int(data["id"]), status=data["status"], to_version=data["to_version"],
+                   from_version=data.get("from_version"), batch_size=int(data["batch_size"]),
+                   max_failures=int(data["max_failures"]), total=int(data["total"]),
+                   upgraded=int(data["upgraded"]), failed=int(data["failed"]),
+                   created_at=parse_time(data["created_at"]),
+                   updated_at=parse_time(data["updated_at"]),
+                   failures=tuple((f["user_id"], f["reason"]) for f in data["failures"]))
+
+
+@dataclass(frozen=True)
 class Health:
     """The answer of /healthz or /readyz. `ok` is False when /readyz answers 503."""
 

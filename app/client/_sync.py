@@ -18,6 +18,7 @@ from app.client._models import (
     EventPage,
     Health,
     ProvisionedEngine,
+    Rollout,
 )
 
 T = TypeVar("T")
@@ -137,6 +138,30 @@ class Client:
                 event = _calls.sse_event(line)
                 if event is not None:
                     yield event
+
+    # ---- rollouts (issue 13) -------------------------------------------------------------------
+
+    def start_rollout(self, to_version: str, *, from_version: str | None = None,
+                      batch_size: int | None = None, max_failures: int | None = None,
+                      request_id: str | None = None) -> Rollout:
+        """Move the product's engines (those on `from_version`) to `to_version`, batch by batch."""
+        return self._send(_calls.start_rollout(to_version, from_version, batch_size,
+                                                max_failures, request_id))
+
+    def rollouts(self, *, request_id: str | None = None) -> tuple[Rollout, ...]:
+        return self._send(_calls.rollouts(request_id))
+
+    def rollout(self, rollout_id: int, *, request_id: str | None = None) -> Rollout:
+        return self._send(_calls.rollout(rollout_id, request_id))
+
+    def pause_rollout(self, rollout_id: int, *, request_id: str | None = None) -> Rollout:
+        return self._send(_calls.pause_rollout(rollout_id, request_id))
+
+    def resume_rollout(self, rollout_id: int, *, request_id: str | None = None) -> Rollout:
+        return self._send(_calls.resume_rollout(rollout_id, request_id))
+
+    def abort_rollout(self, rollout_id: int, *, request_id: str | None = None) -> Rollout:
+        return self._send(_calls.abort_rollout(rollout_id, request_id))
 
     # ---- the service --------------------------------------------------------------------------
 
