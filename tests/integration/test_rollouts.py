@@ -130,3 +130,49 @@ def test_pause_resume_abort_and_bad_requests(orch: Orchestrator) -> None:
     assert api.get("/rollouts/999999").status_code == 404
     assert api.get("/rollouts/abc").status_code == 400
 
+
+
+def upgraded_counts(api: httpx.Client, users: list[str]) -> dict[str, int]:
+    return {u: sum(1 for e in api.get(f"/engines/{u}/events").json()["events"]
+                   if e["event"] == "upgraded") for u in users}
+
+
+def test_sigkill_mid_rollout_then_restart_finishes_it_once_per_engine(tmp_path: Path) -> None:
+    orch = Orchestrator(tmp_path, env={"ORCH_BOOT_TIMEOUT_S": "6", "ORCH_LEASE_S": "2"})
+    try:
+        orch.start().product("acme")
+        api = orch.client("acme", timeout=60)
+        keys = fleet(api, 6)
+        slow = "ref-2+boot-delay-1000"
+        rollout = api.post("/rollouts", json={"to_version": slow, "batch_size": 2}).json()
+        wait_for(lambda: api.get(f"/rollouts/{rollout['id']}").json()["upgraded"] >= 2,
+                 timeout=60, interval=0.05, what="the first batch")
+        orch.kill()  # SIGKILL, most likely inside the second batch
+        orch.start()
+        api = orch.client("acme", timeout=60)
+        done = finished(api, rollout["id"])
+        assert (done["status"], done["upgraded"], done["failed"]) == ("succeeded", 6, 0), done
+        assert upgraded_counts(api, list(keys)) == dict.fromkeys(keys, 1)  # none twice, none lost
+        assert_brains(api, keys, slow)
+    finally:
+        orch.close()
+
+
+def test_on_two_replicas_a_rollout_runs_on_exactly_one(tmp_path: Path) -> None:
+    orch = Orchestrator(tmp_path)
+    try:
+        orch.start().product("acme")
+        other = orch.replica()
+        api = orch.client("acme", timeout=60)
+        keys = fleet(api, 4)
+        rollout = api.post("/rollouts", json={"to_version": "ref-2", "batch_size": 2}).json()
+        done = finished(other.client("acme", timeout=60), rollout["id"])
+        assert (done["status"], done["upgraded"]) == ("succeeded", 4), done
+        assert upgraded_counts(api, list(keys)) == dict.fromkeys(keys, 1)
+        ran = [log for log in (orch.log, other.log) if '"operation": "upgrade"' in log.read_text()
+               or '"operation":"upgrade"' in log.read_text()]
+        assert len(ran) == 1, "the upgrades ran on one replica only"
+        assert_brains(api, keys, "ref-2")
+        other.close()
+    finally:
+        orch.close()
