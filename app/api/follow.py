@@ -1,4 +1,4 @@
-"""`GET /engines/{user_id}/events?follow=true`: the audit trail as Server-Sent Events (issue 13).
+"""`events?follow=true` (an engine's, a rollout's): audit events as Server-Sent Events (issue 13).
 
 First the latest events (oldest first), then each new one as it is written, one `data:` line
 of the event's JSON each, with the event id as the SSE `id`. New events are read from the
@@ -23,27 +23,34 @@ POLL_S = 0.2
 PING_S = 15
 
 Shape = Callable[[Any], Any]  # an Event row -> the API's Event struct
+Recent = Callable[[int], list[Any]]  # the latest n events, newest first
+Newer = Callable[[int], list[Any]]  # the events after an id, oldest first
 
 
-def follow(product_id: int, user_id: str, latest: int, shape: Shape) -> EventSourceResponse:
-    return EventSourceResponse(_stream(product_id, user_id, latest, shape), ping=PING_S)
+def follow(recent: Recent, newer: Newer, latest: int, shape: Shape) -> EventSourceResponse:
+    return EventSourceResponse(_stream(recent, newer, latest, shape), ping=PING_S)
 
 
-async def _stream(product_id: int, user_id: str, latest: int,
+def engine_events(product_id: int, user_id: str) -> tuple[Recent, Newer]:
+    return (lambda n: registry.events_page(product_id, user_id, None, n),
+            lambda last: registry.events_after(product_id, user_id, last))
+
+
+async def _stream(recent: Recent, newer: Newer, latest: int,
                   shape: Shape) -> AsyncIterator[ServerSentEvent]:
-    recent = registry.events_page(product_id, user_id, None, latest)
-    last = recent[0].id if recent else _newest_id(product_id, user_id)
-    for event in reversed(recent):
+    shown = recent(latest)
+    last = shown[0].id if shown else _newest_id(recent)
+    for event in reversed(shown):
         yield _sse(event, shape)
     while True:
         await asyncio.sleep(POLL_S)
-        for event in registry.events_after(product_id, user_id, last):
+        for event in newer(last):
             last = event.id
             yield _sse(event, shape)
 
 
-def _newest_id(product_id: int, user_id: str) -> int:
-    newest = registry.events_page(product_id, user_id, None, 1)
+def _newest_id(recent: Recent) -> int:
+    newest = recent(1)
     return newest[0].id if newest else 0
 
 

@@ -101,7 +101,8 @@ async def events(svc: Services, call: Call) -> Any:
     if query.follow:  # a stream, not a page: the cursor does not apply
         if query.cursor is not UNSET:
             raise errors.invalid("cursor does not go with follow=true")
-        return follow.follow(call.product.id, call.user_id, query.limit, event_struct)
+        recent, newer = follow.engine_events(call.product.id, call.user_id)
+        return follow.follow(recent, newer, query.limit, event_struct)
     before = None if query.cursor is UNSET else decode_cursor(query.cursor)
     rows = registry.events_page(call.product.id, call.user_id, before, query.limit + 1)
     more = len(rows) > query.limit

@@ -8,8 +8,8 @@ from typing import Any, cast
 from msgspec import UNSET
 
 from app import errors, registry
-from app.api import spec
-from app.api.handlers import Call, Handler, Services, iso
+from app.api import follow, spec
+from app.api.handlers import Call, Handler, Services, decode_cursor, encode_cursor, event_struct, iso
 from app.registry.models import Rollout
 
 rollouts = registry.rollouts
@@ -48,9 +48,28 @@ async def abort(svc: Services, call: Call) -> Any:
     return _move(call, ("running", "paused"), "aborted", same="aborted")
 
 
+async def rollout_events(svc: Services, call: Call) -> Any:
+    """The rollout's engines' audit events since it started; a stream with follow=true."""
+    rollout = _find(call)
+    query: spec.EventsQuery = call.query
+    if query.follow:
+        if query.cursor is not UNSET:
+            raise errors.invalid("cursor does not go with follow=true")
+        return follow.follow(lambda n: rollouts.rollout_events_page(rollout, None, n),
+                             lambda last: rollouts.rollout_events_after(rollout, last),
+                             query.limit, event_struct)
+    before = None if query.cursor is UNSET else decode_cursor(query.cursor)
+    rows = rollouts.rollout_events_page(rollout, before, query.limit + 1)
+    more = len(rows) > query.limit
+    rows = rows[:query.limit]
+    return spec.EventPage([event_struct(e) for e in rows],
+                          encode_cursor(rows[-1].id) if more else None)
+
+
 HANDLERS: dict[str, Handler] = {
     "start_rollout": start_rollout, "rollouts": list_rollouts, "rollout": get_rollout,
     "pause_rollout": pause, "resume_rollout": resume, "abort_rollout": abort,
+    "rollout_events": rollout_events,
 }
 
 

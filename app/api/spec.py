@@ -276,6 +276,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("rollouts", "GET", "/rollouts", "The product's rollouts, newest first", RolloutPage),
     Endpoint("rollout", "GET", "/rollouts/{rollout_id}", "One rollout and its progress", Rollout,
              ("NOT_FOUND",)),
+    Endpoint("rollout_events", "GET", "/rollouts/{rollout_id}/events",
+             "The audit events of the rollout's engines since it started, newest first, a page "
+             "at a time; with follow=true a Server-Sent Events stream, as for an engine",
+             EventPage, ("NOT_FOUND",), query=EventsQuery, streams=True),
     Endpoint("pause_rollout", "POST", "/rollouts/{rollout_id}/pause",
              "Pause a rollout after its current batch", Rollout, ("NOT_FOUND", "ROLLOUT_FINISHED")),
     Endpoint("resume_rollout", "POST", "/rollouts/{rollout_id}/resume", "Resume a paused rollout",

@@ -133,7 +133,10 @@ class AsyncClient:
     async def watch(self, user_id: str, *, latest: int | None = None) -> AsyncIterator[Event]:
         """The user's audit events as they happen (events?follow=true, Server-Sent Events):
         the `latest` ones first, oldest first, then each new one; endless until closed."""
-        call = _calls.watch(user_id, latest)
+        async for event in self._follow(_calls.watch(user_id, latest)):
+            yield event
+
+    async def _follow(self, call: _calls.Call[None]) -> AsyncIterator[Event]:
         async with self._http.stream(call.method, call.path, params=call.params,
                                      headers=call.headers) as response:
             if response.is_error:
@@ -167,6 +170,18 @@ class AsyncClient:
 
     async def abort_rollout(self, rollout_id: int, *, request_id: str | None = None) -> Rollout:
         return await self._send(_calls.abort_rollout(rollout_id, request_id))
+
+    async def rollout_events(self, rollout_id: int, limit: int | None = None,
+                             cursor: str | None = None, *,
+                             request_id: str | None = None) -> EventPage:
+        """One page of the audit events of the rollout's engines since it started."""
+        return await self._send(_calls.rollout_events(rollout_id, limit, cursor, request_id))
+
+    async def watch_rollout(self, rollout_id: int, *,
+                            latest: int | None = None) -> AsyncIterator[Event]:
+        """The rollout's engines' events as they happen (endless until closed)."""
+        async for event in self._follow(_calls.watch_rollout(rollout_id, latest)):
+            yield event
 
     # ---- the service --------------------------------------------------------------------------
 

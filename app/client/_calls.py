@@ -157,6 +157,18 @@ def watch(user_id: str, latest: int | None) -> Call[None]:
     return _call("events", lambda r: None, user_id, params=params)
 
 
+def rollout_events(rollout_id: int, limit: int | None, cursor: str | None,
+                   request_id: str | None) -> Call[EventPage]:
+    return _call("rollout_events", lambda r: EventPage.from_json(_json(r)),
+                 params=_present(limit=limit, cursor=cursor), request_id=request_id,
+                 rollout_id=rollout_id)
+
+
+def watch_rollout(rollout_id: int, latest: int | None) -> Call[None]:
+    params: dict[str, str | int] = {"follow": "true", **_present(limit=latest)}
+    return _call("rollout_events", lambda r: None, params=params, rollout_id=rollout_id)
+
+
 def sse_event(line: str) -> Event | None:
     """The Event of one `data:` line of the stream; None for the other lines (id, comments)."""
     if not line.startswith("data:"):
@@ -220,7 +232,7 @@ BUILDERS: dict[str, Callable[..., Call[Any]]] = {
     "start": start, "stop": stop, "rotate_key": rotate_key, "admit": admit, "events": events,
     "upgrade": upgrade, "start_rollout": start_rollout, "rollouts": rollouts,
     "rollout": rollout, "pause_rollout": pause_rollout, "resume_rollout": resume_rollout,
-    "abort_rollout": abort_rollout,
+    "abort_rollout": abort_rollout, "rollout_events": rollout_events,
     "healthz": healthz, "readyz": readyz, "metrics": metrics, "openapi": openapi,
 }
 

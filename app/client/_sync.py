@@ -128,7 +128,9 @@ class Client:
     def watch(self, user_id: str, *, latest: int | None = None) -> Iterator[Event]:
         """The user's audit events as they happen (events?follow=true, Server-Sent Events):
         the `latest` ones first, oldest first, then each new one; endless until closed."""
-        call = _calls.watch(user_id, latest)
+        return self._follow(_calls.watch(user_id, latest))
+
+    def _follow(self, call: _calls.Call[None]) -> Iterator[Event]:
         with self._http.stream(call.method, call.path, params=call.params,
                                headers=call.headers) as response:
             if response.is_error:
@@ -162,6 +164,15 @@ class Client:
 
     def abort_rollout(self, rollout_id: int, *, request_id: str | None = None) -> Rollout:
         return self._send(_calls.abort_rollout(rollout_id, request_id))
+
+    def rollout_events(self, rollout_id: int, limit: int | None = None,
+                       cursor: str | None = None, *, request_id: str | None = None) -> EventPage:
+        """One page of the audit events of the rollout's engines since it started."""
+        return self._send(_calls.rollout_events(rollout_id, limit, cursor, request_id))
+
+    def watch_rollout(self, rollout_id: int, *, latest: int | None = None) -> Iterator[Event]:
+        """The rollout's engines' events as they happen (endless until closed)."""
+        return self._follow(_calls.watch_rollout(rollout_id, latest))
 
     # ---- the service --------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from app.registry.db import write_lock
-from app.registry.models import Engine, Rollout, RolloutTarget
+from app.registry.models import Engine, Event, Rollout, RolloutTarget
 
 ACTIVE = ("running", "paused")
 
@@ -102,3 +102,24 @@ def summary(rollout_id: int) -> dict[str, Any]:
             "failed": sum(1 for t in rows if t.state == "failed"),
             "failures": [{"user_id": t.user_id, "reason": t.reason or ""}
                          for t in rows if t.state == "failed"]}
+
+
+def _rollout_events(rollout: Rollout) -> Any:
+    """The audit events of the rollout's engines since it was created (upgrades, and
+    whatever else happened to those engines meanwhile)."""
+    users = RolloutTarget.select(RolloutTarget.user_id).where(RolloutTarget.rollout_id == rollout.id)
+    return Event.select().where((Event.product_id == rollout.product_id)
+                                & Event.user_id.in_(users) & (Event.at >= rollout.created_at))
+
+
+def rollout_events_page(rollout: Rollout, before_id: int | None, limit: int) -> list[Event]:
+    """Newest first, older than `before_id` (the API's cursor)."""
+    query = _rollout_events(rollout)
+    if before_id is not None:
+        query = query.where(Event.id < before_id)
+    return list(query.order_by(Event.id.desc()).limit(limit))
+
+
+def rollout_events_after(rollout: Rollout, after_id: int, limit: int = 100) -> list[Event]:
+    """Oldest first, newer than `after_id` (a follower's next ones)."""
+    return list(_rollout_events(rollout).where(Event.id > after_id).order_by(Event.id).limit(limit))

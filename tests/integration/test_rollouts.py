@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app.client import Client, NotFound
 from tests.harness import Orchestrator, wait_for
 
 FINISHED = {"succeeded", "failed", "rolled_back", "aborted"}
@@ -174,5 +175,32 @@ def test_on_two_replicas_a_rollout_runs_on_exactly_one(tmp_path: Path) -> None:
         assert len(ran) == 1, "the upgrades ran on one replica only"
         assert_brains(api, keys, "ref-2")
         other.close()
+    finally:
+        orch.close()
+
+
+def test_a_rollouts_events_page_and_stream(tmp_path: Path) -> None:
+    orch = Orchestrator(tmp_path)
+    try:
+        orch.start().product("acme")
+        api = orch.client("acme", timeout=60)
+        keys = fleet(api, 2)
+        with Client(orch.url, orch.keys["acme"]) as client:
+            rollout = client.start_rollout("ref-2", batch_size=1)
+            assert (rollout.status, rollout.total) == ("running", 2)
+            seen: list[tuple[str, str]] = []
+            for event in client.watch_rollout(rollout.id):
+                seen.append((event.event, event.engine))
+                if sum(1 for e, _ in seen if e == "upgraded") == 2:
+                    break
+            assert [e for e, _ in seen] == ["upgrade", "upgraded", "upgrade", "upgraded"]
+            page = client.rollout_events(rollout.id, limit=3)
+            assert [e.event for e in page.events] == ["upgraded", "upgrade", "upgraded"]
+            rest = client.rollout_events(rollout.id, cursor=page.next_cursor)
+            assert [e.event for e in rest.events] == ["upgrade"] and rest.next_cursor is None
+            wait_for(lambda: client.rollout(rollout.id).status == "succeeded", what="the end")
+            with pytest.raises(NotFound):
+                client.rollout_events(999999)
+        assert_brains(api, keys, "ref-2")
     finally:
         orch.close()
