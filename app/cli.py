@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from app import products, registry
+from app import cli_rollouts, products, registry
 from app.config import ConfigError, Settings
 
 
@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     elist = _cmd(engines, "list", cmd_engines_list, "list engines")
     elist.add_argument("--product")
     elist.add_argument("--status")
+
+    cli_rollouts.add_commands(sub, engines, _cmd)  # issue 13: rollout ..., engines upgrade
 
     audit = _cmd(sub, "audit", cmd_audit, "print the audit log, newest first")
     audit.add_argument("--product")
