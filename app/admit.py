@@ -13,15 +13,22 @@ it, 504 BOOT_TIMEOUT while the operation carries on.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 from app import errors, policy, registry, states
 from app.lifecycle import Lifecycle, ProductRef
 from app.registry import EngineRow
 
+log = logging.getLogger("orch.admit")
+
 ACTIVITY_RESOLUTION_S = 1.0  # last_admit_at is written at most this often per engine
 MAX_STEPS = 8
+# wait: false and a new engine: how long to wait for its row (not its boot), so that the
+# quota and a driver's refusal are still answered as errors.
+INSERT_WAIT_S = 2.0
 
 
 class Admitter:
@@ -30,9 +37,10 @@ class Admitter:
         self.limiter = policy.Limiter()
         idle = lifecycle.settings.idle_sleep_s
         self.resolution = min(ACTIVITY_RESOLUTION_S, idle / 10) if idle > 0 else ACTIVITY_RESOLUTION_S
+        self._started: set[asyncio.Task[Any]] = set()  # wait: false's operations, referenced
 
     async def admit(self, product: ProductRef, user_id: str, auto_provision: bool = False,
-                    auto_wake: bool = False) -> dict[str, Any]:
+                    auto_wake: bool = False, wait: bool = True) -> dict[str, Any]:
         now = time.time()
         retry_after = self.limiter.retry_after(product.id, product.rate_limit_rpm, now)
         if retry_after is not None:
@@ -47,6 +55,8 @@ class Admitter:
                     "engine_version": engine_version, "provisioned": False, "woken": False}
         # Not running (or not there): the full row, re-read, for the slow path.
         engine = registry.find_engine(product.id, user_id) if row is not None else None
+        if not wait:
+            return await self._at_once(product, user_id, engine, auto_provision, auto_wake)
         timeout = self.lifecycle.settings.boot_timeout_s
         try:
             # The operations it starts run on (they are shielded flights); only the wait ends.
@@ -89,6 +99,59 @@ class Admitter:
                 continue  # answered at the top of the loop, without another read
             engine = registry.find_engine(product.id, user_id)
         raise errors.boot_timeout(f"the engine of user {user_id!r} did not become ready")
+
+    async def _at_once(self, product: ProductRef, user_id: str, engine: EngineRow | None,
+                       auto_provision: bool, auto_wake: bool) -> dict[str, Any]:
+        """wait: false (issue 13): start what the engine needs, answer without waiting for
+        any boot: engine_starting while it provisions or starts."""
+        lifecycle = self.lifecycle
+        if engine is None or engine.status == states.DESTROYING:
+            if not auto_provision:
+                return _denied("engine_not_found", engine.status if engine else None)
+            engine = await self._begin_provision(product, user_id)
+        elif engine.status == states.SLEEPING:
+            if not auto_wake:
+                return _denied("engine_sleeping", engine.status)
+            self._start(lifecycle.wake(engine))
+            return _denied("engine_starting", states.STARTING)
+        elif engine.status in (states.STOPPED, states.STOPPING):
+            return _denied("engine_stopped", engine.status)
+        elif engine.status == states.FAILED:
+            if not lifecycle.restartable(engine):
+                return _denied("engine_unhealthy", engine.status)
+            self._start(lifecycle.restart(engine))
+            return _denied("engine_starting", states.STARTING)
+        if engine is not None and engine.status == states.RUNNING:
+            return self._admitted(engine, time.time())
+        return _denied("engine_starting", engine.status if engine else states.PROVISIONING)
+
+    async def _begin_provision(self, product: ProductRef, user_id: str) -> EngineRow | None:
+        """Start provisioning in the background; wait for its row, never for its boot. An
+        error before the row exists (quota, the driver's refusal) is the caller's."""
+        task = self._start(self.lifecycle.provision(product, user_id))
+        deadline = time.monotonic() + INSERT_WAIT_S
+        while not task.done() and time.monotonic() < deadline:
+            found = registry.find_engine(product.id, user_id)
+            if found is not None:
+                return found
+            await asyncio.sleep(0.005)
+        if task.done() and not task.cancelled():
+            error = task.exception()
+            if error is not None and not isinstance(error, errors.AlreadyExists):
+                raise error
+        return registry.find_engine(product.id, user_id)
+
+    def _start(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.create_task(work)
+        self._started.add(task)
+        task.add_done_callback(self._finished)
+        return task
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._started.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Recorded on the engine (failed, with its reason) and in its audit trail.
+            log.info("operation started by admit(wait=false) failed: %s", task.exception())
 
     def _admitted(self, engine: EngineRow, now: float, provisioned: bool = False,
                   woken: bool = False) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 import peewee as pw
 
-from app import cli_output, naming, products, registry, statedir
+from app import cli_output, cli_rollouts, naming, products, registry, statedir
 from app.config import ConfigError, Settings
 from app.states import STATES
 
@@ -98,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     elist.add_argument("--product", help="only this product's engines")
     elist.add_argument("--status", choices=STATES, metavar="STATUS",
                        help=f"only engines in this state: {', '.join(STATES)}")
+
+    cli_rollouts.add_commands(sub, engines, _cmd)  # issue 13: rollout ..., engines upgrade
 
     audit = _cmd(sub, "audit", cmd_audit, "print the audit log, newest first")
     audit.add_argument("--product", help="only this product's events")

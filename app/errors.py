@@ -12,6 +12,7 @@ knows HTTP: the API maps code -> status in one place (app/api/errors.py).
     │   └── DriverError  raised by drivers; carries what was left running (`state`)
     │       ├── SchedulerUnavailable, PortExhausted, CapacityExhausted (NodeLost)
     │       └── BootTimeout, EngineCrashed               (BOOT_TIMEOUT)
+    └── UpgradeFailed    the new version was not healthy in time; the engine is back on its old one
 """
 
 from __future__ import annotations
@@ -114,6 +115,23 @@ class EngineCrashed(DriverError):
     """The engine's process or task ended while it was booting."""
 
     code = "BOOT_TIMEOUT"
+
+
+class UpgradeFailed(DomainError):
+    """Issue 13: the new version did not come up; the engine was put back on its previous
+    version (running again, brain kept, unless that failed too: then it is failed)."""
+
+    code = "UPGRADE_FAILED"
+
+
+class RolloutNotFound(DomainError):
+    code = "NOT_FOUND"
+
+
+class RolloutFinished(DomainError):
+    """Pause, resume or abort of a rollout that already ended."""
+
+    code = "ROLLOUT_FINISHED"
 
 
 # ---- factories (the messages in one place) ---------------------------------------------------

@@ -68,6 +68,14 @@ class Lifecycle:
     async def rotate_key(self, product: ProductRef, user_id: str) -> tuple[EngineRow, str]:
         return await self.runner.run(Op.ROTATE, (product.id, user_id), self.ops.rotate_key)
 
+    async def upgrade(self, product: ProductRef, user_id: str, engine_version: str) -> EngineRow:
+        """Issue 13: restart a running engine on `engine_version` (brain kept; rolled back and
+        UpgradeFailed when it is not healthy in time), or record it for the next start."""
+        self.driver.check_version(engine_version)
+        return await self.runner.run(Op.UPGRADE, (product.id, user_id),
+                                     partial(self.ops.upgrade, version=engine_version),
+                                     flight=f"{Op.UPGRADE.value}:{engine_version}")
+
     async def destroy(self, product: ProductRef, user_id: str) -> None:
         # Destroy applies from every state, half-done ones included: nothing to settle first.
         await self.runner.run(Op.DESTROY, (product.id, user_id), self.ops.destroy, settle=False)

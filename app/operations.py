@@ -22,6 +22,7 @@ from app.drivers.base import Driver, EngineSpec
 from app.errors import BootTimeout, DriverError, EngineCrashed
 from app.registry import EngineRow
 from app.runner import Op
+from app.upgrades import Upgrader
 
 BringUp = Literal[Op.START, Op.WAKE, Op.RESTART]
 
@@ -39,6 +40,7 @@ class Operations:
         self.keys = keys
         self.http = http
         self._product_names: dict[int, str] = {}
+        self.upgrader = Upgrader(settings, driver, self.spec, self.api_key)
 
     # ---- explicit operations -------------------------------------------------------------------
 
@@ -91,6 +93,9 @@ class Operations:
         row = registry.update(row, audit_event="rotate_key", key_enc=row.pending_key_enc,
                               pending_key_enc=None)
         return row, new
+
+    async def upgrade(self, row: EngineRow, version: str) -> EngineRow:
+        return await self.upgrader.upgrade(row, version)
 
     async def destroy(self, row: EngineRow) -> None:
         await self.driver.ping()
@@ -155,6 +160,8 @@ class Operations:
             return registry.transition(row, "stopped", "recovered", driver_state=state, url=None)
         if row.status not in (states.PROVISIONING, states.STARTING):
             return row
+        if row.previous_version is not None:  # an upgrade: back to the version that ran
+            return await self.upgrader.settle(row)
         if not row.driver_state:  # died before the driver reported anything: roll back
             return await self._abandon(row, spec, None)
         if await self.driver.probe(spec, row.driver_state) == "healthy":

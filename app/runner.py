@@ -50,6 +50,7 @@ class Op(StrEnum):
     FAIL = "fail"
     RECOVER = "recover"
     RESET_RESTARTS = "reset_restarts"
+    UPGRADE = "upgrade"
 
 
 def needs_settling(row: EngineRow) -> bool:
@@ -66,10 +67,12 @@ class Runner:
 
     async def run(self, op: Op, key: Key, body: Callable[[EngineRow], Awaitable[T]], *,
                   handles: frozenset[str] = frozenset(), settle: bool = True,
-                  wait: bool = True) -> T:
+                  wait: bool = True, flight: str | None = None) -> T:
         """Run `body` on the engine `key` under the flight and the lease. A transient state
         the operation does not handle itself (`handles`) is settled first. Without `wait`,
-        an engine leased elsewhere raises Busy at once."""
+        an engine leased elsewhere raises Busy at once. `flight` names what joins: by default
+        the operation; an operation with an argument (upgrade's version) adds it, so that
+        only callers asking for the same thing share one run."""
         async def leased() -> T:
             row = registry.find_engine(*key)
             if row is None:
@@ -84,7 +87,7 @@ class Runner:
 
         if not wait and self.flights.current(key):
             raise errors.busy(key[1])  # another operation here has it: not worth queueing
-        return await self.flights.run(key, op, lambda: self._timed(op, key, leased))
+        return await self.flights.run(key, flight or op, lambda: self._timed(op, key, leased))
 
     async def create(self, key: Key, insert: Callable[[], EngineRow],
                      body: Callable[[EngineRow], Awaitable[T]]) -> T:

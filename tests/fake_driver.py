@@ -9,6 +9,7 @@ call until the test releases it, so races are staged deterministically, not time
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +69,7 @@ class Behaviour:
     ports_exhausted: bool = False
     http: bool = False  # engines answer HTTP on loopback (/health, and the key on every other route)
     ignores_sighup: bool = False  # set_key writes the key, but the engine keeps the old one
+    never_ready_if: Callable[[EngineSpec], bool] | None = None  # these engines/versions only
 
 
 @dataclass
@@ -127,7 +129,8 @@ class FakeDriver(Driver):
             if engine is not None:
                 engine.running = False
             raise EngineCrashed(f"engine {spec.name} exited while booting", state)
-        if self.behaviour.never_ready or self.behaviour.boot_s > timeout:
+        never = self.behaviour.never_ready_if is not None and self.behaviour.never_ready_if(spec)
+        if self.behaviour.never_ready or never or self.behaviour.boot_s > timeout:
             await asyncio.sleep(timeout)
             raise BootTimeout(f"engine {spec.name} was not healthy within {timeout:g}s", state)
         await asyncio.sleep(self.behaviour.boot_s)

@@ -32,6 +32,7 @@ from app.drivers import make_driver
 from app.lifecycle import Lifecycle
 from app.logs import AccessLog
 from app.reconciler import Reconciler
+from app.rollouts import RolloutRunner
 
 
 class OrchestratorApp:
@@ -77,6 +78,7 @@ class OrchestratorApp:
         self._tasks.append(asyncio.create_task(self._flush_access_log()))
         if self.run_reconciler:
             self._tasks.append(asyncio.create_task(Reconciler(lifecycle).run_forever()))
+            self._tasks.append(asyncio.create_task(RolloutRunner(lifecycle).run_forever()))
 
     async def _flush_access_log(self) -> None:
         while True:

@@ -15,7 +15,7 @@ from msgspec import UNSET
 
 from app import errors, naming, registry
 from app.admit import Admitter
-from app.api import spec
+from app.api import follow, spec
 from app.lifecycle import Lifecycle, ProductRef
 
 CURSOR_MAX = 2**62  # below SQLite's and PostgreSQL's largest integer
@@ -35,6 +35,7 @@ class Call:
     user_id: str  # "" for the routes without one
     body: Any  # the endpoint's body Struct, or None
     query: Any  # the endpoint's query Struct, or None
+    rollout_id: int = 0  # the routes with {rollout_id}
 
 
 Handler = Callable[[Services, Call], Awaitable[Any]]
@@ -72,9 +73,17 @@ async def rotate_key(svc: Services, call: Call) -> Any:
     return with_key(engine, api_key)
 
 
+async def upgrade(svc: Services, call: Call) -> Any:
+    body: spec.UpgradeBody = call.body
+    if not body.engine_version.isprintable():
+        raise errors.invalid("engine_version must be 1 to 256 printable characters")
+    return engine_struct(await svc.lifecycle.upgrade(call.product, call.user_id, body.engine_version))
+
+
 async def admit(svc: Services, call: Call) -> Any:
     body: spec.AdmitBody = call.body
-    return await svc.admitter.admit(call.product, call.user_id, body.auto_provision, body.auto_wake)
+    return await svc.admitter.admit(call.product, call.user_id, body.auto_provision, body.auto_wake,
+                                    body.wait)
 
 
 async def list_engines(svc: Services, call: Call) -> Any:
@@ -89,6 +98,11 @@ async def list_engines(svc: Services, call: Call) -> Any:
 
 async def events(svc: Services, call: Call) -> Any:
     query: spec.EventsQuery = call.query
+    if query.follow:  # a stream, not a page: the cursor does not apply
+        if query.cursor is not UNSET:
+            raise errors.invalid("cursor does not go with follow=true")
+        recent, newer = follow.engine_events(call.product.id, call.user_id)
+        return follow.follow(recent, newer, query.limit, event_struct)
     before = None if query.cursor is UNSET else decode_cursor(query.cursor)
     rows = registry.events_page(call.product.id, call.user_id, before, query.limit + 1)
     more = len(rows) > query.limit
@@ -99,6 +113,7 @@ async def events(svc: Services, call: Call) -> Any:
 HANDLERS: dict[str, Handler] = {
     "provision": provision, "list": list_engines, "get": get, "destroy": destroy,
     "start": start, "stop": stop, "rotate_key": rotate_key, "admit": admit, "events": events,
+    "upgrade": upgrade,
 }
 
 

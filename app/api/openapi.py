@@ -66,6 +66,9 @@ def _parameters(endpoint: Endpoint) -> list[dict[str, Any]]:
                        "description": USER_ID_RULE,
                        "schema": {"type": "string", "minLength": 1, "maxLength": 128,
                                   "pattern": USER_ID_PATTERN}})
+    if "{rollout_id}" in endpoint.path:
+        params.append({"name": "rollout_id", "in": "path", "required": True,
+                       "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"}})
     if endpoint.query is not None:
         schema = msgspec.json.schema(endpoint.query)
         for field in msgspec.structs.fields(endpoint.query):
@@ -90,7 +93,7 @@ def _responses(endpoint: Endpoint, refs: dict[type[Any], Any]) -> dict[str, Any]
     ok = _answer(endpoint, refs)
     if endpoint.name == "provision":
         ok = {**ok, "links": _user_links()}
-    responses: dict[str, Any] = {str(s): ok for s in (200, *endpoint.also_ok)}
+    responses: dict[str, Any] = {str(s): ok for s in (endpoint.ok, *endpoint.also_ok)}
     by_status: dict[int, list[str]] = {}
     for code in endpoint.codes:
         by_status.setdefault(STATUS_BY_CODE[code], []).append(code)
@@ -114,7 +117,18 @@ def _answer(endpoint: Endpoint, refs: dict[type[Any], Any]) -> dict[str, Any]:
         return {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}
     if endpoint.answer is Document:
         return {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
-    return {"description": "OK", "content": {"application/json": {"schema": refs[endpoint.answer]}}}
+    content: dict[str, Any] = {"application/json": {"schema": refs[endpoint.answer]}}
+    if endpoint.streams:  # one Server-Sent Event per audit event: its JSON in `data`, its id
+        content["text/event-stream"] = {"schema": _sse_schema()}
+    return {"description": "OK", "content": content}
+
+
+def _sse_schema() -> dict[str, Any]:
+    """One Server-Sent Event of a follow=true stream: an audit Event's JSON in `data`."""
+    event = {"$ref": REF.format(name="Event")}
+    return {"type": "object", "required": ["data"], "properties": {
+        "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": event},
+        "id": {"type": "string"}, "event": {"type": "string"}}}
 
 
 def _error_schema(codes: list[str]) -> dict[str, Any]:

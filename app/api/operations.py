@@ -6,9 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from app import errors
+from app.api import rollouts
 from app.api.auth import Authenticator
 from app.api.handlers import HANDLERS, Call, Handler, Services, check_user_id
 from app.api.spec import Endpoint
@@ -24,7 +26,7 @@ class Operations:
         self.auth = auth
         self.services = services
         self.by_method: dict[str, tuple[Endpoint, Checks, Handler]] = {
-            e.method: (e, Checks(e), HANDLERS[e.name]) for e in endpoints}
+            e.method: (e, Checks(e), ALL_HANDLERS[e.name]) for e in endpoints}
         if "GET" in self.by_method:  # Starlette routes HEAD with GET
             self.by_method["HEAD"] = self.by_method["GET"]
 
@@ -42,14 +44,29 @@ class Operations:
         body = checks.body(await _read_body(receive, length))
         if user_id is None:  # provision names its user in the body
             info.user_id = getattr(body, "user_id", None)
+        rollout_id = _rollout_id(scope["path_params"].get("rollout_id"))
         services: Services = self.services()
-        result = await handler(services, Call(product, user_id or "", body, query))
+        result = await handler(services, Call(product, user_id or "", body, query, rollout_id))
+        if isinstance(result, Response):  # a stream (events?follow=true) answers itself
+            await result(scope, receive, send)
+            return
         if endpoint.name == "admit" and not _admitted(result):
             info.outcome = "denied"
         payload = _encode(result)
-        await send({"type": "http.response.start", "status": 200,
+        await send({"type": "http.response.start", "status": endpoint.ok,
                     "headers": [_JSON, (b"content-length", b"%d" % len(payload))]})
         await send({"type": "http.response.body", "body": payload})
+
+
+ALL_HANDLERS: dict[str, Handler] = {**HANDLERS, **rollouts.HANDLERS}
+
+
+def _rollout_id(raw: str | None) -> int:
+    if raw is None:
+        return 0
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
+        raise errors.invalid("rollout_id must be a whole number")
+    return int(raw)
 
 
 def _picked_headers(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, bytes | None]:

@@ -27,9 +27,11 @@ STATUS_BY_CODE: dict[str, int] = {
     "ENGINE_ALREADY_EXISTS": 409,
     "ENGINE_ALREADY_RUNNING": 409,
     "ENGINE_NOT_RUNNING": 409,
+    "ROLLOUT_FINISHED": 409,
     "QUOTA_EXCEEDED": 429,
     "RATE_LIMITED": 429,
     "INTERNAL": 500,
+    "UPGRADE_FAILED": 502,
     "PORT_EXHAUSTION": 503,
     "CAPACITY_EXHAUSTED": 503,
     "SCHEDULER_UNAVAILABLE": 503,
@@ -57,7 +59,7 @@ Cursor = Annotated[str, Meta(min_length=1, max_length=64,
 EngineStatus = Literal["provisioning", "starting", "running", "stopping", "stopped",
                        "sleeping", "failed", "destroying"]
 DenialReason = Literal["engine_not_found", "engine_sleeping", "engine_stopped",
-                       "engine_unhealthy"]
+                       "engine_unhealthy", "engine_starting"]
 
 
 # ---- request bodies and queries ----------------------------------------------------------
@@ -71,6 +73,18 @@ class ProvisionBody(Struct, forbid_unknown_fields=True):
 class AdmitBody(Struct, forbid_unknown_fields=True):
     auto_provision: bool = False
     auto_wake: bool = False
+    wait: bool = True  # false: never block on a boot; engine_starting instead (issue 13)
+
+
+class UpgradeBody(Struct, forbid_unknown_fields=True):
+    engine_version: EngineVersion
+
+
+class RolloutBody(Struct, forbid_unknown_fields=True):
+    to_version: EngineVersion
+    from_version: EngineVersion | UnsetType = UNSET  # only the engines on this version
+    batch_size: Annotated[int, Meta(ge=1, le=1000)] = 1
+    max_failures: Annotated[int, Meta(ge=0, le=1_000_000)] = 0
 
 
 class ListQuery(Struct, forbid_unknown_fields=True):
@@ -82,6 +96,8 @@ class ListQuery(Struct, forbid_unknown_fields=True):
 class EventsQuery(Struct, forbid_unknown_fields=True):
     limit: Limit = 100
     cursor: Cursor | UnsetType = UNSET
+    # true: text/event-stream, the latest `limit` events then each new one (issue 13)
+    follow: bool = False
 
 
 # ---- answers ------------------------------------------------------------------------------
@@ -120,6 +136,33 @@ class Admission(Struct, omit_defaults=True):
     provisioned: bool | UnsetType = UNSET
     woken: bool | UnsetType = UNSET
     reason: DenialReason | UnsetType = UNSET
+
+
+class RolloutFailure(Struct):
+    user_id: str
+    reason: str
+
+
+RolloutStatus = Literal["running", "paused", "succeeded", "failed", "rolled_back", "aborted"]
+
+
+class Rollout(Struct):
+    id: int
+    status: RolloutStatus
+    to_version: str
+    from_version: str | None
+    batch_size: int
+    max_failures: int
+    total: int
+    upgraded: int
+    failed: int
+    created_at: Timestamp
+    updated_at: Timestamp
+    failures: list[RolloutFailure]
+
+
+class RolloutPage(Struct):
+    rollouts: list[Rollout]  # newest first, at most 100
 
 
 class EnginePage(Struct):
@@ -173,7 +216,7 @@ class Document(Struct):
 class Endpoint:
     name: str  # operationId, and the client's method name
     method: str
-    path: str  # Starlette's syntax; {user_id} is the only path parameter
+    path: str  # Starlette's syntax; {user_id} or {rollout_id} are the path parameters
     summary: str
     answer: type[Any]
     errors: tuple[str, ...] = ()  # besides COMMON_ERRORS (when auth)
@@ -181,6 +224,8 @@ class Endpoint:
     query: type[Struct] | None = None
     auth: bool = True  # X-Platform-Key
     also_ok: tuple[int, ...] = ()  # statuses answered with `answer`, not an error (readyz's 503)
+    streams: bool = False  # may answer text/event-stream instead (events?follow=true)
+    ok: int = 200  # the success status (202 for a rollout started)
 
     @property
     def codes(self) -> tuple[str, ...]:
@@ -214,9 +259,34 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("rotate_key", "POST", "/engines/{user_id}/rotate-key",
              "Give a running engine a new key; the old one is refused from then on",
              EngineWithKey, ("ENGINE_NOT_FOUND", "ENGINE_NOT_RUNNING")),
+    Endpoint("upgrade", "POST", "/engines/{user_id}/upgrade",
+             "Move an engine to another engine_version, brain kept: a running one restarts on it "
+             "(back on its old version and 502 UPGRADE_FAILED when not healthy in time), "
+             "others take it at their next start",
+             Engine, ("ENGINE_NOT_FOUND", "UPGRADE_FAILED"), body=UpgradeBody),
     Endpoint("events", "GET", "/engines/{user_id}/events",
-             "The engine's audit events, newest first, a page at a time (kept after destroy)",
-             EventPage, query=EventsQuery),
+             "The engine's audit events, newest first, a page at a time (kept after destroy); "
+             "with follow=true a Server-Sent Events stream: the latest events, oldest first, "
+             "then each new one, and a comment line every 15 s",
+             EventPage, query=EventsQuery, streams=True),
+    Endpoint("start_rollout", "POST", "/rollouts",
+             "Start moving the product's engines (those on from_version, when given) to "
+             "to_version, batch_size at a time; more than max_failures failures roll it back",
+             Rollout, body=RolloutBody, ok=202),
+    Endpoint("rollouts", "GET", "/rollouts", "The product's rollouts, newest first", RolloutPage),
+    Endpoint("rollout", "GET", "/rollouts/{rollout_id}", "One rollout and its progress", Rollout,
+             ("NOT_FOUND",)),
+    Endpoint("rollout_events", "GET", "/rollouts/{rollout_id}/events",
+             "The audit events of the rollout's engines since it started, newest first, a page "
+             "at a time; with follow=true a Server-Sent Events stream, as for an engine",
+             EventPage, ("NOT_FOUND",), query=EventsQuery, streams=True),
+    Endpoint("pause_rollout", "POST", "/rollouts/{rollout_id}/pause",
+             "Pause a rollout after its current batch", Rollout, ("NOT_FOUND", "ROLLOUT_FINISHED")),
+    Endpoint("resume_rollout", "POST", "/rollouts/{rollout_id}/resume", "Resume a paused rollout",
+             Rollout, ("NOT_FOUND", "ROLLOUT_FINISHED")),
+    Endpoint("abort_rollout", "POST", "/rollouts/{rollout_id}/abort",
+             "Stop a rollout after its current batch; upgraded engines stay as they are",
+             Rollout, ("NOT_FOUND", "ROLLOUT_FINISHED")),
     Endpoint("healthz", "GET", "/healthz", "The process is up", Health, auth=False),
     Endpoint("readyz", "GET", "/readyz", "The database and the scheduler answer (503 when not)",
              Health, auth=False, also_ok=(503,)),

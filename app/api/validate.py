@@ -20,7 +20,8 @@ _EMPTY = (b"", b"{}")
 class Checks:
     """The decoders of one endpoint, built once."""
 
-    __slots__ = ("body_decoder", "empty_body", "endpoint", "int_params", "query_fields")
+    __slots__ = ("body_decoder", "bool_params", "empty_body", "endpoint", "int_params",
+                 "query_fields")
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
@@ -33,6 +34,7 @@ class Checks:
         fields = msgspec.structs.fields(endpoint.query) if endpoint.query else ()
         self.query_fields = {f.encode_name for f in fields}
         self.int_params = {f.encode_name for f in fields if _is_int(f.type)}
+        self.bool_params = {f.encode_name for f in fields if f.type is bool}
 
     def body(self, raw: bytes) -> Any:
         if self.body_decoder is None:
@@ -66,7 +68,12 @@ class Checks:
                 raise errors.invalid(f"unknown query parameter {name!r}")
             if name in found:
                 raise errors.invalid(f"query parameter {name!r} given twice")
-            found[name] = _int(name, value) if name in self.int_params else value
+            if name in self.int_params:
+                found[name] = _int(name, value)
+            elif name in self.bool_params:
+                found[name] = _bool(name, value)
+            else:
+                found[name] = value
         try:
             return msgspec.convert(found, self.endpoint.query)
         except msgspec.ValidationError as exc:
@@ -89,6 +96,12 @@ def _int(name: str, value: str) -> int:
     if not (value.isascii() and value.isdigit() and len(value) <= 19):
         raise errors.invalid(f"{name} must be a whole number")
     return int(value)
+
+
+def _bool(name: str, value: str) -> bool:
+    if value not in ("true", "false"):
+        raise errors.invalid(f"{name} must be true or false")
+    return value == "true"
 
 
 def _is_int(annotation: Any) -> bool:

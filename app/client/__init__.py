@@ -26,9 +26,11 @@ from app.client._errors import (
     PortExhaustion,
     QuotaExceeded,
     RateLimited,
+    RolloutFinished,
     SchedulerUnavailable,
     Unauthorized,
     UnexpectedResponse,
+    UpgradeFailed,
     error_from_response,
     raise_for_error,
 )
@@ -40,6 +42,7 @@ from app.client._models import (
     EventPage,
     Health,
     ProvisionedEngine,
+    Rollout,
 )
 from app.client._sync import Client
 
@@ -68,9 +71,12 @@ __all__ = [
     "ProvisionedEngine",
     "QuotaExceeded",
     "RateLimited",
+    "Rollout",
+    "RolloutFinished",
     "SchedulerUnavailable",
     "Unauthorized",
     "UnexpectedResponse",
+    "UpgradeFailed",
     "error_from_response",
     "raise_for_error",
 ]

@@ -19,6 +19,7 @@ from app.client._models import (
     EventPage,
     Health,
     ProvisionedEngine,
+    Rollout,
 )
 
 T = TypeVar("T")
@@ -69,9 +70,10 @@ class AsyncClient:
         return await self._send(_calls.get(user_id, request_id))
 
     async def admit(self, user_id: str, auto_provision: bool = False, auto_wake: bool = False,
-                    *, request_id: str | None = None) -> Admission:
-        """Call on every user request. A denial is an answer (`admitted=False`), not an error."""
-        return await self._send(_calls.admit(user_id, auto_provision, auto_wake, request_id))
+                    *, request_id: str | None = None, wait: bool = True) -> Admission:
+        """Call on every user request. A denial is an answer (`admitted=False`), not an error.
+        With `wait=False` it never waits for a boot: `reason="engine_starting"` meanwhile."""
+        return await self._send(_calls.admit(user_id, auto_provision, auto_wake, request_id, wait))
 
     async def start(self, user_id: str, *, request_id: str | None = None) -> Engine:
         return await self._send(_calls.start(user_id, request_id))
@@ -83,6 +85,12 @@ class AsyncClient:
                          request_id: str | None = None) -> ProvisionedEngine:
         """A new key for a running engine; the old one is refused once this returns."""
         return await self._send(_calls.rotate_key(user_id, request_id))
+
+    async def upgrade(self, user_id: str, engine_version: str, *,
+                      request_id: str | None = None) -> Engine:
+        """Move the engine to `engine_version`, brain kept. A running engine restarts on it;
+        UpgradeFailed when it was not healthy in time (the engine is back on its old one)."""
+        return await self._send(_calls.upgrade(user_id, engine_version, request_id))
 
     async def destroy(self, user_id: str, *, request_id: str | None = None) -> None:
         """Remove the engine and its brain for good (the audit events are kept)."""
@@ -121,6 +129,59 @@ class AsyncClient:
             if page.next_cursor is None:
                 return
             cursor = page.next_cursor
+
+    async def watch(self, user_id: str, *, latest: int | None = None) -> AsyncIterator[Event]:
+        """The user's audit events as they happen (events?follow=true, Server-Sent Events):
+        the `latest` ones first, oldest first, then each new one; endless until closed."""
+        async for event in self._follow(_calls.watch(user_id, latest)):
+            yield event
+
+    async def _follow(self, call: _calls.Call[None]) -> AsyncIterator[Event]:
+        async with self._http.stream(call.method, call.path, params=call.params,
+                                     headers=call.headers) as response:
+            if response.is_error:
+                await response.aread()
+                _calls.finish(call, response)  # raises the error's OrchestratorError
+            async for line in response.aiter_lines():
+                event = _calls.sse_event(line)
+                if event is not None:
+                    yield event
+
+    # ---- rollouts (issue 13) -------------------------------------------------------------------
+
+    async def start_rollout(self, to_version: str, *, from_version: str | None = None,
+                      batch_size: int | None = None, max_failures: int | None = None,
+                      request_id: str | None = None) -> Rollout:
+        """Move the product's engines (those on `from_version`) to `to_version`, batch by batch."""
+        return await self._send(_calls.start_rollout(to_version, from_version, batch_size,
+                                                max_failures, request_id))
+
+    async def rollouts(self, *, request_id: str | None = None) -> tuple[Rollout, ...]:
+        return await self._send(_calls.rollouts(request_id))
+
+    async def rollout(self, rollout_id: int, *, request_id: str | None = None) -> Rollout:
+        return await self._send(_calls.rollout(rollout_id, request_id))
+
+    async def pause_rollout(self, rollout_id: int, *, request_id: str | None = None) -> Rollout:
+        return await self._send(_calls.pause_rollout(rollout_id, request_id))
+
+    async def resume_rollout(self, rollout_id: int, *, request_id: str | None = None) -> Rollout:
+        return await self._send(_calls.resume_rollout(rollout_id, request_id))
+
+    async def abort_rollout(self, rollout_id: int, *, request_id: str | None = None) -> Rollout:
+        return await self._send(_calls.abort_rollout(rollout_id, request_id))
+
+    async def rollout_events(self, rollout_id: int, limit: int | None = None,
+                             cursor: str | None = None, *,
+                             request_id: str | None = None) -> EventPage:
+        """One page of the audit events of the rollout's engines since it started."""
+        return await self._send(_calls.rollout_events(rollout_id, limit, cursor, request_id))
+
+    async def watch_rollout(self, rollout_id: int, *,
+                            latest: int | None = None) -> AsyncIterator[Event]:
+        """The rollout's engines' events as they happen (endless until closed)."""
+        async for event in self._follow(_calls.watch_rollout(rollout_id, latest)):
+            yield event
 
     # ---- the service --------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ live here, once.
 
 from __future__ import annotations
 
+import json as json_module
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,9 +21,11 @@ from app.client._models import (
     Admission,
     Engine,
     EnginePage,
+    Event,
     EventPage,
     Health,
     ProvisionedEngine,
+    Rollout,
 )
 
 T = TypeVar("T")
@@ -78,11 +81,13 @@ def _json(response: httpx.Response) -> dict[str, Any]:
 
 def _call(name: str, read: Callable[[httpx.Response], T], user_id: str | None = None, *,
           json: dict[str, Any] | None = None, params: dict[str, str | int] | None = None,
-          request_id: str | None = None) -> Call[T]:
+          request_id: str | None = None, rollout_id: int | None = None) -> Call[T]:
     endpoint = BY_NAME[name]
     path = endpoint.path
     if user_id is not None:
         path = path.replace("{user_id}", _segment(user_id))
+    if rollout_id is not None:
+        path = path.replace("{rollout_id}", str(int(rollout_id)))
     return Call(endpoint.method, path, read, json=json, params=params or None,
                 headers=_headers(request_id), also_ok=endpoint.also_ok)
 
@@ -104,10 +109,12 @@ def get(user_id: str, request_id: str | None) -> Call[Engine]:
 
 
 def admit(user_id: str, auto_provision: bool, auto_wake: bool,
-          request_id: str | None) -> Call[Admission]:
+          request_id: str | None, wait: bool = True) -> Call[Admission]:
+    body: dict[str, Any] = {"auto_provision": auto_provision, "auto_wake": auto_wake}
+    if not wait:  # sent only when asked for: older servers refuse unknown fields
+        body["wait"] = False
     return _call("admit", lambda r: Admission.from_json(_json(r), user_id), user_id,
-                 json={"auto_provision": auto_provision, "auto_wake": auto_wake},
-                 request_id=request_id)
+                 json=body, request_id=request_id)
 
 
 def start(user_id: str, request_id: str | None) -> Call[Engine]:
@@ -121,6 +128,11 @@ def stop(user_id: str, request_id: str | None) -> Call[Engine]:
 def rotate_key(user_id: str, request_id: str | None) -> Call[ProvisionedEngine]:
     return _call("rotate_key", lambda r: ProvisionedEngine.from_json(_json(r)), user_id,
                  request_id=request_id)
+
+
+def upgrade(user_id: str, engine_version: str, request_id: str | None) -> Call[Engine]:
+    return _call("upgrade", lambda r: Engine.from_json(_json(r)), user_id,
+                 json={"engine_version": engine_version}, request_id=request_id)
 
 
 def destroy(user_id: str, request_id: str | None) -> Call[None]:
@@ -137,6 +149,64 @@ def events(user_id: str, limit: int | None, cursor: str | None,
            request_id: str | None) -> Call[EventPage]:
     return _call("events", lambda r: EventPage.from_json(_json(r)), user_id,
                  params=_present(limit=limit, cursor=cursor), request_id=request_id)
+
+
+def watch(user_id: str, latest: int | None) -> Call[None]:
+    """events?follow=true: read as a stream by `watch()`, line by line (`sse_event`)."""
+    params: dict[str, str | int] = {"follow": "true", **_present(limit=latest)}
+    return _call("events", lambda r: None, user_id, params=params)
+
+
+def rollout_events(rollout_id: int, limit: int | None, cursor: str | None,
+                   request_id: str | None) -> Call[EventPage]:
+    return _call("rollout_events", lambda r: EventPage.from_json(_json(r)),
+                 params=_present(limit=limit, cursor=cursor), request_id=request_id,
+                 rollout_id=rollout_id)
+
+
+def watch_rollout(rollout_id: int, latest: int | None) -> Call[None]:
+    params: dict[str, str | int] = {"follow": "true", **_present(limit=latest)}
+    return _call("rollout_events", lambda r: None, params=params, rollout_id=rollout_id)
+
+
+def sse_event(line: str) -> Event | None:
+    """The Event of one `data:` line of the stream; None for the other lines (id, comments)."""
+    if not line.startswith("data:"):
+        return None
+    return Event.from_json(json_module.loads(line[len("data:"):].strip()))
+
+
+def start_rollout(to_version: str, from_version: str | None, batch_size: int | None,
+                  max_failures: int | None, request_id: str | None) -> Call[Rollout]:
+    body = _present(to_version=to_version, from_version=from_version, batch_size=batch_size,
+                    max_failures=max_failures)
+    return _call("start_rollout", lambda r: Rollout.from_json(_json(r)), json=body,
+                 request_id=request_id)
+
+
+def rollouts(request_id: str | None) -> Call[tuple[Rollout, ...]]:
+    return _call("rollouts", lambda r: tuple(Rollout.from_json(x) for x in _json(r)["rollouts"]),
+                 request_id=request_id)
+
+
+def rollout(rollout_id: int, request_id: str | None) -> Call[Rollout]:
+    return _call("rollout", lambda r: Rollout.from_json(_json(r)), rollout_id=rollout_id,
+                 request_id=request_id)
+
+
+def pause_rollout(rollout_id: int, request_id: str | None) -> Call[Rollout]:
+    return _call("pause_rollout", lambda r: Rollout.from_json(_json(r)), rollout_id=rollout_id,
+                 request_id=request_id)
+
+
+def resume_rollout(rollout_id: int, request_id: str | None) -> Call[Rollout]:
+    return _call("resume_rollout", lambda r: Rollout.from_json(_json(r)), rollout_id=rollout_id,
+                 request_id=request_id)
+
+
+def abort_rollout(rollout_id: int, request_id: str | None) -> Call[Rollout]:
+    return _call("abort_rollout", lambda r: Rollout.from_json(_json(r)), rollout_id=rollout_id,
+                 request_id=request_id)
 
 
 def healthz() -> Call[Health]:
@@ -160,6 +230,9 @@ def openapi() -> Call[dict[str, Any]]:
 BUILDERS: dict[str, Callable[..., Call[Any]]] = {
     "provision": provision, "list": list_engines, "get": get, "destroy": destroy,
     "start": start, "stop": stop, "rotate_key": rotate_key, "admit": admit, "events": events,
+    "upgrade": upgrade, "start_rollout": start_rollout, "rollouts": rollouts,
+    "rollout": rollout, "pause_rollout": pause_rollout, "resume_rollout": resume_rollout,
+    "abort_rollout": abort_rollout, "rollout_events": rollout_events,
     "healthz": healthz, "readyz": readyz, "metrics": metrics, "openapi": openapi,
 }
 

@@ -106,6 +106,19 @@ class BootTimeout(OrchestratorError):
     CODE = "BOOT_TIMEOUT"
 
 
+class UpgradeFailed(OrchestratorError):
+    """The new engine_version was not healthy in time; the engine is back on its previous
+    version, running, brain kept (issue 13)."""
+
+    CODE = "UPGRADE_FAILED"
+
+
+class RolloutFinished(OrchestratorError):
+    """Pause, resume or abort of a rollout that already ended."""
+
+    CODE = "ROLLOUT_FINISHED"
+
+
 class Internal(OrchestratorError):
     CODE = "INTERNAL"
 
@@ -120,7 +133,8 @@ ERRORS_BY_CODE: dict[str, type[OrchestratorError]] = {
     cls.CODE: cls for cls in (
         InvalidRequest, Unauthorized, EngineNotFound, NotFound, MethodNotAllowed,
         EngineAlreadyExists, EngineAlreadyRunning, EngineNotRunning, QuotaExceeded, RateLimited,
-        PortExhaustion, CapacityExhausted, SchedulerUnavailable, BootTimeout, Internal)
+        PortExhaustion, CapacityExhausted, SchedulerUnavailable, BootTimeout, UpgradeFailed, RolloutFinished,
+        Internal)
     if cls.CODE is not None
 }
 

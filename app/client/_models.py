@@ -60,7 +60,8 @@ class ProvisionedEngine:
 @dataclass(frozen=True)
 class Admission:
     """The answer of admit. When `admitted`, `url` and `api_key` are set; when not, `reason`
-    says why (`engine_not_found`, `engine_sleeping`, `engine_stopped`, `engine_unhealthy`)."""
+    says why (`engine_not_found`, `engine_sleeping`, `engine_stopped`, `engine_unhealthy`,
+    `engine_starting`: with `wait=False`, provisioning or starting)."""
 
     admitted: bool
     user_id: str  # the server omits it on a denial; the client fills in the one it asked about
@@ -132,6 +133,34 @@ class EventPage:
     def from_json(cls, data: Mapping[str, Any]) -> EventPage:
         return cls(events=tuple(Event.from_json(e) for e in data["events"]),
                    next_cursor=data.get("next_cursor"))
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """A rollout of a new engine_version across the product's engines (issue 13)."""
+
+    id: int
+    status: str  # running, paused, succeeded, failed, rolled_back, aborted
+    to_version: str
+    from_version: str | None
+    batch_size: int
+    max_failures: int
+    total: int
+    upgraded: int
+    failed: int
+    created_at: datetime
+    updated_at: datetime
+    failures: tuple[tuple[str, str], ...]  # (user_id, reason)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Rollout:
+        return cls(id=int(data["id"]), status=data["status"], to_version=data["to_version"],
+                   from_version=data.get("from_version"), batch_size=int(data["batch_size"]),
+                   max_failures=int(data["max_failures"]), total=int(data["total"]),
+                   upgraded=int(data["upgraded"]), failed=int(data["failed"]),
+                   created_at=parse_time(data["created_at"]),
+                   updated_at=parse_time(data["updated_at"]),
+                   failures=tuple((f["user_id"], f["reason"]) for f in data["failures"]))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ written here and nowhere else. Modules:
 from __future__ import annotations
 
 from app.errors import AlreadyExists, Conflict, QuotaExceeded
-from app.registry import limits, ports, shards
+from app.registry import limits, ports, rollouts, shards
 from app.registry.db import checkpoint, connect, execute_hot, hot_sql, is_sqlite, request_id_var, write_lock
 from app.registry.engines import (
     HOT_COLUMNS,
@@ -39,6 +39,7 @@ from app.registry.engines import (
 )
 from app.registry.events import (
     Transition,
+    events_after,
     events_for,
     events_page,
     publish,
@@ -46,7 +47,7 @@ from app.registry.events import (
     record_orphan_removed,
     subscribe,
 )
-from app.registry.models import Engine, Event, IdCounter, PortLease, Product, RateLimit, db
+from app.registry.models import Engine, Event, IdCounter, PortLease, Product, RateLimit, Rollout, db
 from app.registry.products import (
     ProductExists,
     ProductInUse,
@@ -63,13 +64,13 @@ from app.registry.products import (
 
 __all__ = [
     "HOT_COLUMNS", "AlreadyExists", "Conflict", "Engine", "EngineRow", "Event", "IdCounter",
-    "PortLease", "Product", "ProductExists", "ProductInUse", "QuotaExceeded", "RateLimit",
+    "PortLease", "Product", "ProductExists", "ProductInUse", "QuotaExceeded", "RateLimit", "Rollout",
     "Transition", "acquire_lease", "all_products", "checkpoint", "connect", "create_product", "db",
     "delete_engine", "delete_product", "engine_count", "engine_counts", "engine_named",
-    "engines_by_ids", "engines_in", "entered_since", "events_for", "events_page",
-    "execute_hot", "find_engine", "find_engine_hot", "hot_sql", "idle_running", "insert_engine", "is_sqlite",
-    "known_names", "limits", "list_engines", "needing_recovery", "ports", "product_by_key_hash",
-    "product_by_name", "product_name", "publish", "recent_events", "record_orphan_removed",
-    "release_lease", "reload", "request_id_var", "set_product_key", "shards", "subscribe", "touch_admit",
-    "transition", "update", "update_product", "write_lock",
+    "engines_by_ids", "engines_in", "entered_since", "events_after", "events_for", "events_page",
+    "execute_hot", "find_engine", "find_engine_hot", "hot_sql", "idle_running", "insert_engine",
+    "is_sqlite", "known_names", "limits", "list_engines", "needing_recovery", "ports",
+    "product_by_key_hash", "product_by_name", "product_name", "publish", "recent_events",
+    "record_orphan_removed", "release_lease", "reload", "request_id_var", "rollouts", "set_product_key",
+    "shards", "subscribe", "touch_admit", "transition", "update", "update_product", "write_lock"
 ]

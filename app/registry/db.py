@@ -54,6 +54,8 @@ def _migrate(database: Any) -> None:
         columns = {c.name for c in database.get_columns("engine")}
         if "version" in columns and "row_version" not in columns:  # issue 9's rename
             database.execute_sql('ALTER TABLE "engine" RENAME COLUMN "version" TO "row_version"')
+        if "previous_version" not in columns:  # issue 13's upgrades
+            database.execute_sql('ALTER TABLE "engine" ADD COLUMN "previous_version" VARCHAR(256)')
 
 
 def _seed_product_ids() -> None:

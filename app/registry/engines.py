@@ -46,6 +46,7 @@ class EngineRow:
     last_admit_at: float | None
     lease_owner: str | None
     lease_until: float | None
+    previous_version: str | None  # an upgrade in flight: the version to go back to
 
     @property
     def key(self) -> tuple[int, str]:

@@ -76,3 +76,10 @@ def events_page(product_id: int, user_id: str, before_id: int | None, limit: int
     if before_id is not None:
         query = query.where(Event.id < before_id)
     return list(query.order_by(Event.id.desc()).limit(limit))
+
+
+def events_after(product_id: int, user_id: str, after_id: int, limit: int = 100) -> list[Event]:
+    """A user's events newer than `after_id`, oldest first (a follower's next ones)."""
+    query = Event.select().where((Event.product_id == product_id) & (Event.user_id == user_id)
+                                 & (Event.id > after_id))
+    return list(query.order_by(Event.id).limit(limit))

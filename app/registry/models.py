@@ -58,6 +58,8 @@ class Engine(BaseModel):
     last_admit_at = pw.DoubleField(null=True)
     lease_owner = pw.CharField(max_length=64, null=True)
     lease_until = pw.DoubleField(null=True)
+    # An upgrade in flight (issue 13): the version to go back to if it does not come up.
+    previous_version = pw.CharField(max_length=256, null=True)
 
     class Meta:
         indexes = ((("product", "user_id"), True),
@@ -108,5 +110,39 @@ class Replica(BaseModel):
     until = pw.DoubleField()
 
 
-MODELS = (Product, IdCounter, RateLimit, Engine, Event, PortLease, ShardLease, Replica)
+
+
+class Rollout(BaseModel):
+    """Issue 13: a product's fleet moving to `to_version`, batch by batch; run by the replica
+    holding its lease."""
+
+    id = pw.AutoField()
+    product_id = pw.IntegerField(index=True)
+    status = pw.CharField(max_length=16, index=True)  # running paused succeeded failed rolled_back aborted
+    to_version = pw.CharField(max_length=256)
+    from_version = pw.CharField(max_length=256, null=True)
+    batch_size = pw.IntegerField()
+    max_failures = pw.IntegerField()
+    created_at = pw.DoubleField()
+    updated_at = pw.DoubleField()
+    lease_owner = pw.CharField(max_length=64, null=True)
+    lease_until = pw.DoubleField(null=True)
+
+
+class RolloutTarget(BaseModel):
+    """One engine of a rollout: the version it had, and how far it got."""
+
+    rollout_id = pw.IntegerField()
+    user_id = pw.CharField(max_length=128)
+    position = pw.IntegerField()  # order of the batches
+    previous_version = pw.CharField(max_length=256)
+    state = pw.CharField(max_length=16)  # pending upgraded failed rolled_back
+    reason = pw.CharField(max_length=256, null=True)
+
+    class Meta:
+        indexes = ((("rollout_id", "user_id"), True),)
+
+
+MODELS = (Product, IdCounter, RateLimit, Engine, Event, PortLease, ShardLease, Replica, Rollout,
+          RolloutTarget)
 ENGINE_COLUMNS = tuple(f.column_name for f in Engine._meta.sorted_fields)

@@ -13,8 +13,8 @@ from starlette.routing import Mount, Route
 from app import states
 from app.api import spec
 from app.api.app import OrchestratorApp
-from app.api.handlers import HANDLERS
 from app.api.openapi import document
+from app.api.operations import ALL_HANDLERS as HANDLERS
 from app.client import AsyncClient, Client, _calls, _models
 from app.config import Settings
 
@@ -56,10 +56,11 @@ def test_the_openapi_document_is_the_table() -> None:
         op = doc["paths"][endpoint.path][endpoint.method.lower()]
         assert op["operationId"] == endpoint.name
         statuses = {int(s) for s in op["responses"]}
-        assert statuses == {200, *endpoint.also_ok, *(spec.STATUS_BY_CODE[c] for c in endpoint.codes)}
+        assert statuses == {endpoint.ok, *endpoint.also_ok, *(spec.STATUS_BY_CODE[c] for c in endpoint.codes)}
         params = {p["name"] for p in op["parameters"]}
         query = {f.encode_name for f in msgspec.structs.fields(endpoint.query)} if endpoint.query else set()
-        assert params == query | ({"user_id"} if "{user_id}" in endpoint.path else set())
+        in_path = {p for p in ("user_id", "rollout_id") if "{" + p + "}" in endpoint.path}
+        assert params == query | in_path
         assert ("requestBody" in op) == (endpoint.body is not None)
         assert ("security" in op) == endpoint.auth
 
@@ -81,7 +82,7 @@ def test_the_client_has_every_endpoint_and_sends_what_the_table_says() -> None:
         args = {p: _example(p) for p in inspect.signature(build).parameters}
         call = build(**args)
         assert call.method == endpoint.method, name
-        template = endpoint.path.replace("{user_id}", "u%20v")
+        template = endpoint.path.replace("{user_id}", "u%20v").replace("{rollout_id}", "7")
         assert call.path == template, name
         if call.json is not None:
             assert endpoint.body is not None
@@ -99,7 +100,9 @@ def test_the_client_has_every_endpoint_and_sends_what_the_table_says() -> None:
 
 def _example(parameter: str) -> object:
     return {"user_id": "u v", "engine_version": "v1", "auto_provision": True, "auto_wake": False,
-            "status": "running", "limit": 5, "cursor": "ZToz", "request_id": None}[parameter]
+            "status": "running", "limit": 5, "cursor": "ZToz", "request_id": None, "wait": False,
+            "rollout_id": 7, "to_version": "v2", "from_version": "v1", "batch_size": 3,
+            "max_failures": 1}[parameter]
 
 
 @pytest.mark.parametrize("answer,model", [

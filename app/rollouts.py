@@ -1,0 +1,109 @@
+"""Rollouts (issue 13): a product's fleet moved to a new engine_version, batch by batch.
+
+A rollout lives in the database (app/registry/rollouts.py): its row and one target per engine
+chosen when it was created. The replica that holds the rollout's lease drives it (so it runs
+on exactly one replica, and another takes over once the lease of a dead one runs out): each
+batch is a set of ordinary upgrades (Lifecycle.upgrade: the operations runner, so never beside
+another operation on the same engine), and the next batch starts only when every upgrade of
+this one has answered (an upgraded engine is a healthy one). More than `max_failures` failed
+engines: every engine the rollout upgraded goes back to its previous version, then
+`rolled_back`. Between batches the status is read again, so pause and abort take effect at
+the next batch boundary.
+
+Resuming after a crash is safe because an upgrade to the version an engine already has
+changes nothing: a target whose upgrade was cut short is simply upgraded again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from app import errors, registry
+from app.lifecycle import Lifecycle, ProductRef
+from app.registry.models import Rollout, RolloutTarget
+
+log = logging.getLogger("orch.rollouts")
+
+TICK_S = 0.2
+rollouts = registry.rollouts
+
+
+class RolloutRunner:
+    def __init__(self, lifecycle: Lifecycle):
+        self.lifecycle = lifecycle
+        self.owner = lifecycle.runner.owner
+        self.lease_s = lifecycle.settings.lease_s
+
+    async def run_forever(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception:  # a bad tick must not end the loop; the next one retries
+                log.exception("rollout tick failed")
+            await asyncio.sleep(TICK_S)
+
+    async def tick(self) -> None:
+        for rollout in rollouts.runnable():
+            if rollouts.acquire_rollout(rollout.id, self.owner, self.lease_s):
+                renew = asyncio.create_task(self._renew(rollout.id))
+                try:
+                    await self.drive(rollout.id)
+                finally:
+                    renew.cancel()
+                    rollouts.release_rollout(rollout.id, self.owner)
+
+    async def _renew(self, rollout_id: int) -> None:
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            rollouts.acquire_rollout(rollout_id, self.owner, self.lease_s)
+
+    async def drive(self, rollout_id: int) -> None:
+        """Batches until the rollout is done, paused or aborted (lease held)."""
+        while True:
+            rollout = rollouts.reload_rollout(rollout_id)
+            if rollout is None or rollout.status != "running":
+                return
+            product = _product(rollout)
+            targets = rollouts.targets(rollout_id)
+            if sum(1 for t in targets if t.state == "failed") > rollout.max_failures:
+                await self._roll_back(rollout, product, targets)
+                return
+            pending = [t for t in targets if t.state == "pending"]
+            if not pending:
+                rollouts.set_status(rollout, ("running",), "succeeded")
+                return
+            batch = pending[:rollout.batch_size]
+            await asyncio.gather(*(self._upgrade(rollout, product, t) for t in batch))
+
+    async def _upgrade(self, rollout: Rollout, product: ProductRef, target: RolloutTarget) -> None:
+        try:
+            await self.lifecycle.upgrade(product, target.user_id, rollout.to_version)
+        except errors.EngineNotFound:
+            rollouts.set_target(rollout.id, target.user_id, "gone", "destroyed meanwhile")
+        except errors.DomainError as exc:
+            rollouts.set_target(rollout.id, target.user_id, "failed", f"{exc.code}: {exc.message}")
+        else:
+            rollouts.set_target(rollout.id, target.user_id, "upgraded")
+
+    async def _roll_back(self, rollout: Rollout, product: ProductRef,
+                         targets: list[RolloutTarget]) -> None:
+        ok = True
+        for target in targets:
+            if target.state != "upgraded":
+                continue
+            try:
+                await self.lifecycle.upgrade(product, target.user_id, target.previous_version)
+            except errors.EngineNotFound:
+                pass
+            except errors.DomainError as exc:
+                log.warning("rollout %s: %s not rolled back: %s", rollout.id, target.user_id, exc)
+                ok = False
+                continue
+            rollouts.set_target(rollout.id, target.user_id, "rolled_back")
+        rollouts.set_status(rollout, ("running", "paused"), "rolled_back" if ok else "failed")
+
+
+def _product(rollout: Rollout) -> ProductRef:
+    # Upgrades need only the product's id and name (no quota or rate limit applies).
+    return ProductRef(rollout.product_id, registry.product_name(rollout.product_id), 0, 0)

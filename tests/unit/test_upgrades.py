@@ -1,0 +1,63 @@
+"""Upgrades in process (real SQLite registry, the real runner, a FakeDriver): the cases the
+reference engine cannot stage end to end. Each test ends by checking the audit trail walks
+along the state table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app import errors, states
+from tests.inproc import Behaviour, World
+
+
+def test_when_neither_version_comes_up_the_engine_is_failed_on_the_old_one(tmp_path: Path) -> None:
+    world = World(tmp_path, Behaviour(), boot_timeout_s=0.3)
+    try:
+        world.run(world.lifecycle.provision(world.product, "a", "v1"))
+        world.driver.behaviour.never_ready = True
+        with pytest.raises(errors.UpgradeFailed):
+            world.run(world.lifecycle.upgrade(world.product, "a", "v2"))
+        row = world.row("a")
+        assert row is not None and row.status == states.FAILED
+        assert (row.engine_version, row.previous_version) == ("v1", None)
+        assert row.failure_reason == "boot_timeout" and world.driver.running() == set()
+        assert [e for e, _, _ in world.trail("a")][-2:] == ["upgrade", "boot_failed"]
+        world.assert_valid_trail("a")
+    finally:
+        world.close()
+
+
+def test_an_unreachable_scheduler_changes_nothing(tmp_path: Path) -> None:
+    world = World(tmp_path, Behaviour())
+    try:
+        world.run(world.lifecycle.provision(world.product, "b", "v1"))
+        before = world.row("b")
+        world.driver.behaviour.scheduler_down = True
+        with pytest.raises(errors.SchedulerUnavailable):
+            world.run(world.lifecycle.upgrade(world.product, "b", "v2"))
+        after = world.row("b")
+        assert after is not None and before is not None
+        assert (after.status, after.engine_version, after.row_version) == (
+            states.RUNNING, "v1", before.row_version)
+        world.assert_valid_trail("b")
+    finally:
+        world.close()
+
+
+def test_unknown_engine_and_same_version(tmp_path: Path) -> None:
+    world = World(tmp_path, Behaviour())
+    try:
+        with pytest.raises(errors.EngineNotFound):
+            world.run(world.lifecycle.upgrade(world.product, "nobody", "v2"))
+        row, _ = world.run(world.lifecycle.provision(world.product, "c", "v1"))
+        same = world.run(world.lifecycle.upgrade(world.product, "c", "v1"))
+        assert same.row_version == row.row_version  # nothing written
+        upgraded = world.run(world.lifecycle.upgrade(world.product, "c", "v2"))
+        assert (upgraded.status, upgraded.engine_version, upgraded.previous_version) == (
+            states.RUNNING, "v2", None)
+        assert world.driver.running() == {row.name}
+        world.assert_valid_trail("c")
+    finally:
+        world.close()
