@@ -30,23 +30,27 @@ MOVES = {"pause": (("running",), "paused"), "resume": (("paused",), "running"),
 def add_commands(sub: Any, engines: Any, cmd: Command) -> None:
     upgrade = cmd(engines, "upgrade", cmd_engines_upgrade,
                   "move one engine to another version, brain kept (rolled back if not healthy)")
-    for name in ("product", "user", "version"):
-        upgrade.add_argument(name)
+    upgrade.add_argument("product", help="the product's name")
+    upgrade.add_argument("user", help="the engine's user id")
+    upgrade.add_argument("version", help="the engine_version to move to")
     rollout = sub.add_parser("rollout", help="fleet rollouts").add_subparsers(metavar="ACTION")
     start = cmd(rollout, "start", cmd_start, "upgrade a product's engines batch by batch")
-    start.add_argument("product")
-    start.add_argument("to_version")
-    start.add_argument("--from-version")
-    start.add_argument("--batch-size", type=int, default=1)
-    start.add_argument("--max-failures", type=int, default=0)
+    start.add_argument("product", help="the product whose engines move")
+    start.add_argument("to_version", help="the engine_version they move to")
+    start.add_argument("--from-version", help="only the engines on this version (default: all)")
+    start.add_argument("--batch-size", type=int, default=1,
+                       help="engines upgraded at once; the next batch waits for this one (default 1)")
+    start.add_argument("--max-failures", type=int, default=0,
+                       help="failed engines tolerated; one more rolls every change back (default 0)")
     status = cmd(rollout, "status", cmd_status, "a rollout's progress")
-    status.add_argument("id", type=int)
+    status.add_argument("id", type=int, help="the rollout's id")
     status.add_argument("--follow", action="store_true", help="a live progress bar until it ends")
     for action in MOVES:
         move = cmd(rollout, action, cmd_move, f"{action} a rollout")
-        move.add_argument("id", type=int)
+        move.add_argument("id", type=int, help="the rollout's id")
         move.set_defaults(cmd_action=action)
-    cmd(rollout, "list", cmd_list, "a product's rollouts, newest first").add_argument("product")
+    listing = cmd(rollout, "list", cmd_list, "a product's rollouts, newest first")
+    listing.add_argument("product", help="the product's name")
 
 
 def cmd_start(settings: Settings, args: argparse.Namespace) -> int:
