@@ -109,15 +109,3 @@ def _is_int(annotation: Any) -> bool:
     kinds = info.types if isinstance(info, msgspec.inspect.UnionType) else (info,)
     return any(isinstance(k.type if isinstance(k, msgspec.inspect.Metadata) else k,
                           msgspec.inspect.IntType) for k in kinds)
-
-
-def platform_key(headers: list[tuple[bytes, bytes]]) -> str:
-    found: bytes | None = None
-    for name, value in headers:
-        if name == b"x-platform-key":
-            if found is not None:
-                raise errors.invalid("X-Platform-Key given more than once")
-            found = value
-    if not found:
-        raise errors.unauthorized()
-    return found.decode("latin-1")
