@@ -17,6 +17,12 @@ PG_SUITES := tests/unit/test_registry_policy.py tests/unit/test_runner.py tests/
 	tests/integration/test_replicas.py tests/integration/test_faults.py tests/integration/test_product_ids.py \
 	tests/integration/test_crash_mid_destroy.py tests/integration/test_errors.py::test_database_unavailable
 
+# Most tests wait on processes (engines booting, orchestrators starting), not on the CPU: four
+# workers keep two cores busy. worksteal, because a few tests (the fuzz, the storms) take far
+# longer than the rest.
+TEST_WORKERS ?= 4
+PYTEST_PAR := -n $(TEST_WORKERS) --dist worksteal
+
 .PHONY: install run test unit integration bench lint nomad-dev clean
 
 $(STAMP): pyproject.toml
@@ -36,10 +42,10 @@ run: install
 	fi; exec $(BIN)/orch serve
 
 test: install
-	$(BIN)/pytest -q tests/unit tests/integration
+	$(BIN)/pytest -q $(PYTEST_PAR) tests/unit tests/integration
 	@if [ -n "$$ORCH_TEST_POSTGRES" ]; then \
 		echo "== the database-facing suites again, on PostgreSQL ($$ORCH_TEST_POSTGRES)"; \
-		ORCH_TEST_DB=postgres $(BIN)/pytest -q -p no:cacheprovider $(PG_SUITES) -k "not nomad"; \
+		ORCH_TEST_DB=postgres $(BIN)/pytest -q $(PYTEST_PAR) -p no:cacheprovider $(PG_SUITES) -k "not nomad"; \
 	else \
 		echo "PostgreSQL: not run (set ORCH_TEST_POSTGRES=postgresql://user:pass@127.0.0.1:5432/postgres; .ci/postgres.sh sets one up)"; \
 	fi

@@ -257,8 +257,13 @@ class NomadDriver(Driver):
                 raise CapacityExhausted(f"Nomad could not place {spec.name}: "
                                         f"{evaluation.get('StatusDescription') or evaluation['Status']}")
             if evaluation.get("Status") == "complete":
-                live = [a for a in await self._io(self.api.allocations, spec.name)
-                        if a.get("DesiredStatus") == "run" and a.get("ClientStatus") not in TERMINAL]
+                allocs = [a for a in await self._io(self.api.allocations, spec.name)
+                          if a.get("DesiredStatus") == "run"]
+                # What this eval placed counts even if it has already ended (an engine that
+                # crashed at once, on a loaded host, before we looked): wait_ready reports it
+                # as crashed. Otherwise (an in-place update) the live allocation is the engine.
+                ours = [a for a in allocs if a.get("EvalID") == eval_id]
+                live = ours or [a for a in allocs if a.get("ClientStatus") not in TERMINAL]
                 if live:
                     return str(max(live, key=lambda a: a.get("CreateIndex", 0))["ID"])
             if time.monotonic() > deadline:

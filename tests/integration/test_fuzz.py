@@ -61,6 +61,8 @@ def test_the_server_serves_the_document_fuzzed_here(live: Orchestrator) -> None:
     assert httpx.get(live.url + "/openapi.json", trust_env=False).json() == document()
 
 
+# One pytest item for every operation: about 90 s with three other workers on two cores.
+@pytest.mark.timeout(600)
 @schema.parametrize()
 @settings(max_examples=EXAMPLES, deadline=None, phases=[Phase.explicit, Phase.generate],
           suppress_health_check=list(HealthCheck))

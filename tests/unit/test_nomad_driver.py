@@ -17,6 +17,7 @@ from app import jobspec
 from app.config import ConfigError, Settings
 from app.drivers.base import EngineSpec, SchedulerUnavailable
 from app.drivers.nomad import NomadDriver
+from app.errors import EngineCrashed
 from tests.doubles.fixture import Hashistack
 from tests.doubles.state import node_id
 from tests.harness import ROOT, free_port_range, wait_for
@@ -106,6 +107,31 @@ def test_a_canceled_eval_is_followed_to_the_one_that_superseded_it(stack: Hashis
         assert (await driver._io(driver.api.allocation, alloc))["DesiredStatus"] == "run"
         await driver.destroy(s, state)
     run(_with_driver(stack, work))
+
+
+def test_an_engine_that_crashed_before_the_driver_looked_is_a_crash_not_a_wait(
+        stack: Hashistack) -> None:
+    # On a loaded host the allocation can fail before the driver first reads the allocations:
+    # the driver used to look only for live ones and waited out PLACEMENT_WAIT_S (30 s).
+    async def work(driver: NomadDriver) -> None:
+        s = spec("early")
+        state = await driver.create(s, "k1")
+        crashing = EngineSpec(s.name, s.product, s.user_id, "0.1.0+fault-crash")
+        job = jobspec.render_job(driver.settings, crashing, volume_path=state.get("volume_path"))
+        eval_id = await driver._io(driver.api.register, job)
+        wait_for(lambda: any(a["EvalID"] == eval_id and a["ClientStatus"] == "failed"
+                             for a in stack_allocations(stack, s.name)), what="the allocation failed")
+        alloc = await asyncio.wait_for(driver._placed(crashing, eval_id), timeout=10)
+        assert (await driver._io(driver.api.allocation, alloc))["ClientStatus"] == "failed"
+        with pytest.raises(EngineCrashed):
+            await driver.wait_ready(crashing, {**state, "alloc": alloc}, timeout=5)
+        await driver.destroy(s, state)
+    run(_with_driver(stack, work))
+
+
+def stack_allocations(stack: Hashistack, job_id: str) -> list[dict[str, Any]]:
+    answer = httpx.get(f"{stack.nomad}/v1/job/{job_id}/allocations", timeout=5, trust_env=False)
+    return list(answer.json())
 
 
 def test_a_job_nomad_refuses_is_reported_as_ours_not_as_nomad_down(
