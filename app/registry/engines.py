@@ -17,6 +17,7 @@ from typing import Any
 import peewee as pw
 
 from app import errors, states
+from app.registry import leases
 from app.registry.db import execute_hot, hot_sql, tuples, write_lock
 from app.registry.events import Transition, audit, publish
 from app.registry.models import ENGINE_COLUMNS, Engine, Product
@@ -202,18 +203,11 @@ def delete_engine(row: EngineRow, event: str = "destroyed", reason: str | None =
 
 def acquire_lease(row: EngineRow, owner: str, seconds: float) -> bool:
     """Take (or renew) the row's lease: free, expired, or ours already."""
-    now = time.time()
-    got = (Engine.update(lease_owner=owner, lease_until=now + seconds)
-           .where(_same_row(row)
-                  & (Engine.lease_owner.is_null() | (Engine.lease_until < now)
-                     | (Engine.lease_owner == owner)))
-           .execute())
-    return bool(got == 1)
+    return leases.take(Engine, _same_row(row), owner, seconds)
 
 
 def release_lease(row: EngineRow, owner: str) -> None:
-    (Engine.update(lease_owner=None, lease_until=None)
-     .where(_same_row(row) & (Engine.lease_owner == owner)).execute())
+    leases.give_back(Engine, _same_row(row), owner)
 
 
 # ---- reads ---------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from app.registry import leases
 from app.registry.db import write_lock
 from app.registry.models import Engine, Event, Rollout, RolloutTarget
 
@@ -75,18 +76,11 @@ def runnable() -> list[Rollout]:
 
 def acquire_rollout(rollout_id: int, owner: str, seconds: float) -> bool:
     """Take or renew the rollout's lease: free, expired, or ours already."""
-    now = time.time()
-    got = (Rollout.update(lease_owner=owner, lease_until=now + seconds)
-           .where((Rollout.id == rollout_id)
-                  & (Rollout.lease_owner.is_null() | (Rollout.lease_until < now)
-                     | (Rollout.lease_owner == owner)))
-           .execute())
-    return bool(got == 1)
+    return leases.take(Rollout, Rollout.id == rollout_id, owner, seconds)
 
 
 def release_rollout(rollout_id: int, owner: str) -> None:
-    (Rollout.update(lease_owner=None, lease_until=None)
-     .where((Rollout.id == rollout_id) & (Rollout.lease_owner == owner)).execute())
+    leases.give_back(Rollout, Rollout.id == rollout_id, owner)
 
 
 def reload_rollout(rollout_id: int) -> Rollout | None:
