@@ -79,6 +79,9 @@ class Settings:
     metrics_token: str | None = None
     limit_concurrency: int = 1000
     head_timeout_s: float = 10.0
+    # An idle keep-alive connection is closed after this long: longer than clients keep theirs
+    # (httpx 5 s, aiohttp 15 s), so a client never reuses one the server is closing.
+    keepalive_s: int = 30
     # Issue 12 (hostile tenants): who engines run as and what they inherit.
     engine_user: str | None = None  # None: "nobody" when we are root, else ourselves
     engine_env: tuple[str, ...] = ()
@@ -134,6 +137,7 @@ class Settings:
             metrics_token=r.get("ORCH_METRICS_TOKEN", _nonempty, None),
             limit_concurrency=r.get("ORCH_LIMIT_CONCURRENCY", _positive_int, cls.limit_concurrency),
             head_timeout_s=r.get("ORCH_HEAD_TIMEOUT_S", _positive, cls.head_timeout_s),
+            keepalive_s=r.get("ORCH_KEEPALIVE_S", _positive_int, cls.keepalive_s),
             # Issue 12 (hostile tenants).
             engine_user=r.get("ORCH_ENGINE_USER", _nonempty, None),
             engine_env=r.get("ORCH_ENGINE_ENV", _env_names, cls.engine_env),

@@ -29,10 +29,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Engines' port ranges come from below the kernel's ephemeral ports (32768 and up, where
+# free_port() and every outgoing connection get theirs), one band per pytest-xdist worker, so
+# two workers never hand out the same range.
+_BANDS = (20000, 32000)
+
+
+def _band() -> tuple[int, int]:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    width = (_BANDS[1] - _BANDS[0]) // max(1, count)
+    return _BANDS[0] + index * width, _BANDS[0] + (index + 1) * width
+
+
 def free_port_range(size: int) -> tuple[int, int]:
-    """A block of ports that are all bindable right now."""
+    """A block of ports that are all bindable right now, in this worker's band."""
+    first, last = _band()
     for _ in range(200):
-        low = random.randrange(21000, 39000 - size)
+        low = random.randrange(first, last - size)
         if all(_bindable(p) for p in range(low, low + size)):
             return low, low + size - 1
     raise RuntimeError("no free port range")
@@ -153,7 +168,7 @@ class Orchestrator:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=env,
                                          cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-        wait_for(self._ready, timeout=20, what=f"orchestrator on port {self.port} (log {self.log})")
+        wait_for(self._ready, timeout=60, what=f"orchestrator on port {self.port} (log {self.log})")
         return self
 
     def _ready(self) -> bool:

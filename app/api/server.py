@@ -102,6 +102,7 @@ def config(app: Any, settings: Settings, host: str | None = None, port: int | No
         "port": settings.port if port is None else port,
         "http": protocol,
         "limit_concurrency": settings.limit_concurrency,
+        "timeout_keep_alive": settings.keepalive_s,
         "log_level": settings.log_level.lower(),
         "access_log": False,
         "lifespan": "on",

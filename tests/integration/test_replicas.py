@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -150,8 +151,15 @@ def test_rate_limit_is_shared_by_replicas(pair: tuple[Orchestrator, Orchestrator
     first, second = pair
     first.product("limited", rpm=10)
     answers = []
+    started = time.monotonic()
     for i in range(20):
         replica = (first, second)[i % 2]
         answers.append(httpx.post(f"{replica.url}/engines/x/admit", trust_env=False,
                                   headers={"X-Platform-Key": first.keys["limited"]}).status_code)
-    assert answers.count(200) == 10 and answers.count(429) == 10
+    elapsed = time.monotonic() - started
+    # GCRA: a burst of rpm admits, then one every 60/rpm = 6 s. Twenty calls usually take well
+    # under 6 s; on a loaded machine they may not, and then a slot has honestly come back.
+    # Counted per replica, the two would have let all twenty through.
+    assert answers[:10] == [200] * 10
+    assert 10 <= answers.count(200) <= 10 + int(elapsed // 6)
+    assert answers.count(200) + answers.count(429) == 20

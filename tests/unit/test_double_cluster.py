@@ -65,7 +65,7 @@ def allocs(stack: Hashistack, job_id: str, status: str) -> list[dict[str, Any]]:
 
 
 def one(stack: Hashistack, job_id: str, status: str) -> dict[str, Any]:
-    return wait_for(lambda: allocs(stack, job_id, status), timeout=15, what=status)[0]
+    return wait_for(lambda: allocs(stack, job_id, status), timeout=30, what=status)[0]
 
 
 def port_of(stack: Hashistack, alloc_id: str) -> int:
