@@ -30,7 +30,10 @@ def test_rollout_commands_and_engines_upgrade(tmp_path: Path) -> None:
         listed = json.loads(orch.cli("rollout", "list", "acme").stdout)
         assert [r["id"] for r in listed] == [started["id"]]
 
-        paused_one = json.loads(orch.cli("rollout", "start", "acme", "ref-3+boot-delay-3000").stdout)
+        # Slow boots, one engine a batch (12 s at least), so the pause, a CLI process that may
+        # take seconds to start on a loaded machine, comes while the rollout runs.
+        paused_one = json.loads(orch.cli("rollout", "start", "acme", "ref-3+boot-delay-6000",
+                                         "--batch-size", "1").stdout)
         paused = json.loads(orch.cli("rollout", "pause", str(paused_one["id"])).stdout)
         assert paused["status"] == "paused"
         aborted = json.loads(orch.cli("rollout", "abort", str(paused_one["id"])).stdout)

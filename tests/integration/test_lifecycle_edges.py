@@ -79,9 +79,17 @@ def test_sleep_mode_stop_cold_starts_on_wake(make_orch) -> None:
     woken = api.post("/engines/napper/admit", json={"auto_wake": True}).json()
     assert woken["admitted"] and woken["woken"]
     assert pid_of(orch, "napper") != pid
-    got = httpx.get(woken["url"] + "/v1/memory/k", headers={"Authorization": f"Bearer {key}"},
-                    trust_env=False)
-    assert got.content == b"v"
+
+    def brain() -> bytes | None:
+        # Idle for 0.5 s it sleeps (stops) again, and the engine's own traffic is not activity:
+        # on a loaded machine that can come before this read, so admit (wake) and read again.
+        url = api.post("/engines/napper/admit", json={"auto_wake": True}).json()["url"]
+        try:
+            return httpx.get(url + "/v1/memory/k", headers={"Authorization": f"Bearer {key}"},
+                             trust_env=False).content
+        except httpx.TransportError:
+            return None
+    wait_for(lambda: brain() == b"v", timeout=30, what="the brain read after a cold start")
 
 
 def test_wake_falls_back_to_cold_start_when_the_paused_process_is_gone(make_orch) -> None:
@@ -96,7 +104,8 @@ def test_wake_falls_back_to_cold_start_when_the_paused_process_is_gone(make_orch
     wait_for(lambda: proc_state(pid) == "gone", what="kill")
     woken = api.post("/engines/ghost/admit", json={"auto_wake": True}).json()
     assert woken["admitted"] and woken["woken"]
-    assert pid_of(orch, "ghost") != pid and proc_state(pid_of(orch, "ghost")) == "running"
+    # A new process, alive (idle for 0.5 s it may already be paused again on a loaded machine).
+    assert pid_of(orch, "ghost") != pid and proc_state(pid_of(orch, "ghost")) in ("running", "paused")
 
 
 def test_start_wakes_a_sleeping_engine_and_admit_counts_as_activity(make_orch) -> None:
