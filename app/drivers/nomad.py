@@ -25,6 +25,7 @@ from app import engine_http, jobspec
 from app.config import ConfigError, Settings
 from app.discovery import Discovery
 from app.drivers._nomad_api import NomadAPI, NomadError, SchedulerRejected, VariableConflict
+from app.drivers._nomad_events import FleetEvents
 from app.drivers._nomad_volumes import VolumeGone, Volumes
 from app.drivers.base import (
     BadVersion,
@@ -81,6 +82,10 @@ class NomadDriver(Driver):
         self._snapshot_lock = asyncio.Lock()
         self._last: _Snapshot | None = None
         self._snapshot_ttl = min(0.5, settings.tick_s / 2)  # at most one per reconciler pass
+        # Issue 11: Nomad's event stream and Consul's blocking queries report engines' ends.
+        self.events = FleetEvents(settings, lambda: self._io(self.api.all_allocations))
+        self.events.subscribe(self._changed)
+        self._exit_listeners: list[Callable[[str], None]] = []
 
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -140,6 +145,7 @@ class NomadDriver(Driver):
                 return state, state["url"]
 
     async def stop(self, spec: EngineSpec, state: State, grace: float) -> State:
+        self.events.forget(spec.name)   # an end we cause is no news
         # Nomad kills with the job's KillTimeout (ORCH_STOP_GRACE_S, rendered into the job):
         # `grace` cannot shorten it, so the wait covers that.
         await self._thaw(state)
@@ -183,6 +189,7 @@ class NomadDriver(Driver):
 
     async def destroy(self, spec: EngineSpec, state: State | None) -> None:
         state = state or {}
+        self.events.forget(spec.name)
         if await self._io(self.api.job, spec.name) is not None:
             await self._thaw(state)
             await self._io(self.api.deregister, spec.name, False)
@@ -198,6 +205,9 @@ class NomadDriver(Driver):
         alloc_id = state.get("alloc")
         if not alloc_id:
             return "dead"
+        ended = self.events.status(alloc_id)   # Nomad told us: no need to ask
+        if ended is not None:
+            return "node_lost" if ended == "lost" else "dead"
         snapshot = await self._snapshot()
         if snapshot.allocs.get(alloc_id) not in LIVE:
             alloc = await self._io(self.api.allocation, alloc_id)
@@ -220,11 +230,25 @@ class NomadDriver(Driver):
                   if _OUR_NAME.fullmatch(v["Path"][len(prefix):])}
         return names
 
+    def on_exit(self, listener: Callable[[str], None]) -> bool:
+        self._exit_listeners.append(listener)
+        return True
+
+    def watch(self, spec: EngineSpec, state: State) -> None:
+        if state.get("alloc"):
+            self.events.watch(spec.name, state["alloc"], state.get("node"))
+
+    def _changed(self, name: str) -> None:
+        self._last = None   # the snapshot predates the news: the probe that follows reads anew
+        for listener in self._exit_listeners:
+            listener(name)
+
     async def ping(self) -> None:
         await self._io(self.api.leader)
         await self._io(self.consul.ping)
 
     async def close(self) -> None:
+        await self.events.close()
         await self.http.aclose()
         self.api.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
