@@ -232,10 +232,10 @@ class NomadDriver(Driver):
 
     def on_exit(self, listener: Callable[[str], None]) -> bool:
         self._exit_listeners.append(listener)
-        return True
+        return self.settings.nomad_events
 
     def watch(self, spec: EngineSpec, state: State) -> None:
-        if state.get("alloc"):
+        if self.settings.nomad_events and state.get("alloc"):
             self.events.watch(spec.name, state["alloc"], state.get("node"))
 
     def _changed(self, name: str) -> None:
