@@ -113,8 +113,10 @@ class FleetEvents:
             self._progress.discard(what)
             try:
                 await follow()
-            except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            except (httpx.HTTPError, ValueError) as exc:
                 log.debug("%s dropped: %s", what, exc)
+            except Exception:  # a bug here must not end the watching for good
+                log.exception("following %s failed", what)
             if what == "nomad":
                 self.drops += 1
             else:
@@ -141,8 +143,8 @@ class FleetEvents:
             if self._audit_after_gap():
                 self._want_audit()   # we were away: what changed meanwhile may be gone
             async for line in response.aiter_lines():
-                if line.strip():
-                    self._progress.add("nomad")
+                if line.strip() not in ("", "{}"):   # a heartbeat is no progress: a stream
+                    self._progress.add("nomad")      # cut after each one still backs off
                     self._frame(json.loads(line))
 
     def _audit_after_gap(self) -> bool:
@@ -196,7 +198,9 @@ class FleetEvents:
                                             timeout=httpx.Timeout(10.0, read=CONSUL_WAIT_S * 1.5))
             response.raise_for_status()
             new_index = int(response.headers.get("X-Consul-Index") or 0)
-            index = new_index if new_index >= index else 0   # backwards: start over
+            # Consul's rules: an index that goes backwards starts over (a read that does not
+            # block), and one below 1 is taken as 1, so a bad answer cannot become a busy loop.
+            index = 0 if new_index < index else max(new_index, 1)
             health, before = by_service(response.json()), self.health
             self.health = health
             self._progress.add("consul")

@@ -8,7 +8,8 @@ Follows Nomad v1.10.5:
 - nomad/stream/event_buffer.go: a bounded buffer (nomad/config.go EventBufferSize, 100
   frames); `StartAtClosest`: a subscription at index N starts AT the frame of index N if it is
   still there, else at the next later one, else (N older than the buffer) at its oldest frame,
-  with no error: what fell out of the buffer is silently missed. Index 0 starts at the oldest.
+  with no error: what fell out of the buffer is silently missed; an N past the newest frame
+  starts at the newest (sent again). Index 0 starts at the oldest.
 - nomad/stream/subscription.go `filter`: `topic=T:K` matches the event's Key or a FilterKey;
   `T` alone is `T:*`; no topic at all is `*:*`.
 - nomad/stream/ndjson.go `NewJsonStream`: a heartbeat `{}` at once, then one every interval
@@ -75,21 +76,23 @@ class EventBroker:
 
     def start_at(self, index: int) -> int:
         """Position in `frames` of StartAtClosest(index): that frame, or the next later one
-        (or the oldest one, for 0 or an index that fell out of the buffer)."""
+        (the oldest one, for 0 or an index that fell out of the buffer; the newest, for an
+        index past it)."""
         for pos, frame in enumerate(self.frames):
             if frame["Index"] >= index:
                 return pos
-        return len(self.frames)
+        return max(0, len(self.frames) - 1)
 
     async def follow(self, index: int, topics: dict[str, list[str]]) -> AsyncIterator[bytes]:
         generation = self.generation
         yield HEARTBEAT
-        next_index = index   # the first frame we may send has an index >= this
+        changed = self.changed   # taken before reading the frames: a later publish sets it
+        todo = list(self.frames)[self.start_at(index):]   # where the subscription starts
+        seen = index - 1                                  # then: every frame after the last one
         beat = asyncio.get_running_loop().time()
         while generation == self.generation:
-            changed = self.changed
-            for frame in list(self.frames)[self.start_at(next_index):]:
-                next_index = frame["Index"] + 1
+            for frame in todo:
+                seen = frame["Index"]
                 events = [e for e in frame["Events"] if _matches(e, topics)]
                 if events:   # Subscription.Next skips frames the filter empties
                     yield (json.dumps({"Index": frame["Index"], "Events": events}) + "\n").encode()
@@ -100,6 +103,8 @@ class EventBroker:
             except TimeoutError:
                 beat = asyncio.get_running_loop().time()
                 yield HEARTBEAT
+            changed = self.changed
+            todo = [f for f in self.frames if f["Index"] > seen]
 
 
 def _matches(event: dict[str, Any], topics: dict[str, list[str]]) -> bool:

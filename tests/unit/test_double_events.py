@@ -114,6 +114,12 @@ def test_frames_heartbeats_filters_and_resume_at_an_index(stack: Hashistack) -> 
     finally:
         again.close()
         other.close()
+    past = Stream(stack, "index=999999999")   # past the newest frame: that one, sent again
+    try:
+        newest = past.next()
+        assert newest is not None and newest["Index"] >= running["Index"]
+    finally:
+        past.close()
     httpx.delete(f"{stack.nomad}/v1/job/{JOB}?purge=true")
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from app.config import Settings
+from app.config import ConfigError, Settings
 from app.drivers.base import EngineSpec, State
 from app.drivers.nomad import NomadDriver
 from tests.doubles.fixture import Hashistack
@@ -143,5 +143,24 @@ def test_a_lost_event_is_caught_by_the_resync(stack: Hashistack) -> None:
         finally:
             await asyncio.to_thread(stack.fault, lose_events=0, consul_down=False)
             await driver.destroy(s, state)
+            await driver.close()
+    asyncio.run(work())
+
+
+def test_events_can_be_switched_off(stack: Hashistack) -> None:
+    assert Settings.from_env({}).nomad_events
+    assert not Settings.from_env({"ORCH_NOMAD_EVENTS": "off"}).nomad_events
+    with pytest.raises(ConfigError, match="ORCH_NOMAD_EVENTS"):
+        Settings.from_env({"ORCH_NOMAD_EVENTS": "maybe"})
+
+    async def work() -> None:
+        driver = NomadDriver(Settings(driver="nomad", nomad_addr=stack.nomad,
+                                      consul_addr=stack.consul, nomad_events=False,
+                                      nomad_jobspec=ROOT / "jobspecs" / "engine.docker.json"))
+        try:
+            assert not driver.on_exit(Heard())   # the reconciler's checks alone, as before
+            driver.watch(spec("off"), {"alloc": "a"})
+            assert driver.events._tasks == []
+        finally:
             await driver.close()
     asyncio.run(work())
