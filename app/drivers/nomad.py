@@ -84,8 +84,7 @@ class NomadDriver(Driver):
         self._snapshot_ttl = min(0.5, settings.tick_s / 2)  # at most one per reconciler pass
         # Issue 11: Nomad's event stream and Consul's blocking queries report engines' ends.
         self.events = FleetEvents(settings, lambda: self._io(self.api.all_allocations))
-        self.events.subscribe(self._changed)
-        self._exit_listeners: list[Callable[[str], None]] = []
+        self.events.subscribe(self._stale)   # first: the listeners' probes must read anew
 
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -231,17 +230,15 @@ class NomadDriver(Driver):
         return names
 
     def on_exit(self, listener: Callable[[str], None]) -> bool:
-        self._exit_listeners.append(listener)
+        self.events.subscribe(listener)
         return self.settings.nomad_events
 
     def watch(self, spec: EngineSpec, state: State) -> None:
         if self.settings.nomad_events and state.get("alloc"):
             self.events.watch(spec.name, state["alloc"], state.get("node"))
 
-    def _changed(self, name: str) -> None:
-        self._last = None   # the snapshot predates the news: the probe that follows reads anew
-        for listener in self._exit_listeners:
-            listener(name)
+    def _stale(self, name: str) -> None:
+        self._last = None   # the fleet snapshot predates this news
 
     async def ping(self) -> None:
         await self._io(self.api.leader)
