@@ -65,10 +65,13 @@ class FleetEvents:
     def subscribe(self, listener: Listener) -> None:
         self.listeners.append(listener)
 
-    def watch(self, name: str, alloc_id: str, node_id: str | None) -> None:
+    def watch(self, name: str, alloc_id: str, node_id: str | None, resync: bool = True) -> None:
+        """Watch an engine's allocation; the reconciler's resync watches each running engine
+        again, and that asks for an audit."""
         self._start()
         if self.alloc_of.get(name) == alloc_id:
-            self._want_audit()   # watched again: the resync's safety net
+            if resync:
+                self._want_audit()
             return
         self.forget(name)
         self.alloc_of[name], self.name_of[alloc_id] = alloc_id, name

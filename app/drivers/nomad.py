@@ -85,6 +85,7 @@ class NomadDriver(Driver):
         # Issue 11: Nomad's event stream and Consul's blocking queries report engines' ends.
         self.events = FleetEvents(settings, lambda: self._io(self.api.all_allocations))
         self.events.subscribe(self._stale)   # first: the listeners' probes must read anew
+        self._followed = False
 
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -138,9 +139,11 @@ class NomadDriver(Driver):
                 raise BootTimeout(f"engine {spec.name} was not healthy within {timeout:g}s", state)
             index, found = await self._io(self.consul.watch, spec.name, index, min(remaining, 1.0))
             if found and found.status == "passing":
+                self._watch(spec, state, resync=False)   # running now: its end is news
                 return {**state, "url": found.url}, found.url
             # A resumed engine keeps its URL: its own /health answers before Consul's next check.
             if state.get("url") and await engine_http.healthy(self.http, state["url"], timeout=0.5):
+                self._watch(spec, state, resync=False)
                 return state, state["url"]
 
     async def stop(self, spec: EngineSpec, state: State, grace: float) -> State:
@@ -231,11 +234,15 @@ class NomadDriver(Driver):
 
     def on_exit(self, listener: Callable[[str], None]) -> bool:
         self.events.subscribe(listener)
-        return self.settings.nomad_events
+        self._followed = self.settings.nomad_events   # someone listens: follow (a CLI does not)
+        return self._followed
 
     def watch(self, spec: EngineSpec, state: State) -> None:
-        if self.settings.nomad_events and state.get("alloc"):
-            self.events.watch(spec.name, state["alloc"], state.get("node"))
+        self._watch(spec, state, resync=True)
+
+    def _watch(self, spec: EngineSpec, state: State, resync: bool) -> None:
+        if self._followed and state.get("alloc"):
+            self.events.watch(spec.name, state["alloc"], state.get("node"), resync)
 
     def _stale(self, name: str) -> None:
         self._last = None   # the fleet snapshot predates this news

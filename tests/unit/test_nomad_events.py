@@ -71,7 +71,7 @@ async def _start(stack: Hashistack, user: str) -> tuple[NomadDriver, Heard, Engi
     s = spec(user)
     state = await driver.create(s, "k1")
     state, _ = await driver.wait_ready(s, state, 20)
-    driver.watch(s, state)
+    assert driver.events.alloc_of[s.name] == state["alloc"]   # running: watched from now on
     await _until(lambda: driver.events.frames > 0 and driver.events.health is not None)
     return driver, heard, s, state
 
