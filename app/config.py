@@ -90,6 +90,9 @@ class Settings:
     # jitter), and every row is looked at again in a full resync this often.
     health_interval_s: float = 10.0
     resync_s: float = 60.0
+    # Issue 11, Nomad half: follow Nomad's event stream and Consul's blocking queries ("on"),
+    # or learn of ends from the scheduled health checks alone ("off": the bench's baseline).
+    nomad_events: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -145,6 +148,8 @@ class Settings:
             # Issue 11 (a fleet of engines).
             health_interval_s=r.get("ORCH_HEALTH_INTERVAL_S", _positive, cls.health_interval_s),
             resync_s=r.get("ORCH_RESYNC_S", _positive, cls.resync_s),
+            # Issue 11, Nomad half.
+            nomad_events=r.get("ORCH_NOMAD_EVENTS", _choice(("on", "off")), "on") == "on",
         )
 
     @property

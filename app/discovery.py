@@ -49,17 +49,22 @@ class Discovery:
     def health_by_service(self) -> dict[str, Health]:
         """Every service's health from one call: passing when all its checks pass."""
         _, checks = _call(lambda: self.consul.health.state("any"))
-        health: dict[str, Health] = {}
-        for check in checks or []:
-            name = check.get("ServiceName")
-            if name:  # node checks have none
-                ok = check.get("Status") == "passing" and health.get(name, "passing") == "passing"
-                health[name] = "passing" if ok else "critical"
-        return health
+        return by_service(checks)
 
     def ping(self) -> None:
         if not _call(self.consul.status.leader):
             raise SchedulerUnavailable("Consul has no leader")
+
+
+def by_service(checks: list[dict[str, Any]] | None) -> dict[str, Health]:
+    """Consul checks (/v1/health/state/any) -> each service's health (issue 11 reuses it)."""
+    health: dict[str, Health] = {}
+    for check in checks or []:
+        name = check.get("ServiceName")
+        if name:  # node checks have none
+            ok = check.get("Status") == "passing" and health.get(name, "passing") == "passing"
+            health[name] = "passing" if ok else "critical"
+    return health
 
 
 def _pick(entries: list[dict[str, Any]] | None) -> Instance | None:

@@ -1,8 +1,9 @@
 """The background loop: compare the registry with what the driver sees, and repair drift.
 
 What it looks at (issue 11: a fleet's cost at rest must not grow with every engine each tick):
-- an engine's end is an event where the driver has them (the local driver's pidfds): the
-  engine is probed once, then failed `crashed`, at once;
+- an engine's end is an event where the driver has them (the local driver's pidfds, the Nomad
+  driver's event stream and Consul blocking queries): the engine is probed once, then failed
+  `crashed`, at once;
 - each running engine is health-checked every ORCH_HEALTH_INTERVAL_S, at its own jittered time
   (`HealthSchedule`), not all of them every tick: dead -> failed `crashed`, unhealthy past the
   grace period -> failed `unhealthy`;

@@ -25,6 +25,7 @@ from app import engine_http, jobspec
 from app.config import ConfigError, Settings
 from app.discovery import Discovery
 from app.drivers._nomad_api import NomadAPI, NomadError, SchedulerRejected, VariableConflict
+from app.drivers._nomad_events import FleetEvents
 from app.drivers._nomad_volumes import VolumeGone, Volumes
 from app.drivers.base import (
     BadVersion,
@@ -81,6 +82,10 @@ class NomadDriver(Driver):
         self._snapshot_lock = asyncio.Lock()
         self._last: _Snapshot | None = None
         self._snapshot_ttl = min(0.5, settings.tick_s / 2)  # at most one per reconciler pass
+        # Issue 11: Nomad's event stream and Consul's blocking queries report engines' ends.
+        self.events = FleetEvents(settings, lambda: self._io(self.api.all_allocations))
+        self.events.subscribe(self._stale)   # first: the listeners' probes must read anew
+        self._followed = False
 
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -134,12 +139,15 @@ class NomadDriver(Driver):
                 raise BootTimeout(f"engine {spec.name} was not healthy within {timeout:g}s", state)
             index, found = await self._io(self.consul.watch, spec.name, index, min(remaining, 1.0))
             if found and found.status == "passing":
+                self._watch(spec, state, resync=False)   # running now: its end is news
                 return {**state, "url": found.url}, found.url
             # A resumed engine keeps its URL: its own /health answers before Consul's next check.
             if state.get("url") and await engine_http.healthy(self.http, state["url"], timeout=0.5):
+                self._watch(spec, state, resync=False)
                 return state, state["url"]
 
     async def stop(self, spec: EngineSpec, state: State, grace: float) -> State:
+        self.events.forget(spec.name)   # an end we cause is no news
         # Nomad kills with the job's KillTimeout (ORCH_STOP_GRACE_S, rendered into the job):
         # `grace` cannot shorten it, so the wait covers that.
         await self._thaw(state)
@@ -183,6 +191,7 @@ class NomadDriver(Driver):
 
     async def destroy(self, spec: EngineSpec, state: State | None) -> None:
         state = state or {}
+        self.events.forget(spec.name)
         if await self._io(self.api.job, spec.name) is not None:
             await self._thaw(state)
             await self._io(self.api.deregister, spec.name, False)
@@ -198,6 +207,9 @@ class NomadDriver(Driver):
         alloc_id = state.get("alloc")
         if not alloc_id:
             return "dead"
+        ended = self.events.status(alloc_id)   # Nomad told us: no need to ask
+        if ended is not None:
+            return "node_lost" if ended == "lost" else "dead"
         snapshot = await self._snapshot()
         if snapshot.allocs.get(alloc_id) not in LIVE:
             alloc = await self._io(self.api.allocation, alloc_id)
@@ -220,11 +232,27 @@ class NomadDriver(Driver):
                   if _OUR_NAME.fullmatch(v["Path"][len(prefix):])}
         return names
 
+    def on_exit(self, listener: Callable[[str], None]) -> bool:
+        self.events.subscribe(listener)
+        self._followed = self.settings.nomad_events   # someone listens: follow (a CLI does not)
+        return self._followed
+
+    def watch(self, spec: EngineSpec, state: State) -> None:
+        self._watch(spec, state, resync=True)
+
+    def _watch(self, spec: EngineSpec, state: State, resync: bool) -> None:
+        if self._followed and state.get("alloc"):
+            self.events.watch(spec.name, state["alloc"], state.get("node"), resync)
+
+    def _stale(self, name: str) -> None:
+        self._last = None   # the fleet snapshot predates this news
+
     async def ping(self) -> None:
         await self._io(self.api.leader)
         await self._io(self.consul.ping)
 
     async def close(self) -> None:
+        await self.events.close()
         await self.http.aclose()
         self.api.close()
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -9,6 +9,8 @@
     thundering herd   200 concurrent admits for one new user: time, engines created
     fleet             issue 11: CPU at rest with BENCH_FLEET_N running engines, beside every
                       engine probed every tick; crash-to-failed p50/p99 (tests/bench/fleet.py)
+    nomad             issue 11 on the Nomad driver (the double): crash-to-failed p50/p99 with
+                      the event stream, beside no events and a probe every tick (nomad_fleet.py)
     rollout           BENCH_ROLLOUT_ENGINES (100) engines moved by one rollout in batches of
                       10, beside the same engines upgraded one request after another (issue 13)
 """
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.bench import fleet
+from tests.bench import fleet, nomad_fleet
 from tests.bench.loadgen import Target, run_in_process
 from tests.harness import ROOT, Orchestrator, free_port, wait_for
 
@@ -44,6 +46,7 @@ def main() -> None:
           f"ORCH_LOG_LEVEL={LOG_LEVEL}")
     benches = {"admit": bench_admit, "wake": bench_wake, "provision": bench_provision,
                "rows": bench_rows, "herd": bench_herd, "fleet": fleet.bench_fleet,
+               "nomad": nomad_fleet.bench_nomad,
                "rollout": bench_rollout}
     only = [name for name in os.environ.get("BENCH_ONLY", "").split(",") if name] or list(benches)
     results = {}
@@ -288,6 +291,8 @@ def report(r: dict) -> None:
             print("\n".join(lines))
     if "fleet" in r:
         print("\n".join(fleet.lines(r["fleet"])))
+    if "nomad" in r:
+        print("\n".join(nomad_fleet.lines(r["nomad"])))
 
 
 def _lines(r: dict) -> dict[str, list[str]]:

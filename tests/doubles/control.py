@@ -90,6 +90,7 @@ class Control:
             Route("/faults", self.set_faults, methods=["POST"]),
             Route("/node-lost", self.node_lost, methods=["POST"]),
             Route("/node-up", self.node_up, methods=["POST"]),
+            Route("/event-stream/drop", self.drop_streams, methods=["POST"]),
             Route("/acl", self.set_acl, methods=["POST"]),
             Route("/rejections", self.rejections, methods=["GET"]),
             Route("/rejections", self.clear_rejections, methods=["DELETE"]),
@@ -150,6 +151,11 @@ class Control:
         for node in nodes:
             self.cluster.node_up(node)
         return self._json({"nodes": nodes})
+
+    async def drop_streams(self, request: Request) -> Response:
+        """Cut every open event stream (a server restart would): clients must resume."""
+        self.state.broker.drop_all()
+        return self._json({"index": self.state.index})
 
     async def set_acl(self, request: Request) -> Response:
         """{"enabled": bool, "tokens": {secret: {"namespace": [caps], "variables":

@@ -95,7 +95,8 @@ class Hashistack:
 
     def fault(self, **flags: Any) -> dict[str, Any]:
         """Set faults (nomad_down, consul_down, ports_exhausted, memory_exhausted, task_crash,
-        slow_health_s, template_delay_s); returns all current faults."""
+        slow_health_s, template_delay_s, event_heartbeat_s, lose_events, ...: state.Faults);
+        returns all current faults."""
         return self._control("POST", "/faults", flags)
 
     def rejections(self) -> list[dict[str, Any]]:
@@ -117,6 +118,10 @@ class Hashistack:
 
     def node_up(self, node: str | None = None) -> None:
         self._control("POST", "/node-up", {"node": node} if node else {})
+
+    def drop_event_streams(self) -> int:
+        """Cut every open /v1/event/stream (issue 11); the index at that moment."""
+        return int(self._control("POST", "/event-stream/drop")["index"])
 
     def acl(self, tokens: dict[str, dict[str, Any]] | None, enabled: bool = True) -> None:
         """Turn ACLs on with these tokens (see tests/doubles/acl.py), or off."""

@@ -18,7 +18,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tests.doubles import jobcheck, views
+from tests.doubles import events, jobcheck, views
 from tests.doubles.acl import ACL, Forbidden
 from tests.doubles.httputil import (
     BadRequest,
@@ -81,6 +81,7 @@ class NomadAPI:
             ("/v1/client/fs/logs/{alloc_id}", ["GET"], self.logs),
             ("/v1/job/{job_id}/evaluations", ["GET"], self.job_evals),
             ("/v1/validate/job", ["PUT", "POST"], self.validate),
+            ("/v1/event/stream", ["GET"], self.event_stream),
             ("/v1/nodes", ["GET"], self.list_nodes),
             ("/v1/node/{node_id}", ["GET"], self.get_node),
             *store_routes(self),
@@ -113,6 +114,18 @@ class NomadAPI:
                         "member": {"Name": first.name, "Addr": "127.0.0.1", "Port": 4648,
                                    "Status": "alive"},
                         "stats": {"client": {"node_id": first.id}}})
+
+    # ---- events (command/agent/event_endpoint.go EventStream; events.py) -------------------
+
+    async def event_stream(self, request: Request) -> Response:
+        index, topics = events.parse_index(request), events.parse_topics(request)
+        # nomad/event_endpoint.go validateNsOp: refused before anything is streamed
+        for topic in topics:
+            if topic in ("*", "Allocation", "Job", "Evaluation", "Deployment", "Service"):
+                self.acl.require_namespace(request, "read-job")
+            if topic in ("*", "Node"):
+                self.acl.require_node_read(request)
+        return events.stream_response(self.state.broker, index, topics)
 
     # ---- nodes (command/agent/node_endpoint.go, nomad/node_endpoint.go List/GetNode) --------
 

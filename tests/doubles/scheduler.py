@@ -23,7 +23,7 @@ import signal
 import time
 from typing import Any
 
-from tests.doubles import jobcheck, placement
+from tests.doubles import jobcheck, placement, views
 from tests.doubles.checks import ServiceManager
 from tests.doubles.state import Alloc, State, new_id, now_ns
 from tests.doubles.tasks import TaskRunner
@@ -67,6 +67,7 @@ class Cluster:
                        "CreateIndex": old["CreateIndex"] if old else index,
                        "ModifyIndex": index, "JobModifyIndex": index})
         self.state.jobs[jid] = stored
+        self._job_event(stored, "JobRegistered")
         ev = self._new_eval(stored, "job-register")
         self.blocked.pop(jid, None)   # a new version supersedes the blocked eval's work
         self.enqueue(jid, ev)
@@ -128,6 +129,7 @@ class Cluster:
                     "Index": self.state.index, "LastContact": 0, "KnownLeader": True}
         index = self.state.bump()
         job.update({"Stop": True, "ModifyIndex": index, "JobModifyIndex": index})
+        self._job_event(job, "JobDeregistered")
         ev = self._new_eval(job, "job-deregister")
         for alloc in self.state.job_allocs(jid):
             if not alloc.terminal:
@@ -138,6 +140,26 @@ class Cluster:
         return {"EvalID": ev["ID"], "EvalCreateIndex": ev["CreateIndex"],
                 "JobModifyIndex": index, "Index": self.state.index, "LastContact": 0,
                 "KnownLeader": True}
+
+    def _job_event(self, job: dict[str, Any], kind: str) -> None:
+        # nomad/state/events.go eventFromChange, table "jobs": keyed by the job ID
+        self.state.broker.publish("Job", kind, job["ID"],
+                                  {"Job": views.job_view(job, self.job_status(job))},
+                                  namespace=job.get("Namespace", "default"))
+
+    def alloc_event(self, alloc: Alloc, kind: str) -> None:
+        # table "allocs": keyed by the alloc ID, the job ID a filter key, the Job left out
+        payload = views.allocation(alloc, self.state)
+        payload["Job"] = None
+        self.state.broker.publish("Allocation", kind, alloc.id, {"Allocation": payload},
+                                  namespace=payload["Namespace"], filter_keys=[alloc.job_id, ""])
+
+    def _node_event(self, node_id: str) -> None:
+        # table "nodes", NodeUpdateStatusRequestType -> TypeNodeEvent ("NodeStreamEvent")
+        node = self.state.nodes[node_id]
+        volumes = [v for v in self.state.volumes.values() if v["NodeID"] == node_id]
+        self.state.broker.publish("Node", "NodeStreamEvent", node_id,
+                                  {"Node": views.node_view(node, volumes)})
 
     def job_status(self, job: dict[str, Any]) -> str:
         allocs = self.state.job_allocs(job["ID"])
@@ -208,6 +230,7 @@ class Cluster:
                       create_index=index, modify_index=index)
         alloc.dir = alloc.dir / alloc.id
         self.state.allocs[alloc.id] = alloc
+        self.alloc_event(alloc, "PlanResult")   # ApplyPlanResultsRequestType
         ev["NodeID"] = node.id
         self.runners[alloc.id] = [TaskRunner(self, alloc, t, group) for t in group["Tasks"]]
         self.spawn(self._run_alloc(alloc, previous))
@@ -222,7 +245,7 @@ class Cluster:
             return
         await asyncio.gather(*(r.run() for r in self.runners.get(alloc.id, [])))
 
-    def alloc_changed(self, alloc: Alloc) -> None:
+    def alloc_changed(self, alloc: Alloc, kind: str = "AllocationUpdated") -> None:
         """A task state changed: derive the alloc's ClientStatus as Nomad's client does."""
         if alloc.client_status != "lost":
             states = alloc.task_states.values()
@@ -238,6 +261,7 @@ class Cluster:
         if alloc.terminal:
             self.services.deregister_alloc(alloc)
         alloc.modify_index, alloc.modify_time = self.state.bump(), now_ns()
+        self.alloc_event(alloc, kind)   # the client's update (AllocClientUpdateRequestType)
 
     def task_failed(self, alloc: Alloc, task: str) -> None:
         for runner in self.runners.get(alloc.id, []):
@@ -247,7 +271,7 @@ class Cluster:
     def stop_alloc(self, alloc: Alloc, grace_cap: float | None = None) -> asyncio.Task[Any]:
         alloc.desired = "stop"
         self.services.deregister_alloc(alloc)   # Nomad deregisters before it kills
-        self.alloc_changed(alloc)
+        self.alloc_changed(alloc, "PlanResult")   # the plan sets DesiredStatus stop
         return self.spawn(self._kill_all(alloc, grace_cap))
 
     async def _kill_all(self, alloc: Alloc, grace_cap: float | None) -> None:
@@ -263,6 +287,7 @@ class Cluster:
         (state_store_host_volumes.go), its allocations lost and replaced (reconcile.go)."""
         node = self.state.nodes[node_id]
         node.status, node.modify_index = "down", self.state.bump()
+        self._node_event(node_id)
         for vol in self.state.volumes.values():
             if vol["NodeID"] == node_id and vol["State"] == "ready":
                 vol["State"], vol["ModifyIndex"] = "unavailable", self.state.bump()
@@ -272,7 +297,7 @@ class Cluster:
             alloc.desired = "stop"
             for runner in self.runners.get(alloc.id, []):
                 self.spawn(runner.kill(hard=True))
-            self.alloc_changed(alloc)
+            self.alloc_changed(alloc, "PlanResult")   # the node-update plan marks it lost
             lost.append(alloc)
         for jid in sorted({a.job_id for a in lost}):
             job = self.state.jobs.get(jid)
@@ -283,6 +308,7 @@ class Cluster:
     def node_up(self, node_id: str) -> None:
         node = self.state.nodes[node_id]
         node.status, node.modify_index = "ready", self.state.bump()
+        self._node_event(node_id)
         for vol in self.state.volumes.values():
             if vol["NodeID"] == node_id and vol["State"] != "ready":
                 vol["State"], vol["ModifyIndex"] = "ready", self.state.bump()

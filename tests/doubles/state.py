@@ -57,6 +57,10 @@ class Faults:
     # Evaluations wait this long in the broker before a worker takes them (0: at once), so
     # tests can make evals of one job queue up and be canceled (nomad/eval_broker.go).
     eval_delay_s: float = 0.0
+    # Issue 11, the event stream (events.py): the heartbeat interval (Nomad: 30 s,
+    # nomad/event_endpoint.go), and a count of frames to lose before they reach the buffer.
+    event_heartbeat_s: float = 30.0
+    lose_events: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -142,6 +146,8 @@ class State:
         self.faults = Faults()
         self.rejections: list[dict[str, Any]] = []
         self.requests: Counter[tuple[str, str, str]] = Counter()  # (api, method, route)
+        from tests.doubles.events import EventBroker  # it types against State
+        self.broker = EventBroker(self)
 
     # ---- the index and blocking queries --------------------------------------------------
 

@@ -1,0 +1,94 @@
+"""Issue 11 on the Nomad driver: how soon a killed engine is `failed`, against the Nomad+Consul
+double, with the event stream and Consul's blocking queries (ORCH_NOMAD_EVENTS=on) beside the
+baseline in the same run: no events, every engine probed every tick (ORCH_NOMAD_EVENTS=off,
+ORCH_HEALTH_INTERVAL_S=1, as before issue 11).
+
+BENCH_NOMAD_N engines (default 20: each is a reference engine, a Python process of its own in
+the double) and BENCH_NOMAD_KILLS SIGKILLs (default 10), one at a time; the delay runs from the
+kill to the `fail` audit event's timestamp. CPU at rest with 1,000 engines is not measured on
+this driver: the double would need 1,000 reference engines (tens of GB).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.harness import Orchestrator, wait_for
+
+N = int(os.environ.get("BENCH_NOMAD_N", "20"))
+KILLS = int(os.environ.get("BENCH_NOMAD_KILLS", "10"))
+
+
+def bench_nomad(tmp: Path) -> dict:
+    return {"n": N, "kills": KILLS, "events": _crash_detection(tmp / "events", "on", "10"),
+            "polling": _crash_detection(tmp / "polling", "off", "1")}
+
+
+def _crash_detection(tmp: Path, events: str, interval: str) -> dict:
+    env = {"ORCH_LOG_LEVEL": "WARNING", "ORCH_TICK_S": "1", "ORCH_HEALTH_INTERVAL_S": interval,
+           "ORCH_RESYNC_S": "60", "ORCH_NOMAD_EVENTS": events, "ORCH_IDLE_SLEEP_S": "0",
+           "ORCH_MAX_RESTARTS": "0", "ORCH_BOOT_TIMEOUT_S": "60", "ORCH_STOP_GRACE_S": "1"}
+    orch = Orchestrator(tmp, driver="nomad", env=env, ports=N + 20).start()
+    orch.product("bench", max_engines=10_000, rpm=1_000_000_000)
+    try:
+        asyncio.run(_provision(orch))
+        time.sleep(2.0)
+        pids = {a["id"]: a["pids"].get("engine") for a in orch.stack.state()["allocs"]}
+        running = [(user, pids.get(json.loads(state)["alloc"])) for user, state in
+                   orch.rows("SELECT user_id, driver_state FROM engine WHERE status = 'running'")]
+        victims = random.Random(11).sample([v for v in running if v[1]], min(KILLS, len(running)))
+        killed: dict[str, float] = {}
+        for user, pid in victims:
+            killed[user] = time.time()
+            os.kill(pid, signal.SIGKILL)
+            time.sleep(0.5)  # one at a time: each is its own measurement
+        marks = ",".join("?" * len(killed))
+
+        def fails() -> list[tuple[str, float]]:
+            return [(str(u), float(t)) for u, t in orch.rows(
+                f"SELECT user_id, MIN(at) FROM event WHERE event = 'fail' AND user_id IN ({marks}) "
+                f"GROUP BY user_id", *killed)]
+
+        wait_for(lambda: len(fails()) == len(killed), timeout=90, interval=0.2,
+                 what="every kill noticed")
+        delays = sorted(at - killed[user] for user, at in fails())
+        return {"p50_ms": round(statistics.median(delays) * 1000, 1),
+                "p99_ms": round(delays[min(len(delays) - 1, int(0.99 * len(delays)))] * 1000, 1),
+                "max_ms": round(delays[-1] * 1000, 1)}
+    finally:
+        orch.close()
+
+
+async def _provision(orch: Orchestrator) -> None:
+    async with httpx.AsyncClient(base_url=orch.url, trust_env=False, timeout=120,
+                                 headers={"X-Platform-Key": orch.keys["bench"]}) as client:
+        semaphore = asyncio.Semaphore(4)
+
+        async def one(i: int) -> None:
+            async with semaphore:
+                await client.post("/engines/provision", json={"user_id": f"n{i}"})
+
+        await asyncio.gather(*(one(i) for i in range(N)))
+
+
+def lines(f: dict) -> list[str]:
+    e, p = f["events"], f["polling"]
+    return [f"nomad crash -> failed  events: p50 {e['p50_ms']} ms  p99 {e['p99_ms']} ms   "
+            f"no events, every engine probed every tick (as before): p50 {p['p50_ms']} ms  "
+            f"p99 {p['p99_ms']} ms   over {f['kills']} SIGKILLs among {f['n']} engines on the "
+            f"double   (target p50 < 1 s, p99 < 2 s)"]
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    print("\n".join(lines(bench_nomad(Path(tempfile.mkdtemp(prefix="orch-nomad-bench-"))))))
