@@ -83,6 +83,8 @@ async def _storm(replicas: list[Orchestrator], key: str, clients: int, total: in
     return outcomes
 
 
+# 1,000 calls from 50 clients: 30-40 s on a quiet machine, minutes with three other workers.
+@pytest.mark.timeout(400)
 def test_random_storm_on_two_replicas(any_pair: tuple[Orchestrator, Orchestrator]) -> None:
     first, second = any_pair
     first.product("storm", max_engines=5)
