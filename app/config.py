@@ -87,6 +87,9 @@ class Settings:
     # jitter), and every row is looked at again in a full resync this often.
     health_interval_s: float = 10.0
     resync_s: float = 60.0
+    # Issue 13 (rollouts): the platform key `orch rollout status --follow` shows the server's
+    # event stream with (None: it follows the database instead).
+    platform_key: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -141,6 +144,8 @@ class Settings:
             # Issue 11 (a fleet of engines).
             health_interval_s=r.get("ORCH_HEALTH_INTERVAL_S", _positive, cls.health_interval_s),
             resync_s=r.get("ORCH_RESYNC_S", _positive, cls.resync_s),
+            # Issue 13 (rollouts).
+            platform_key=r.get("ORCH_PLATFORM_KEY", _nonempty, None),
         )
 
     @property
