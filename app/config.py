@@ -90,6 +90,7 @@ class Settings:
     # Issue 13 (rollouts): the platform key `orch rollout status --follow` shows the server's
     # event stream with (None: it follows the database instead).
     platform_key: str | None = None
+    rollout_concurrency: int = 4  # rollouts one replica drives side by side
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -146,6 +147,8 @@ class Settings:
             resync_s=r.get("ORCH_RESYNC_S", _positive, cls.resync_s),
             # Issue 13 (rollouts).
             platform_key=r.get("ORCH_PLATFORM_KEY", _nonempty, None),
+            rollout_concurrency=r.get("ORCH_ROLLOUT_CONCURRENCY", _positive_int,
+                                      cls.rollout_concurrency),
         )
 
     @property
