@@ -29,11 +29,13 @@ from app.client import Client, Event, OrchestratorError
 FINISHED = ("succeeded", "failed", "rolled_back", "aborted")
 POLL_S = 0.5
 REFRESH_S = 1.0
+DRAIN_S = 2.0
 CONNECT_S = 5.0
 HISTORY = 100  # events of the rollout shown from before the bar started
 
 Draw = Callable[[str, int, int, int], None]  # status, total, upgraded, failed
 Say = Callable[[str], None]  # a line above the bar
+Events = queue.Queue[Event | BaseException]  # from the stream's reader thread
 
 
 def follow(rollout_id: int, url: str, platform_key: str | None) -> None:
@@ -62,7 +64,7 @@ def follow(rollout_id: int, url: str, platform_key: str | None) -> None:
 
 def _from_server(rollout_id: int, url: str, key: str, draw: Draw, say: Say) -> bool:
     """True once the rollout has ended; False when the server cannot be followed (said why)."""
-    events: queue.Queue[Event | BaseException] = queue.Queue()
+    events: Events = queue.Queue()
     timeout = httpx.Timeout(CONNECT_S, read=None)  # the stream is quiet between events
     try:
         with Client(url, key, timeout=CONNECT_S, trust_env=False) as api, \
@@ -71,23 +73,45 @@ def _from_server(rollout_id: int, url: str, key: str, draw: Draw, say: Say) -> b
                 return True
             threading.Thread(target=_read, args=(stream, rollout_id, events), daemon=True).start()
             _note(f"following the event stream of {url}")
-            while True:
-                try:
-                    item = events.get(timeout=REFRESH_S)
-                except queue.Empty:
-                    item = None
-                if isinstance(item, BaseException):
-                    raise item
-                if item is not None:
-                    say(_line(item))
-                if _draw_from(api, rollout_id, draw):
-                    return True
+            return _show(api, rollout_id, events, draw, say)
     except (httpx.HTTPError, OrchestratorError) as exc:
         _note(f"cannot follow {url} ({_why(exc)}): following the database")
         return False
 
 
-def _read(stream: Client, rollout_id: int, events: queue.Queue[Event | BaseException]) -> None:
+def _show(api: Client, rollout_id: int, events: Events, draw: Draw, say: Say) -> bool:
+    """Each event as it comes, the bar redrawn after it (or after a quiet REFRESH_S), until
+    the rollout has ended; then the events it wrote before its end that the stream has not
+    brought yet (the server reads the database every 0.2 s), for at most DRAIN_S."""
+    shown = 0
+    while True:
+        item = _next(events, REFRESH_S)
+        if isinstance(item, BaseException):
+            raise item
+        if item is not None:
+            say(_line(item))
+            shown = item.id
+        if _draw_from(api, rollout_id, draw):
+            break
+    newest = api.rollout_events(rollout_id, limit=1).events
+    deadline = time.monotonic() + DRAIN_S
+    while newest and shown < newest[0].id:
+        item = _next(events, deadline - time.monotonic())
+        if not isinstance(item, Event):
+            break  # the stream is gone or slow: the bar already says how it ended
+        say(_line(item))
+        shown = item.id
+    return True
+
+
+def _next(events: Events, timeout: float) -> Event | BaseException | None:
+    try:
+        return events.get(timeout=max(timeout, 0.0))
+    except queue.Empty:
+        return None
+
+
+def _read(stream: Client, rollout_id: int, events: Events) -> None:
     """The stream's events into the queue; its end or failure too (as an exception)."""
     try:
         for event in stream.watch_rollout(rollout_id, latest=HISTORY):
