@@ -4,10 +4,11 @@ The bar is fed by the server's Server-Sent Events stream of the rollout
 (`GET /rollouts/{id}/events?follow=true`) when the CLI can reach a server: each event of the
 rollout's engines is printed above the bar and redraws it from `GET /rollouts/{id}`. The
 rollout's own end (succeeded, rolled back) is no engine's event, so without an event for
-REFRESH_S the rollout is read again anyway. The API needs the product's platform key: the
-CLI takes it from ORCH_PLATFORM_KEY (an environment variable, so it shows in no process
-listing), and the server's address from `--url`, else ORCH_HOST and ORCH_PORT as `orch serve`
-reads them.
+REFRESH_S the rollout is read again anyway. The stream starts with the rollout's latest
+HISTORY events, so a rollout that has already ended shows how it went too. The API needs
+the product's platform key: the CLI takes it from ORCH_PLATFORM_KEY (an environment
+variable, so it shows in no process listing), and the server's address from `--url`, else
+ORCH_HOST and ORCH_PORT as `orch serve` reads them.
 
 Without a key, or when the server cannot be reached, refuses the key, or drops the stream,
 the bar follows the database instead (read every POLL_S), saying so on stderr.
@@ -29,7 +30,7 @@ from app.client import Client, Event, OrchestratorError
 FINISHED = ("succeeded", "failed", "rolled_back", "aborted")
 POLL_S = 0.5
 REFRESH_S = 1.0
-DRAIN_S = 2.0
+DRAIN_S = 5.0  # spent only while events the rollout wrote are still missing
 CONNECT_S = 5.0
 HISTORY = 100  # events of the rollout shown from before the bar started
 
@@ -69,8 +70,7 @@ def _from_server(rollout_id: int, url: str, key: str, draw: Draw, say: Say) -> b
     try:
         with Client(url, key, timeout=CONNECT_S, trust_env=False) as api, \
                 Client(url, key, timeout=timeout, trust_env=False) as stream:
-            if _draw_from(api, rollout_id, draw):
-                return True
+            _draw_from(api, rollout_id, draw)  # the key and the id, checked before streaming
             threading.Thread(target=_read, args=(stream, rollout_id, events), daemon=True).start()
             _note(f"following the event stream of {url}")
             return _show(api, rollout_id, events, draw, say)

@@ -62,7 +62,7 @@ def test_status_follow_reads_the_servers_event_stream(tmp_path: Path) -> None:
             engine = api.post("/engines/provision", json={"user_id": user, "engine_version": "ref-1"})
             assert engine.status_code == 200, engine.text
         orch.product("other")
-        slow = "ref-2+boot-delay-500"  # the stream is open before the batches are done
+        slow = "ref-2+boot-delay-500"  # the stream is likely open before the batches are done
         rollout = api.post("/rollouts", json={"to_version": slow}).json()
 
         followed = _follow(orch, rollout["id"], orch.keys["acme"])
@@ -74,6 +74,11 @@ def test_status_follow_reads_the_servers_event_stream(tmp_path: Path) -> None:
         names = {u: api.get(f"/engines/{u}/events").json()["events"][0]["engine"] for u in "abc"}
         for name in names.values():
             assert f"{name}: upgraded (ref-1 -> {slow})" in followed.stdout, followed.stdout
+
+        # Followed again once it has ended: the stream's history still shows how it went.
+        again = _follow(orch, rollout["id"], orch.keys["acme"])
+        assert "following the event stream of" in again.stderr, again.stderr
+        assert all(f"{name}: upgraded (ref-1 -> {slow})" in again.stdout for name in names.values())
 
         # Another product's key cannot see the rollout: the database is followed instead.
         refused = _follow(orch, rollout["id"], orch.keys["other"])
