@@ -2,8 +2,9 @@
 
 Like the other commands, these work on the database directly: a rollout started here is
 driven by a running `orch serve` (the replica holding its lease), and `status --follow`
-shows its progress bar (rich) from the database until it ends. `engines upgrade` runs the
-upgrade in this process, under the same engine lease as the server's operations.
+shows its progress bar (rich) until it ends, fed by the server's event stream when it can
+reach one (app/cli_follow.py). `engines upgrade` runs the upgrade in this process, under the
+same engine lease as the server's operations.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +22,6 @@ from app import products, registry
 from app.config import Settings
 
 Command = Callable[[Any, str, Callable[..., Any], str], argparse.ArgumentParser]
-FINISHED = ("succeeded", "failed", "rolled_back", "aborted")
 MOVES = {"pause": (("running",), "paused"), "resume": (("paused",), "running"),
          "abort": (("running", "paused"), "aborted")}
 
@@ -44,7 +43,10 @@ def add_commands(sub: Any, engines: Any, cmd: Command) -> None:
                        help="failed engines tolerated; one more rolls every change back (default 0)")
     status = cmd(rollout, "status", cmd_status, "a rollout's progress")
     status.add_argument("id", type=int, help="the rollout's id")
-    status.add_argument("--follow", action="store_true", help="a live progress bar until it ends")
+    status.add_argument("--follow", action="store_true",
+                        help="a live progress bar until it ends, fed by the server's event stream "
+                             "(with ORCH_PLATFORM_KEY; else read from the database)")
+    status.add_argument("--url", help="the server --follow reads (default: ORCH_HOST:ORCH_PORT)")
     for action in MOVES:
         move = cmd(rollout, action, cmd_move, f"{action} a rollout")
         move.add_argument("id", type=int, help="the rollout's id")
@@ -71,7 +73,13 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     if rollout is None:
         return 1
     if args.follow:
-        rollout = _follow(args.id)
+        from app import cli_follow
+
+        url = args.url or cli_follow.server_url(settings.host, settings.port)
+        cli_follow.follow(args.id, url, settings.platform_key)
+        rollout = _find(args.id)
+        if rollout is None:
+            return 1
     _out(_shown(rollout))
     return 0
 
@@ -121,28 +129,6 @@ def cmd_engines_upgrade(settings: Settings, args: argparse.Namespace) -> int:
         print(f"orch: {exc.code}: {exc.message}", file=sys.stderr)
         return 1
     return 0
-
-
-def _follow(rollout_id: int) -> Any:
-    from rich.progress import BarColumn, Progress, TextColumn
-
-    columns = (TextColumn("rollout {task.fields[id]} {task.fields[status]}"), BarColumn(),
-               TextColumn("{task.fields[upgraded]} upgraded, {task.fields[failed]} failed, "
-                          "{task.fields[remaining]} remaining"))
-    with Progress(*columns, transient=False) as bar:
-        task = bar.add_task("rollout", total=None, id=rollout_id, status="", upgraded=0,
-                            failed=0, remaining=0)
-        while True:
-            rollout = registry.rollouts.reload_rollout(rollout_id)
-            counts = registry.rollouts.summary(rollout_id)
-            done = counts["upgraded"] + counts["failed"]
-            bar.update(task, total=max(counts["total"], 1), completed=done,
-                       status=rollout.status if rollout else "gone",
-                       upgraded=counts["upgraded"], failed=counts["failed"],
-                       remaining=counts["total"] - done)
-            if rollout is None or rollout.status in FINISHED:
-                return rollout
-            time.sleep(0.5)
 
 
 def _find(rollout_id: int) -> Any:

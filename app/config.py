@@ -93,6 +93,10 @@ class Settings:
     # Issue 11, Nomad half: follow Nomad's event stream and Consul's blocking queries ("on"),
     # or learn of ends from the scheduled health checks alone ("off": the bench's baseline).
     nomad_events: bool = True
+    # Issue 13 (rollouts): the platform key `orch rollout status --follow` shows the server's
+    # event stream with (None: it follows the database instead).
+    platform_key: str | None = None
+    rollout_concurrency: int = 4  # rollouts one replica drives side by side
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -150,6 +154,10 @@ class Settings:
             resync_s=r.get("ORCH_RESYNC_S", _positive, cls.resync_s),
             # Issue 11, Nomad half.
             nomad_events=r.get("ORCH_NOMAD_EVENTS", _choice(("on", "off")), "on") == "on",
+            # Issue 13 (rollouts).
+            platform_key=r.get("ORCH_PLATFORM_KEY", _nonempty, None),
+            rollout_concurrency=r.get("ORCH_ROLLOUT_CONCURRENCY", _positive_int,
+                                      cls.rollout_concurrency),
         )
 
     @property

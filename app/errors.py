@@ -7,6 +7,7 @@ knows HTTP: the API maps code -> status in one place (app/api/errors.py).
     ├── QuotaExceeded, RateLimited                       (policy)
     ├── Unavailable (SCHEDULER_UNAVAILABLE: nothing was changed; try again)
     │   ├── Busy         another operation held the engine past the wait
+    │   │   └── EngineBusy   the same, for an upgrade: 409 ENGINE_BUSY (issue 13)
     │   ├── Conflict     a compare-and-set lost: the row changed since it was read
     │   ├── IllegalTransition  the state table forbids the move from the row's current state
     │   └── DriverError  raised by drivers; carries what was left running (`state`)
@@ -71,6 +72,14 @@ class Unavailable(DomainError):
 
 class Busy(Unavailable):
     pass
+
+
+class EngineBusy(Busy):
+    """Issue 13: an upgrade found the engine held by another operation (another replica's,
+    or an `orch engines upgrade`) past the wait. The spec answers that with a 409 for an
+    upgrade; other operations keep Busy's 503. Nothing was changed; a retry is safe."""
+
+    code = "ENGINE_BUSY"
 
 
 class Conflict(Unavailable):
@@ -171,6 +180,11 @@ def rate_limited(retry_after: int) -> RateLimited:
 
 def busy(user_id: str) -> Busy:
     return Busy(f"the engine of user {user_id!r} is held by another operation; try again")
+
+
+def engine_busy(user_id: str) -> EngineBusy:
+    return EngineBusy(f"the engine of user {user_id!r} is held by another operation past the "
+                      f"wait; try again")
 
 
 def boot_timeout(message: str) -> BootTimeout:

@@ -72,9 +72,12 @@ class Lifecycle:
         """Issue 13: restart a running engine on `engine_version` (brain kept; rolled back and
         UpgradeFailed when it is not healthy in time), or record it for the next start."""
         self.driver.check_version(engine_version)
-        return await self.runner.run(Op.UPGRADE, (product.id, user_id),
-                                     partial(self.ops.upgrade, version=engine_version),
-                                     flight=f"{Op.UPGRADE.value}:{engine_version}")
+        try:
+            return await self.runner.run(Op.UPGRADE, (product.id, user_id),
+                                         partial(self.ops.upgrade, version=engine_version),
+                                         flight=f"{Op.UPGRADE.value}:{engine_version}")
+        except errors.Busy:  # the spec answers an upgrade held off past the wait with a 409
+            raise errors.engine_busy(user_id) from None
 
     async def destroy(self, product: ProductRef, user_id: str) -> None:
         # Destroy applies from every state, half-done ones included: nothing to settle first.

@@ -8,7 +8,8 @@ another operation on the same engine), and the next batch starts only when every
 this one has answered (an upgraded engine is a healthy one). More than `max_failures` failed
 engines: every engine the rollout upgraded goes back to its previous version, then
 `rolled_back`. Between batches the status is read again, so pause and abort take effect at
-the next batch boundary.
+the next batch boundary. One replica drives up to ORCH_ROLLOUT_CONCURRENCY rollouts side by
+side (two products' rollouts need not queue behind each other), each under its own lease.
 
 Resuming after a crash is safe because an upgrade to the version an engine already has
 changes nothing: a target whose upgrade was cut short is simply upgraded again.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from functools import partial
 
 from app import errors, registry
 from app.lifecycle import Lifecycle, ProductRef
@@ -34,24 +36,56 @@ class RolloutRunner:
         self.lifecycle = lifecycle
         self.owner = lifecycle.runner.owner
         self.lease_s = lifecycle.settings.lease_s
+        self.concurrency = lifecycle.settings.rollout_concurrency
+        self.drives: dict[int, asyncio.Task[None]] = {}  # rollout id -> its driver, here
 
     async def run_forever(self) -> None:
-        while True:
-            try:
-                await self.tick()
-            except Exception:  # a bad tick must not end the loop; the next one retries
-                log.exception("rollout tick failed")
-            await asyncio.sleep(TICK_S)
-
-    async def tick(self) -> None:
-        for rollout in rollouts.runnable():
-            if rollouts.acquire_rollout(rollout.id, self.owner, self.lease_s):
-                renew = asyncio.create_task(self._renew(rollout.id))
+        try:
+            while True:
                 try:
-                    await self.drive(rollout.id)
-                finally:
-                    renew.cancel()
-                    rollouts.release_rollout(rollout.id, self.owner)
+                    self.start_runnable()
+                except Exception:  # a bad tick must not end the loop; the next one retries
+                    log.exception("rollout tick failed")
+                await asyncio.sleep(TICK_S)
+        finally:  # shutdown: each driver's own finally releases its lease
+            for task in self.drives.values():
+                task.cancel()
+            await asyncio.gather(*self.drives.values(), return_exceptions=True)
+
+    def start_runnable(self) -> list[asyncio.Task[None]]:
+        """Drive every runnable rollout whose lease this replica gets, side by side, up to
+        `concurrency` at once here (the rest wait for a slot, or for another replica)."""
+        started = []
+        for rollout in rollouts.runnable():
+            if len(self.drives) >= self.concurrency:
+                break
+            if rollout.id in self.drives or not rollouts.acquire_rollout(
+                    rollout.id, self.owner, self.lease_s):
+                continue
+            task = asyncio.create_task(self._leased(rollout.id))
+            self.drives[rollout.id] = task
+            task.add_done_callback(partial(self._ended, rollout.id))
+            started.append(task)
+        return started
+
+    async def run_once(self) -> None:
+        """Start what is runnable and wait until those drives end (tests, one-off runs)."""
+        await asyncio.gather(*self.start_runnable())
+
+    def _ended(self, rollout_id: int, task: asyncio.Task[None]) -> None:
+        if self.drives.get(rollout_id) is task:
+            del self.drives[rollout_id]
+
+    async def _leased(self, rollout_id: int) -> None:
+        """Drive one rollout with its lease held (renewed), then let the lease go."""
+        renew = asyncio.create_task(self._renew(rollout_id))
+        try:
+            await self.drive(rollout_id)
+        except Exception:  # the lease goes back; a later tick (here or elsewhere) retries
+            log.exception("rollout %s: drive failed", rollout_id)
+        finally:
+            renew.cancel()
+            rollouts.release_rollout(rollout_id, self.owner)
 
     async def _renew(self, rollout_id: int) -> None:
         while True:

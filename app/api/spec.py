@@ -28,6 +28,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "ENGINE_ALREADY_RUNNING": 409,
     "ENGINE_NOT_RUNNING": 409,
     "ROLLOUT_FINISHED": 409,
+    "ENGINE_BUSY": 409,  # issue 13: an upgrade, while another operation holds the engine
     "QUOTA_EXCEEDED": 429,
     "RATE_LIMITED": 429,
     "INTERNAL": 500,
@@ -263,7 +264,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              "Move an engine to another engine_version, brain kept: a running one restarts on it "
              "(back on its old version and 502 UPGRADE_FAILED when not healthy in time), "
              "others take it at their next start",
-             Engine, ("ENGINE_NOT_FOUND", "UPGRADE_FAILED"), body=UpgradeBody),
+             Engine, ("ENGINE_NOT_FOUND", "ENGINE_BUSY", "UPGRADE_FAILED"), body=UpgradeBody),
     Endpoint("events", "GET", "/engines/{user_id}/events",
              "The engine's audit events, newest first, a page at a time (kept after destroy); "
              "with follow=true a Server-Sent Events stream: the latest events, oldest first, "

@@ -119,6 +119,13 @@ class RolloutFinished(OrchestratorError):
     CODE = "ROLLOUT_FINISHED"
 
 
+class EngineBusy(OrchestratorError):
+    """An upgrade found the engine held by another operation past the wait; nothing was
+    changed, so a retry is safe (issue 13)."""
+
+    CODE = "ENGINE_BUSY"
+
+
 class Internal(OrchestratorError):
     CODE = "INTERNAL"
 
@@ -134,7 +141,7 @@ ERRORS_BY_CODE: dict[str, type[OrchestratorError]] = {
         InvalidRequest, Unauthorized, EngineNotFound, NotFound, MethodNotAllowed,
         EngineAlreadyExists, EngineAlreadyRunning, EngineNotRunning, QuotaExceeded, RateLimited,
         PortExhaustion, CapacityExhausted, SchedulerUnavailable, BootTimeout, UpgradeFailed, RolloutFinished,
-        Internal)
+        EngineBusy, Internal)
     if cls.CODE is not None
 }
 

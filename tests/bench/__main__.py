@@ -11,8 +11,9 @@
                       engine probed every tick; crash-to-failed p50/p99 (tests/bench/fleet.py)
     nomad             issue 11 on the Nomad driver (the double): crash-to-failed p50/p99 with
                       the event stream, beside no events and a probe every tick (nomad_fleet.py)
-    rollout           BENCH_ROLLOUT_ENGINES (100) engines moved by one rollout in batches of
-                      10, beside the same engines upgraded one request after another (issue 13)
+    rollout           issue 13: BENCH_ROLLOUT_ENGINES (100) engines moved by one rollout in
+                      batches of 10, beside the same engines upgraded one request after
+                      another (tests/bench/rollout.py)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.bench import fleet, nomad_fleet
+from tests.bench import fleet, nomad_fleet, rollout
 from tests.bench.loadgen import Target, run_in_process
 from tests.harness import ROOT, Orchestrator, free_port, wait_for
 
@@ -47,7 +48,7 @@ def main() -> None:
     benches = {"admit": bench_admit, "wake": bench_wake, "provision": bench_provision,
                "rows": bench_rows, "herd": bench_herd, "fleet": fleet.bench_fleet,
                "nomad": nomad_fleet.bench_nomad,
-               "rollout": bench_rollout}
+               "rollout": rollout.bench_rollout}
     only = [name for name in os.environ.get("BENCH_ONLY", "").split(",") if name] or list(benches)
     results = {}
     try:
@@ -239,32 +240,6 @@ def bench_herd(tmp: Path) -> dict:
         orch.close()
 
 
-def bench_rollout(tmp: Path) -> dict:
-    engines = int(os.environ.get("BENCH_ROLLOUT_ENGINES", "100"))
-    orch = _orch(tmp / "orch", ORCH_TICK_S="0.5")
-    try:
-        api = orch.client("bench", timeout=120)
-        for i in range(engines):
-            answer = api.post("/engines/provision", json={"user_id": f"r{i}", "engine_version": "ref-1"})
-            assert answer.status_code == 200, answer.text
-        started = time.perf_counter()
-        for i in range(engines):  # one after another, as a script without rollouts would
-            answer = api.post(f"/engines/r{i}/upgrade", json={"engine_version": "ref-2"})
-            assert answer.json()["engine_version"] == "ref-2", answer.text
-        singles = time.perf_counter() - started
-        started = time.perf_counter()
-        rollout = api.post("/rollouts", json={"to_version": "ref-3", "batch_size": 10}).json()
-        done = wait_for(lambda: (lambda r: r if r["status"] not in ("running", "paused") else None)(
-            api.get(f"/rollouts/{rollout['id']}").json()), timeout=3600, interval=0.05,
-            what="the rollout")
-        whole = time.perf_counter() - started
-        assert (done["status"], done["upgraded"]) == ("succeeded", engines), done
-        return {"engines": engines, "singles_s": round(singles, 2), "rollout_s": round(whole, 2),
-                "ratio": round(singles / whole, 2)}
-    finally:
-        orch.close()
-
-
 def _pct(samples: list[float]) -> dict:
     ordered = sorted(samples)
     return {"p50_ms": round(statistics.median(ordered) * 1000, 2),
@@ -293,6 +268,8 @@ def report(r: dict) -> None:
         print("\n".join(fleet.lines(r["fleet"])))
     if "nomad" in r:
         print("\n".join(nomad_fleet.lines(r["nomad"])))
+    if "rollout" in r:
+        print("\n".join(rollout.lines(r["rollout"])))
 
 
 def _lines(r: dict) -> dict[str, list[str]]:
@@ -303,7 +280,6 @@ def _lines(r: dict) -> dict[str, list[str]]:
     p = r.get("provision") or {"provision": empty, "boot_alone": empty, "overhead_ms": 0}
     rows = r.get("rows") or {"p50_1k_ms": 0, "p50_100k_ms": 0, "ratio": 0}
     h = r.get("herd") or {"seconds": 0, "admitted": 0, "engines": 0}
-    ro = r.get("rollout") or {"engines": 0, "singles_s": 0, "rollout_s": 0, "ratio": 0}
     return {"admit": [
         f"admit throughput   {a['rps']:9.0f} req/s   bare Starlette {a['bare_rps']:9.0f} req/s   "
         f"ratio {a['ratio']:.2f} (rounds {a['ratios'][0]:.2f}-{a['ratios'][-1]:.2f})   "
@@ -321,10 +297,7 @@ def _lines(r: dict) -> dict[str, list[str]]:
         f"registry size      admit p50 {rows['p50_1k_ms']} ms @1k rows, {rows['p50_100k_ms']} ms "
         f"@100k rows   ratio {rows['ratio']:.2f}   (target <= 1.2)"], "herd": [
         f"200 admits, 1 user {h['seconds']} s to all answered   admitted {h['admitted']}/200   "
-        f"engines created {h['engines']}   (target: 1 engine)"], "rollout": [
-        f"rollout            {ro['engines']} engines in batches of 10: {ro['rollout_s']} s   "
-        f"{ro['engines']} single upgrades in a row {ro['singles_s']} s   "
-        f"({ro['ratio']:.1f}x faster)"]}
+        f"engines created {h['engines']}   (target: 1 engine)"]}
 
 
 if __name__ == "__main__":

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from app.client import Client, UpgradeFailed
+from app.client import Client, EngineBusy, UpgradeFailed
 from tests.engines import engine_processes
 from tests.harness import Orchestrator, wait_for
 
@@ -206,3 +207,29 @@ def test_concurrent_upgrades_to_two_versions_each_get_their_own(orch: Orchestrat
     assert_running_on(api, "hal", key, final)
     upgrades = [r for e, r in events_of(api, "hal") if e == "upgrade"]
     assert len(upgrades) == 2, upgrades  # the two callers of `two` shared one run
+
+
+def test_an_upgrade_held_off_past_the_wait_is_409_engine_busy(tmp_path: Path) -> None:
+    # Another replica holds the engine's lease (its operation hung on the scheduler, say) for
+    # longer than the wait: boot timeout + stop grace + two lease periods, 4 s here.
+    orch = Orchestrator(tmp_path, env={"ORCH_BOOT_TIMEOUT_S": "2", "ORCH_STOP_GRACE_S": "1",
+                                       "ORCH_LEASE_S": "1"}).start()
+    try:
+        orch.product("acme")
+        api = orch.client("acme")
+        key = provision_with_brain(api, "ida", "ref-1")
+        orch.execute("UPDATE engine SET lease_owner = 'other-replica', lease_until = ? "
+                     "WHERE user_id = 'ida'", time.time() + 120)
+        answer = api.post("/engines/ida/upgrade", json={"engine_version": "ref-2"})
+        assert answer.status_code == 409, answer.text
+        assert answer.json()["error"]["code"] == "ENGINE_BUSY"
+        with Client(orch.url, orch.keys["acme"], timeout=30) as client, pytest.raises(EngineBusy):
+            client.upgrade("ida", "ref-2")
+        assert_running_on(api, "ida", key, "ref-1")
+        assert "upgrade" not in {e for e, _ in events_of(api, "ida")}
+        # The holder lets go: the same call now goes through.
+        orch.execute("UPDATE engine SET lease_owner = NULL, lease_until = NULL WHERE user_id = 'ida'")
+        assert api.post("/engines/ida/upgrade", json={"engine_version": "ref-2"}).status_code == 200
+        assert_running_on(api, "ida", key, "ref-2")
+    finally:
+        orch.close()

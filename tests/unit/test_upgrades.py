@@ -4,6 +4,7 @@ along the state table."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -59,5 +60,31 @@ def test_unknown_engine_and_same_version(tmp_path: Path) -> None:
             states.RUNNING, "v2", None)
         assert world.driver.running() == {row.name}
         world.assert_valid_trail("c")
+    finally:
+        world.close()
+
+
+def test_an_engine_held_by_another_owner_past_the_wait_is_engine_busy(tmp_path: Path) -> None:
+    # The wait is boot timeout + stop grace + two lease periods: 0.9 s here.
+    world = World(tmp_path, Behaviour(), boot_timeout_s=0.3, stop_grace_s=0.2, lease_s=0.2)
+    try:
+        row, _ = world.run(world.lifecycle.provision(world.product, "d", "v1"))
+        world.set("d", lease_owner="other-replica", lease_until=time.time() + 60)
+        with pytest.raises(errors.EngineBusy) as caught:
+            world.run(world.lifecycle.upgrade(world.product, "d", "v2"))
+        assert caught.value.code == "ENGINE_BUSY"
+        # Other operations keep the runner's 503 answer (the spec names 409 for an upgrade only).
+        with pytest.raises(errors.Busy) as other:
+            world.run(world.lifecycle.stop(world.product, "d"))
+        assert other.value.code == "SCHEDULER_UNAVAILABLE"
+        after = world.row("d")
+        assert after is not None
+        assert (after.status, after.engine_version, after.row_version) == (
+            states.RUNNING, "v1", row.row_version)
+        assert world.driver.running() == {row.name}
+        world.set("d", lease_owner=None, lease_until=None)  # the holder lets go
+        upgraded = world.run(world.lifecycle.upgrade(world.product, "d", "v2"))
+        assert (upgraded.status, upgraded.engine_version) == (states.RUNNING, "v2")
+        world.assert_valid_trail("d")
     finally:
         world.close()
