@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import selectors
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -176,3 +179,24 @@ class Hashistack:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+@contextmanager
+def served(tmp_dir: Path, port_range: tuple[int, int], nodes: int = 1) -> Iterator[Hashistack]:
+    """A started double for a test module: closed afterwards, with no task process left behind
+    and no traceback in its stderr (no bug of the double hid behind a passing test)."""
+    stack = Hashistack(tmp_dir, port_range, nodes=nodes).start()
+    try:
+        yield stack
+    finally:
+        stack.close()
+        assert not stack.stragglers()
+        assert not failures(stack.stderr_path.read_text())
+
+
+def failures(stderr: str) -> list[str]:
+    """The exceptions tracebacks in the double's stderr end with, but a request cancelled as
+    the double's ports close (uvicorn logs a blocking query or an event stream in flight at
+    shutdown as cancelled): that is how a real agent's port goes too."""
+    ends = re.findall(r"^(?:[A-Za-z_][\w.]*)(?:Error|Exception|Exit|Interrupt)\b.*$", stderr, re.M)
+    return [line for line in ends if line.strip() != "asyncio.exceptions.CancelledError"]

@@ -18,7 +18,7 @@ import nomad.api.exceptions
 import pytest
 
 import nomad
-from tests.doubles.fixture import Hashistack
+from tests.doubles.fixture import Hashistack, served
 from tests.harness import free_port_range, wait_for
 
 pytestmark = pytest.mark.timeout(90)
@@ -76,13 +76,8 @@ def job_named(job_id: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hashistack]:
-    hs = Hashistack(tmp_path_factory.mktemp("double"), free_port_range(3)).start()
-    try:
+    with served(tmp_path_factory.mktemp("double"), free_port_range(3)) as hs:
         yield hs
-    finally:
-        hs.close()
-        assert not hs.stragglers()
-        assert "Traceback" not in hs.stderr_path.read_text()   # no bug of the double hid
 
 
 def put(url: str, body: Any) -> httpx.Response:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 import nomad
-from tests.doubles.fixture import Hashistack
+from tests.doubles.fixture import Hashistack, served
 from tests.doubles.state import node_id
 from tests.harness import free_port_range, wait_for
 from tests.unit.test_double import (
@@ -35,13 +35,8 @@ NODES = [node_id(i) for i in (1, 2, 3)]
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hashistack]:
-    hs = Hashistack(tmp_path_factory.mktemp("cluster"), free_port_range(40), nodes=3).start()
-    try:
+    with served(tmp_path_factory.mktemp("cluster"), free_port_range(40), nodes=3) as hs:
         yield hs
-    finally:
-        hs.close()
-        assert not hs.stragglers()
-        assert "Traceback" not in hs.stderr_path.read_text()
 
 
 def client(stack: Hashistack) -> nomad.Nomad:

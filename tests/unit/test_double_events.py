@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.doubles.fixture import Hashistack
+from tests.doubles.fixture import Hashistack, served
 from tests.harness import free_port_range
 
 pytestmark = pytest.mark.timeout(60)
@@ -70,12 +70,8 @@ class Stream:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hashistack]:
-    hs = Hashistack(tmp_path_factory.mktemp("events"), free_port_range(4), nodes=1).start()
-    try:
+    with served(tmp_path_factory.mktemp("events"), free_port_range(4), nodes=1) as hs:
         yield hs
-    finally:
-        hs.close()
-        assert not hs.stragglers()
 
 
 def _status(alloc_id: str, status: str) -> Any:

@@ -18,7 +18,7 @@ from app.config import ConfigError, Settings
 from app.drivers.base import EngineSpec, SchedulerUnavailable
 from app.drivers.nomad import NomadDriver
 from app.errors import EngineCrashed
-from tests.doubles.fixture import Hashistack
+from tests.doubles.fixture import Hashistack, served
 from tests.doubles.state import node_id
 from tests.harness import ROOT, free_port_range, wait_for
 
@@ -27,12 +27,8 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hashistack]:
-    hs = Hashistack(tmp_path_factory.mktemp("driver"), free_port_range(20), nodes=3).start()
-    try:
+    with served(tmp_path_factory.mktemp("driver"), free_port_range(20), nodes=3) as hs:
         yield hs
-    finally:
-        hs.close()
-        assert not hs.stragglers()
 
 
 def settings(stack: Hashistack, **extra: Any) -> Settings:

@@ -15,7 +15,7 @@ import pytest
 from app.config import ConfigError, Settings
 from app.drivers.base import EngineSpec, State
 from app.drivers.nomad import NomadDriver
-from tests.doubles.fixture import Hashistack
+from tests.doubles.fixture import Hashistack, served
 from tests.harness import ROOT, free_port_range
 
 pytestmark = pytest.mark.timeout(120)
@@ -24,12 +24,8 @@ WAIT_S = 15.0
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hashistack]:
-    hs = Hashistack(tmp_path_factory.mktemp("nomad-events"), free_port_range(10), nodes=1).start()
-    try:
+    with served(tmp_path_factory.mktemp("nomad-events"), free_port_range(10), nodes=1) as hs:
         yield hs
-    finally:
-        hs.close()
-        assert not hs.stragglers()
 
 
 def spec(user: str) -> EngineSpec:
