@@ -46,7 +46,7 @@ def setup(level: str) -> None:
 class AccessLog:
     """One JSON line per request, and the per-request metrics, done in batches.
 
-    A request that is answered only appends its record (`RequestInfo`) to `pending`; every
+    A request that is answered only appends its record (a tuple) to `pending`; every
     FLUSH_S (and at shutdown, and before /metrics is scraped) `settle()` hands the records to
     the settler (the request-context middleware: it counts the metrics and calls `line()`),
     and `flush()` writes the lines to stderr in one go. Done per request instead, the line
@@ -83,8 +83,8 @@ class AccessLog:
         if self.enabled:
             self._lines.append(
                 f'{{"request_id":"{_escaped(request_id)}","product":'
-                f'{"null" if product is None else chr(34) + product + chr(34)},"user_id":'
-                f'{"null" if user_id is None else chr(34) + _escaped(user_id) + chr(34)},'
+                f'{"null" if product is None else _QUOTE + product + _QUOTE},"user_id":'
+                f'{"null" if user_id is None else _QUOTE + _escaped(user_id) + _QUOTE},'
                 f'"method":"{method}","route":"{route}","status":{status},"outcome":"{outcome}",'
                 f'"duration_ms":{duration_s * 1000:.3f},"ts":{ts:.3f},"level":"INFO",'
                 f'"logger":"orch.requests","msg":"request"}}\n')
@@ -96,6 +96,9 @@ class AccessLog:
             self._lines.clear()
             sys.stderr.buffer.write(lines)
             sys.stderr.flush()
+
+
+_QUOTE = '"'
 
 
 def _escaped(text: str) -> str:

@@ -62,6 +62,10 @@ class PerRequest(Collector):
         # in batches): settled before every scrape, so a scrape misses no answered request.
         self.sources: weakref.WeakSet[Any] = weakref.WeakSet()
 
+    def settle(self) -> None:
+        for source in list(self.sources):
+            source.settle()
+
     def count(self, route: str, method: str, status: int) -> None:
         key = (route, method, status)
         entry = self.requests.get(key)
@@ -77,8 +81,7 @@ class PerRequest(Collector):
         entry[1] += seconds
 
     def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
-        for source in list(self.sources):
-            source.settle()
+        self.settle()
         requests = CounterMetricFamily("orch_requests", "HTTP requests by route, method and status",
                                        labels=["route", "method", "status"])
         # Like the library's own children: no _created when PROMETHEUS_DISABLE_CREATED_SERIES.
@@ -132,4 +135,5 @@ registry.subscribe(_count_transition)
 
 
 def exposition() -> bytes:
+    PER_REQUEST.settle()  # first: the refusals counter is collected before PER_REQUEST
     return generate_latest(REGISTRY)

@@ -30,8 +30,8 @@ class RequestInfo:
     """What the access log and the metrics learn about one request as it is answered, and
     the headers the operations read (picked in the same pass as the request id)."""
 
-    __slots__ = ("code", "elapsed", "finished", "id_header", "key", "keys", "length", "method",
-                 "outcome", "product", "request_id", "route", "started", "status", "user_id")
+    __slots__ = ("code", "id_header", "key", "keys", "length", "method", "outcome", "product",
+                 "request_id", "route", "started", "status", "user_id")
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
@@ -46,8 +46,6 @@ class RequestInfo:
         self.key: bytes | None = None  # X-Platform-Key (the last one)
         self.keys = 0  # how many X-Platform-Key headers came (a second is refused)
         self.length: bytes | None = None  # Content-Length
-        self.elapsed = 0.0  # seconds from the request's arrival here to its answer
-        self.finished = 0.0  # time.perf_counter() when answered
         self.id_header = (b"x-request-id", b"")  # the response header, set by RequestContext
 
 
@@ -136,29 +134,36 @@ class RequestContext:
                 scope, receive, send_with_id)
         finally:
             request_id_var.reset(token)
-            info.finished = perf_counter()
-            info.elapsed = info.finished - started
-            self._answered(info)
+            finished = perf_counter()
+            # A tuple of plain values, not the record object: the collector stops tracking
+            # it, so the records waiting for the flush add nothing to its passes.
+            self._answered((info.request_id, info.product, info.user_id, info.method,
+                            info.route, info.status, info.code, info.outcome,
+                            finished - started, finished))
 
-    def settle(self, records: list[RequestInfo]) -> None:
+    def settle(self, records: list[Answered]) -> None:
         """Answered requests into the metrics and the access log (AccessLog.settle)."""
         per_request, line = metrics.PER_REQUEST, self.access_log.line
         wall = time.time() - perf_counter()  # perf_counter -> wall clock, for the lines' ts
-        for info in records:
+        for (request_id, product, user_id, method, route, status, code, outcome, elapsed,
+             finished) in records:
             try:
-                code = info.code
-                per_request.count(info.route, info.method, info.status)
+                per_request.count(route, method, status)
                 if code is not None and code in _REFUSALS:
                     metrics.REFUSALS.labels(_REFUSALS[code]).inc()
-                if info.route == _ADMIT:
-                    per_request.observe_admit(
-                        code.lower() if code else info.outcome or "admitted", info.elapsed)
-                line(info.request_id, info.product, info.user_id, info.method, info.route,
-                     info.status, code or "ok", info.elapsed, wall + info.finished)
+                if route == _ADMIT:
+                    per_request.observe_admit(code.lower() if code else outcome or "admitted",
+                                              elapsed)
+                line(request_id, product, user_id, method, route, status, code or "ok",
+                     elapsed, wall + finished)
             except Exception:  # a bug: it must not stop the flushes, nor lose other records
                 log.exception("accounting a request failed")
 
 
+# What settle() gets of each answered request: request id, product, user id, method, route,
+# status, error code, admit outcome, seconds taken, perf_counter() when answered.
+Answered = tuple[str, str | None, str | None, str, str, int, str | None, str | None, float,
+                 float]
 _ADMIT = "/engines/{user_id}/admit"
 _REFUSALS = {"RATE_LIMITED": "rate_limited", "QUOTA_EXCEEDED": "quota_exceeded"}
 
