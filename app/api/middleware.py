@@ -104,7 +104,8 @@ class RequestContext:
                 length = value
             elif name == b"x-request-id":
                 sent_id = value
-        info = RequestInfo(request_id(sent_id))
+        # Our own id unless the client sent one (request_id() checks it); inline: the usual case.
+        info = RequestInfo(_ID_PREFIX + str(next(_ids)) if sent_id is None else request_id(sent_id))
         info.method, info.key, info.keys, info.length = scope["method"], key, keys, length
         scope["orch"] = info
         id_header = info.id_header = (b"x-request-id", info.request_id.encode())
@@ -119,7 +120,8 @@ class RequestContext:
         token = request_id_var.set(info.request_id)
         try:
             raw_path = scope.get("raw_path")
-            problem = None if raw_path is None else raw_path_problem(raw_path)
+            # Only a percent-encoded path can have a problem (the check inline: the usual case).
+            problem = None if raw_path is None or b"%" not in raw_path else raw_path_problem(raw_path)
             if problem is None:
                 await self.app(scope, receive, send_with_id)
             else:
