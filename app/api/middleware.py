@@ -31,7 +31,7 @@ class RequestInfo:
     the headers the operations read (picked in the same pass as the request id)."""
 
     __slots__ = ("code", "id_header", "key", "keys", "length", "method", "outcome", "product",
-                 "request_id", "route", "started", "status", "user_id")
+                 "request_id", "route", "send", "started", "status", "user_id")
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
@@ -47,6 +47,16 @@ class RequestInfo:
         self.keys = 0  # how many X-Platform-Key headers came (a second is refused)
         self.length: bytes | None = None  # Content-Length
         self.id_header = (b"x-request-id", b"")  # the response header, set by RequestContext
+        self.send: Send | None = None  # the server's send, wrapped by send_with_id
+
+    async def send_with_id(self, message: Message) -> None:
+        """The send the application gets: records the status, adds X-Request-ID. Operations
+        (admit's path) sends its head with the header already, marked started."""
+        if not self.started and message["type"] == "http.response.start":
+            self.status, self.started = message["status"], True
+            message["headers"] = [*message.get("headers", ()), self.id_header]
+        assert self.send is not None
+        await self.send(message)
 
 
 # Unique per process, then a counter (uuid4 costs more); the counter starts at 10**12 so that
@@ -108,14 +118,9 @@ class RequestContext:
         info = RequestInfo(_ID_PREFIX + str(next(_ids)) if sent_id is None else request_id(sent_id))
         info.method, info.key, info.keys, info.length = scope["method"], key, keys, length
         scope["orch"] = info
-        id_header = info.id_header = (b"x-request-id", info.request_id.encode())
-
-        async def send_with_id(message: Message) -> None:
-            # Operations (admit's path) sends its head with the id and marks itself started.
-            if not info.started and message["type"] == "http.response.start":
-                info.status, info.started = message["status"], True
-                message["headers"] = [*message.get("headers", ()), id_header]
-            await send(message)
+        info.id_header = (b"x-request-id", info.request_id.encode())
+        info.send = send
+        send_with_id = info.send_with_id  # a bound method: cheaper than a closure per request
 
         token = request_id_var.set(info.request_id)
         try:
@@ -136,6 +141,7 @@ class RequestContext:
                 scope, receive, send_with_id)
         finally:
             request_id_var.reset(token)
+            info.send = None  # the scope holds info and the server's send holds the scope
             finished = perf_counter()
             # A tuple of plain values, not the record object: the collector stops tracking
             # it, so the records waiting for the flush add nothing to its passes.
