@@ -7,7 +7,8 @@ import json
 import logging
 import re
 import sys
-import time
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 
@@ -43,35 +44,68 @@ def setup(level: str) -> None:
 
 
 class AccessLog:
-    """One JSON line per request. Written to a buffer that is flushed to stderr every
-    FLUSH_S (and at shutdown), not through the logging module: its record, formatter, handler
-    lock and a syscall per line cost more than the admit itself. A SIGKILL can lose the last
-    FLUSH_S of request lines; transitions go through logging and are written at once.
-    The fields are ours (no key can be among them), so the key filter is not needed here."""
+    """One JSON line per request, and the per-request metrics, done in batches.
+
+    A request that is answered only appends its record (a tuple) to `pending`; every
+    FLUSH_S (and at shutdown, and before /metrics is scraped) `settle()` hands the records to
+    the settler (the request-context middleware: it counts the metrics and calls `line()`),
+    and `flush()` writes the lines to stderr in one go. Done per request instead, the line
+    and the metrics were ~40% of our own time on admit's hot path (measured in process).
+    Not through the logging module: its record, formatter, handler lock and a syscall per
+    line cost more than the admit itself. A SIGKILL can lose the last FLUSH_S of request
+    lines; transitions go through logging and are written at once.
+    The fields are ours or checked (no key can be among them), so the key filter is not
+    needed here."""
 
     FLUSH_S = 0.1
 
     def __init__(self, level: str) -> None:
         self.enabled = logging.getLevelName(level) <= logging.INFO
-        # One growing buffer, not a list of lines: a thousand small bytes objects kept alive
-        # until the flush cost ~2.5 us each to allocate (measured), the appends ~0.5 us.
-        self._buffer = bytearray()
+        self.pending: list[Any] = []  # one list for good: the middleware keeps its append
+        self._settler: Callable[[list[Any]], None] | None = None
+        self._lines: list[str] = []  # joined and written by flush()
 
-    def request(self, request_id: str, product: str | None, user_id: str | None, method: str,
-                route: str, status: int, outcome: str, duration_ms: float) -> None:
-        """One request line: its dict built in one go, as one JSON line in the buffer."""
+    def settle_with(self, settler: Callable[[list[Any]], None]) -> None:
+        self._settler = settler
+
+    def settle(self) -> None:
+        if self.pending and self._settler is not None:
+            records = self.pending.copy()
+            self.pending.clear()
+            self._settler(records)
+
+    def line(self, request_id: str, product: str | None, user_id: str | None, method: str,
+             route: str, status: int, outcome: str, duration_s: float, ts: float) -> None:
+        """One request line. An f-string, not a dict through orjson.dumps: about half the
+        cost. `route`, `outcome`, `method` and `product` cannot hold a character JSON
+        escapes (the table's patterns, the error codes, an HTTP token, a checked product
+        name); the request id and the user id are escaped when they need it."""
         if self.enabled:
-            self._buffer += orjson.dumps({
-                "request_id": request_id, "product": product, "user_id": user_id,
-                "method": method, "route": route, "status": status, "outcome": outcome,
-                "duration_ms": duration_ms, "ts": round(time.time(), 3), "level": "INFO",
-                "logger": "orch.requests", "msg": "request"}, option=_LINE)
+            self._lines.append(
+                f'{{"request_id":"{_escaped(request_id)}","product":'
+                f'{"null" if product is None else _QUOTE + product + _QUOTE},"user_id":'
+                f'{"null" if user_id is None else _QUOTE + _escaped(user_id) + _QUOTE},'
+                f'"method":"{method}","route":"{route}","status":{status},"outcome":"{outcome}",'
+                f'"duration_ms":{duration_s * 1000:.3f},"ts":{ts:.3f},"level":"INFO",'
+                f'"logger":"orch.requests","msg":"request"}}\n')
 
     def flush(self) -> None:
-        if self._buffer:
-            lines, self._buffer = self._buffer, bytearray()
+        self.settle()
+        if self._lines:
+            lines = "".join(self._lines).encode()
+            self._lines.clear()
             sys.stderr.buffer.write(lines)
             sys.stderr.flush()
+
+
+_QUOTE = '"'
+
+
+def _escaped(text: str) -> str:
+    """`text` as the inside of a JSON string."""
+    if text.isprintable() and '"' not in text and "\\" not in text:
+        return text  # nothing JSON escapes (no control characters, quotes or backslashes)
+    return json.dumps(text)[1:-1]  # json, not orjson: it takes lone surrogates too
 
 
 _transitions = logging.getLogger("orch.transitions")

@@ -5,8 +5,10 @@ replica reports the same truth and nothing has to be kept in step."""
 from __future__ import annotations
 
 import time
+import weakref
 from bisect import bisect_left
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client import metrics as _client_metrics
@@ -46,8 +48,8 @@ class PerRequest(Collector):
     They are updated on every request, where prometheus_client's children (a lock and a method
     call per counter, a loop over the buckets per observation) cost several times this. The
     exposition is the same as those children's: same names, labels, buckets, _created.
-    Only the event loop thread may call count(): `+=` on a list item is not atomic across
-    threads, and nothing else needs to."""
+    Only the event loop thread may call count() or collect() (/metrics is served there): `+=`
+    on a list item is not atomic across threads, and nothing else needs to."""
 
     BUCKETS = tuple(sorted(set(FAST + SLOW[5:])))  # FAST ends where SLOW[5:] starts: one 1.0
 
@@ -56,6 +58,13 @@ class PerRequest(Collector):
         self.requests: dict[tuple[str, str, int], list[float]] = {}
         # outcome -> [count per bucket (+Inf last, not cumulative), sum, created]
         self.admits: dict[str, list] = {}  # type: ignore[type-arg]
+        # Whatever holds requests answered but not yet counted (the access logs, which count
+        # in batches): settled before every scrape, so a scrape misses no answered request.
+        self.sources: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def settle(self) -> None:
+        for source in list(self.sources):
+            source.settle()
 
     def count(self, route: str, method: str, status: int) -> None:
         key = (route, method, status)
@@ -72,6 +81,7 @@ class PerRequest(Collector):
         entry[1] += seconds
 
     def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        self.settle()
         requests = CounterMetricFamily("orch_requests", "HTTP requests by route, method and status",
                                        labels=["route", "method", "status"])
         # Like the library's own children: no _created when PROMETHEUS_DISABLE_CREATED_SERIES.
@@ -125,4 +135,5 @@ registry.subscribe(_count_transition)
 
 
 def exposition() -> bytes:
+    PER_REQUEST.settle()  # first: the refusals counter is collected before PER_REQUEST
     return generate_latest(REGISTRY)

@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from app import errors
 from app.api import rollouts
@@ -15,6 +15,7 @@ from app.api.auth import Authenticator
 from app.api.handlers import HANDLERS, Call, Handler, Services, check_user_id
 from app.api.spec import Endpoint
 from app.api.validate import MAX_BODY, Checks
+from app.naming import USER_ID_MAX
 
 _encode = msgspec.json.Encoder().encode
 _JSON = (b"content-type", b"application/json")
@@ -25,6 +26,7 @@ class Operations:
         """`services` is called for the Services once the lifespan has made them."""
         self.auth = auth
         self.services = services
+        self._services: Services | None = None
         self.by_method: dict[str, tuple[Endpoint, Checks, Handler]] = {
             e.method: (e, Checks(e), ALL_HANDLERS[e.name]) for e in endpoints}
         if "GET" in self.by_method:  # Starlette routes HEAD with GET
@@ -32,20 +34,25 @@ class Operations:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         endpoint, checks, handler = self.by_method[scope["method"]]
-        info = scope["orch"]
+        info = scope["orch"]  # RequestContext's record, with the headers it picked
         info.route = endpoint.path
-        key, length = _picked_headers(scope["headers"])
-        product = self.auth.product(key)
+        if info.keys > 1:
+            raise errors.invalid("X-Platform-Key given more than once")
+        key = info.key
+        product = self.auth.product(None if key is None else key.decode("latin-1"))
         info.product = product.name
-        user_id = scope["path_params"].get("user_id")
+        path_params = scope["path_params"]
+        user_id = path_params.get("user_id")
         if user_id is not None:
-            info.user_id = check_user_id(user_id)
-        query = checks.query(scope["query_string"])
-        body = checks.body(await _read_body(receive, length))
+            info.user_id = user_id if _plainly_valid(user_id) else check_user_id(user_id)
+        raw_query = scope["query_string"]
+        query = None if not raw_query and endpoint.query is None else checks.query(raw_query)
+        body = checks.body(await _read_body(receive, info.length))
         if user_id is None:  # provision names its user in the body
             info.user_id = getattr(body, "user_id", None)
-        rollout_id = _rollout_id(scope["path_params"].get("rollout_id"))
-        services: Services = self.services()
+        raw_rollout = path_params.get("rollout_id")
+        rollout_id = 0 if raw_rollout is None else _rollout_id(raw_rollout)
+        services = self._services or self._services_once()
         result = await handler(services, Call(product, user_id or "", body, query, rollout_id))
         if isinstance(result, Response):  # a stream (events?follow=true) answers itself
             await result(scope, receive, send)
@@ -53,43 +60,49 @@ class Operations:
         if endpoint.name == "admit" and not _admitted(result):
             info.outcome = "denied"
         payload = _encode(result)
+        # The request id header too, and the record marked: RequestContext's send wrapper
+        # then passes the head on as it is instead of copying it to add the header.
+        info.status, info.started = endpoint.ok, True
         await send({"type": "http.response.start", "status": endpoint.ok,
-                    "headers": [_JSON, (b"content-length", b"%d" % len(payload))]})
+                    "headers": [_JSON, (b"content-length", b"%d" % len(payload)), info.id_header]})
         await send({"type": "http.response.body", "body": payload})
+
+    def _services_once(self) -> Services:
+        self._services = self.services()
+        return self._services
 
 
 ALL_HANDLERS: dict[str, Handler] = {**HANDLERS, **rollouts.HANDLERS}
 
 
-def _rollout_id(raw: str | None) -> int:
-    if raw is None:
-        return 0
+def _plainly_valid(user_id: str) -> bool:
+    """naming.user_id_problem's common case in one call instead of two: a short printable
+    id without '/'. Anything else gets the full check and its message."""
+    return 0 < len(user_id) <= USER_ID_MAX and user_id.isprintable() and "/" not in user_id
+
+
+def _rollout_id(raw: str) -> int:
     if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
         raise errors.invalid("rollout_id must be a whole number")
     return int(raw)
 
 
-def _picked_headers(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, bytes | None]:
-    """The platform key (exactly one, or none) and Content-Length, in one pass."""
-    key: bytes | None = None
-    length: bytes | None = None
-    for name, value in headers:
-        if name == b"x-platform-key":
-            if key is not None:
-                raise errors.invalid("X-Platform-Key given more than once")
-            key = value
-        elif name == b"content-length":
-            length = value
-    return (None if key is None else key.decode("latin-1")), length
-
-
 async def _read_body(receive: Receive, length: bytes | None) -> bytes:
     if length is not None and length.isdigit() and int(length) > MAX_BODY:
         raise errors.invalid(f"body over {MAX_BODY // 1024} KiB")
+    message = await receive()
+    if message["type"] == "http.request" and not message.get("more_body", False):
+        body: bytes = message.get("body", b"")  # the whole body in one message: most requests
+        if len(body) > MAX_BODY:
+            raise errors.invalid(f"body over {MAX_BODY // 1024} KiB")
+        return body
+    return await _read_rest(receive, message)
+
+
+async def _read_rest(receive: Receive, message: Message) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
-        message = await receive()
         if message["type"] != "http.request":  # the client went away
             raise errors.invalid("the request ended before its body")
         chunk = message.get("body", b"")
@@ -98,7 +111,8 @@ async def _read_body(receive: Receive, length: bytes | None) -> bytes:
             raise errors.invalid(f"body over {MAX_BODY // 1024} KiB")
         chunks.append(chunk)
         if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            return b"".join(chunks)
+        message = await receive()
 
 
 def _admitted(result: Any) -> bool:
