@@ -67,24 +67,36 @@ def reap(pid: int) -> None:
         pass
 
 
-def engines_under(brain_root: Path) -> dict[str, list[int]]:
+def engines_under(brain_root: Path, known: dict[int, str] | None = None) -> dict[str, list[int]]:
     """Live processes whose ENGINE_BRAIN_DIR is a directory right under `brain_root`, by that
-    directory's name: how engines with no registry row (or an outdated pid) are found."""
+    directory's name: how engines with no registry row (or an outdated pid) are found.
+    `known`: pids whose engine is known already (watched by their pidfd), by name; their
+    environ is not read again (issue 11: at 1,000 engines that was most of the scan)."""
+    known = known or {}
     found: dict[str, list[int]] = {}
     prefix = str(brain_root).rstrip("/") + "/"
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
+        pid = int(entry.name)
+        if pid in known:
+            found.setdefault(known[pid], []).append(pid)
             continue
-        for item in environ.split(b"\0"):
-            if item.startswith(b"ENGINE_BRAIN_DIR="):
-                path = item[len(b"ENGINE_BRAIN_DIR="):].decode(errors="replace")
-                if path.startswith(prefix) and "/" not in path[len(prefix):]:
-                    pid = int(entry.name)
-                    if status(pid, None) != "dead":
-                        found.setdefault(path[len(prefix):], []).append(pid)
-                break
+        name = _engine_of(entry, prefix)
+        if name is not None and status(pid, None) != "dead":
+            found.setdefault(name, []).append(pid)
     return found
+
+
+def _engine_of(entry: Path, prefix: str) -> str | None:
+    try:
+        environ = (entry / "environ").read_bytes()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    for item in environ.split(b"\0"):
+        if item.startswith(b"ENGINE_BRAIN_DIR="):
+            path = item[len(b"ENGINE_BRAIN_DIR="):].decode(errors="replace")
+            if path.startswith(prefix) and "/" not in path[len(prefix):]:
+                return path[len(prefix):]
+            return None
+    return None

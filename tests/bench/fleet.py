@@ -6,6 +6,9 @@ a killed engine is `failed`.
   BENCH_FLEET_SECONDS. Baseline in the same run, on the same fleet (the orchestrator restarted
   and adopting it): ORCH_HEALTH_INTERVAL_S = ORCH_TICK_S = 1, every engine probed every tick
   as the reconciler did before issue 11. And two replicas together, beside one alone.
+- database queries per second at rest, in the same windows (every statement the orchestrator
+  processes start on SQLite, counted by tests/bench/querycount/sitecustomize.py, which only
+  the bench puts on their PYTHONPATH).
 - crash to failed: BENCH_FLEET_KILLS engines SIGKILLed one at a time; the delay from the kill
   to the `fail` audit event's timestamp (written by the orchestrator, so no polling here).
 """
@@ -36,6 +39,8 @@ def bench_fleet(tmp: Path) -> dict:
     env = {"ORCH_ENGINE_CMD": ENGINE_CMD, "ORCH_LOG_LEVEL": "WARNING", "ORCH_TICK_S": "1",
            "ORCH_HEALTH_INTERVAL_S": "10", "ORCH_RESYNC_S": "60", "ORCH_IDLE_SLEEP_S": "0",
            "ORCH_MAX_RESTARTS": "0", "ORCH_BOOT_TIMEOUT_S": "60", "ORCH_STOP_GRACE_S": "1"}
+    env.update(PYTHONPATH=f"{ROOT}:{ROOT / 'tests' / 'bench' / 'querycount'}",
+               BENCH_QUERY_COUNT_FILE=str(tmp / "queries"))
     orch = Orchestrator(tmp, env=env, ports=N + 100).start()
     orch.product("bench", max_engines=1_000_000, rpm=1_000_000_000)
     try:
@@ -43,11 +48,11 @@ def bench_fleet(tmp: Path) -> dict:
         n = asyncio.run(_provision(orch, N))
         provisioned_s = time.monotonic() - started
         time.sleep(3.0)  # the provisioning's after-effects settle
-        ours = _cpu_at_rest(orch)
+        ours, queries = _at_rest(tmp, orch)
         second = orch.replica()  # the shards are shared out within a heartbeat or two
         try:
             time.sleep(5.0)
-            pair = _cpu_at_rest(orch, second)
+            pair, pair_queries = _at_rest(tmp, orch, second)
         finally:
             second.kill(signal.SIGTERM)
         crash = _crash_detection(orch)
@@ -56,9 +61,11 @@ def bench_fleet(tmp: Path) -> dict:
         orch.env.update(ORCH_HEALTH_INTERVAL_S="1")
         orch.start()
         time.sleep(3.0)
-        old = _cpu_at_rest(orch)
+        old, old_queries = _at_rest(tmp, orch)
         return {"n": n, "provisioned_s": round(provisioned_s, 1), "cpu_pct": ours,
-                "old_cpu_pct": old, "pair_cpu_pct": pair, "crash": crash, "kills": KILLS}
+                "old_cpu_pct": old, "pair_cpu_pct": pair, "crash": crash, "kills": KILLS,
+                "queries_per_s": queries, "old_queries_per_s": old_queries,
+                "pair_queries_per_s": pair_queries}
     finally:
         orch.close()
 
@@ -79,14 +86,27 @@ async def _provision(orch: Orchestrator, n: int) -> int:
         return sum(await asyncio.gather(*(one(i) for i in range(n))))
 
 
-def _cpu_at_rest(*replicas: Orchestrator) -> float:
-    """Percent of one core the orchestrator processes used together over SECONDS of rest."""
+def _at_rest(tmp: Path, *replicas: Orchestrator) -> tuple[float, float]:
+    """Percent of one core the orchestrator processes used together over SECONDS of rest, and
+    the database queries they started per second meanwhile."""
     from tests.bench.__main__ import _cpu_seconds
 
     pids = [r.proc.pid for r in replicas if r.proc is not None]
     before, at = sum(map(_cpu_seconds, pids)), time.monotonic()
+    counted = [_queries(tmp, pid) for pid in pids]
     time.sleep(SECONDS)
-    return round(100 * (sum(map(_cpu_seconds, pids)) - before) / (time.monotonic() - at), 2)
+    cpu = round(100 * (sum(map(_cpu_seconds, pids)) - before) / (time.monotonic() - at), 2)
+    rate = sum((n - n0) / max(t - t0, 1e-9) for (t0, n0), (t, n) in
+               zip(counted, (_queries(tmp, pid) for pid in pids), strict=True))
+    return cpu, round(rate, 1)
+
+
+def _queries(tmp: Path, pid: int) -> tuple[float, int]:
+    """(when, how many queries) as the counter in process `pid` last wrote them."""
+    path = tmp / f"queries.{pid}"
+    wait_for(path.exists, timeout=10, what=f"the query count of {pid}")
+    at, count = path.read_text().split()
+    return float(at), int(count)
 
 
 def _crash_detection(orch: Orchestrator) -> dict:
@@ -117,6 +137,8 @@ def lines(f: dict) -> list[str]:
         f"fleet at rest      {f['n']} engines running: orchestrator {f['cpu_pct']}% of a core   "
         f"probing every engine every tick (as before): {f['old_cpu_pct']}%   "
         f"(target < 2% per 1,000)",
+        f"database at rest   {f['queries_per_s']} queries/s   probing every engine every tick: "
+        f"{f['old_queries_per_s']}/s   two replicas together: {f['pair_queries_per_s']}/s",
         f"two replicas       together {f['pair_cpu_pct']}% of a core at rest, beside one alone "
         f"{f['cpu_pct']}%   (target: the same)",
         f"crash -> failed    p50 {c['p50_ms']} ms   p99 {c['p99_ms']} ms   max {c['max_ms']} ms   "
