@@ -3,9 +3,10 @@
 A fleet's health checks are most of the reconciler's work at rest. Through httpx one cost
 about 1.5 ms of CPU here; a fresh TCP connection per check (connect, close, the engine's
 accept) was still most of what was left at 1,000 engines. So each engine keeps one HTTP/1.1
-keep-alive connection: a check is one write and one read. An engine may close it at any time
-(its idle timeout, a restart): before reuse a peek tells a closed connection from an idle one,
-and a request that meets a close before any answer is sent once more on a new connection.
+keep-alive connection, watched by the event loop all along: a check is one write and one read.
+An engine may close it at any time (its idle timeout, a restart): the close is seen when it
+happens, and a request that meets a close before any answer is sent once more on a new
+connection.
 Anything unexpected (a timeout, bytes nobody asked for, `Connection: close`) closes it; the
 next check connects again. The whole exchange has one deadline, so an engine that dribbles
 bytes cannot hold it.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 
 _REQUEST = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 _MAX_HEAD = 4096
@@ -25,11 +27,68 @@ class _Closed(Exception):
     """The engine closed the connection before answering."""
 
 
+class _Connection(asyncio.Protocol):
+    """A kept connection: the event loop watches it all along (no reader added and removed per
+    check), so an answer costs one read and a close is noticed when it happens."""
+
+    def __init__(self, sock: socket.socket, port: int) -> None:
+        self.sock, self.port = sock, port  # our socket object: closable from any event loop
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._buffer = b""
+        self._answer: asyncio.Future[tuple[int, bool]] | None = None
+        self._last: tuple[bytes, tuple[int, bool]] = (b"", (0, False))  # an answer, parsed
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    async def ask(self) -> tuple[int, bool]:
+        """Send GET /health; the status, and whether the connection may be used again."""
+        assert self.transport is not None and self._answer is None
+        self._answer = self.loop.create_future()
+        self.transport.write(_REQUEST)
+        try:
+            return await self._answer
+        finally:
+            self._answer = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._answer is None or self._answer.done():
+            self.close()  # bytes nobody asked for: the connection is out of step
+            return
+        if not self._buffer and data == self._last[0]:
+            self._answer.set_result(self._last[1])  # the same bytes as last time: no parsing
+            return
+        self._buffer += data
+        answer = _parse(self._buffer)
+        if answer is not None:
+            self._last = (self._buffer, answer)
+            self._buffer = b""
+            self._answer.set_result(answer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._answer is not None and not self._answer.done():
+            if self._buffer:  # an answer cut short: its status line still counts
+                self._answer.set_result((_status(self._buffer), False))
+            else:
+                self._answer.set_exception(_Closed())
+        self._buffer = b""
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None and self.loop is _running_loop():
+            self.transport.abort()
+        else:  # made on an event loop that is gone (tests run one per scenario)
+            self.sock.close()
+
+
 class HealthChecks:
     """One kept-alive connection per engine (by name), for its `GET /health` checks."""
 
     def __init__(self) -> None:
-        self._conns: dict[str, tuple[int, socket.socket]] = {}  # name -> (port, socket)
+        self._conns: dict[str, _Connection] = {}
 
     def __len__(self) -> int:
         return len(self._conns)
@@ -38,95 +97,86 @@ class HealthChecks:
         """True when GET /health answers 200 within `timeout`."""
         try:
             async with asyncio.timeout(timeout):
-                sock = self._idle(name, port)
-                if sock is not None:
+                conn = self._kept(name, port)
+                if conn is not None:
                     try:
-                        return await self._exchange(name, port, sock)
-                    except (_Closed, ConnectionError):
+                        return await self._ask(name, conn)
+                    except _Closed:
                         pass  # it closed as we asked: once more, on a new connection
-                return await self._exchange(name, port, await _connect(port))
+                conn = await _connect(port)
+                self._conns[name] = conn
+                return await self._ask(name, conn)
         except (OSError, TimeoutError, _Closed):
-            self.drop(name)
+            self.drop(name)  # a late answer must not be taken for the next check's
             return False
 
     def drop(self, name: str) -> None:
         """Close `name`'s connection (the engine stopped, or the connection is in doubt)."""
-        entry = self._conns.pop(name, None)
-        if entry is not None:
-            entry[1].close()
+        conn = self._conns.pop(name, None)
+        if conn is not None:
+            _quietly(conn.close)
 
     def close(self) -> None:
         for name in list(self._conns):
             self.drop(name)
 
-    def _idle(self, name: str, port: int) -> socket.socket | None:
-        """`name`'s kept connection if it is still open and has nothing unread."""
-        entry = self._conns.pop(name, None)
-        if entry is None:
+    def _kept(self, name: str, port: int) -> _Connection | None:
+        conn = self._conns.get(name)
+        if conn is not None and (conn.closed or conn.port != port
+                                 or conn.loop is not asyncio.get_running_loop()):
+            self.drop(name)
             return None
-        kept_port, sock = entry
-        if kept_port == port:
-            try:
-                sock.recv(1, socket.MSG_PEEK)
-            except BlockingIOError:
-                return sock  # open, and quiet: as it should be
-            except OSError:
-                pass
-        sock.close()  # closed by the engine, another port, or bytes nobody asked for
-        return None
+        return conn
 
-    async def _exchange(self, name: str, port: int, sock: socket.socket) -> bool:
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.sock_sendall(sock, _REQUEST)
-            status, keep = await _read_response(loop, sock)
-        except BaseException:
-            sock.close()
-            raise
-        if keep:
-            self._conns[name] = (port, sock)
-        else:
-            sock.close()
+    async def _ask(self, name: str, conn: _Connection) -> bool:
+        status, keep = await conn.ask()
+        if not keep:
+            self.drop(name)
         return status == 200
 
 
-async def _connect(port: int) -> socket.socket:
+async def _connect(port: int) -> _Connection:
+    loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        _, conn = await loop.create_connection(lambda: _Connection(sock, port), sock=sock)
     except BaseException:
         sock.close()
         raise
-    return sock
+    return conn
 
 
-async def _read_response(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[int, bool]:
-    """The status code, and whether the connection may be used again."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        if len(data) > _MAX_HEAD:
-            return _status(data), False
-        chunk = await loop.sock_recv(sock, _MAX_HEAD)
-        if not chunk:
-            if not data:
-                raise _Closed
-            return _status(data), False  # an answer cut short: its status line still counts
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    status = _status(head)
+def _parse(data: bytes) -> tuple[int, bool] | None:
+    """A whole answer's status, and whether the connection may be used again; None: more to
+    come."""
+    head, found, body = data.partition(b"\r\n\r\n")
+    if not found:
+        return (_status(data), False) if len(data) > _MAX_HEAD else None
     lines = head.lower().split(b"\r\n")
     headers = dict(_header(line) for line in lines[1:])
     keep = lines[0].startswith(b"http/1.1 ") and headers.get(b"connection") != b"close"
     length = _content_length(headers)
     if length is None or length > _MAX_BODY:
-        return status, False  # no way to tell where the body ends, or not worth reading
-    while len(body) < length:
-        chunk = await loop.sock_recv(sock, length - len(body))
-        if not chunk:
-            return status, False
-        body += chunk
-    return status, keep and len(body) == length
+        return _status(head), False  # no way to tell where the body ends, or not worth reading
+    if len(body) < length:
+        return None
+    return _status(head), keep and len(body) == length
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _quietly(close: Callable[[], None]) -> None:
+    try:
+        close()
+    except (OSError, RuntimeError):  # already closed, or its event loop is
+        pass
 
 
 def _status(head: bytes) -> int:

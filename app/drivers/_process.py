@@ -44,7 +44,8 @@ def status(pid: int, started: int | None) -> str:
 
 def _stat(pid: int) -> list[str] | None:
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
+        with open(f"/proc/{pid}/stat") as f:
+            raw = f.read()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
     # The command name (field 2) may hold spaces and parentheses; split after the last ')'.
@@ -75,28 +76,41 @@ def engines_under(brain_root: Path, known: dict[int, str] | None = None) -> dict
     known = known or {}
     found: dict[str, list[int]] = {}
     prefix = str(brain_root).rstrip("/") + "/"
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+    # os.listdir and plain strings: a machine may hold thousands of processes, and pathlib's
+    # objects cost more than the reads.
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
             continue
-        pid = int(entry.name)
+        pid = int(entry)
         if pid in known:
             found.setdefault(known[pid], []).append(pid)
             continue
-        name = _engine_of(entry, prefix)
+        name = _engine_of(pid, prefix)
         if name is not None and status(pid, None) != "dead":
             found.setdefault(name, []).append(pid)
     return found
 
 
-def _engine_of(entry: Path, prefix: str) -> str | None:
+_BRAIN_VAR = b"ENGINE_BRAIN_DIR="
+
+
+def _engine_of(pid: int, prefix: str) -> str | None:
+    """The engine name in `pid`'s ENGINE_BRAIN_DIR, if that is a directory right under the
+    brain root (`prefix`)."""
     try:
-        environ = (entry / "environ").read_bytes()
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            environ = f.read()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
-    for item in environ.split(b"\0"):
-        if item.startswith(b"ENGINE_BRAIN_DIR="):
-            path = item[len(b"ENGINE_BRAIN_DIR="):].decode(errors="replace")
-            if path.startswith(prefix) and "/" not in path[len(prefix):]:
-                return path[len(prefix):]
+    if environ.startswith(_BRAIN_VAR):
+        start = len(_BRAIN_VAR)
+    else:
+        at = environ.find(b"\0" + _BRAIN_VAR)
+        if at < 0:
             return None
+        start = at + 1 + len(_BRAIN_VAR)
+    end = environ.find(b"\0", start)
+    path = environ[start:end if end >= 0 else len(environ)].decode(errors="replace")
+    if path.startswith(prefix) and "/" not in path[len(prefix):]:
+        return path[len(prefix):]
     return None

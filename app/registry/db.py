@@ -107,11 +107,29 @@ def checkpoint() -> None:
     thread: it ends with an fsync). PASSIVE: it never waits for, or blocks, a writer."""
     database = db.obj
     if isinstance(database, pw.SqliteDatabase) and database.database != ":memory:":
+        if not _wal_changed(database.database):
+            return  # issue 11: at rest, nothing was written since the last one
         conn = sqlite3.connect(database.database, timeout=1.0)
         try:
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         finally:
             conn.close()
+
+
+_last_wal: dict[str, tuple[int, int, int]] = {}  # database -> its WAL's (inode, size, mtime)
+
+
+def _wal_changed(path: str) -> bool:
+    """Has the WAL been written since the last call (or is this the first)?"""
+    try:
+        st = Path(path + "-wal").stat()
+    except FileNotFoundError:
+        return False  # no WAL: nothing to copy
+    seen = (st.st_ino, st.st_size, st.st_mtime_ns)
+    if _last_wal.get(path) == seen:
+        return False
+    _last_wal[path] = seen
+    return True
 
 
 # ---- the hot path's SQL ------------------------------------------------------------------------
