@@ -43,14 +43,18 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    async def ask(self) -> tuple[int, bool]:
-        """Send GET /health; the status, and whether the connection may be used again."""
+    async def ask(self, timeout: float) -> tuple[int, bool]:
+        """Send GET /health; the status, and whether the connection may be used again.
+        TimeoutError after `timeout` (a bare timer: this is the fleet's hot path)."""
         assert self.transport is not None and self._answer is None
-        self._answer = self.loop.create_future()
+        answer: asyncio.Future[tuple[int, bool]] = self.loop.create_future()
+        self._answer = answer
+        timer = self.loop.call_later(timeout, _expire, answer)
         self.transport.write(_REQUEST)
         try:
-            return await self._answer
+            return await answer
         finally:
+            timer.cancel()
             self._answer = None
 
     def data_received(self, data: bytes) -> None:
@@ -94,18 +98,19 @@ class HealthChecks:
         return len(self._conns)
 
     async def healthy(self, name: str, port: int, timeout: float = 1.0) -> bool:
-        """True when GET /health answers 200 within `timeout`."""
+        """True when GET /health answers 200 within `timeout` (twice that at worst, when the
+        engine closes the kept connection just as it is asked)."""
         try:
+            conn = self._kept(name, port)
+            if conn is not None:
+                try:
+                    return await self._ask(name, conn, timeout)
+                except _Closed:
+                    pass  # it closed as we asked: once more, on a new connection
             async with asyncio.timeout(timeout):
-                conn = self._kept(name, port)
-                if conn is not None:
-                    try:
-                        return await self._ask(name, conn)
-                    except _Closed:
-                        pass  # it closed as we asked: once more, on a new connection
                 conn = await _connect(port)
                 self._conns[name] = conn
-                return await self._ask(name, conn)
+                return await self._ask(name, conn, timeout)
         except (OSError, TimeoutError, _Closed):
             self.drop(name)  # a late answer must not be taken for the next check's
             return False
@@ -128,8 +133,8 @@ class HealthChecks:
             return None
         return conn
 
-    async def _ask(self, name: str, conn: _Connection) -> bool:
-        status, keep = await conn.ask()
+    async def _ask(self, name: str, conn: _Connection, timeout: float) -> bool:
+        status, keep = await conn.ask(timeout)
         if not keep:
             self.drop(name)
         return status == 200
@@ -163,6 +168,11 @@ def _parse(data: bytes) -> tuple[int, bool] | None:
     if len(body) < length:
         return None
     return _status(head), keep and len(body) == length
+
+
+def _expire(answer: asyncio.Future[tuple[int, bool]]) -> None:
+    if not answer.done():
+        answer.set_exception(TimeoutError())
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -73,22 +73,52 @@ def engines_under(brain_root: Path, known: dict[int, str] | None = None) -> dict
     directory's name: how engines with no registry row (or an outdated pid) are found.
     `known`: pids whose engine is known already (watched by their pidfd), by name; their
     environ is not read again (issue 11: at 1,000 engines that was most of the scan)."""
-    known = known or {}
-    found: dict[str, list[int]] = {}
-    prefix = str(brain_root).rstrip("/") + "/"
-    # os.listdir and plain strings: a machine may hold thousands of processes, and pathlib's
-    # objects cost more than the reads.
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        pid = int(entry)
-        if pid in known:
-            found.setdefault(known[pid], []).append(pid)
-            continue
-        name = _engine_of(pid, prefix)
-        if name is not None and status(pid, None) != "dead":
-            found.setdefault(name, []).append(pid)
-    return found
+    return EngineScan().run(brain_root, known)
+
+
+class EngineScan:
+    """engines_under, remembering the processes found not to be engines (issue 11: the orphan
+    sweep reads every process on the machine, most of them other programs', every lease).
+
+    A process is taken for "not an engine" once it was seen so twice (so not in the moment
+    between a fork and the exec of an engine), and only while its /proc entry is the same one
+    (its inode's ctime, set when the entry is made: a pid reused is a new entry)."""
+
+    def __init__(self) -> None:
+        self._others: dict[int, int] = {}  # pid -> its /proc entry's ctime: not an engine
+        self._once: dict[int, int] = {}  # seen once so
+
+    def run(self, brain_root: Path, known: dict[int, str] | None = None) -> dict[str, list[int]]:
+        known = known or {}
+        found: dict[str, list[int]] = {}
+        prefix = str(brain_root).rstrip("/") + "/"
+        others, once = {}, {}
+        # os.listdir and plain strings: a machine may hold thousands of processes, and pathlib's
+        # objects cost more than the reads.
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            pid = int(entry)
+            if pid in known:
+                found.setdefault(known[pid], []).append(pid)
+                continue
+            try:
+                made = os.stat(f"/proc/{pid}").st_ctime_ns
+            except OSError:
+                continue
+            if self._others.get(pid) == made:
+                others[pid] = made
+                continue
+            name = _engine_of(pid, prefix)
+            if name is not None:
+                if status(pid, None) != "dead":
+                    found.setdefault(name, []).append(pid)
+            elif self._once.get(pid) == made:
+                others[pid] = made
+            else:
+                once[pid] = made
+        self._others, self._once = others, once  # pids gone are forgotten
+        return found
 
 
 _BRAIN_VAR = b"ENGINE_BRAIN_DIR="

@@ -41,6 +41,7 @@ class LocalDriver(Driver):
         self.exits = _exits.ExitWatcher()  # issue 11: a pidfd per engine
         self.checks = _health.HealthChecks()  # issue 11: a kept-alive connection per engine
         self.exits.subscribe(self.checks.drop)  # an engine that ended: its connection is dead
+        self._scan = _process.EngineScan()  # the orphan sweep's, which remembers non-engines
 
     # ---- Driver interface ----------------------------------------------------------------
 
@@ -148,7 +149,7 @@ class LocalDriver(Driver):
         # answering admits meanwhile.
         # Issue 11: the pids watched by their pidfd are known engines; only the others are read.
         known = self.exits.pids()
-        names |= set(await asyncio.to_thread(_process.engines_under, self.brain_root, known))
+        names |= set(await asyncio.to_thread(self._scan.run, self.brain_root, known))
         return names
 
     def on_exit(self, listener: Callable[[str], None]) -> bool:

@@ -6,6 +6,11 @@ a killed engine is `failed`.
   BENCH_FLEET_SECONDS. Baseline in the same run, on the same fleet (the orchestrator restarted
   and adopting it): ORCH_HEALTH_INTERVAL_S = ORCH_TICK_S = 1, every engine probed every tick
   as the reconciler did before issue 11. And two replicas together, beside one alone.
+- the same orchestrator before the fleet, with no engine: what it costs at rest anyway (its
+  timers and periodic queries), so the fleet's own share can be told apart.
+- admit throughput against the bare endpoint (tests/bench/bare.py, the admit bench's
+  baseline), as the median ratio over BENCH_ROUNDS alternating rounds: with 1 engine running,
+  then with the whole fleet running (issue 11: within 10% of each other).
 - database queries per second at rest, in the same windows (every statement the orchestrator
   processes start on SQLite, counted by tests/bench/querycount/sitecustomize.py, which only
   the bench puts on their PYTHONPATH).
@@ -21,6 +26,7 @@ import os
 import random
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,11 +50,15 @@ def bench_fleet(tmp: Path) -> dict:
     orch = Orchestrator(tmp, env=env, ports=N + 100).start()
     orch.product("bench", max_engines=1_000_000, rpm=1_000_000_000)
     try:
+        empty, empty_queries = _at_rest(tmp, orch)
+        n = asyncio.run(_provision(orch, 1))
+        admit_one = _admit_ratio(orch, "f0")
         started = time.monotonic()
-        n = asyncio.run(_provision(orch, N))
+        n = asyncio.run(_provision(orch, N, first=1)) + n
         provisioned_s = time.monotonic() - started
         time.sleep(3.0)  # the provisioning's after-effects settle
         ours, queries = _at_rest(tmp, orch)
+        admit_fleet = _admit_ratio(orch, "f0")
         second = orch.replica()  # the shards are shared out within a heartbeat or two
         try:
             time.sleep(5.0)
@@ -65,12 +75,14 @@ def bench_fleet(tmp: Path) -> dict:
         return {"n": n, "provisioned_s": round(provisioned_s, 1), "cpu_pct": ours,
                 "old_cpu_pct": old, "pair_cpu_pct": pair, "crash": crash, "kills": KILLS,
                 "queries_per_s": queries, "old_queries_per_s": old_queries,
-                "pair_queries_per_s": pair_queries}
+                "pair_queries_per_s": pair_queries, "empty_cpu_pct": empty,
+                "empty_queries_per_s": empty_queries, "admit_one": admit_one,
+                "admit_fleet": admit_fleet}
     finally:
         orch.close()
 
 
-async def _provision(orch: Orchestrator, n: int) -> int:
+async def _provision(orch: Orchestrator, n: int, first: int = 0) -> int:
     """Provision n engines; return how many run. On a shared machine another program can take
     a port between the driver's check and the engine's bind: that engine fails and is counted
     out rather than stopping the bench."""
@@ -83,7 +95,7 @@ async def _provision(orch: Orchestrator, n: int) -> int:
                 answer = await client.post("/engines/provision", json={"user_id": f"f{i}"})
                 return answer.status_code == 200
 
-        return sum(await asyncio.gather(*(one(i) for i in range(n))))
+        return sum(await asyncio.gather(*(one(i) for i in range(first, n))))
 
 
 def _at_rest(tmp: Path, *replicas: Orchestrator) -> tuple[float, float]:
@@ -99,6 +111,35 @@ def _at_rest(tmp: Path, *replicas: Orchestrator) -> tuple[float, float]:
     rate = sum((n - n0) / max(t - t0, 1e-9) for (t0, n0), (t, n) in
                zip(counted, (_queries(tmp, pid) for pid in pids), strict=True))
     return cpu, round(rate, 1)
+
+
+def _admit_ratio(orch: Orchestrator, user: str) -> dict:
+    """Admit of a running engine against the bare endpoint, as the admit bench measures it."""
+    from tests.bench.__main__ import CONNECTIONS, ROUNDS, _admit_target, _listening, _timed_round
+    from tests.bench.__main__ import SECONDS as ADMIT_SECONDS
+    from tests.bench.loadgen import Target, run_in_process
+    from tests.harness import free_port
+
+    port = free_port()
+    bare = subprocess.Popen([sys.executable, "-m", "tests.bench.bare", str(port)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _listening(port), timeout=15, what="bare baseline")
+        target = _admit_target(orch, user)
+        bare_target = Target("127.0.0.1", port, "POST", f"/engines/{user}/admit", {}, b"{}")
+        for warm in (target, bare_target):
+            run_in_process("saturate", warm, connections=CONNECTIONS, seconds=1.0)
+        seconds = max(1.0, ADMIT_SECONDS / ROUNDS)
+        assert orch.proc is not None
+        rounds = [(_timed_round(orch.proc.pid, target, seconds), _timed_round(bare.pid, bare_target, seconds))
+                  for _ in range(ROUNDS)]
+    finally:
+        bare.kill()
+        bare.wait()
+    ratios = sorted(o["rps"] / b["rps"] for o, b in rounds)
+    return {"ratio": round(statistics.median(ratios), 2), "ratios": [round(r, 2) for r in ratios],
+            "rps": round(statistics.median(o["rps"] for o, _ in rounds)),
+            "errors": sum(o["errors"] for o, _ in rounds)}
 
 
 def _queries(tmp: Path, pid: int) -> tuple[float, int]:
@@ -137,8 +178,15 @@ def lines(f: dict) -> list[str]:
         f"fleet at rest      {f['n']} engines running: orchestrator {f['cpu_pct']}% of a core   "
         f"probing every engine every tick (as before): {f['old_cpu_pct']}%   "
         f"(target < 2% per 1,000)",
+        f"                   the same orchestrator with no engine yet: {f['empty_cpu_pct']}%   "
+        f"so the fleet's own share: {round(f['cpu_pct'] - f['empty_cpu_pct'], 2)}%",
         f"database at rest   {f['queries_per_s']} queries/s   probing every engine every tick: "
-        f"{f['old_queries_per_s']}/s   two replicas together: {f['pair_queries_per_s']}/s",
+        f"{f['old_queries_per_s']}/s   two replicas together: {f['pair_queries_per_s']}/s   "
+        f"no engine: {f['empty_queries_per_s']}/s",
+        f"admit vs bare      with {f['n']} engines running: {f['admit_fleet']['ratio']} "
+        f"(rounds {f['admit_fleet']['ratios']}, {f['admit_fleet']['rps']} req/s)   with 1 engine: "
+        f"{f['admit_one']['ratio']} (rounds {f['admit_one']['ratios']}, {f['admit_one']['rps']} req/s)   "
+        f"(target: within 10%)",
         f"two replicas       together {f['pair_cpu_pct']}% of a core at rest, beside one alone "
         f"{f['cpu_pct']}%   (target: the same)",
         f"crash -> failed    p50 {c['p50_ms']} ms   p99 {c['p99_ms']} ms   max {c['max_ms']} ms   "

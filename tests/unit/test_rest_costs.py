@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +64,12 @@ def test_a_watched_engine_is_checked_on_one_kept_connection_without_reading_proc
         world.close()
 
 
-def test_the_orphan_scan_does_not_read_the_environ_of_a_watched_engine(
+def test_the_orphan_scan_reads_neither_a_watched_engine_nor_a_known_other_process(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     world = local_world(tmp_path)
     read: list[int] = []
     real_engine_of = _process._engine_of
+    other = subprocess.Popen(["sleep", "30"])  # a process that is no engine
 
     def counted(pid: int, prefix: str) -> str | None:
         read.append(pid)
@@ -88,12 +90,22 @@ def test_the_orphan_scan_does_not_read_the_environ_of_a_watched_engine(
                 assert _process.engines_under(brains, known).get(row.name) == [pid]
                 assert pid not in read and read  # every other process is still read
                 assert row.name in await world.driver.list_names()
+                # The sweep's scan remembers processes that are not engines (seen so twice);
+                # an engine nobody watches is read, and found, every time.
+                scan = _process.EngineScan()
+                for n in range(3):
+                    read.clear()
+                    assert scan.run(brains).get(row.name) == [pid]
+                    assert pid in read
+                    assert (other.pid in read) is (n < 2), n
             finally:
                 monkeypatch.setattr(_process, "_engine_of", real_engine_of)
                 await cleanup(world, "o")
 
         world.run(scenario())
     finally:
+        other.kill()
+        other.wait()
         world.close()
 
 
