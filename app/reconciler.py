@@ -34,6 +34,7 @@ from app.errors import DriverError
 from app.health_schedule import HealthSchedule
 from app.lifecycle import Lifecycle
 from app.registry import EngineRow, shards
+from app.registry.db import checkpoint_due
 
 log = logging.getLogger("orch.reconciler")
 
@@ -69,7 +70,8 @@ class Reconciler:
                 except Exception:
                     log.exception("reconciler pass failed")
                 try:
-                    await asyncio.to_thread(registry.checkpoint)
+                    if checkpoint_due():  # issue 11: at rest, most ticks wrote nothing
+                        await asyncio.to_thread(registry.checkpoint)
                 except Exception as exc:  # noqa: BLE001 - a busy or missing file: next tick
                     log.debug("checkpoint skipped: %s", exc)
                 await asyncio.sleep(self.settings.tick_s)

@@ -107,13 +107,21 @@ def checkpoint() -> None:
     thread: it ends with an fsync). PASSIVE: it never waits for, or blocks, a writer."""
     database = db.obj
     if isinstance(database, pw.SqliteDatabase) and database.database != ":memory:":
-        if not _wal_changed(database.database):
-            return  # issue 11: at rest, nothing was written since the last one
         conn = sqlite3.connect(database.database, timeout=1.0)
         try:
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         finally:
             conn.close()
+
+
+def checkpoint_due() -> bool:
+    """Issue 11: has SQLite's WAL been written since the last call? Asked on the event loop
+    (one stat) so that, at rest, checkpoint() is not sent to a thread every tick for nothing.
+    False on PostgreSQL, where checkpoint() has nothing to do."""
+    database = db.obj
+    if not isinstance(database, pw.SqliteDatabase) or database.database == ":memory:":
+        return False
+    return _wal_changed(database.database)
 
 
 _last_wal: dict[str, tuple[int, int, int]] = {}  # database -> its WAL's (inode, size, mtime)

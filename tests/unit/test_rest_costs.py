@@ -15,7 +15,7 @@ import pytest
 
 from app import products, registry
 from app.drivers import _process
-from app.registry.db import _wal_changed
+from app.registry.db import checkpoint_due
 from tests.unit.test_fleet_events import cleanup, local_world
 
 
@@ -109,17 +109,16 @@ def test_the_orphan_scan_reads_neither_a_watched_engine_nor_a_known_other_proces
         world.close()
 
 
-def test_a_checkpoint_with_nothing_new_in_the_wal_is_skipped(tmp_path: Path) -> None:
-    path = str(tmp_path / "orch.db")
-    database = registry.connect(f"sqlite:///{path}")
+def test_a_checkpoint_with_nothing_new_in_the_wal_is_not_due(tmp_path: Path) -> None:
+    database = registry.connect(f"sqlite:///{tmp_path / 'orch.db'}")
     try:
         product, _ = products.create("p")
         engine = registry.insert_engine(product.id, "u", "e-p-u", "v", "x", "me", 1)
-        assert _wal_changed(path) is True
-        assert _wal_changed(path) is False  # nothing written since
+        assert checkpoint_due() is True
+        assert checkpoint_due() is False  # nothing written since
         registry.touch_admit(engine.id, 1.0)
-        assert _wal_changed(path) is True
-        registry.checkpoint()  # copies, as before; then nothing to do
-        assert _wal_changed(path) is False
+        assert checkpoint_due() is True
+        registry.checkpoint()  # copies into the database file; the WAL itself is unchanged
+        assert checkpoint_due() is False
     finally:
         database.close()
