@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Callable
 
 _REQUEST = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
@@ -36,6 +37,7 @@ class _Connection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.used = 0.0  # when a check last used it (monotonic)
         self._buffer = b""
         self._answer: asyncio.Future[tuple[int, bool]] | None = None
         self._last: tuple[bytes, tuple[int, bool]] = (b"", (0, False))  # an answer, parsed
@@ -89,10 +91,14 @@ class _Connection(asyncio.Protocol):
 
 
 class HealthChecks:
-    """One kept-alive connection per engine (by name), for its `GET /health` checks."""
+    """One kept-alive connection per engine (by name), for its `GET /health` checks. A
+    connection unused for `idle_s` is closed (the engine is checked elsewhere now: another
+    replica's shard, or it stopped unseen), looked for at most once per `idle_s`."""
 
-    def __init__(self) -> None:
+    def __init__(self, idle_s: float = 60.0) -> None:
         self._conns: dict[str, _Connection] = {}
+        self.idle_s = idle_s
+        self._pruned = time.monotonic()
 
     def __len__(self) -> int:
         return len(self._conns)
@@ -100,8 +106,13 @@ class HealthChecks:
     async def healthy(self, name: str, port: int, timeout: float = 1.0) -> bool:
         """True when GET /health answers 200 within `timeout` (twice that at worst, when the
         engine closes the kept connection just as it is asked)."""
+        now = time.monotonic()
+        if now - self._pruned > self.idle_s:
+            self._prune(now)
         try:
             conn = self._kept(name, port)
+            if conn is not None:
+                conn.used = now
             if conn is not None:
                 try:
                     return await self._ask(name, conn, timeout)
@@ -109,6 +120,7 @@ class HealthChecks:
                     pass  # it closed as we asked: once more, on a new connection
             async with asyncio.timeout(timeout):
                 conn = await _connect(port)
+                conn.used = now
                 self._conns[name] = conn
                 return await self._ask(name, conn, timeout)
         except (OSError, TimeoutError, _Closed):
@@ -123,6 +135,11 @@ class HealthChecks:
 
     def close(self) -> None:
         for name in list(self._conns):
+            self.drop(name)
+
+    def _prune(self, now: float) -> None:
+        self._pruned = now
+        for name in [n for n, c in self._conns.items() if now - c.used > self.idle_s]:
             self.drop(name)
 
     def _kept(self, name: str, port: int) -> _Connection | None:

@@ -5,6 +5,7 @@ orchestrator restarted and adopted it."""
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 from pathlib import Path
@@ -23,6 +24,18 @@ def launch(cmd: list[str], env: dict[str, str], cwd: Path, log: Path,
         return subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
                                 **extra)
+
+
+def raise_fd_limit() -> None:
+    """Raise this process's soft limit on open files to its hard limit (issue 11: the local
+    driver holds a pidfd and a health connection per engine; a soft limit of 1,024 is common,
+    and a check that cannot open a socket would count against a healthy engine)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # some platforms refuse RLIM_INFINITY: the soft limit stays
 
 
 def start_time(pid: int) -> int | None:

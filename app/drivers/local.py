@@ -39,7 +39,9 @@ class LocalDriver(Driver):
         self.isolation = preflight(settings)
         self.http = engine_http.client()
         self.exits = _exits.ExitWatcher()  # issue 11: a pidfd per engine
-        self.checks = _health.HealthChecks()  # issue 11: a kept-alive connection per engine
+        # Issue 11: a kept-alive connection per engine, closed when checks stop using it.
+        self.checks = _health.HealthChecks(idle_s=3 * settings.health_interval_s + 30)
+        _process.raise_fd_limit()  # a pidfd and a connection per engine
         self.exits.subscribe(self.checks.drop)  # an engine that ended: its connection is dead
         self._scan = _process.EngineScan()  # the orphan sweep's, which remembers non-engines
 

@@ -61,7 +61,9 @@ def bench_fleet(tmp: Path) -> dict:
         admit_fleet = _admit_ratio(orch, "f0")
         second = orch.replica()  # the shards are shared out within a heartbeat or two
         try:
-            time.sleep(5.0)
+            # Then each replica's first checks of the engines it gained open their connections,
+            # over one health interval: rest is after that.
+            time.sleep(5.0 + float(env["ORCH_HEALTH_INTERVAL_S"]) * 1.2)
             pair, pair_queries = _at_rest(tmp, orch, second)
         finally:
             second.kill(signal.SIGTERM)

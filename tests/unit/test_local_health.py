@@ -166,3 +166,22 @@ def test_a_connection_kept_for_another_port_is_not_reused() -> None:
             checks.close()
 
     asyncio.run(scenario())
+
+
+def test_a_connection_no_check_uses_any_more_is_closed() -> None:
+    """An engine checked elsewhere now (another replica's shard) leaves no socket open here."""
+    async def scenario() -> None:
+        engine = KeepAlive()
+        server, port = await _serve(engine.handle)
+        checks = _health.HealthChecks(idle_s=60)
+        async with server:
+            assert await checks.healthy("a", port) is True
+            assert await checks.healthy("b", port) is True
+            # A minute on (moved back rather than waited for): a was not used since; b just was.
+            checks._conns["a"].used -= 61
+            checks._pruned -= 61
+            assert await checks.healthy("b", port) is True
+            assert len(checks) == 1 and engine.connections == 2
+            checks.close()
+
+    asyncio.run(scenario())
