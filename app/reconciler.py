@@ -35,6 +35,7 @@ from app.errors import DriverError
 from app.health_schedule import HealthSchedule
 from app.lifecycle import Lifecycle
 from app.registry import EngineRow, shards
+from app.registry.db import checkpoint_due
 
 log = logging.getLogger("orch.reconciler")
 
@@ -53,6 +54,9 @@ class Reconciler:
         self._inflight: set[asyncio.Task[Any]] = set()
         self._last: dict[str, float] = {}  # chore -> when it last ran
         self._seen_until = 0.0  # rows that entered `running` before this are scheduled
+        # Issue 11: each scheduled engine's row as last read (resync, entered_since), so a
+        # check needs no database read; a check that finds trouble reads the row again.
+        self._rows: dict[int, EngineRow] = {}
         self.probes = 0  # health checks sent (tests and the bench read it)
         self.shards: frozenset[int] | None = None  # None: every engine (`orch reconcile`)
         self.exit_events = 0
@@ -67,7 +71,8 @@ class Reconciler:
                 except Exception:
                     log.exception("reconciler pass failed")
                 try:
-                    await asyncio.to_thread(registry.checkpoint)
+                    if checkpoint_due():  # issue 11: at rest, most ticks wrote nothing
+                        await asyncio.to_thread(registry.checkpoint)
                 except Exception as exc:  # noqa: BLE001 - a busy or missing file: next tick
                     log.debug("checkpoint skipped: %s", exc)
                 await asyncio.sleep(self.settings.tick_s)
@@ -104,9 +109,12 @@ class Reconciler:
         else:
             self._schedule_new(now)
         due = self.schedule.due(now)
-        rows = registry.engines_by_ids(due, states.RUNNING) if due else []
-        self.schedule.keep_only_among(due, {r.id for r in rows})
-        await self._check_all(rows, now)
+        rows = [self._rows[i] for i in due if i in self._rows]
+        unknown = [i for i in due if i not in self._rows]  # none, unless a bug: read them
+        if unknown:
+            rows += self._remember(registry.engines_by_ids(unknown, states.RUNNING))
+            self.schedule.keep_only_among(unknown, {r.id for r in rows})
+        await self._check_all(rows, now, cached=True)
         await self._chores(now, recovery=self._due("recovery", self.settings.lease_s / 4, now))
         return {"probed": len(rows), "repairs": len(self._inflight)}
 
@@ -130,6 +138,7 @@ class Reconciler:
         self._last["resync"] = now
         self._seen_until = now
         self.schedule.replace({r.id for r in running}, now)
+        self._rows = {r.id: r for r in running}
         if self.events:
             for row in running:
                 self.lifecycle.watch(row)
@@ -152,23 +161,30 @@ class Reconciler:
     def _schedule_new(self, now: float) -> None:
         since = self._seen_until - CLOCK_SKEW_S
         self._seen_until = now
-        fresh = [r for r in registry.entered_since(states.RUNNING, since)
-                 if r.id not in self.schedule and self.mine(r)]
+        entered = self._remember(r for r in registry.entered_since(states.RUNNING, since) if self.mine(r))
+        fresh = [r for r in entered if r.id not in self.schedule]
         self.schedule.add((r.id for r in fresh), now)
         if self.events:
             for row in fresh:
                 self.lifecycle.watch(row)
 
-    async def _check_all(self, rows: Iterable[EngineRow], now: float) -> None:
+    def _remember(self, rows: Iterable[EngineRow]) -> list[EngineRow]:
+        rows = list(rows)
+        self._rows.update((r.id, r) for r in rows)
+        return rows
+
+    async def _check_all(self, rows: Iterable[EngineRow], now: float, cached: bool = False) -> None:
         semaphore = asyncio.Semaphore(PROBE_CONCURRENCY)
 
         async def check(engine: EngineRow) -> None:
             async with semaphore:
-                await self._check_running(engine, now)
+                await self._check_running(engine, now, cached)
 
         await asyncio.gather(*(check(e) for e in rows))
 
-    async def _check_running(self, engine: EngineRow, now: float) -> None:
+    async def _check_running(self, engine: EngineRow, now: float, cached: bool = False) -> None:
+        """Probe a running engine and act on the answer. `cached`: the row is as last read, and
+        is read again before anything is done about it."""
         lifecycle = self.lifecycle
         self.probes += 1
         try:
@@ -177,6 +193,12 @@ class Reconciler:
             # The scheduler is away: no news is not bad news. Judge the engine when it is back.
             log.debug("probe of %s skipped: %s", engine.name, exc)
             return
+        needs_row = probe != "healthy" or (engine.restarts and now - engine.status_since > STABLE_AFTER_S)
+        if cached and needs_row:
+            current = self._reread(engine, now)
+            if current is None:
+                return
+            engine = current
         if probe == "healthy":
             self._unhealthy_since.pop(engine.id, None)
             if engine.restarts and now - engine.status_since > STABLE_AFTER_S:
@@ -190,6 +212,20 @@ class Reconciler:
                 self._spawn(lifecycle.fail(engine, "unhealthy"))
             else:  # look again soon: the grace period, not the interval, decides
                 self.schedule.soon(engine.id, now + min(self.settings.tick_s, self.settings.health_grace_s))
+
+    def _reread(self, engine: EngineRow, now: float) -> EngineRow | None:
+        """The row again, before acting on a check of its cached copy; None: nothing to do (it
+        is not running any more, or runs elsewhere now and is checked again soon)."""
+        rows = registry.engines_by_ids([engine.id], states.RUNNING)
+        if not rows:
+            self._rows.pop(engine.id, None)
+            self.schedule.keep_only_among([engine.id], set())
+            return None
+        current = self._remember(rows)[0]
+        if current.driver_state != engine.driver_state:  # restarted or moved: probe that one
+            self.schedule.soon(engine.id, now)
+            return None
+        return current
 
     # ---- chores ----------------------------------------------------------------------------
 

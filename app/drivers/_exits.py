@@ -34,6 +34,10 @@ class ExitWatcher:
         entry = self._watched.get(name)
         return entry[0] if entry else None
 
+    def pids(self) -> dict[int, str]:
+        """Every watched pid, with its engine's name (a copy: safe to read from a thread)."""
+        return {pid: name for name, (pid, _) in self._watched.items()}
+
     def watch(self, name: str, pid: int, started: int | None) -> None:
         """Call the listeners with `name` when process `pid` (started at `started`) ends.
         Idempotent; a new pid for `name` replaces the old one (a restart)."""

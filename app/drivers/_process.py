@@ -5,6 +5,7 @@ orchestrator restarted and adopted it."""
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 from pathlib import Path
@@ -23,6 +24,18 @@ def launch(cmd: list[str], env: dict[str, str], cwd: Path, log: Path,
         return subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
                                 **extra)
+
+
+def raise_fd_limit() -> None:
+    """Raise this process's soft limit on open files to its hard limit (issue 11: the local
+    driver holds a pidfd and a health connection per engine; a soft limit of 1,024 is common,
+    and a check that cannot open a socket would count against a healthy engine)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # some platforms refuse RLIM_INFINITY: the soft limit stays
 
 
 def start_time(pid: int) -> int | None:
@@ -44,7 +57,8 @@ def status(pid: int, started: int | None) -> str:
 
 def _stat(pid: int) -> list[str] | None:
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
+        with open(f"/proc/{pid}/stat") as f:
+            raw = f.read()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
     # The command name (field 2) may hold spaces and parentheses; split after the last ')'.
@@ -67,24 +81,79 @@ def reap(pid: int) -> None:
         pass
 
 
-def engines_under(brain_root: Path) -> dict[str, list[int]]:
+def engines_under(brain_root: Path, known: dict[int, str] | None = None) -> dict[str, list[int]]:
     """Live processes whose ENGINE_BRAIN_DIR is a directory right under `brain_root`, by that
-    directory's name: how engines with no registry row (or an outdated pid) are found."""
-    found: dict[str, list[int]] = {}
-    prefix = str(brain_root).rstrip("/") + "/"
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-        for item in environ.split(b"\0"):
-            if item.startswith(b"ENGINE_BRAIN_DIR="):
-                path = item[len(b"ENGINE_BRAIN_DIR="):].decode(errors="replace")
-                if path.startswith(prefix) and "/" not in path[len(prefix):]:
-                    pid = int(entry.name)
-                    if status(pid, None) != "dead":
-                        found.setdefault(path[len(prefix):], []).append(pid)
-                break
-    return found
+    directory's name: how engines with no registry row (or an outdated pid) are found.
+    `known`: pids whose engine is known already (watched by their pidfd), by name; their
+    environ is not read again (issue 11: at 1,000 engines that was most of the scan)."""
+    return EngineScan().run(brain_root, known)
+
+
+class EngineScan:
+    """engines_under, remembering the processes found not to be engines (issue 11: the orphan
+    sweep reads every process on the machine, most of them other programs', every lease).
+
+    A process is taken for "not an engine" once it was seen so twice (so not in the moment
+    between a fork and the exec of an engine), and only while its /proc entry is the same one
+    (its inode's ctime, set when the entry is made: a pid reused is a new entry)."""
+
+    def __init__(self) -> None:
+        self._others: dict[int, int] = {}  # pid -> its /proc entry's ctime: not an engine
+        self._once: dict[int, int] = {}  # seen once so
+
+    def run(self, brain_root: Path, known: dict[int, str] | None = None) -> dict[str, list[int]]:
+        known = known or {}
+        found: dict[str, list[int]] = {}
+        prefix = str(brain_root).rstrip("/") + "/"
+        others, once = {}, {}
+        # os.listdir and plain strings: a machine may hold thousands of processes, and pathlib's
+        # objects cost more than the reads.
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            pid = int(entry)
+            if pid in known:
+                found.setdefault(known[pid], []).append(pid)
+                continue
+            try:
+                made = os.stat(f"/proc/{pid}").st_ctime_ns
+            except OSError:
+                continue
+            if self._others.get(pid) == made:
+                others[pid] = made
+                continue
+            name = _engine_of(pid, prefix)
+            if name is not None:
+                if status(pid, None) != "dead":
+                    found.setdefault(name, []).append(pid)
+            elif self._once.get(pid) == made:
+                others[pid] = made
+            else:
+                once[pid] = made
+        self._others, self._once = others, once  # pids gone are forgotten
+        return found
+
+
+_BRAIN_VAR = b"ENGINE_BRAIN_DIR="
+
+
+def _engine_of(pid: int, prefix: str) -> str | None:
+    """The engine name in `pid`'s ENGINE_BRAIN_DIR, if that is a directory right under the
+    brain root (`prefix`)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            environ = f.read()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    if environ.startswith(_BRAIN_VAR):
+        start = len(_BRAIN_VAR)
+    else:
+        at = environ.find(b"\0" + _BRAIN_VAR)
+        if at < 0:
+            return None
+        start = at + 1 + len(_BRAIN_VAR)
+    end = environ.find(b"\0", start)
+    path = environ[start:end if end >= 0 else len(environ)].decode(errors="replace")
+    if path.startswith(prefix) and "/" not in path[len(prefix):]:
+        return path[len(prefix):]
+    return None

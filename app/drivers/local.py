@@ -39,6 +39,11 @@ class LocalDriver(Driver):
         self.isolation = preflight(settings)
         self.http = engine_http.client()
         self.exits = _exits.ExitWatcher()  # issue 11: a pidfd per engine
+        # Issue 11: a kept-alive connection per engine, closed when checks stop using it.
+        self.checks = _health.HealthChecks(idle_s=3 * settings.health_interval_s + 30)
+        _process.raise_fd_limit()  # a pidfd and a connection per engine
+        self.exits.subscribe(self.checks.drop)  # an engine that ended: its connection is dead
+        self._scan = _process.EngineScan()  # the orphan sweep's, which remembers non-engines
 
     # ---- Driver interface ----------------------------------------------------------------
 
@@ -83,6 +88,7 @@ class LocalDriver(Driver):
 
     async def stop(self, spec: EngineSpec, state: State, grace: float) -> State:
         self.exits.forget(spec.name)  # an exit we cause is no news
+        self.checks.drop(spec.name)
         pid = state.get("pid")
         if pid and self._status(state) != "dead":
             _process.signal_group(pid, signal.SIGTERM)
@@ -121,20 +127,31 @@ class LocalDriver(Driver):
         ports.release_all(spec.name)
 
     async def probe(self, spec: EngineSpec, state: State) -> Probe:
-        status = self._status(state) if state.get("pid") else "dead"
-        if status == "dead":
+        pid = state.get("pid")
+        if not pid:
             return "dead"
-        if status == "stopped":
-            return "paused"
-        healthy = await _health.healthy("127.0.0.1", state["port"])  # issue 11: cheap
-        return "healthy" if healthy else "unhealthy"
+        # Issue 11: a pid its pidfd still watches has not ended (its end is an event), so the
+        # /proc read that tells dead, paused and running apart waits for a check that fails.
+        if self.exits.watching(spec.name) != pid:
+            early = self._probe_status(state)
+            if early != "unhealthy":
+                return early
+        if await self.checks.healthy(spec.name, state["port"]):
+            return "healthy"
+        return self._probe_status(state)
+
+    def _probe_status(self, state: State) -> Probe:
+        status = self._status(state)
+        return "dead" if status == "dead" else "paused" if status == "stopped" else "unhealthy"
 
     async def list_names(self) -> set[str]:
         names = {p.name for p in self.brain_root.iterdir()} if self.brain_root.exists() else set()
         names |= ports.holders()
         # Reading every process's environ is a scan of /proc: off the event loop, which keeps
         # answering admits meanwhile.
-        names |= set(await asyncio.to_thread(_process.engines_under, self.brain_root))
+        # Issue 11: the pids watched by their pidfd are known engines; only the others are read.
+        known = self.exits.pids()
+        names |= set(await asyncio.to_thread(self._scan.run, self.brain_root, known))
         return names
 
     def on_exit(self, listener: Callable[[str], None]) -> bool:
@@ -147,6 +164,7 @@ class LocalDriver(Driver):
 
     async def close(self) -> None:
         self.exits.close()
+        self.checks.close()
         await self.http.aclose()
 
     # ---- helpers ---------------------------------------------------------------------------

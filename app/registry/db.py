@@ -114,6 +114,32 @@ def checkpoint() -> None:
             conn.close()
 
 
+def checkpoint_due() -> bool:
+    """Issue 11: has SQLite's WAL been written since the last call? Asked on the event loop
+    (one stat) so that, at rest, checkpoint() is not sent to a thread every tick for nothing.
+    False on PostgreSQL, where checkpoint() has nothing to do."""
+    database = db.obj
+    if not isinstance(database, pw.SqliteDatabase) or database.database == ":memory:":
+        return False
+    return _wal_changed(database.database)
+
+
+_last_wal: dict[str, tuple[int, int, int]] = {}  # database -> its WAL's (inode, size, mtime)
+
+
+def _wal_changed(path: str) -> bool:
+    """Has the WAL been written since the last call (or is this the first)?"""
+    try:
+        st = Path(path + "-wal").stat()
+    except FileNotFoundError:
+        return False  # no WAL: nothing to copy
+    seen = (st.st_ino, st.st_size, st.st_mtime_ns)
+    if _last_wal.get(path) == seen:
+        return False
+    _last_wal[path] = seen
+    return True
+
+
 # ---- the hot path's SQL ------------------------------------------------------------------------
 
 _exception_wrapper = pw.__exception_wrapper__  # type: ignore[attr-defined]  # sqlite3 errors -> peewee's

@@ -6,6 +6,14 @@ a killed engine is `failed`.
   BENCH_FLEET_SECONDS. Baseline in the same run, on the same fleet (the orchestrator restarted
   and adopting it): ORCH_HEALTH_INTERVAL_S = ORCH_TICK_S = 1, every engine probed every tick
   as the reconciler did before issue 11. And two replicas together, beside one alone.
+- the same orchestrator before the fleet, with no engine: what it costs at rest anyway (its
+  timers and periodic queries), so the fleet's own share can be told apart.
+- admit throughput against the bare endpoint (tests/bench/bare.py, the admit bench's
+  baseline), as the median ratio over BENCH_ROUNDS alternating rounds: with 1 engine running,
+  then with the whole fleet running (issue 11: within 10% of each other).
+- database queries per second at rest, in the same windows (every statement the orchestrator
+  processes start on SQLite, counted by tests/bench/querycount/sitecustomize.py, which only
+  the bench puts on their PYTHONPATH).
 - crash to failed: BENCH_FLEET_KILLS engines SIGKILLed one at a time; the delay from the kill
   to the `fail` audit event's timestamp (written by the orchestrator, so no polling here).
 """
@@ -18,6 +26,7 @@ import os
 import random
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,18 +45,26 @@ def bench_fleet(tmp: Path) -> dict:
     env = {"ORCH_ENGINE_CMD": ENGINE_CMD, "ORCH_LOG_LEVEL": "WARNING", "ORCH_TICK_S": "1",
            "ORCH_HEALTH_INTERVAL_S": "10", "ORCH_RESYNC_S": "60", "ORCH_IDLE_SLEEP_S": "0",
            "ORCH_MAX_RESTARTS": "0", "ORCH_BOOT_TIMEOUT_S": "60", "ORCH_STOP_GRACE_S": "1"}
+    env.update(PYTHONPATH=f"{ROOT}:{ROOT / 'tests' / 'bench' / 'querycount'}",
+               BENCH_QUERY_COUNT_FILE=str(tmp / "queries"))
     orch = Orchestrator(tmp, env=env, ports=N + 100).start()
     orch.product("bench", max_engines=1_000_000, rpm=1_000_000_000)
     try:
+        empty, empty_queries = _at_rest(tmp, orch)
+        n = asyncio.run(_provision(orch, 1))
+        admit_one = _admit_ratio(orch, "f0")
         started = time.monotonic()
-        n = asyncio.run(_provision(orch, N))
+        n = asyncio.run(_provision(orch, N, first=1)) + n
         provisioned_s = time.monotonic() - started
         time.sleep(3.0)  # the provisioning's after-effects settle
-        ours = _cpu_at_rest(orch)
+        ours, queries = _at_rest(tmp, orch)
+        admit_fleet = _admit_ratio(orch, "f0")
         second = orch.replica()  # the shards are shared out within a heartbeat or two
         try:
-            time.sleep(5.0)
-            pair = _cpu_at_rest(orch, second)
+            # Then each replica's first checks of the engines it gained open their connections,
+            # over one health interval: rest is after that.
+            time.sleep(5.0 + float(env["ORCH_HEALTH_INTERVAL_S"]) * 1.2)
+            pair, pair_queries = _at_rest(tmp, orch, second)
         finally:
             second.kill(signal.SIGTERM)
         crash = _crash_detection(orch)
@@ -56,14 +73,18 @@ def bench_fleet(tmp: Path) -> dict:
         orch.env.update(ORCH_HEALTH_INTERVAL_S="1")
         orch.start()
         time.sleep(3.0)
-        old = _cpu_at_rest(orch)
+        old, old_queries = _at_rest(tmp, orch)
         return {"n": n, "provisioned_s": round(provisioned_s, 1), "cpu_pct": ours,
-                "old_cpu_pct": old, "pair_cpu_pct": pair, "crash": crash, "kills": KILLS}
+                "old_cpu_pct": old, "pair_cpu_pct": pair, "crash": crash, "kills": KILLS,
+                "queries_per_s": queries, "old_queries_per_s": old_queries,
+                "pair_queries_per_s": pair_queries, "empty_cpu_pct": empty,
+                "empty_queries_per_s": empty_queries, "admit_one": admit_one,
+                "admit_fleet": admit_fleet}
     finally:
         orch.close()
 
 
-async def _provision(orch: Orchestrator, n: int) -> int:
+async def _provision(orch: Orchestrator, n: int, first: int = 0) -> int:
     """Provision n engines; return how many run. On a shared machine another program can take
     a port between the driver's check and the engine's bind: that engine fails and is counted
     out rather than stopping the bench."""
@@ -76,17 +97,59 @@ async def _provision(orch: Orchestrator, n: int) -> int:
                 answer = await client.post("/engines/provision", json={"user_id": f"f{i}"})
                 return answer.status_code == 200
 
-        return sum(await asyncio.gather(*(one(i) for i in range(n))))
+        return sum(await asyncio.gather(*(one(i) for i in range(first, n))))
 
 
-def _cpu_at_rest(*replicas: Orchestrator) -> float:
-    """Percent of one core the orchestrator processes used together over SECONDS of rest."""
+def _at_rest(tmp: Path, *replicas: Orchestrator) -> tuple[float, float]:
+    """Percent of one core the orchestrator processes used together over SECONDS of rest, and
+    the database queries they started per second meanwhile."""
     from tests.bench.__main__ import _cpu_seconds
 
     pids = [r.proc.pid for r in replicas if r.proc is not None]
     before, at = sum(map(_cpu_seconds, pids)), time.monotonic()
+    counted = [_queries(tmp, pid) for pid in pids]
     time.sleep(SECONDS)
-    return round(100 * (sum(map(_cpu_seconds, pids)) - before) / (time.monotonic() - at), 2)
+    cpu = round(100 * (sum(map(_cpu_seconds, pids)) - before) / (time.monotonic() - at), 2)
+    rate = sum((n - n0) / max(t - t0, 1e-9) for (t0, n0), (t, n) in
+               zip(counted, (_queries(tmp, pid) for pid in pids), strict=True))
+    return cpu, round(rate, 1)
+
+
+def _admit_ratio(orch: Orchestrator, user: str) -> dict:
+    """Admit of a running engine against the bare endpoint, as the admit bench measures it."""
+    from tests.bench.__main__ import CONNECTIONS, ROUNDS, _admit_target, _listening, _timed_round
+    from tests.bench.__main__ import SECONDS as ADMIT_SECONDS
+    from tests.bench.loadgen import Target, run_in_process
+    from tests.harness import free_port
+
+    port = free_port()
+    bare = subprocess.Popen([sys.executable, "-m", "tests.bench.bare", str(port)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _listening(port), timeout=15, what="bare baseline")
+        target = _admit_target(orch, user)
+        bare_target = Target("127.0.0.1", port, "POST", f"/engines/{user}/admit", {}, b"{}")
+        for warm in (target, bare_target):
+            run_in_process("saturate", warm, connections=CONNECTIONS, seconds=1.0)
+        seconds = max(1.0, ADMIT_SECONDS / ROUNDS)
+        assert orch.proc is not None
+        rounds = [(_timed_round(orch.proc.pid, target, seconds), _timed_round(bare.pid, bare_target, seconds))
+                  for _ in range(ROUNDS)]
+    finally:
+        bare.kill()
+        bare.wait()
+    ratios = sorted(o["rps"] / b["rps"] for o, b in rounds)
+    return {"ratio": round(statistics.median(ratios), 2), "ratios": [round(r, 2) for r in ratios],
+            "rps": round(statistics.median(o["rps"] for o, _ in rounds)),
+            "errors": sum(o["errors"] for o, _ in rounds)}
+
+
+def _queries(tmp: Path, pid: int) -> tuple[float, int]:
+    """(when, how many queries) as the counter in process `pid` last wrote them."""
+    path = tmp / f"queries.{pid}"
+    wait_for(path.exists, timeout=10, what=f"the query count of {pid}")
+    at, count = path.read_text().split()
+    return float(at), int(count)
 
 
 def _crash_detection(orch: Orchestrator) -> dict:
@@ -117,6 +180,15 @@ def lines(f: dict) -> list[str]:
         f"fleet at rest      {f['n']} engines running: orchestrator {f['cpu_pct']}% of a core   "
         f"probing every engine every tick (as before): {f['old_cpu_pct']}%   "
         f"(target < 2% per 1,000)",
+        f"                   the same orchestrator with no engine yet: {f['empty_cpu_pct']}%   "
+        f"so the fleet's own share: {round(f['cpu_pct'] - f['empty_cpu_pct'], 2)}%",
+        f"database at rest   {f['queries_per_s']} queries/s   probing every engine every tick: "
+        f"{f['old_queries_per_s']}/s   two replicas together: {f['pair_queries_per_s']}/s   "
+        f"no engine: {f['empty_queries_per_s']}/s",
+        f"admit vs bare      with {f['n']} engines running: {f['admit_fleet']['ratio']} "
+        f"(rounds {f['admit_fleet']['ratios']}, {f['admit_fleet']['rps']} req/s)   with 1 engine: "
+        f"{f['admit_one']['ratio']} (rounds {f['admit_one']['ratios']}, {f['admit_one']['rps']} req/s)   "
+        f"(target: within 10%)",
         f"two replicas       together {f['pair_cpu_pct']}% of a core at rest, beside one alone "
         f"{f['cpu_pct']}%   (target: the same)",
         f"crash -> failed    p50 {c['p50_ms']} ms   p99 {c['p99_ms']} ms   max {c['max_ms']} ms   "

@@ -1,0 +1,124 @@
+"""Issue 11, the cost at rest on the local driver: what a health check no longer does (a
+/proc read for an engine its pidfd watches, a new connection each time), what the orphan sweep
+no longer reads (the environ of an engine it knows), and a checkpoint with nothing to copy
+skipped. Real engine processes (the reference engine), real sockets, a real database file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app import products, registry
+from app.drivers import _process
+from app.registry.db import checkpoint_due
+from tests.unit.test_fleet_events import cleanup, local_world
+
+
+def test_a_watched_engine_is_checked_on_one_kept_connection_without_reading_proc(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    world = local_world(tmp_path)
+    reads: list[int] = []
+    real_status = _process.status
+
+    def counted(pid: int, started: int | None) -> str:
+        reads.append(pid)
+        return real_status(pid, started)
+
+    try:
+        async def scenario() -> None:
+            row, _ = await world.lifecycle.provision(world.product, "w")
+            driver: Any = world.driver.inner  # type: ignore[attr-defined]  # the LocalDriver
+            pid = row.driver_state["pid"]
+            assert driver.exits.watching(row.name) == pid
+            monkeypatch.setattr(_process, "status", counted)
+            try:
+                for _ in range(3):
+                    assert await world.lifecycle.probe(row) == "healthy"
+                assert reads == []  # its pidfd says it runs: no /proc read
+                assert len(driver.checks) == 1
+                # A check that fails is when /proc tells dead, paused and hung apart.
+                os.killpg(pid, signal.SIGSTOP)
+                try:
+                    assert await world.lifecycle.probe(row) == "paused"
+                finally:
+                    os.killpg(pid, signal.SIGCONT)
+                assert reads == [pid]
+                assert await world.lifecycle.probe(row) == "healthy"
+                # An engine nobody watches is looked up in /proc first, as before.
+                driver.exits.forget(row.name)
+                assert await world.lifecycle.probe(row) == "healthy"
+                assert reads == [pid, pid]
+                await world.lifecycle.stop(world.product, "w")
+                assert len(driver.checks) == 0  # stopped: closed
+            finally:
+                monkeypatch.setattr(_process, "status", real_status)
+                await cleanup(world, "w")
+
+        world.run(scenario())
+    finally:
+        world.close()
+
+
+def test_the_orphan_scan_reads_neither_a_watched_engine_nor_a_known_other_process(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    world = local_world(tmp_path)
+    read: list[int] = []
+    real_engine_of = _process._engine_of
+    other = subprocess.Popen(["sleep", "30"])  # a process that is no engine
+
+    def counted(pid: int, prefix: str) -> str | None:
+        read.append(pid)
+        return real_engine_of(pid, prefix)
+
+    try:
+        async def scenario() -> None:
+            row, _ = await world.lifecycle.provision(world.product, "o")
+            pid = row.driver_state["pid"]
+            brains = world.settings.brain_root.resolve()
+            monkeypatch.setattr(_process, "_engine_of", counted)
+            try:
+                assert _process.engines_under(brains).get(row.name) == [pid]  # found by environ
+                assert pid in read
+                read.clear()
+                known = world.driver.inner.exits.pids()  # type: ignore[attr-defined]
+                assert known == {pid: row.name}
+                assert _process.engines_under(brains, known).get(row.name) == [pid]
+                assert pid not in read and read  # every other process is still read
+                assert row.name in await world.driver.list_names()
+                # The sweep's scan remembers processes that are not engines (seen so twice);
+                # an engine nobody watches is read, and found, every time.
+                scan = _process.EngineScan()
+                for n in range(3):
+                    read.clear()
+                    assert scan.run(brains).get(row.name) == [pid]
+                    assert pid in read
+                    assert (other.pid in read) is (n < 2), n
+            finally:
+                monkeypatch.setattr(_process, "_engine_of", real_engine_of)
+                await cleanup(world, "o")
+
+        world.run(scenario())
+    finally:
+        other.kill()
+        other.wait()
+        world.close()
+
+
+def test_a_checkpoint_with_nothing_new_in_the_wal_is_not_due(tmp_path: Path) -> None:
+    database = registry.connect(f"sqlite:///{tmp_path / 'orch.db'}")
+    try:
+        product, _ = products.create("p")
+        engine = registry.insert_engine(product.id, "u", "e-p-u", "v", "x", "me", 1)
+        assert checkpoint_due() is True
+        assert checkpoint_due() is False  # nothing written since
+        registry.touch_admit(engine.id, 1.0)
+        assert checkpoint_due() is True
+        registry.checkpoint()  # copies into the database file; the WAL itself is unchanged
+        assert checkpoint_due() is False
+    finally:
+        database.close()
