@@ -45,14 +45,14 @@ def start_time(pid: int) -> int | None:
 
 
 def status(pid: int, started: int | None) -> str:
-    """'running', 'stopped' (SIGSTOPped), or 'dead' (gone, zombie, or another process now)."""
+    """'running', 'paused' (SIGSTOPped), or 'dead' (gone, zombie, or another process now)."""
     stat = _stat(pid)
     if stat is None or (started is not None and int(stat[19]) != started):
         return "dead"
     code = stat[0]
     if code in ("Z", "X", "x"):
         return "dead"
-    return "stopped" if code in ("T", "t") else "running"
+    return "paused" if code in ("T", "t") else "running"
 
 
 def _stat(pid: int) -> list[str] | None:

@@ -142,7 +142,7 @@ class LocalDriver(Driver):
 
     def _probe_status(self, state: State) -> Probe:
         status = self._status(state)
-        return "dead" if status == "dead" else "paused" if status == "stopped" else "unhealthy"
+        return "dead" if status == "dead" else "paused" if status == "paused" else "unhealthy"
 
     async def list_names(self) -> set[str]:
         names = {p.name for p in self.brain_root.iterdir()} if self.brain_root.exists() else set()
