@@ -15,14 +15,13 @@ import asyncio
 import json
 import os
 import random
-import signal
-import statistics
 import time
 from pathlib import Path
 
 import httpx
 
-from tests.harness import Orchestrator, wait_for
+from tests.bench.fleet import time_kills
+from tests.harness import Orchestrator
 
 N = int(os.environ.get("BENCH_NOMAD_N", "20"))
 KILLS = int(os.environ.get("BENCH_NOMAD_KILLS", "10"))
@@ -46,24 +45,7 @@ def _crash_detection(tmp: Path, events: str, interval: str) -> dict:
         running = [(user, pids.get(json.loads(state)["alloc"])) for user, state in
                    orch.rows("SELECT user_id, driver_state FROM engine WHERE status = 'running'")]
         victims = random.Random(11).sample([v for v in running if v[1]], min(KILLS, len(running)))
-        killed: dict[str, float] = {}
-        for user, pid in victims:
-            killed[user] = time.time()
-            os.kill(pid, signal.SIGKILL)
-            time.sleep(0.5)  # one at a time: each is its own measurement
-        marks = ",".join("?" * len(killed))
-
-        def fails() -> list[tuple[str, float]]:
-            return [(str(u), float(t)) for u, t in orch.rows(
-                f"SELECT user_id, MIN(at) FROM event WHERE event = 'fail' AND user_id IN ({marks}) "
-                f"GROUP BY user_id", *killed)]
-
-        wait_for(lambda: len(fails()) == len(killed), timeout=90, interval=0.2,
-                 what="every kill noticed")
-        delays = sorted(at - killed[user] for user, at in fails())
-        return {"p50_ms": round(statistics.median(delays) * 1000, 1),
-                "p99_ms": round(delays[min(len(delays) - 1, int(0.99 * len(delays)))] * 1000, 1),
-                "max_ms": round(delays[-1] * 1000, 1)}
+        return time_kills(orch, victims, gap_s=0.5, timeout=90)
     finally:
         orch.close()
 

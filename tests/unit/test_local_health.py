@@ -4,9 +4,23 @@ closed port, a silent engine and one that dribbles bytes past the deadline are n
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from app.drivers import _health
 from tests.harness import free_port
+
+
+@asynccontextmanager
+async def checking(engine: KeepAlive) -> AsyncIterator[tuple[int, _health.HealthChecks]]:
+    """The engine served on a free port, and the checks that keep connections to it."""
+    server, port = await _serve(engine.handle)
+    checks = _health.HealthChecks()
+    async with server:
+        try:
+            yield port, checks
+        finally:
+            checks.close()
 
 
 async def _serve(handler: object) -> tuple[asyncio.Server, int]:
@@ -96,9 +110,7 @@ class KeepAlive:
 def test_a_kept_connection_serves_every_check_and_is_dropped_on_request() -> None:
     async def scenario() -> None:
         engine = KeepAlive()
-        server, port = await _serve(engine.handle)
-        checks = _health.HealthChecks()
-        async with server:
+        async with checking(engine) as (port, checks):
             for _ in range(5):
                 assert await checks.healthy("e", port) is True
             assert (engine.connections, engine.requests, len(checks)) == (1, 5, 1)
@@ -106,7 +118,6 @@ def test_a_kept_connection_serves_every_check_and_is_dropped_on_request() -> Non
             assert len(checks) == 0
             assert await checks.healthy("e", port) is True
             assert engine.connections == 2
-            checks.close()
 
     asyncio.run(scenario())
 
@@ -114,9 +125,7 @@ def test_a_kept_connection_serves_every_check_and_is_dropped_on_request() -> Non
 def test_an_engine_that_closes_the_connection_is_checked_on_a_new_one() -> None:
     async def scenario() -> None:
         engine = KeepAlive()
-        server, port = await _serve(engine.handle)
-        checks = _health.HealthChecks()
-        async with server:
+        async with checking(engine) as (port, checks):
             assert await checks.healthy("e", port) is True
             engine.hang_up()  # closed while idle: the peek sees it
             await asyncio.sleep(0.05)
@@ -130,7 +139,6 @@ def test_an_engine_that_closes_the_connection_is_checked_on_a_new_one() -> None:
             await asyncio.sleep(0.05)
             assert await checks.healthy("e", port) is True
             assert (engine.connections, engine.requests) == (4, 5)
-            checks.close()
 
     asyncio.run(scenario())
 
@@ -138,16 +146,13 @@ def test_an_engine_that_closes_the_connection_is_checked_on_a_new_one() -> None:
 def test_a_kept_connection_to_an_engine_that_stops_answering_fails_and_is_dropped() -> None:
     async def scenario() -> None:
         engine = KeepAlive()
-        server, port = await _serve(engine.handle)
-        checks = _health.HealthChecks()
-        async with server:
+        async with checking(engine) as (port, checks):
             assert await checks.healthy("e", port) is True
             engine.silent = True  # hung: the connection is open, nothing answers
             assert await checks.healthy("e", port, timeout=0.2) is False
             assert len(checks) == 0  # a late answer must not be read as the next one's
             engine.silent = False
             assert await checks.healthy("e", port) is True
-            checks.close()
         assert await checks.healthy("e", port, timeout=0.5) is False  # nothing listens now
 
     asyncio.run(scenario())
