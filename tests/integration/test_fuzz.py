@@ -37,6 +37,9 @@ from app.api.openapi import document
 from tests.harness import Orchestrator, running
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "40"))
+# One worker runs the whole module: its tests share one orchestrator (`live`), and the last one
+# checks what the fuzzing before it reached (Makefile: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("fuzz")
 STATEFUL_EXAMPLES = int(os.environ.get("FUZZ_STATEFUL_EXAMPLES", "30"))
 CHECKS = [status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance, negative_data_rejection]
