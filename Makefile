@@ -18,11 +18,11 @@ PG_SUITES := tests/unit/test_registry_policy.py tests/unit/test_runner.py tests/
 	tests/integration/test_crash_mid_destroy.py tests/integration/test_errors.py::test_database_unavailable
 
 # Most tests wait on processes (engines booting, orchestrators starting), not on the CPU: four
-# workers keep two cores busy. loadgroup: tests hand out one by one as workers free up, and a
-# module marked xdist_group (the fuzz: its last test checks what the others reached) stays on
-# one worker.
+# workers keep two cores busy. worksteal, because a few tests (the fuzz, the storms) take far
+# longer than the rest. (Not loadgroup nor loadfile: they key tests by node id, and
+# schemathesis gives every operation's item the same one, so all but one would be dropped.)
 TEST_WORKERS ?= 4
-PYTEST_PAR := -n $(TEST_WORKERS) --dist loadgroup
+PYTEST_PAR := -n $(TEST_WORKERS) --dist worksteal
 
 .PHONY: install run test unit integration bench lint nomad-dev clean
 
