@@ -13,7 +13,7 @@ def proc_state(pid: int) -> str:
     reap_zombies()
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone before, or while, it was read
         return "gone"
     code = raw[raw.rindex(")") + 2:].split()[0]
     if code in ("Z", "X"):
