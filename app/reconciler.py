@@ -7,12 +7,17 @@ What it looks at (issue 11: a fleet's cost at rest must not grow with every engi
 - each running engine is health-checked every ORCH_HEALTH_INTERVAL_S, at its own jittered time
   (`HealthSchedule`), not all of them every tick: dead -> failed `crashed`, unhealthy past the
   grace period -> failed `unhealthy`;
-- idle engines (no admit for ORCH_IDLE_SLEEP_S) are found by one indexed query, and put to sleep;
+- idle engines (no admit for ORCH_IDLE_SLEEP_S) are found by one indexed query (every
+  hundredth of that period, at least every tick), and put to sleep;
 - failed engines with restarts left are restarted once their backoff has passed; engines in a
   transient state whose lease ran out (their orchestrator died mid-operation) are finished or
   rolled back; driver resources with no row are removed after a grace period;
 - every ORCH_RESYNC_S a full resync re-reads every running row: the safety net for a missed
   event (the schedule and the driver's watches are rebuilt from it);
+- at rest nothing is read that cannot have changed: the rows that entered `running` and the
+  failed ones to restart are read again only when the database was written since the last
+  tick (`registry.Changes`; always on PostgreSQL), and the restarts' backoff runs on the rows
+  already read;
 - replicas share the work: each does only the engines of the shards it holds a lease on
   (app.registry.shards, renewed three times a lease period), so R replicas together do one's
   work, and a dead replica's shards are taken over within ORCH_LEASE_S.
@@ -54,6 +59,8 @@ class Reconciler:
         self._inflight: set[asyncio.Task[Any]] = set()
         self._last: dict[str, float] = {}  # chore -> when it last ran
         self._seen_until = 0.0  # rows that entered `running` before this are scheduled
+        self._changes = registry.Changes()
+        self._failed: list[EngineRow] = []  # this replica's restartable failed rows, as last read
         # Issue 11: each scheduled engine's row as last read (resync, entered_since), so a
         # check needs no database read; a check that finds trouble reads the row again.
         self._rows: dict[int, EngineRow] = {}
@@ -104,9 +111,10 @@ class Reconciler:
     async def tick(self, now: float | None = None) -> dict[str, int]:
         """One step of the loop: the engines whose check is due, and the chores."""
         now = time.time() if now is None else now
+        changed = self._changes.since_last_look()  # before the reads: a later write is seen next tick
         if self._due("resync", self.settings.resync_s, now):
             self.resync(now)
-        else:
+        elif changed:
             self._schedule_new(now)
         due = self.schedule.due(now)
         rows = [self._rows[i] for i in due if i in self._rows]
@@ -115,7 +123,8 @@ class Reconciler:
             rows += self._remember(registry.engines_by_ids(unknown, states.RUNNING))
             self.schedule.keep_only_among(unknown, {r.id for r in rows})
         await self._check_all(rows, now, cached=True)
-        await self._chores(now, recovery=self._due("recovery", self.settings.lease_s / 4, now))
+        await self._chores(now, recovery=self._due("recovery", self.settings.lease_s / 4, now),
+                           changed=changed)
         return {"probed": len(rows), "repairs": len(self._inflight)}
 
     async def pass_once(self, wait: bool = True) -> dict[str, int]:
@@ -229,13 +238,18 @@ class Reconciler:
 
     # ---- chores ----------------------------------------------------------------------------
 
-    async def _chores(self, now: float, recovery: bool) -> None:
+    async def _chores(self, now: float, recovery: bool, changed: bool = True) -> None:
         idle = self.settings.idle_sleep_s
-        if idle > 0:
+        # An engine falls idle as time passes, not by a write: looked for on a cadence that
+        # is a hundredth of the idle period (9 s for the default 15 min), every tick at most.
+        if idle > 0 and self._due("idle", min(idle / 100, 10.0), now):
             for engine in filter(self.mine, registry.idle_running(now - idle)):
                 self._spawn(self.lifecycle.sleep_if_idle(engine))
-        for engine in filter(self.mine, registry.engines_in([states.FAILED])):
-            if self.lifecycle.restartable(engine) and (engine.next_restart_at or 0) <= now:
+        if changed:
+            self._failed = [e for e in registry.engines_in([states.FAILED])
+                            if self.mine(e) and self.lifecycle.restartable(e)]
+        for engine in self._failed:
+            if (engine.next_restart_at or 0) <= now:
                 self._spawn(self.lifecycle.restart(engine))
         if recovery:  # not an indexed read (pending keys): a few times a lease period
             for engine in filter(self.mine, registry.needing_recovery(now)):

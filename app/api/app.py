@@ -75,22 +75,16 @@ class OrchestratorApp:
         registry.connect(self.settings.database_url, self.settings.db_timeout_s)
         lifecycle = Lifecycle(self.settings, make_driver(self.settings), crypto.load_keybox(self.settings))
         self.services = Services(lifecycle, Admitter(lifecycle))
-        self._tasks.append(asyncio.create_task(self._flush_access_log()))
         if self.run_reconciler:
             self._tasks.append(asyncio.create_task(Reconciler(lifecycle).run_forever()))
             self._tasks.append(asyncio.create_task(RolloutRunner(lifecycle).run_forever()))
-
-    async def _flush_access_log(self) -> None:
-        while True:
-            await asyncio.sleep(self.access_log.FLUSH_S)
-            self.access_log.flush()
 
     async def shutdown(self) -> None:
         # Engines keep running: an orchestrator restart adopts them.
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self.access_log.flush()
+        self.access_log.close()
         if self.services:
             await self.services.lifecycle.close()
             await self.services.lifecycle.driver.close()

@@ -95,7 +95,7 @@ class RequestContext:
     def __init__(self, app: ASGIApp, access_log: AccessLog) -> None:
         self.app = app
         self.access_log = access_log
-        self._answered = access_log.pending.append  # the list is never replaced
+        self._answered = access_log.record
         access_log.settle_with(self.settle)
         metrics.PER_REQUEST.sources.add(access_log)
 

@@ -14,7 +14,16 @@ from __future__ import annotations
 
 from app.errors import AlreadyExists, Conflict, QuotaExceeded
 from app.registry import limits, ports, rollouts, shards
-from app.registry.db import checkpoint, connect, execute_hot, hot_sql, is_sqlite, request_id_var, write_lock
+from app.registry.db import (
+    Changes,
+    checkpoint,
+    connect,
+    execute_hot,
+    hot_sql,
+    is_sqlite,
+    request_id_var,
+    write_lock,
+)
 from app.registry.engines import (
     HOT_COLUMNS,
     EngineRow,
@@ -64,9 +73,10 @@ from app.registry.products import (
 )
 
 __all__ = [
-    "HOT_COLUMNS", "AlreadyExists", "Conflict", "Engine", "EngineRow", "Event", "IdCounter",
-    "PortLease", "Product", "ProductExists", "ProductInUse", "QuotaExceeded", "RateLimit", "Rollout",
-    "Transition", "acquire_lease", "all_products", "checkpoint", "connect", "create_product", "db",
+    "HOT_COLUMNS", "AlreadyExists", "Changes", "Conflict", "Engine", "EngineRow", "Event",
+    "IdCounter", "PortLease", "Product", "ProductExists", "ProductInUse", "QuotaExceeded",
+    "RateLimit", "Rollout", "Transition", "acquire_lease", "all_products", "checkpoint", "connect",
+    "create_product", "db",
     "delete_engine", "delete_product", "engine_count", "engine_counts", "engine_named",
     "engines_by_ids", "engines_in", "entered_since", "events_after", "events_for", "events_page",
     "execute_hot", "find_engine", "find_engine_hot", "hot_sql", "idle_running", "insert_engine",

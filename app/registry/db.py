@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -114,30 +115,65 @@ def checkpoint() -> None:
             conn.close()
 
 
-def checkpoint_due() -> bool:
-    """Issue 11: has SQLite's WAL been written since the last call? Asked on the event loop
-    (one stat) so that, at rest, checkpoint() is not sent to a thread every tick for nothing.
-    False on PostgreSQL, where checkpoint() has nothing to do."""
+CHECKPOINT_BYTES = 1 << 20  # a WAL this big is copied at the next tick
+CHECKPOINT_S = 30.0  # a smaller one that changed, this often
+
+
+def checkpoint_due(now: float | None = None) -> bool:
+    """Issue 11: is there something to copy from SQLite's WAL, and enough of it? Asked on the
+    event loop (one stat): a WAL written since the last checkpoint is due once it holds
+    CHECKPOINT_BYTES, or CHECKPOINT_S after that checkpoint. At rest the shard heartbeats
+    write a few pages every few seconds: copying them each time was a connection, a copy and
+    an fsync apiece. False on PostgreSQL, where checkpoint() has nothing to do."""
     database = db.obj
     if not isinstance(database, pw.SqliteDatabase) or database.database == ":memory:":
         return False
-    return _wal_changed(database.database)
-
-
-_last_wal: dict[str, tuple[int, int, int]] = {}  # database -> its WAL's (inode, size, mtime)
-
-
-def _wal_changed(path: str) -> bool:
-    """Has the WAL been written since the last call (or is this the first)?"""
+    path = database.database
     try:
         st = Path(path + "-wal").stat()
     except FileNotFoundError:
         return False  # no WAL: nothing to copy
     seen = (st.st_ino, st.st_size, st.st_mtime_ns)
-    if _last_wal.get(path) == seen:
+    now = time.monotonic() if now is None else now
+    last_seen, last_at = _last_wal.get(path, (None, float("-inf")))
+    if seen == last_seen or (st.st_size < CHECKPOINT_BYTES and now - last_at < CHECKPOINT_S):
         return False
-    _last_wal[path] = seen
+    _last_wal[path] = (seen, now)
     return True
+
+
+# database -> its WAL's (inode, size, mtime) when a checkpoint was last due, and when
+_last_wal: dict[str, tuple[tuple[int, int, int], float]] = {}
+
+
+class Changes:
+    """Has the database changed since this watcher last asked? Issue 11: the loops that poll
+    the registry at rest (the reconciler's tick, the rollout poll) skip their queries when
+    nothing was written anywhere since their last look; each loop holds its own watcher.
+
+    SQLite answers on the event loop's connection, in microseconds: `PRAGMA data_version`
+    moves when any other connection commits (another replica, the CLI, a thread), and the
+    connection's `total_changes` when it writes itself. PostgreSQL has no such counter: there
+    the answer is always yes, and the loops query as before."""
+
+    def __init__(self) -> None:
+        self._seen: tuple[int, int, int] | None = None
+
+    def since_last_look(self) -> bool:
+        token = _change_token()
+        if token is None or token != self._seen:
+            self._seen = token
+            return True
+        return False
+
+
+def _change_token() -> tuple[int, int, int] | None:
+    database = db.obj
+    if not isinstance(database, pw.SqliteDatabase):
+        return None
+    conn: sqlite3.Connection = database.connection()  # type: ignore[no-untyped-call]
+    (version,) = conn.execute("PRAGMA data_version").fetchone()
+    return id(conn), version, conn.total_changes
 
 
 # ---- the hot path's SQL ------------------------------------------------------------------------

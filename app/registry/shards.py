@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections.abc import Callable
 
+import peewee as pw
+
 from app.registry.db import tuples, write_lock
-from app.registry.models import Replica, ShardLease
+from app.registry.models import Replica, ShardLease, db
 
 SHARDS = 32
 
@@ -67,9 +70,17 @@ def holders() -> dict[int, str | None]:
 
 
 def _seed() -> None:
+    """The SHARDS lease rows, made once per database (rows are never deleted: one look per
+    process, not one per heartbeat)."""
+    if db.obj in _seeded:
+        return
     if ShardLease.select().count() < SHARDS:
         rows = [{"shard": n, "owner": None, "until": 0.0} for n in range(SHARDS)]
         ShardLease.insert_many(rows).on_conflict_ignore().execute()
+    _seeded.add(db.obj)
+
+
+_seeded: weakref.WeakSet[pw.Database] = weakref.WeakSet()  # the databases whose lease rows exist
 
 
 __all__ = ["SHARDS", "claim", "holders", "release", "shard_of"]

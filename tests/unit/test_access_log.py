@@ -73,3 +73,34 @@ def test_a_scrape_counts_every_answered_request() -> None:
         metrics.exposition().replace(b".0\n", b"\n")
     assert count() == before + 3
     assert not log.pending
+
+
+def test_the_flush_is_armed_by_a_record_not_run_on_a_timer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At rest nothing is armed (no wake-ups); the first record of a batch arms one flush,
+    FLUSH_S later, that writes the whole batch; the next record arms the next one."""
+    import asyncio
+
+    out = io.BytesIO()
+    monkeypatch.setattr(sys, "stderr", io.TextIOWrapper(out, write_through=True))
+    log = AccessLog("INFO")
+    RequestContext(lambda *_: None, log)  # type: ignore[arg-type, return-value]
+    record = ("rid", "acme", "bob", "POST", "/engines/{user_id}/admit", 200, None, None, 0.001, 1.0)
+
+    async def scenario() -> list[int]:
+        written = []
+        loop = asyncio.get_running_loop()
+        assert not [h for h in loop._scheduled if not h.cancelled()]  # type: ignore[attr-defined]
+        log.record(record)
+        log.record(record)
+        armed = [h for h in loop._scheduled if not h.cancelled()]  # type: ignore[attr-defined]
+        assert len(armed) == 1
+        written.append(out.getvalue().count(b"\n"))  # nothing yet: the batch waits
+        await asyncio.sleep(log.FLUSH_S * 2)
+        written.append(out.getvalue().count(b"\n"))
+        log.record(record)
+        log.close()  # shutdown writes what is pending and leaves no timer behind
+        written.append(out.getvalue().count(b"\n"))
+        assert not [h for h in loop._scheduled if not h.cancelled()]  # type: ignore[attr-defined]
+        return written
+
+    assert asyncio.run(scenario()) == [0, 2, 3]

@@ -142,3 +142,58 @@ def test_the_scheduler_away_is_no_bad_news(tmp_path: Path) -> None:
         assert world.status("calm") == states.RUNNING
     finally:
         world.close()
+
+
+def test_at_rest_a_tick_reads_only_what_can_have_changed(tmp_path: Path) -> None:
+    """Issue 11: with nothing written since the last tick, a tick asks SQLite one question
+    (has anything changed?) and reads no rows; a write by another connection (a replica, the
+    CLI) is read at the next tick; a failed engine's backoff ends on the row already read."""
+    import sqlite3
+
+    if world_is_postgres():
+        return  # PostgreSQL has no change counter: every tick reads, as before
+    world = World(tmp_path, max_restarts=3, restart_backoff_s=60.0, idle_sleep_s=0.0,
+                  lease_s=60.0, health_interval_s=60.0, resync_s=600.0)  # nothing else due
+    statements: list[str] = []
+    try:
+        async def scenario() -> None:
+            row, _ = await world.lifecycle.provision(world.product, "r")
+            world.driver.crash(row.name)
+            await world.reconciler.pass_once(wait=True)
+            failed = world.row("r")
+            assert failed is not None and failed.status == states.FAILED
+            reconciler, now = world.reconciler, time.time()
+            reconciler.shards = None
+            await reconciler.tick(now)  # reads what changed: the failure above
+            conn = world.database.connection()
+            conn.set_trace_callback(statements.append)
+            try:
+                for n in range(1, 4):
+                    await reconciler.tick(now + n * 0.1)
+                assert statements and {s.strip().upper() for s in statements} == {"PRAGMA DATA_VERSION"}
+                statements.clear()
+                other = sqlite3.connect(world.settings.database_url[len("sqlite:///"):])
+                other.execute("UPDATE engine SET status_since = status_since")  # another writer
+                other.commit()
+                other.close()
+                await reconciler.tick(now + 0.5)
+                assert any("FROM \"engine\"" in s for s in statements)  # it looked again
+                statements.clear()
+                # The backoff ends with nothing written meanwhile: the restart starts from
+                # the row as read.
+                await reconciler.tick((failed.next_restart_at or 0) + 0.1)
+                assert not any("'failed'" in s for s in statements)  # no failed rows read
+            finally:
+                conn.set_trace_callback(None)
+            await asyncio.gather(*list(reconciler._inflight), return_exceptions=True)
+
+        world.run(scenario())
+        assert world.status("r") == states.RUNNING  # restarted
+    finally:
+        world.close()
+
+
+def world_is_postgres() -> bool:
+    import os
+
+    return os.environ.get("ORCH_TEST_DB") == "postgres"

@@ -15,7 +15,7 @@ import pytest
 
 from app import products, registry
 from app.drivers import _process
-from app.registry.db import checkpoint_due
+from app.registry.db import CHECKPOINT_BYTES, CHECKPOINT_S, checkpoint_due
 from tests.unit.test_fleet_events import cleanup, local_world
 
 
@@ -109,16 +109,44 @@ def test_the_orphan_scan_reads_neither_a_watched_engine_nor_a_known_other_proces
         world.close()
 
 
-def test_a_checkpoint_with_nothing_new_in_the_wal_is_not_due(tmp_path: Path) -> None:
+def test_a_checkpoint_is_due_for_a_big_wal_or_an_old_change_not_for_nothing(tmp_path: Path) -> None:
     database = registry.connect(f"sqlite:///{tmp_path / 'orch.db'}")
     try:
         product, _ = products.create("p")
         engine = registry.insert_engine(product.id, "u", "e-p-u", "v", "x", "me", 1)
-        assert checkpoint_due() is True
-        assert checkpoint_due() is False  # nothing written since
+        assert checkpoint_due(100.0) is True
+        assert checkpoint_due(200.0) is False  # nothing written since
         registry.touch_admit(engine.id, 1.0)
-        assert checkpoint_due() is True
+        assert checkpoint_due(101.0) is False  # a few pages: they wait for CHECKPOINT_S
+        assert checkpoint_due(100.0 + CHECKPOINT_S) is True
         registry.checkpoint()  # copies into the database file; the WAL itself is unchanged
-        assert checkpoint_due() is False
+        assert checkpoint_due(500.0) is False
+        for n in range(400):  # a big WAL is due at once
+            registry.touch_admit(engine.id, 2.0 + n)
+        assert Path(f"{tmp_path / 'orch.db'}-wal").stat().st_size >= CHECKPOINT_BYTES
+        assert checkpoint_due(501.0) is True
+    finally:
+        database.close()
+
+
+def test_changes_sees_this_connections_writes_and_any_other_connections(tmp_path: Path) -> None:
+    import sqlite3
+
+    database = registry.connect(f"sqlite:///{tmp_path / 'orch.db'}")
+    try:
+        changes = registry.Changes()
+        assert changes.since_last_look() is True  # the first look
+        assert changes.since_last_look() is False
+        product, _ = products.create("p")  # this connection writes
+        assert changes.since_last_look() is True
+        assert changes.since_last_look() is False
+        other = sqlite3.connect(tmp_path / "orch.db")  # another process, replica or the CLI
+        other.execute("UPDATE product SET name = name")
+        other.commit()
+        other.close()
+        assert changes.since_last_look() is True
+        assert changes.since_last_look() is False
+        registry.find_engine(product.id, "nobody")  # reading is no change
+        assert changes.since_last_look() is False
     finally:
         database.close()

@@ -39,3 +39,32 @@ def test_bad_values_stop_start_up_naming_the_variable() -> None:
                       ("ORCH_KEEPALIVE_S", "0"), ("ORCH_KEEPALIVE_S", "2.5")):
         with pytest.raises(ConfigError, match=name):
             Settings.from_env({name: raw})
+
+
+def test_the_quiet_server_refreshes_the_date_and_an_exit_signal_wakes_it() -> None:
+    """QuietServer sleeps a second between its housekeeping steps, not 0.1 s; here an hour,
+    so only the exit signal's wake-up can end the serve before the bounded wait does."""
+    import asyncio
+    import signal
+    import socket
+
+    async def app(scope: dict, receive: object, send: object) -> None:  # never called
+        raise AssertionError(scope)
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    quiet = server.QuietServer(server.config(app, Settings.from_env({}), "127.0.0.1", port,
+                                             lifespan="off", log_level="warning"))
+    quiet.TICK_S = 3600.0
+
+    async def scenario() -> None:
+        serving = asyncio.create_task(quiet.serve())
+        while not quiet.started:
+            await asyncio.sleep(0.01)
+        assert any(name == b"date" for name, _ in quiet.server_state.default_headers)
+        quiet.handle_exit(signal.SIGTERM, None)
+        quiet._captured_signals.clear()  # uvicorn re-raises it at the end: not in pytest
+        await asyncio.wait_for(serving, timeout=30)  # without the wake-up: an hour
+
+    asyncio.run(scenario())
