@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlparse
 import peewee as pw
 from playhouse.shortcuts import ReconnectMixin
 
+from app.registry import walstamp
 from app.registry.models import MODELS, Event, IdCounter, Product, RateLimit, db
 
 # Set by the API for each request, so audit events name the request that caused them.
@@ -149,31 +150,20 @@ _last_wal: dict[str, tuple[tuple[int, int, int], float]] = {}
 class Changes:
     """Has the database changed since this watcher last asked? Issue 11: the loops that poll
     the registry at rest (the reconciler's tick, the rollout poll) skip their queries when
-    nothing was written anywhere since their last look; each loop holds its own watcher.
-
-    SQLite answers on the event loop's connection, in microseconds: `PRAGMA data_version`
-    moves when any other connection commits (another replica, the CLI, a thread), and the
-    connection's `total_changes` when it writes itself. PostgreSQL has no such counter: there
+    nothing was committed anywhere since their last look; each loop holds its own watcher.
+    SQLite answers from the WAL-index header (app.registry.walstamp: no query, no system
+    call), which every commit by any connection moves. PostgreSQL has no such thing: there
     the answer is always yes, and the loops query as before."""
 
     def __init__(self) -> None:
-        self._seen: tuple[int, int, int] | None = None
+        self._seen: bytes | None = None
 
     def since_last_look(self) -> bool:
-        token = _change_token()
-        if token is None or token != self._seen:
-            self._seen = token
+        stamp = walstamp.stamp()
+        if stamp is None or stamp != self._seen:
+            self._seen = stamp
             return True
         return False
-
-
-def _change_token() -> tuple[int, int, int] | None:
-    database = db.obj
-    if not isinstance(database, pw.SqliteDatabase):
-        return None
-    conn: sqlite3.Connection = database.connection()  # type: ignore[no-untyped-call]
-    (version,) = conn.execute("PRAGMA data_version").fetchone()
-    return id(conn), version, conn.total_changes
 
 
 # ---- the hot path's SQL ------------------------------------------------------------------------
