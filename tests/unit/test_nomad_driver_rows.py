@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -104,3 +105,25 @@ def test_the_readme_policy_covers_an_engines_whole_life(stack: Hashistack) -> No
     assert not [v for v in left["volumes"] if v["name"] == spec.name]
     assert not [a for a in left["allocs"] if a["job"] == spec.name and a["client_status"] == "running"]
     assert httpx.get(f"{stack.nomad}/v1/var/nomad/jobs/{spec.name}", trust_env=False).status_code == 404
+
+
+# ---- row 15, the double's side: what the driver must escape is really expanded --------------
+
+def test_row15_the_double_expands_node_variables_in_env_as_nomad_does(stack: Hashistack) -> None:
+    """helper/args/args.go: `${node.unique.name}` in a task's Env is replaced at run time, with
+    no escape. Without this, the driver's escaping (tests/unit/test_jobspec.py) and the end to
+    end check that an engine gets its user id unexpanded would prove nothing."""
+    from tests.unit.test_double_cluster import one, purge, start
+
+    job = "e-row15-0123456789ab"
+    start(stack, job, lambda task: task["Env"].update(ENGINE_USER_ID="u${node.unique.name}"))
+    try:
+        alloc = one(stack, job, "running")
+        [pid] = [p for a in stack.state()["allocs"] if a["id"] == alloc["ID"]
+                 for p in a["pids"].values()]
+        environ = dict(item.split("=", 1) for item in
+                       Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item)
+        node = httpx.get(f"{stack.nomad}/v1/node/{alloc['NodeID']}", trust_env=False).json()
+        assert environ["ENGINE_USER_ID"] == "u" + node["Name"]
+    finally:
+        purge(stack, job)
