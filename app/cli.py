@@ -25,7 +25,7 @@ from app.states import STATES
 OK, REFUSED, USAGE, NO_DATABASE = 0, 1, 2, 3
 ENGINE_COLUMNS = ("product", "user_id", "status", "url", "engine_version", "restarts",
                   "failure_reason", "updated_at")
-EVENT_COLUMNS = ("at", "user_id", "event", "from", "to", "reason")
+EVENT_COLUMNS = ("at", "product", "user_id", "event", "from", "to", "reason")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,8 +307,11 @@ def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
         rows = registry.events_for(_product_id(products.get(args.product)), args.user, args.limit)
     else:
         rows = registry.recent_events(args.limit)
-    _show(args, [{"user_id": e.user_id, "engine": e.engine_name, **event_json(e)} for e in rows],
-          EVENT_COLUMNS)
+    # Without --product the trail spans products, where one user id may be two people: each
+    # event names its product (None once the product is deleted).
+    names = {_product_id(p): p.name for p in registry.Product.select()}
+    _show(args, [{"product": names.get(e.product_id), "user_id": e.user_id,
+                  "engine": e.engine_name, **event_json(e)} for e in rows], EVENT_COLUMNS)
     return OK
 
 
