@@ -81,3 +81,49 @@ def test_readme_links_the_contract_and_the_contract_names_every_endpoint() -> No
     assert missing == []
     for field in ("id", "at", "engine", "event", "from", "to", "reason", "request_id"):
         assert f"`{field}`" in contract.split("An **event** is")[1].split(".")[0], field
+
+
+# ---- the commands the README shows are commands `orch` has --------------------------------
+
+VALUES = {"--host": "127.0.0.1", "--port": "8080", "--max-engines": "1", "--rate-limit-rpm": "1",
+          "--product": "demo", "--user": "u", "--status": "running", "--limit": "1",
+          "--version": "1"}
+
+
+def readme_commands() -> list[list[str]]:
+    """Every `orch` command line of README.md: the synopsis (placeholders filled in, `[...]`
+    taken, `a | b` alternatives split) and the walkthrough's literal `.venv/bin/orch ...`."""
+    text = (ROOT / "README.md").read_text()
+    synopsis = text.split("## Command line", 1)[1].split("```", 2)[1]
+    commands = []
+    for line in synopsis.splitlines():
+        line = line.split("#", 1)[0].replace("[", " ").replace("]", " ").strip()
+        if not line.startswith("orch "):
+            continue
+        head, *alternatives = [part.split() for part in line.split(" | ")]
+        for words in [head] + [head[:2] + alt for alt in alternatives]:
+            filled = [VALUES.get(words[i - 1], "demo") if w.isupper() else w
+                      for i, w in enumerate(words)]
+            commands.append(filled[1:])
+    for line in re.findall(r"^\.venv/bin/orch .*$", text, re.M):
+        for command in line.split("#", 1)[0].split(";"):
+            commands.append(command.split()[1:])
+    return commands
+
+
+def test_every_orch_command_the_readme_shows_parses() -> None:
+    from app.cli import _parser
+
+    commands = readme_commands()
+    assert ["serve", "--host", "127.0.0.1", "--port", "8080"] in commands   # filled in
+    assert ["products", "delete", "demo"] in commands and len(commands) >= 15
+    refused = []
+    for command in commands:
+        try:
+            args = _parser().parse_args(command)
+        except SystemExit:
+            refused.append(" ".join(command))
+            continue
+        if not getattr(args, "func", None):
+            refused.append(" ".join(command))
+    assert refused == []
