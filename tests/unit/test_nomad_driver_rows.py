@@ -1,4 +1,4 @@
-"""Issue 8, the driver's side of two rows the other tests left loose.
+"""Issue 8: sides of rows 6, 11, 13 and 15 the other tests left loose.
 
 Row 6: Nomad's job stubs carry `Meta` only with `?meta=true` (command/agent/job_endpoint.go),
 so a driver that lists jobs without it never recognises its own. The other tests did not
@@ -127,3 +127,29 @@ def test_row15_the_double_expands_node_variables_in_env_as_nomad_does(stack: Has
         assert environ["ENGINE_USER_ID"] == "u" + node["Name"]
     finally:
         purge(stack, job)
+
+
+# ---- row 11, the driver's side of stop (destroy's is in test_nomad_driver.py) ---------------
+
+def test_stop_thaws_a_paused_engine_so_it_exits_on_sigterm(stack: Hashistack) -> None:
+    """Nomad sends only the KillSignal, then SIGKILL after the KillTimeout: an engine paused
+    by sleep (SIGSTOP) and then stopped must get SIGCONT first, or it dies by SIGKILL."""
+    settings = Settings(driver="nomad", nomad_addr=stack.nomad, consul_addr=stack.consul,
+                        nomad_jobspec=ROOT / "jobspecs" / "engine.docker.json", stop_grace_s=2.0)
+    spec = EngineSpec("e-acme-nap-0123456789ab", "acme", "nap", "0.1.0")
+
+    async def work() -> list[dict[str, object]]:
+        driver = NomadDriver(settings)
+        try:
+            state = await driver.create(spec, "k1")
+            state, _ = await driver.wait_ready(spec, state, 20)
+            await driver.pause(spec, state)
+            await driver.stop(spec, state, settings.stop_grace_s)
+            alloc = await driver._io(driver.api.allocation, state["alloc"])
+            await driver.destroy(spec, state)
+            return [e for e in alloc["TaskStates"]["engine"]["Events"] if e["Type"] == "Terminated"]
+        finally:
+            await driver.close()
+
+    terminated = asyncio.run(work())
+    assert terminated and terminated[-1]["Signal"] == 0   # a clean exit on SIGTERM
