@@ -153,3 +153,34 @@ def test_stop_thaws_a_paused_engine_so_it_exits_on_sigterm(stack: Hashistack) ->
 
     terminated = asyncio.run(work())
     assert terminated and terminated[-1]["Signal"] == 0   # a clean exit on SIGTERM
+
+
+# ---- row 4: a down node is never asked ------------------------------------------------------
+
+def test_a_down_node_is_never_asked_for_a_volume(tmp_path: Path) -> None:
+    """The node the driver picks is ready: not one whose create fails and is retried elsewhere
+    (which the end result alone, a volume on a live node, would not tell apart)."""
+    from tests.doubles.state import node_id
+
+    with served(tmp_path, free_port_range(10), nodes=3) as stack:
+        settings = Settings(driver="nomad", nomad_addr=stack.nomad, consul_addr=stack.consul,
+                            nomad_jobspec=ROOT / "jobspecs" / "engine.docker.json")
+        stack.node_lost(node_id(1))   # the first in ID order, where Nomad itself would go
+
+        async def work() -> dict[str, object]:
+            driver = NomadDriver(settings)
+            try:
+                spec = EngineSpec("e-acme-down-0123456789ab", "acme", "down", "0.1.0")
+                job = jobspec.render_job(settings, spec)
+                volume: dict[str, object] = await driver._io(driver.volumes.create, spec.name, job)
+                await driver.destroy(spec, None)
+                return volume
+            finally:
+                await driver.close()
+
+        volume = asyncio.run(work())
+        assert volume["NodeID"] != node_id(1)
+        creates = [r["count"] for r in stack.requests()
+                   if (r["method"], r["route"]) == ("PUT", "/v1/volume/host/create")]
+        assert creates == [1]   # one create, on a live node: none sent to the down one
+        stack.node_up(node_id(1))
