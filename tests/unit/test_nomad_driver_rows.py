@@ -1,4 +1,4 @@
-"""Issue 8: sides of rows 6, 11, 13 and 15 the other tests left loose.
+"""Issue 8: sides of rows 4, 6, 11, 13 and 15 the other tests left loose.
 
 Row 6: Nomad's job stubs carry `Meta` only with `?meta=true` (command/agent/job_endpoint.go),
 so a driver that lists jobs without it never recognises its own. The other tests did not
