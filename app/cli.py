@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import sys
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from app.states import STATES
 OK, REFUSED, USAGE, NO_DATABASE = 0, 1, 2, 3
 ENGINE_COLUMNS = ("product", "user_id", "status", "url", "engine_version", "restarts",
                   "failure_reason", "updated_at")
-EVENT_COLUMNS = ("at", "user_id", "event", "from", "to", "reason")
+EVENT_COLUMNS = ("at", "product", "user_id", "event", "from", "to", "reason")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return USAGE
     try:
-        settings = Settings.from_env()
+        settings = _reachable_engine_cmd(Settings.from_env())
         code: int = args.func(settings, args) or OK
         sys.stdout.flush()
         return code
@@ -52,6 +53,26 @@ def main(argv: list[str] | None = None) -> int:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return _fail(f"the database cannot be used: {first} (check ORCH_DATABASE_URL)",
                      NO_DATABASE)
+
+
+# Where `make run` finds an interpreter `nobody` can run (the Makefile's ENGINE_PY).
+SYSTEM_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3")
+
+
+def _reachable_engine_cmd(settings: Settings) -> Settings:
+    """Run as root with the default engine user, engines run as `nobody`, who usually cannot
+    run our interpreter (a pyenv or venv under /root). Then, unless ORCH_ENGINE_CMD says
+    otherwise, the reference engine runs by path under the system's Python, as `make run`
+    sets it: `orch serve` and the commands that start engines here (`engines upgrade`,
+    `reconcile`) work from a fresh clone without the Makefile's variables (issue 12)."""
+    if (settings.driver != "local" or os.geteuid() != 0 or settings.engine_user is not None
+            or settings.engine_cmd != Settings.engine_cmd or os.environ.get("ORCH_ENGINE_CMD")):
+        return settings
+    python = next((p for p in SYSTEM_PYTHONS if os.access(p, os.X_OK)), None)
+    if python is None:
+        return settings  # the preflight names what engines cannot reach
+    script = Path(__file__).resolve().parent / "refengine"
+    return dataclasses.replace(settings, engine_cmd=(python, str(script)))
 
 
 def _fail(message: str, code: int) -> int:
@@ -286,8 +307,11 @@ def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
         rows = registry.events_for(_product_id(products.get(args.product)), args.user, args.limit)
     else:
         rows = registry.recent_events(args.limit)
-    _show(args, [{"user_id": e.user_id, "engine": e.engine_name, **event_json(e)} for e in rows],
-          EVENT_COLUMNS)
+    # Without --product the trail spans products, where one user id may be two people: each
+    # event names its product (None once the product is deleted).
+    names = {_product_id(p): p.name for p in registry.Product.select()}
+    _show(args, [{"product": names.get(e.product_id), "user_id": e.user_id,
+                  "engine": e.engine_name, **event_json(e)} for e in rows], EVENT_COLUMNS)
     return OK
 
 
