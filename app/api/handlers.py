@@ -146,8 +146,8 @@ def with_key(engine: Any, api_key: str) -> spec.EngineWithKey:
 
 
 def event_struct(event: Any) -> spec.Event:
-    return spec.Event(event.id, iso(event.at), event.engine_name, event.event, event.from_status,
-                      event.to_status, event.reason, event.request_id)
+    return spec.Event(event.id, iso(event.at), event.engine_name, event.engine_id, event.event,
+                      event.from_status, event.to_status, event.reason, event.request_id)
 
 
 def check_user_id(user_id: str) -> str:

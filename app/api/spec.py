@@ -174,7 +174,10 @@ class EnginePage(Struct):
 class Event(Struct, rename={"from_status": "from", "to_status": "to"}):
     id: int
     at: Timestamp
-    engine: str  # the engine's name: events of a destroyed and re-created engine are told apart
+    engine: str  # the engine's name: the same for every engine the user has had
+    # Which of them (issue 12): ids are never reused, so a destroyed engine's events and its
+    # successor's differ; null for events recorded before engine ids were kept.
+    engine_id: int | None
     event: str
     from_status: str | None
     to_status: str | None

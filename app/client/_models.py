@@ -107,7 +107,8 @@ class Event:
 
     id: int
     at: datetime
-    engine: str  # the engine's name; a destroyed and re-created engine has another
+    engine: str  # the engine's name: the same for every engine the user has had
+    engine_id: int | None  # which of them: never reused (None: recorded before ids were kept)
     event: str  # provision, ready, stop, stopped, start, rotate_key, destroy, destroyed, ...
     from_status: str | None  # "from" in the JSON, a Python keyword
     to_status: str | None  # "to" in the JSON
@@ -117,7 +118,7 @@ class Event:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Event:
         return cls(id=int(data["id"]), at=parse_time(data["at"]), engine=data["engine"],
-                   event=data["event"],
+                   engine_id=data.get("engine_id"), event=data["event"],
                    from_status=data.get("from"), to_status=data.get("to"),
                    reason=data.get("reason"), request_id=data.get("request_id"))
 

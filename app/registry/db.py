@@ -19,7 +19,7 @@ import peewee as pw
 from playhouse.shortcuts import ReconnectMixin
 
 from app.registry import walstamp
-from app.registry.models import MODELS, Event, IdCounter, Product, RateLimit, db
+from app.registry.models import MODELS, Engine, Event, IdCounter, Product, RateLimit, db
 
 # Set by the API for each request, so audit events name the request that caused them.
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
@@ -46,7 +46,7 @@ def connect(url: str, timeout: float = 5.0) -> pw.Database:
     database.connect(reuse_if_open=True)
     _migrate(cast(Any, database))
     database.create_tables(MODELS, safe=True)
-    _seed_product_ids()
+    _seed_ids()
     return database
 
 
@@ -58,18 +58,39 @@ def _migrate(database: Any) -> None:
             database.execute_sql('ALTER TABLE "engine" RENAME COLUMN "version" TO "row_version"')
         if "previous_version" not in columns:  # issue 13's upgrades
             database.execute_sql('ALTER TABLE "engine" ADD COLUMN "previous_version" VARCHAR(256)')
+    if "event" in database.get_tables() and \
+            "engine_id" not in {c.name for c in database.get_columns("event")}:  # issue 12
+        database.execute_sql('ALTER TABLE "event" ADD COLUMN "engine_id" INTEGER')
 
 
-def _seed_product_ids() -> None:
-    """Issue 12: start the product id counter past every id ever used, including those of
-    deleted products that only their audit events and rate-limit rows remember."""
+def _seed_ids() -> None:
+    """Issue 12: start the id counters past every id ever used, including those of deleted
+    products and engines that only their audit events (and rate-limit rows) remember."""
+    highest: dict[str, Callable[[], int]] = {
+        "product": lambda: max(Product.select(pw.fn.MAX(Product.id)).scalar() or 0,
+                               Event.select(pw.fn.MAX(Event.product_id)).scalar() or 0,
+                               RateLimit.select(pw.fn.MAX(RateLimit.product_id)).scalar() or 0),
+        "engine": lambda: max(Engine.select(pw.fn.MAX(Engine.id)).scalar() or 0,
+                              Event.select(pw.fn.MAX(Event.engine_id)).scalar() or 0),
+    }
     with write_lock():
-        if IdCounter.get_or_none(IdCounter.name == "product") is not None:
-            return
-        used = max(Product.select(pw.fn.MAX(Product.id)).scalar() or 0,
-                   Event.select(pw.fn.MAX(Event.product_id)).scalar() or 0,
-                   RateLimit.select(pw.fn.MAX(RateLimit.product_id)).scalar() or 0)
-        IdCounter.insert(name="product", value=used).on_conflict_ignore().execute()
+        for table, used in highest.items():
+            if IdCounter.get_or_none(IdCounter.name == table) is None:
+                IdCounter.insert(name=table, value=used()).on_conflict_ignore().execute()
+
+
+def next_id(model: type[pw.Model]) -> int:
+    """One past the highest id the model's table ever gave out, like SQLite's AUTOINCREMENT on
+    any database (call it inside the insert's transaction; the UPDATE locks the counter row
+    on PostgreSQL)."""
+    table = model._meta.table_name
+    IdCounter.update(value=IdCounter.value + 1).where(IdCounter.name == table).execute()
+    row = IdCounter.get_or_none(IdCounter.name == table)
+    if row is None:  # connect() seeds every counter; keep ids unique all the same
+        top = int(model.select(pw.fn.MAX(model._meta.primary_key)).scalar() or 0)
+        IdCounter.create(name=table, value=top + 1)
+        return top + 1
+    return int(row.value)
 
 
 class _ReconnectingPostgres(ReconnectMixin, pw.PostgresqlDatabase):

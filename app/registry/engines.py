@@ -18,7 +18,7 @@ import peewee as pw
 
 from app import errors, states
 from app.registry import leases, walstamp
-from app.registry.db import execute_hot, hot_sql, tuples, write_lock
+from app.registry.db import execute_hot, hot_sql, next_id, tuples, write_lock
 from app.registry.events import Transition, audit, publish
 from app.registry.models import ENGINE_COLUMNS, Engine, Product, db
 
@@ -143,10 +143,12 @@ def insert_engine(product_id: int, user_id: str, name: str, engine_version: str,
         count = Engine.select().where(Engine.product == product_id).count()
         if count >= product.max_engines:
             raise errors.quota_exceeded(product.max_engines)
+        engine_id = next_id(Engine)  # never one a destroyed engine had: its events keep it
         try:
             with Engine._meta.database.atomic():
                 Engine.insert(
-                    product=product_id, user_id=user_id, name=name, status=states.PROVISIONING,
+                    id=engine_id, product=product_id, user_id=user_id, name=name,
+                    status=states.PROVISIONING,
                     engine_version=engine_version, key_enc=key_enc, created_at=now,
                     updated_at=now, status_since=now, lease_owner=owner,
                     lease_until=now + lease_s).execute()
@@ -154,7 +156,8 @@ def insert_engine(product_id: int, user_id: str, name: str, engine_version: str,
             raise errors.already_exists(user_id) from None
         row = find_engine(product_id, user_id)
         assert row is not None
-        change = audit(product_id, user_id, name, "provision", None, states.PROVISIONING, None, now)
+        change = audit(product_id, user_id, name, "provision", None, states.PROVISIONING, None, now,
+                       row.id)
     publish(change)
     return row
 
@@ -178,7 +181,8 @@ def transition(row: EngineRow, event: str, reason: str | None = None, **fields: 
     values = {"status": target, "status_since": now, **fields}
     with write_lock():
         written = _cas(row, values, now)
-        change = audit(row.product_id, row.user_id, row.name, event, row.status, target, reason, now)
+        change = audit(row.product_id, row.user_id, row.name, event, row.status, target, reason, now,
+                       row.id)
     publish(change)
     return written
 
@@ -192,7 +196,7 @@ def update(row: EngineRow, audit_event: str | None = None, reason: str | None = 
         written = _cas(row, fields, now)
         if audit_event:
             change = audit(row.product_id, row.user_id, row.name, audit_event, row.status,
-                           row.status, reason, now)
+                           row.status, reason, now, row.id)
     if change is not None:
         publish(change)
     return written
@@ -219,7 +223,8 @@ def delete_engine(row: EngineRow, event: str = "destroyed", reason: str | None =
                 .execute())
         if gone != 1:
             raise errors.Conflict(f"the engine of user {row.user_id!r} changed meanwhile; try again")
-        change = audit(row.product_id, row.user_id, row.name, event, row.status, None, reason, now)
+        change = audit(row.product_id, row.user_id, row.name, event, row.status, None, reason, now,
+                       row.id)
     publish(change)
 
 

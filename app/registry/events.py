@@ -46,11 +46,11 @@ def publish(transition: Transition) -> None:
 
 
 def audit(product_id: int, user_id: str, engine_name: str, event: str, src: str | None,
-          dst: str | None, reason: str | None, now: float) -> Transition:
+          dst: str | None, reason: str | None, now: float, engine_id: int | None = None) -> Transition:
     """Write one audit event (inside the caller's transaction); publish it after commit."""
     request_id = request_id_var.get()
-    Event.create(product_id=product_id, user_id=user_id, engine_name=engine_name, at=now,
-                 event=event, from_status=src, to_status=dst,
+    Event.create(product_id=product_id, user_id=user_id, engine_name=engine_name,
+                 engine_id=engine_id, at=now, event=event, from_status=src, to_status=dst,
                  reason=reason[:256] if reason else None, request_id=request_id)
     return Transition(engine_name, user_id, event, src, dst, reason, request_id)
 

@@ -76,6 +76,9 @@ class Event(BaseModel):
     product_id = pw.IntegerField()
     user_id = pw.CharField(max_length=128)
     engine_name = pw.CharField(max_length=63)
+    # Issue 12: which engine of the user (ids are never reused); None before the column was
+    # added, and for events of no engine (orphan_removed).
+    engine_id = pw.IntegerField(null=True)
     at = pw.DoubleField()
     event = pw.CharField(max_length=32)
     from_status = pw.CharField(max_length=16, null=True)

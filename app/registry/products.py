@@ -7,8 +7,8 @@ import time
 import peewee as pw
 
 from app.registry import limits
-from app.registry.db import write_lock
-from app.registry.models import Engine, IdCounter, Product
+from app.registry.db import next_id, write_lock
+from app.registry.models import Engine, Product
 
 
 class ProductExists(Exception):
@@ -23,7 +23,7 @@ class ProductInUse(Exception):
 
 def create_product(name: str, key_hash: str, max_engines: int, rate_limit_rpm: int) -> Product:
     with write_lock():
-        product_id = _next_id("product")
+        product_id = next_id(Product)
         try:
             with Product._meta.database.atomic():
                 return Product.create(id=product_id, name=name, key_hash=key_hash,
@@ -31,17 +31,6 @@ def create_product(name: str, key_hash: str, max_engines: int, rate_limit_rpm: i
                                       created_at=time.time())
         except pw.IntegrityError:
             raise ProductExists(name) from None
-
-
-def _next_id(table: str) -> int:
-    """One past the highest id ever given out (the UPDATE locks the counter row on PostgreSQL)."""
-    IdCounter.update(value=IdCounter.value + 1).where(IdCounter.name == table).execute()
-    row = IdCounter.get_or_none(IdCounter.name == table)
-    if row is None:  # a database connect() did not seed (never, but keep ids unique anyway)
-        top = Product.select(pw.fn.MAX(Product.id)).scalar() or 0
-        IdCounter.create(name=table, value=top + 1)
-        return int(top) + 1
-    return int(row.value)
 
 
 def update_product(product: Product, max_engines: int | None, rate_limit_rpm: int | None) -> Product:

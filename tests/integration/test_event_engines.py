@@ -1,11 +1,9 @@
 """Issue 12: "a re-provisioned user's events mix two engines with no marker: say which engine
-each event belongs to". Each event carries `engine`, but today that is the engine's name,
-which is derived from (product, user_id) alone: a destroyed engine and its successor share it,
-so the marker tells them apart only by where the `provision` events fall."""
+each event belongs to". Each event carries `engine`, the engine's name, derived from
+(product, user_id) alone, so a destroyed engine and its successor share it; and `engine_id`,
+which is never reused, so they do not."""
 
 from __future__ import annotations
-
-import pytest
 
 from tests.harness import Orchestrator
 
@@ -38,9 +36,6 @@ def test_paging_reads_the_whole_trail_once(orch: Orchestrator) -> None:
     assert [e["event"] for e in events] == ["provision", "ready", "destroy", "destroyed"] * 2
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 finding not fixed: `engine` is the name, the "
-                   "same for every engine of one (product, user_id); needs a per-engine id in "
-                   "app/registry (events) and app/api/handlers.py (event_struct)")
 def test_each_engine_of_a_user_has_its_own_marker(orch: Orchestrator) -> None:
     events = two_lives(orch)
     first, second = events[:4], events[4:]

@@ -146,8 +146,9 @@ def test_the_scheduler_away_is_no_bad_news(tmp_path: Path) -> None:
 
 def test_at_rest_a_tick_reads_only_what_can_have_changed(tmp_path: Path) -> None:
     """Issue 11: with nothing written since the last tick, a tick sends SQLite no statement
-    (whether anything changed is read from the WAL-index header); a write by another connection (a replica, the
-    CLI) is read at the next tick; a failed engine's backoff ends on the row already read."""
+    (whether anything changed is read from the WAL-index header); a write by another
+    connection (a replica, the CLI) is read at the next tick; a failed engine's backoff ends
+    on the row already read."""
     import sqlite3
 
     if world_is_postgres():

@@ -213,5 +213,23 @@ def test_a_database_from_before_keeps_its_ids_and_gets_row_version(tmp_path: Pat
         assert row is not None and row.row_version == 7
         product, _ = products.create("fresh")
         assert product.id == 3  # 2 was a deleted product's: its events stay its own
+        # Issue 12: events gain engine_id (null for the old ones), and engine ids go on past
+        # the highest one the database holds.
+        old = registry.events_for(2, "secret-user")
+        assert [e.engine_id for e in old] == [None]
+        fresh = registry.insert_engine(product.id, "w", "e-fresh-w", "v", "k", "me", 1)
+        assert fresh.id == 2
+        assert [e.engine_id for e in registry.events_for(product.id, "w")] == [2]
     finally:
         database.close()
+
+
+def test_engine_ids_are_never_reused(db) -> None:
+    """SQLite hands the highest deleted id out again; the counter does not, so the events of
+    a destroyed engine and of its successor keep apart (issue 12)."""
+    product, _ = products.create("p")
+    first = registry.insert_engine(product.id, "u", "e-p-u", "v", "k", "me", 1)
+    registry.delete_engine(first)
+    second = registry.insert_engine(product.id, "u", "e-p-u", "v", "k", "me", 1)
+    assert second.id > first.id
+    assert sorted({e.engine_id for e in registry.events_for(product.id, "u")}) == [first.id, second.id]
