@@ -67,11 +67,20 @@ def test_failing_health_check_fails_then_restarts(make_orch) -> None:
 def test_sleep_mode_stop_cold_starts_on_wake(make_orch) -> None:
     orch = make_orch(ORCH_IDLE_SLEEP_S="0.5", ORCH_SLEEP_MODE="stop")
     api = orch.client("acme")
-    engine = api.post("/engines/provision", json={"user_id": "napper"}).json()
-    key = engine["api_key"]
-    httpx.put(engine["url"] + "/v1/memory/k", content=b"v", trust_env=False,
-              headers={"Authorization": f"Bearer {key}"})
-    pid = pid_of(orch, "napper")
+    key = api.post("/engines/provision", json={"user_id": "napper"}).json()["api_key"]
+
+    def write() -> int:
+        # Idle for 0.5 s it sleeps (stops): on a loaded machine that can come before the
+        # write, so admit (wake) first. The pid of the engine that took the write, 0: again.
+        url = api.post("/engines/napper/admit", json={"auto_wake": True}).json()["url"]
+        pid = pid_of(orch, "napper")
+        try:
+            written = httpx.put(url + "/v1/memory/k", content=b"v", trust_env=False,
+                                headers={"Authorization": f"Bearer {key}"}).is_success
+        except httpx.TransportError:
+            return 0
+        return pid if written else 0
+    pid = wait_for(write, timeout=30, what="the brain written on a running engine")
     wait_for(lambda: api.get("/engines/napper").json()["status"] == "sleeping", timeout=15,
              what="idle sleep")
     # sleeping is recorded first (an admit meanwhile wakes it), then the process stops
