@@ -104,6 +104,29 @@ def reachable_refengine(tmp: Path) -> Path:
     return target / "app" / "refengine"
 
 
+SYSTEM_PYTHON = Path("/usr/bin/python3")  # an interpreter `nobody` can run
+
+
+@contextmanager
+def passable_tmp(prefix: str) -> Iterator[Path]:
+    """A temp dir engines running as `nobody` can pass through (pytest's own is 0700); skips
+    where engines cannot run as another user (not root, or no system interpreter)."""
+    import tempfile
+
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("engines run as another user only under a root orchestrator")
+    if not SYSTEM_PYTHON.exists():
+        pytest.skip("needs an interpreter `nobody` can run (/usr/bin/python3) for the engine")
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    os.chmod(base, 0o711)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 class Orchestrator:
     """One orchestrator process on a temp state dir; restartable on the same database."""
 

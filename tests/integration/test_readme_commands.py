@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,9 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import reap_zombies
-from tests.harness import ROOT, free_port, free_port_range, wait_for
-
-SYSTEM_PYTHON = Path("/usr/bin/python3")
+from tests.harness import ROOT, SYSTEM_PYTHON, free_port, free_port_range, passable_tmp, wait_for
 
 
 def reachable_by_others(path: Path) -> bool:
@@ -31,18 +27,10 @@ def reachable_by_others(path: Path) -> bool:
 @pytest.fixture
 def project() -> Iterator[Path]:
     """A directory to run `orch` from, that engines run as `nobody` can pass through."""
-    if os.geteuid() != 0:
-        pytest.skip("engines run as `nobody` only under a root orchestrator")
-    if not SYSTEM_PYTHON.exists():
-        pytest.skip("needs /usr/bin/python3, the interpreter `make run` gives `nobody`")
-    if not reachable_by_others(ROOT / "app" / "refengine"):
-        pytest.skip(f"{ROOT} is not reachable by other users: engines could not run from it")
-    base = Path(tempfile.mkdtemp(prefix="orch-readme-", dir="/tmp"))
-    os.chmod(base, 0o711)
-    try:
+    with passable_tmp("orch-readme-") as base:
+        if not reachable_by_others(ROOT / "app" / "refengine"):
+            pytest.skip(f"{ROOT} is not reachable by other users: engines could not run from it")
         yield base
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def operator_env() -> dict[str, str]:

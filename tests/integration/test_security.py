@@ -6,18 +6,24 @@ import hmac
 import json
 import os
 import pwd
-import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.harness import OWN_USER, ROOT, Orchestrator, reachable_refengine, running
+from tests.harness import (
+    OWN_USER,
+    ROOT,
+    SYSTEM_PYTHON,
+    Orchestrator,
+    passable_tmp,
+    reachable_refengine,
+    running,
+)
 
 
 def every_stored_value(orch: Orchestrator) -> str:
@@ -161,22 +167,10 @@ def test_everything_written_is_private_whatever_the_umask(own_orch: Orchestrator
         **{str(p): "0o700" for p in dirs}, **{str(p): "0o600" for p in files}}
 
 
-SYSTEM_PYTHON = Path("/usr/bin/python3")
-
-
 @pytest.fixture
 def as_nobody() -> Iterator[Path]:
-    """A temp dir engines running as `nobody` can pass through (pytest's own is 0700)."""
-    if os.geteuid() != 0:
-        pytest.skip("engines run as another user only under a root orchestrator")
-    if not SYSTEM_PYTHON.exists():
-        pytest.skip("needs an interpreter `nobody` can run (/usr/bin/python3) for the engine")
-    base = Path(tempfile.mkdtemp(prefix="orch-nobody-", dir="/tmp"))
-    os.chmod(base, 0o711)
-    try:
+    with passable_tmp("orch-nobody-") as base:
         yield base
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 ATTACK = r"""
