@@ -11,15 +11,20 @@ before mean no commit since, by any connection of any process: SQLite's own read
 the same way whether their page cache is still good. A header caught mid-update differs from
 the last one, so a torn read errs toward "changed".
 
-The file is mapped read-only while this process's connection is open: SQLite truncates or
-unlinks it only when its last connection opens or closes, which cannot happen under ours. A
-new connection (peewee reconnects, a test opens another database) is mapped afresh.
+The header is mapped read-only through SQLite's own descriptor of the file (found in
+/proc/self/fd), with mmap(2) called directly: no descriptor of ours is ever opened or closed
+on it, because closing any descriptor of a file drops every POSIX lock the process holds on
+that file, SQLite's included (Python's mmap module duplicates and later closes one). SQLite
+truncates or unlinks the file only when its last connection opens or closes, which cannot
+happen under ours; a new connection (peewee reconnects, a test opens another database) is
+mapped afresh.
 `stamp()` is None where there is nothing to map (PostgreSQL, an in-memory database, a file
 that does not look like a wal-index): callers then read the database every time.
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import struct
@@ -33,8 +38,15 @@ HEADER = 96  # two copies of the 48-byte WalIndexHdr
 _MAPPED = 136  # the header and the checkpoint info after it: what SQLite makes first
 _WAL_INDEX_VERSION = 3007000
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_FAILED = ctypes.c_void_p(-1).value
+
 _conn: Any = None  # the connection the mapping below was made for
-_map: mmap.mmap | None = None
+_address: int | None = None  # where the header is mapped
 
 
 def stamp() -> bytes | None:
@@ -45,33 +57,39 @@ def stamp() -> bytes | None:
     conn = getattr(database, "_state").conn  # noqa: B009 - peewee's, of this thread (None: closed)
     if conn is not _conn:
         _remap(database, conn)
-    return None if _map is None else _map[:HEADER]
+    return None if _address is None else ctypes.string_at(_address, HEADER)
 
 
 def _remap(database: Any, conn: Any) -> None:
-    global _conn, _map
-    if _map is not None:
-        _map.close()
-    _conn, _map = conn, None
+    global _conn, _address
+    if _address is not None:
+        _libc.munmap(_address, _MAPPED)
+    _conn, _address = conn, None
     if conn is None or database.database in ("", ":memory:"):
         return
-    path = os.path.realpath(database.database) + "-shm"  # SQLite names it after the real file
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        _conn = None  # not made yet (no transaction so far): try again next time
+    fd = _sqlites_descriptor(os.path.realpath(database.database) + "-shm")
+    if fd is None or os.fstat(fd).st_size < _MAPPED:
+        _conn = None  # no transaction yet made it: look again next time
         return
-    try:
-        if os.fstat(fd).st_size < _MAPPED:
-            _conn = None
-            return
-        mapped = mmap.mmap(fd, _MAPPED, mmap.MAP_SHARED, mmap.PROT_READ)
-    finally:
-        os.close(fd)
-    if _looks_like_wal_index(mapped[:48], conn):
-        _map = mapped
+    address = _libc.mmap(None, _MAPPED, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if address in (None, _FAILED):
+        return
+    if _looks_like_wal_index(ctypes.string_at(address, 48), conn):
+        _address = address
     else:
-        mapped.close()
+        _libc.munmap(address, _MAPPED)
+
+
+def _sqlites_descriptor(path: str) -> int | None:
+    """The descriptor SQLite holds on `path` (one per file and process, whatever the number
+    of connections)."""
+    for entry in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{entry}") == path:
+                return int(entry)
+        except OSError:
+            continue
+    return None
 
 
 def _looks_like_wal_index(header: bytes, conn: Any) -> bool:

@@ -112,3 +112,34 @@ def test_no_stamp_where_there_is_no_wal_index(tmp_path: Path) -> None:
         assert walstamp.stamp() is None
     finally:
         database.close()
+
+
+def _our_locks(path: Path) -> set[tuple[str, str, str]]:
+    """The POSIX locks this process holds on `path` (/proc/locks: kind, start, end)."""
+    st = path.stat()
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    held = set()
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if "->" in fields:  # a waiter, not a holder
+            continue
+        if fields[1] == "POSIX" and fields[4] == str(os.getpid()) and fields[5] == device:
+            held.add((fields[3], fields[6], fields[7]))
+    return held
+
+
+def test_mapping_the_header_keeps_sqlites_locks(world: tuple[Path, int, int]) -> None:
+    """Closing any descriptor of a file drops every POSIX lock the process holds on it:
+    mapping the header must not open and close one of its own (SQLite's lock on the shm
+    file says this connection is alive; without it another process may rebuild the file
+    under ours: "locking protocol" errors)."""
+    path, product_id, _ = world
+    shm = Path(str(path) + "-shm")
+    walstamp._remap(registry.db.obj, None)  # forget the mapping made by earlier reads
+    url(product_id)
+    before = _our_locks(shm)
+    assert before  # SQLite's, while the connection is open
+    assert walstamp.stamp() is not None  # maps the header now
+    assert _our_locks(shm) == before
+    url(product_id)
+    assert _our_locks(shm) == before
