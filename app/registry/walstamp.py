@@ -28,6 +28,7 @@ import ctypes
 import mmap
 import os
 import struct
+import threading
 from typing import Any
 
 import peewee as pw
@@ -45,8 +46,14 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _FAILED = ctypes.c_void_p(-1).value
 
-_conn: Any = None  # the connection the mapping below was made for
-_address: int | None = None  # where the header is mapped
+class _Mapping(threading.local):
+    """Per thread, as peewee's connections are: a thread unmaps only what it mapped."""
+
+    conn: Any = None  # the connection the mapping was made for
+    address: int | None = None  # where the header is mapped
+
+
+_mapping = _Mapping()
 
 
 def stamp() -> bytes | None:
@@ -55,27 +62,28 @@ def stamp() -> bytes | None:
     if type(database) is not pw.SqliteDatabase:
         return None
     conn = getattr(database, "_state").conn  # noqa: B009 - peewee's, of this thread (None: closed)
-    if conn is not _conn:
-        _remap(database, conn)
-    return None if _address is None else ctypes.string_at(_address, HEADER)
+    mapping = _mapping
+    if conn is not mapping.conn:
+        _remap(mapping, database, conn)
+    address = mapping.address
+    return None if address is None else ctypes.string_at(address, HEADER)
 
 
-def _remap(database: Any, conn: Any) -> None:
-    global _conn, _address
-    if _address is not None:
-        _libc.munmap(_address, _MAPPED)
-    _conn, _address = conn, None
+def _remap(mapping: _Mapping, database: Any, conn: Any) -> None:
+    if mapping.address is not None:
+        _libc.munmap(mapping.address, _MAPPED)
+    mapping.conn, mapping.address = conn, None
     if conn is None or database.database in ("", ":memory:"):
         return
     fd = _sqlites_descriptor(os.path.realpath(database.database) + "-shm")
     if fd is None or os.fstat(fd).st_size < _MAPPED:
-        _conn = None  # no transaction yet made it: look again next time
+        mapping.conn = None  # no transaction yet made it: look again next time
         return
     address = _libc.mmap(None, _MAPPED, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
     if address in (None, _FAILED):
         return
     if _looks_like_wal_index(ctypes.string_at(address, 48), conn):
-        _address = address
+        mapping.address = address
     else:
         _libc.munmap(address, _MAPPED)
 

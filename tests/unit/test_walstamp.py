@@ -135,7 +135,7 @@ def test_mapping_the_header_keeps_sqlites_locks(world: tuple[Path, int, int]) ->
     under ours: "locking protocol" errors)."""
     path, product_id, _ = world
     shm = Path(str(path) + "-shm")
-    walstamp._remap(registry.db.obj, None)  # forget the mapping made by earlier reads
+    walstamp._remap(walstamp._mapping, registry.db.obj, None)  # forget the earlier mapping
     url(product_id)
     before = _our_locks(shm)
     assert before  # SQLite's, while the connection is open
