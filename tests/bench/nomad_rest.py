@@ -48,18 +48,20 @@ def bench_rest(tmp: Path) -> dict:
     try:
         empty = _window(tmp, orch)
         started = time.monotonic()
-        n = asyncio.run(provision(orch, REST_N, "r", CONCURRENCY))
+        asyncio.run(provision(orch, REST_N, "r", CONCURRENCY))
         provisioned_s = time.monotonic() - started
         # The provisions' after-effects settle, and every engine gets its first scheduled
         # check (each within one health interval of its start).
         time.sleep(12.0)
+        n = _running(orch)
         ours = _window(tmp, orch)
         orch.kill(signal.SIGTERM)
         orch.env.update(ORCH_NOMAD_EVENTS="off")   # the same fleet, every check a snapshot's
         orch.start()
         time.sleep(12.0)
         snapshot = _window(tmp, orch)
-        return {"n": n, "asked": REST_N, "provisioned_s": round(provisioned_s, 1),
+        return {"n": n, "n_after": _running(orch), "asked": REST_N,
+                "provisioned_s": round(provisioned_s, 1),
                 "empty": empty, "ours": ours, "snapshot": snapshot}
     finally:
         orch.close()
@@ -77,6 +79,10 @@ async def provision(orch: Orchestrator, n: int, prefix: str, concurrency: int) -
                 return answer.status_code == 200
 
         return sum(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+def _running(orch: Orchestrator) -> int:
+    return int(orch.rows("SELECT COUNT(*) FROM engine WHERE status = 'running'")[0][0])
 
 
 def _window(tmp: Path, orch: Orchestrator) -> dict:
@@ -98,8 +104,9 @@ def _window(tmp: Path, orch: Orchestrator) -> dict:
 def lines(r: dict) -> list[str]:
     o, e, s = r["ours"], r["empty"], r["snapshot"]
     return [
-        f"nomad at rest      {r['n']} engines running (of {r['asked']}; provisioned in "
-        f"{r['provisioned_s']} s): orchestrator {o['cpu_pct']}% of a core   the fleet snapshot "
+        f"nomad at rest      {r['n']} engines running (of {r['asked']} provisioned, in "
+        f"{r['provisioned_s']} s; {r['n_after']} at the end): orchestrator {o['cpu_pct']}% of "
+        f"a core   the fleet snapshot "
         f"every pass (ORCH_NOMAD_EVENTS=off, as before): {s['cpu_pct']}%   no engine: "
         f"{e['cpu_pct']}%   so the fleet's own share: {round(o['cpu_pct'] - e['cpu_pct'], 2)}%   "
         f"(target < 2% per 1,000)",
