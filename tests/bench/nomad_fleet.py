@@ -11,6 +11,12 @@
   job template; the orchestrator's CPU and database queries per second over
   BENCH_FLEET_SECONDS, beside the same orchestrator with no engine yet and the same fleet
   with the event follower off (every check from the fleet snapshot, as before).
+
+Measured on this 2-core machine (load average 3-6 from other work), two runs with 1,000 engines
+running: the orchestrator at rest 1.45%, 1.5% of a core (no engine: 0.85%, 0.65%; every check
+from the fleet snapshot, as before: 6.2%, 6.2%), 5.1, 5.0 database queries a second (no engine:
+5.1; snapshot: 4.3); 1,000 engines provisioned in ~150 s. Crash to failed in the second run:
+events p50 104 ms, p99 111 ms; no events, a probe every tick: p50 680 ms, p99 1.17 s.
 """
 
 from __future__ import annotations
