@@ -191,8 +191,11 @@ class NomadAPI:
                    params={"force": "true"} if force else None,
                    need="namespace capability host-volume-delete")
 
-    def volumes(self) -> list[dict[str, Any]]:
-        return list(self._http("GET", "/v1/volumes", params={"type": "host"},
+    def volumes(self, prefix: str = "") -> list[dict[str, Any]]:
+        """Host volume stubs; with a prefix, those whose Name or ID starts with it
+        (nomad/host_volume_endpoint.go List), not the whole fleet's."""
+        params = {"type": "host", **({"prefix": prefix} if prefix else {})}
+        return list(self._http("GET", "/v1/volumes", params=params,
                                need="namespace capability host-volume-read") or [])
 
     # ---- the agent -----------------------------------------------------------------------------

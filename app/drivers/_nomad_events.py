@@ -53,6 +53,8 @@ class FleetEvents:
         self.node_of: dict[str, str] = {}       # watched allocation -> its node, when known
         self.ended: OrderedDict[str, str] = OrderedDict()  # allocation -> terminal ClientStatus
         self.health: dict[str, Health] | None = None  # Consul's view, while the query is live
+        self._stream_up = False   # the event stream is connected
+        self._gap = False         # ... after a drop whose missed ends no audit has looked for yet
         self.index = 0            # the last Nomad index seen in a frame
         self.frames = self.drops = self.audits = 0
         self._audit_wanted = False
@@ -91,7 +93,21 @@ class FleetEvents:
         """The terminal ClientStatus an event reported for this allocation, if any."""
         return self.ended.get(alloc_id)
 
+    @property
+    def nomad_live(self) -> bool:
+        """Every end of a watched allocation reaches us (or was found by the audit)."""
+        return self._stream_up and not self._gap
+
+    def health_of(self, name: str, alloc_id: str) -> Health | None:
+        """Consul's last word on a watched engine whose allocation Nomad has not reported
+        ended, while both followers are live (so silence means nothing changed); None when
+        they cannot say: not live, not watched, or Consul has not listed it yet."""
+        if not self.nomad_live or self.health is None or self.alloc_of.get(name) != alloc_id:
+            return None
+        return self.health.get(name)
+
     async def close(self) -> None:
+        self._stream_up = False
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -121,6 +137,7 @@ class FleetEvents:
             except Exception:  # a bug here must not end the watching for good
                 log.exception("following %s failed", what)
             if what == "nomad":
+                self._stream_up = False
                 self.drops += 1
             else:
                 self.health = None   # no longer current: probes ask Consul themselves
@@ -144,7 +161,9 @@ class FleetEvents:
                 log.warning("Nomad refused the event stream (%s): %s", response.status_code, body)
                 return
             if self._audit_after_gap():
+                self._gap = True
                 self._want_audit()   # we were away: what changed meanwhile may be gone
+            self._stream_up = True
             async for line in response.aiter_lines():
                 if line.strip() not in ("", "{}"):   # a heartbeat is no progress: a stream
                     self._progress.add("nomad")      # cut after each one still backs off
@@ -227,12 +246,16 @@ class FleetEvents:
         (an event we missed) is reported."""
         await asyncio.sleep(0)   # after the rest of the resync's watches
         self._audit_wanted = False
+        # A listing closes a gap only if it was asked for on the stream as it is now.
+        epoch = self.drops if self._stream_up else -1
         try:
             allocs = {a["ID"]: a.get("ClientStatus") for a in await self._list_allocs()}
         except Exception as exc:  # noqa: BLE001 - the next resync tries again
             log.debug("audit skipped: %s", exc)
             return
         self.audits += 1
+        if epoch == self.drops:
+            self._gap = False   # from the listing on, the stream tells us
         for alloc_id in list(self.name_of):
             status = allocs.get(alloc_id)
             if status not in LIVE:

@@ -39,7 +39,7 @@ class Volumes:
         self._has_mkdir: dict[str, tuple[float, bool]] = {}
 
     def find(self, name: str) -> list[dict[str, Any]]:
-        return [v for v in self.api.volumes() if v.get("Name") == name]
+        return [v for v in self.api.volumes(prefix=name) if v.get("Name") == name]
 
     def create(self, name: str, job: dict[str, Any]) -> dict[str, Any]:
         """The engine's volume: the one it already has on a live node, else a new one on the

@@ -18,7 +18,6 @@ import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from app import engine_http, jobspec
@@ -26,6 +25,7 @@ from app.config import ConfigError, Settings
 from app.discovery import Discovery
 from app.drivers._nomad_api import NomadAPI, NomadError, SchedulerRejected, VariableConflict
 from app.drivers._nomad_events import FleetEvents
+from app.drivers._nomad_probe import Prober
 from app.drivers._nomad_volumes import VolumeGone, Volumes
 from app.drivers.base import (
     BadVersion,
@@ -47,19 +47,11 @@ T = TypeVar("T")
 
 TASK = "engine"  # the task name in jobspecs/*.json
 TERMINAL = ("complete", "failed", "lost")
-LIVE = ("pending", "running")
 PORTS_EXHAUSTED = "network: dynamic port selection failed"
 PLACEMENT_WAIT_S = 30.0
 STOP_MARGIN_S = 15.0  # beyond the kill timeout: the client reporting the allocation's end
 VALIDATE_TIMEOUT_S = 3.0
 _OUR_NAME = re.compile(r"e-[a-z0-9-]+-[0-9a-f]{12}")
-
-
-@dataclass(frozen=True)
-class _Snapshot:
-    taken: float
-    allocs: dict[str, str]  # allocation ID -> ClientStatus
-    health: dict[str, str]  # service -> "passing" | "critical"
 
 
 class NomadDriver(Driver):
@@ -79,12 +71,13 @@ class NomadDriver(Driver):
         # Blocking queries hold a thread each: a pool of our own, so they never starve others.
         self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="nomad")
         self.http = engine_http.client()
-        self._snapshot_lock = asyncio.Lock()
-        self._last: _Snapshot | None = None
-        self._snapshot_ttl = min(0.5, settings.tick_s / 2)  # at most one per reconciler pass
-        # Issue 11: Nomad's event stream and Consul's blocking queries report engines' ends.
+        # Issue 11: Nomad's event stream and Consul's blocking queries report engines' ends,
+        # and answer the scheduled health checks while they are live.
         self.events = FleetEvents(settings, lambda: self._io(self.api.all_allocations))
-        self.events.subscribe(self._stale)   # first: the listeners' probes must read anew
+        # A fleet snapshot at most once per reconciler pass, when the events cannot answer.
+        self.prober = Prober(self.api, self.consul, self.events, self._io,
+                             snapshot_ttl=min(0.5, settings.tick_s / 2))
+        self.events.subscribe(self.prober.stale)   # first: the listeners' probes must read anew
         self._followed = False
 
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
@@ -202,25 +195,9 @@ class NomadDriver(Driver):
         await self._io(self.api.delete_variable, jobspec.var_path(spec.name))
 
     async def probe(self, spec: EngineSpec, state: State) -> Probe:
-        """From a snapshot of the whole fleet (two calls per reconciler pass, not two per
-        engine); bad news is confirmed by a direct read, since the snapshot may predate it."""
+        """From what the event follower knows, else a fleet snapshot (app/drivers/_nomad_probe.py)."""
         alloc_id = state.get("alloc")
-        if not alloc_id:
-            return "dead"
-        ended = self.events.status(alloc_id)   # Nomad told us: no need to ask
-        if ended is not None:
-            return "node_lost" if ended == "lost" else "dead"
-        snapshot = await self._snapshot()
-        if snapshot.allocs.get(alloc_id) not in LIVE:
-            alloc = await self._io(self.api.allocation, alloc_id)
-            if alloc is not None and alloc.get("ClientStatus") == "lost":
-                return "node_lost"
-            if alloc is None or alloc.get("ClientStatus") not in LIVE:
-                return "dead"
-        if snapshot.health.get(spec.name) == "passing":
-            return "healthy"
-        health = await self._io(self.consul.health, spec.name)
-        return "healthy" if health == "passing" else "unhealthy"
+        return await self.prober.probe(spec.name, alloc_id) if alloc_id else "dead"
 
     async def list_names(self) -> set[str]:
         jobs = await self._io(self.api.jobs, "e-")
@@ -244,9 +221,6 @@ class NomadDriver(Driver):
         if self._followed and state.get("alloc"):
             self.events.watch(spec.name, state["alloc"], state.get("node"), resync)
 
-    def _stale(self, name: str) -> None:
-        self._last = None   # the fleet snapshot predates this news
-
     async def ping(self) -> None:
         await self._io(self.api.leader)
         await self._io(self.consul.ping)
@@ -258,15 +232,6 @@ class NomadDriver(Driver):
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- helpers ---------------------------------------------------------------------------
-
-    async def _snapshot(self) -> _Snapshot:
-        async with self._snapshot_lock:
-            if self._last is None or time.monotonic() - self._last.taken > self._snapshot_ttl:
-                allocs, health = await asyncio.gather(self._io(self.api.all_allocations),
-                                                      self._io(self.consul.health_by_service))
-                self._last = _Snapshot(time.monotonic(),
-                                       {a["ID"]: a.get("ClientStatus") for a in allocs}, health)
-            return self._last
 
     async def _placed(self, spec: EngineSpec, eval_id: str) -> str:
         """Follow the evaluation to an allocation, or to the reason there is none."""

@@ -10,13 +10,12 @@ import hashlib
 import time
 from typing import Any
 
-import httpx
-
 from tests.doubles import templates
 from tests.doubles.state import NODE_NAME, Alloc, ConsulService, State
 
 SECOND = 1_000_000_000
 OUTPUT_MAX = 4096  # Consul truncates check output too
+USER_AGENT = "Consul Health Check"  # agent/checks/check.go UserAgent
 
 
 def _go_duration(ns: int) -> str:
@@ -28,12 +27,10 @@ class ServiceManager:
         self.state = state
         self.loops: dict[str, asyncio.Task[None]] = {}  # CheckID -> its loop
         self.started: dict[str, float] = {}             # alloc id -> monotonic task start
-        self.client = httpx.AsyncClient(trust_env=False)
 
     async def close(self) -> None:
         for loop in self.loops.values():
             loop.cancel()
-        await self.client.aclose()
 
     # ---- registration --------------------------------------------------------------------
 
@@ -129,21 +126,29 @@ class ServiceManager:
         return "critical", f"the double does not run {kind!r} checks"
 
     async def _http(self, check: dict[str, Any], port: int, timeout: float) -> tuple[str, str]:
+        """Consul's CheckHTTP (agent/checks/check.go): a new connection per check (its
+        transport sets DisableKeepAlives, so Go sends `Connection: close`), its User-Agent and
+        Accept unless the check's headers set them; 2xx passing, 429 warning, else critical;
+        the output `HTTP <method> <url>: <status line> Output: <body>`. Written on asyncio
+        streams rather than an HTTP client library: at 1,000 engines checked every second the
+        double must stay cheap (issue 11's at-rest bench)."""
         path = check.get("Path") or "/"
-        url = f"http://127.0.0.1:{port}{path if path.startswith('/') else '/' + path}"
+        path = path if path.startswith("/") else "/" + path
+        url = f"http://127.0.0.1:{port}{path}"
         method = check.get("Method") or "GET"
-        headers = [(k, v) for k, vals in (check.get("Header") or {}).items() for v in vals]
+        headers = {k: list(v) for k, v in (check.get("Header") or {}).items()}
         try:
-            resp = await self.client.request(method, url, headers=headers, timeout=timeout,
-                                             content=(check.get("Body") or None))
-        except httpx.TimeoutException:
+            status, reason, body = await asyncio.wait_for(
+                _request(port, method, path, headers, (check.get("Body") or "").encode()), timeout)
+        except TimeoutError:
             return "critical", f"{method} {url}: Client.Timeout exceeded while awaiting headers"
-        except httpx.HTTPError as exc:
+        except (OSError, ValueError) as exc:
             return "critical", f"{method} {url}: {exc.__class__.__name__}: {exc}"
-        output = f"HTTP {method} {url}: {resp.status_code} Output: {resp.text[:OUTPUT_MAX]}"
-        if 200 <= resp.status_code < 300:
+        output = (f"HTTP {method} {url}: {status} {reason} Output: "
+                  f"{body[:OUTPUT_MAX].decode(errors='replace')}")
+        if 200 <= status < 300:
             return "passing", output
-        return ("warning" if resp.status_code == 429 else "critical"), output
+        return ("warning" if status == 429 else "critical"), output
 
     async def _tcp(self, port: int, timeout: float) -> tuple[str, str]:
         try:
@@ -161,6 +166,50 @@ class ServiceManager:
             return  # Consul's index moves only on a real change
         current["Status"], current["Output"] = status, output
         current["ModifyIndex"] = self.state.bump_consul(service.name)
+
+
+async def _request(port: int, method: str, path: str, headers: dict[str, list[str]],
+                   body: bytes) -> tuple[int, str, bytes]:
+    """One HTTP/1.1 request on a new connection, read to its end: (status, reason, body)."""
+    names = {k.lower() for k in headers}
+    lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
+    lines += [f"{k}: {v}" for k, vals in headers.items() if k.lower() != "host" for v in vals]
+    lines += [line for name, line in (("user-agent", f"User-Agent: {USER_AGENT}"),
+                                      ("accept", "Accept: text/plain, text/*, */*"))
+              if name not in names]
+    if body:
+        lines.append(f"Content-Length: {len(body)}")
+    lines.append("Connection: close")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        raw = await reader.read(-1)   # `Connection: close`: the answer ends with the stream
+    finally:
+        writer.close()
+    head, sep, rest = raw.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    version, _, code_reason = status_line.partition(" ")
+    code, _, reason = code_reason.partition(" ")
+    if not sep or not version.startswith("HTTP/1.") or not code.isdigit():
+        raise ValueError(f"malformed HTTP response {status_line[:80]!r}")
+    fields = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines)}
+    if fields.get("transfer-encoding", "").lower() == "chunked":
+        rest = _unchunk(rest)
+    elif fields.get("content-length", "").isdigit():
+        rest = rest[:int(fields["content-length"])]
+    return int(code), reason, rest
+
+
+def _unchunk(data: bytes) -> bytes:
+    out = bytearray()
+    while data:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line.split(b";", 1)[0] or b"0", 16)
+        if size == 0:
+            break
+        out += data[:size]
+        data = data[size + 2:]
+    return bytes(out)
 
 
 def _group(alloc: Alloc) -> dict[str, Any]:

@@ -326,9 +326,15 @@ class Cluster:
             self.enqueue(jid, blocked)
 
     async def variables_changed(self, path: str) -> None:
+        # Only the tasks whose templates read this variable hear of it: consul-template
+        # watches each template's dependencies (client/allocrunner/taskrunner/template
+        # template.go hands it the templates; its watcher follows what each one reads), not
+        # every variable. A task per runner for each write made 1,000 engines' provisioning
+        # quadratic (issue 11's bench).
         for alloc in self.state.live_allocs():
             for runner in self.runners.get(alloc.id, []):
-                self.spawn(runner.variables_changed({path}))
+                if path in runner.reads:
+                    self.spawn(runner.variables_changed({path}))
 
     async def shutdown(self) -> None:
         """Stop every task (SIGTERM, SIGKILL after 2s) and wait for everything."""

@@ -57,6 +57,8 @@ class TaskRunner:
         self.restart_now = False        # a template's "restart" change mode
         self.wake = asyncio.Event()     # variables changed (templates may now render)
         self.rendered: dict[str, str] = {}
+        self.reads: set[str] = set().union(*(templates.variable_paths(t.get("EmbeddedTmpl") or "")
+                                             for t in task.get("Templates") or []))
         self.started_at = 0.0
         self.restarts_in_window: list[float] = []
         self.changed_first = self.changed_last = 0.0  # template quiescence (see _quiesce)

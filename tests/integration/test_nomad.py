@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -237,7 +238,11 @@ def test_raw_exec_template_runs_the_reference_engine(tmp_path: Path, jobspec: st
         assert nothing_left(orch) == {}
 
 
-def test_reconciler_probes_the_fleet_in_two_calls_per_pass(nomad_orch: Orchestrator) -> None:
+def test_reconciler_checks_the_fleet_without_a_read_per_engine(nomad_orch: Orchestrator) -> None:
+    """Issue 11: with the event stream and Consul's blocking query live, a healthy engine's
+    scheduled check is answered from them: no read of its own, and no fleet listing per pass
+    either (only the resync's audit lists the allocations, once per ORCH_RESYNC_S, 2 s here;
+    before, every pass listed them). Without events, tests/unit/test_nomad_events.py."""
     stack = needs_double(nomad_orch)
     api = nomad_orch.client("acme")
     for user in ("p1", "p2", "p3"):
@@ -246,14 +251,20 @@ def test_reconciler_probes_the_fleet_in_two_calls_per_pass(nomad_orch: Orchestra
     def counts() -> dict[tuple[str, str], int]:
         return {(r["api"], r["route"]): r["count"] for r in stack.requests() if r["method"] == "GET"}
 
-    before = counts()
-    fleet = [("nomad", "/v1/allocations"), ("consul", "/v1/health/state/{state}")]
-    wait_for(lambda: all(counts().get(k, 0) >= before.get(k, 0) + 5 for k in fleet), timeout=20,
-             what="five reconciler passes")
-    after = counts()
+    def probes() -> float:
+        metrics = httpx.get(nomad_orch.url + "/metrics", trust_env=False).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                   if line.startswith("orch_driver_call_seconds_count{") and 'call="probe"' in line)
+
+    wait_for(lambda: probes() >= 3, timeout=20, what="each engine checked")   # all watched now
+    before, checked, started = counts(), probes(), time.monotonic()
+    wait_for(lambda: probes() >= checked + 15, timeout=20, what="five checks of each engine")
+    after, elapsed = counts(), time.monotonic() - started
     per_engine = [("nomad", "/v1/allocation/{alloc_id}"), ("consul", "/v1/health/service/{name}")]
-    # healthy engines cost nothing of their own: no per-engine read in any of those passes
     assert {k: after.get(k, 0) - before.get(k, 0) for k in per_engine} == {k: 0 for k in per_engine}
+    listings = after.get(("nomad", "/v1/allocations"), 0) - before.get(("nomad", "/v1/allocations"), 0)
+    resync_s = float(nomad_orch.env["ORCH_RESYNC_S"])
+    assert listings <= elapsed / resync_s + 2   # the resync's audits meanwhile, no more
 
 
 def test_slow_health_is_a_boot_timeout_with_the_task_stopped(tmp_path: Path) -> None:

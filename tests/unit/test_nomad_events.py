@@ -160,3 +160,68 @@ def test_events_can_be_switched_off(stack: Hashistack) -> None:
         finally:
             await driver.close()
     asyncio.run(work())
+
+
+def _probe_reads(stack: Hashistack) -> int:
+    """Reads a health check could make: the fleet snapshot's allocation listing (with
+    Consul's /v1/health/state/any, left out: the follower's blocking query reads it too) and
+    the direct reads that confirm bad news."""
+    routes = ("/v1/allocations", "/v1/allocation/{alloc_id}", "/v1/health/service/{name}")
+    return sum(r["count"] for r in stack.requests() if r["method"] == "GET" and r["route"] in routes)
+
+
+def test_a_scheduled_check_reads_nothing_while_the_events_are_live(stack: Hashistack) -> None:
+    """Issue 11 at rest: with the event stream and Consul's blocking query live, a healthy
+    engine's check is answered from what they said (no call); after a drop, not until the
+    audit has looked for the ends the gap may have hidden; with events off, from the fleet
+    snapshot as before."""
+    async def work() -> None:
+        driver, _, s, state = await _start(stack, "rest")
+        try:
+            reads = await asyncio.to_thread(_probe_reads, stack)
+            for _ in range(5):
+                assert await driver.probe(s, state) == "healthy"
+            assert await asyncio.to_thread(_probe_reads, stack) == reads
+            assert (driver.prober.from_events, driver.prober.from_snapshot) == (5, 0)
+
+            drops, audits = driver.events.drops, driver.events.audits
+            await asyncio.to_thread(stack.drop_event_streams)
+            await _until(lambda: driver.events.drops > drops)
+            if driver.events.audits == audits:   # resumed, the gap not yet audited: a snapshot
+                assert not driver.events.nomad_live
+            await _until(lambda: driver.events.audits > audits)
+            await _until(lambda: driver.events.nomad_live)
+            before = driver.prober.from_events
+            assert await driver.probe(s, state) == "healthy"
+            assert driver.prober.from_events == before + 1
+        finally:
+            await driver.destroy(s, state)
+            await driver.close()
+    asyncio.run(work())
+
+
+def test_without_events_a_check_reads_the_fleet_snapshot(stack: Hashistack) -> None:
+    async def work() -> None:
+        driver = NomadDriver(Settings(driver="nomad", nomad_addr=stack.nomad,
+                                      consul_addr=stack.consul, nomad_events=False, tick_s=1.0,
+                                      nomad_jobspec=ROOT / "jobspecs" / "engine.docker.json",
+                                      stop_grace_s=2.0))
+        s = spec("snap")
+        state = await driver.create(s, "k1")
+        try:
+            state, _ = await driver.wait_ready(s, state, 20)
+            assert driver.events.health_of(s.name, state["alloc"]) is None   # not following
+            listings = await asyncio.to_thread(_listings, stack)
+            assert await driver.probe(s, state) == "healthy"
+            assert await driver.probe(s, state) == "healthy"   # the same pass: the same snapshot
+            assert await asyncio.to_thread(_listings, stack) == listings + 1
+            assert (driver.prober.from_events, driver.prober.from_snapshot) == (0, 2)
+        finally:
+            await driver.destroy(s, state)
+            await driver.close()
+    asyncio.run(work())
+
+
+def _listings(stack: Hashistack) -> int:
+    return sum(r["count"] for r in stack.requests()
+               if r["method"] == "GET" and r["route"] == "/v1/allocations")
