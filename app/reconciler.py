@@ -246,7 +246,7 @@ class Reconciler:
             for engine in filter(self.mine, registry.idle_running(now - idle)):
                 self._spawn(self.lifecycle.sleep_if_idle(engine))
         if changed:
-            self._failed = [e for e in registry.engines_in([states.FAILED])
+            self._failed = [e for e in registry.restartable_failed(self.settings.max_restarts)
                             if self.mine(e) and self.lifecycle.restartable(e)]
         for engine in self._failed:
             if (engine.next_restart_at or 0) <= now:

@@ -43,6 +43,7 @@ from app.registry.engines import (
     needing_recovery,
     release_lease,
     reload,
+    restartable_failed,
     touch_admit,
     transition,
     update,
@@ -82,6 +83,7 @@ __all__ = [
     "execute_hot", "find_engine", "find_engine_hot", "hot_sql", "idle_running", "insert_engine",
     "is_sqlite", "known_names", "limits", "list_engines", "needing_recovery", "ports",
     "product_by_key_hash", "product_by_name", "product_name", "publish", "recent_events",
-    "record_orphan_removed", "release_lease", "reload", "request_id_var", "rollouts", "set_product_key",
+    "record_orphan_removed", "release_lease", "reload", "request_id_var", "restartable_failed",
+    "rollouts", "set_product_key",
     "shards", "subscribe", "touch_admit", "transition", "update", "update_product", "write_lock"
 ]
