@@ -44,6 +44,9 @@ def test_a_watched_engine_is_checked_on_one_kept_connection_without_reading_proc
                 # A check that fails is when /proc tells dead, paused and hung apart.
                 os.killpg(pid, signal.SIGSTOP)
                 try:
+                    # A stop is taken by one thread and only then stops the others: until
+                    # every thread is stopped, the engine's request thread can still answer.
+                    await _all_threads_stopped(pid)
                     assert await world.lifecycle.probe(row) == "paused"
                 finally:
                     os.killpg(pid, signal.SIGCONT)
@@ -150,3 +153,26 @@ def test_changes_sees_this_connections_writes_and_any_other_connections(tmp_path
         assert changes.since_last_look() is False
     finally:
         database.close()
+
+
+async def _all_threads_stopped(pid: int, timeout: float = 10.0) -> None:
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        states = _thread_states(pid)
+        if all(state in "tT" for state in states):
+            return
+        assert time.monotonic() < deadline, f"threads of {pid} not stopped: {states}"
+        await asyncio.sleep(0.01)
+
+
+def _thread_states(pid: int) -> list[str]:
+    """Each thread's state letter, from /proc/<pid>/task/<tid>/stat."""
+    states = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/stat") as f:
+            stat = f.read()
+        states.append(stat[stat.rindex(")") + 2])
+    return states
