@@ -8,23 +8,30 @@ import time
 from pathlib import Path
 
 from app import states
+from app.registry import EngineRow
 from tests.inproc import Behaviour, World
+
+
+async def crashed(world: World, user_id: str) -> EngineRow:
+    """A new engine of `user_id`, crashed and failed by a reconciler pass."""
+    row, _ = await world.lifecycle.provision(world.product, user_id)
+    world.driver.crash(row.name)
+    await world.reconciler.pass_once(wait=True)
+    failed = world.row(user_id)
+    assert failed is not None and failed.status == states.FAILED
+    return failed
 
 
 def test_a_crashed_engine_fails_then_is_restarted_then_given_up(tmp_path: Path) -> None:
     world = World(tmp_path, max_restarts=1)
     try:
         async def scenario() -> None:
-            row, _ = await world.lifecycle.provision(world.product, "c")
-            world.driver.crash(row.name)
-            await world.reconciler.pass_once(wait=True)
-            failed = world.row("c")
-            assert failed is not None and failed.status == states.FAILED
+            failed = await crashed(world, "c")
             assert failed.failure_reason == "crashed" and failed.next_restart_at is not None
             world.set("c", next_restart_at=time.time() - 1)  # its backoff is over
             await world.reconciler.pass_once(wait=True)
             assert world.status("c") == states.RUNNING
-            world.driver.crash(row.name)
+            world.driver.crash(failed.name)
             await world.reconciler.pass_once(wait=True)
             world.set("c", next_restart_at=time.time() - 1)
             await world.reconciler.pass_once(wait=True)
@@ -158,11 +165,7 @@ def test_at_rest_a_tick_reads_only_what_can_have_changed(tmp_path: Path) -> None
     statements: list[str] = []
     try:
         async def scenario() -> None:
-            row, _ = await world.lifecycle.provision(world.product, "r")
-            world.driver.crash(row.name)
-            await world.reconciler.pass_once(wait=True)
-            failed = world.row("r")
-            assert failed is not None and failed.status == states.FAILED
+            failed = await crashed(world, "r")
             reconciler, now = world.reconciler, time.time()
             reconciler.shards = None
             await reconciler.tick(now)  # reads what changed: the failure above
