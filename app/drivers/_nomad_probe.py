@@ -3,8 +3,8 @@
 Issue 11: at rest, a fleet of 1,000 engines is checked 100 times a second (every
 ORCH_HEALTH_INTERVAL_S each). Before, each reconciler pass took a snapshot of the whole fleet
 (`GET /v1/allocations` and Consul's `/v1/health/state/any`: two calls, and parsing every
-allocation and every check): 6.2% of a core at rest with 1,000 engines, against 1.5% now
-(`BENCH_ONLY=nomad make bench`). Now, in this order:
+allocation and every check): 6.2% of a core at rest with 1,000 engines, against 1.45-1.5%
+this way, 1.35% once a replica's fixed cost was cut (`BENCH_ONLY=nomad make bench`). Now, in this order:
 - an end Nomad's event stream reported: dead (or node_lost), with no call;
 - while the event follower is live (Nomad's stream connected, Consul's blocking query
   current; app/drivers/_nomad_events.py) and watches the engine's allocation, what it knows:
