@@ -18,7 +18,6 @@ from urllib.parse import unquote, urlparse
 import peewee as pw
 from playhouse.shortcuts import ReconnectMixin
 
-from app.registry import walstamp
 from app.registry.models import MODELS, Engine, Event, IdCounter, Product, RateLimit, db
 
 # Set by the API for each request, so audit events name the request that caused them.
@@ -54,17 +53,17 @@ def _migrate(database: Any) -> None:
     """Bring a database made by an older version up to date (idempotent)."""
     if "engine" in database.get_tables():
         columns = {c.name for c in database.get_columns("engine")}
-        if "version" in columns and "row_version" not in columns:  # issue 9's rename
+        if "version" in columns and "row_version" not in columns:  # the column's old name
             database.execute_sql('ALTER TABLE "engine" RENAME COLUMN "version" TO "row_version"')
-        if "previous_version" not in columns:  # issue 13's upgrades
+        if "previous_version" not in columns:  # upgrades' rollback target
             database.execute_sql('ALTER TABLE "engine" ADD COLUMN "previous_version" VARCHAR(256)')
     if "event" in database.get_tables() and \
-            "engine_id" not in {c.name for c in database.get_columns("event")}:  # issue 12
+            "engine_id" not in {c.name for c in database.get_columns("event")}:
         database.execute_sql('ALTER TABLE "event" ADD COLUMN "engine_id" INTEGER')
 
 
 def _seed_ids() -> None:
-    """Issue 12: start the id counters past every id ever used, including those of deleted
+    """Start the id counters past every id ever used, including those of deleted
     products and engines that only their audit events (and rate-limit rows) remember."""
     highest: dict[str, Callable[[], int]] = {
         "product": lambda: max(Product.select(pw.fn.MAX(Product.id)).scalar() or 0,
@@ -142,7 +141,7 @@ CHECKPOINT_S = 30.0  # a smaller one that changed, this often
 
 
 def checkpoint_due(now: float | None = None) -> bool:
-    """Issue 11: is there something to copy from SQLite's WAL, and enough of it? Asked on the
+    """Is there something to copy from SQLite's WAL, and enough of it? Asked on the
     event loop (one stat): a WAL written since the last checkpoint is due once it holds
     CHECKPOINT_BYTES, or CHECKPOINT_S after that checkpoint. At rest the shard heartbeats
     write a few pages every few seconds: copying them each time was a connection, a copy and
@@ -168,19 +167,39 @@ def checkpoint_due(now: float | None = None) -> bool:
 _last_wal: dict[str, tuple[tuple[int, int, int], float]] = {}
 
 
+def commit_stamp() -> tuple[Any, int, int] | None:
+    """Something that moves with every commit to the SQLite database, by any connection of
+    any process; compare it with an earlier one. SQLite documents `PRAGMA data_version` as
+    changing when another connection commits (sqlite.org/pragma.html#pragma_data_version),
+    never for this connection's own commits: those are counted by the connection's
+    `total_changes` (rows written; one rolled back counts too, which errs toward "changed").
+    Both are this connection's, so the connection is part of the stamp: one reopened or
+    another thread's never compares equal. None on PostgreSQL, which has no such counter
+    (callers read every time), and on a closed connection."""
+    database: Any = db.obj
+    if type(database) is not pw.SqliteDatabase:
+        return None
+    state: Any = getattr(database, "_state")  # noqa: B009 - private to peewee, untyped
+    if state.closed:
+        return None
+    conn = state.conn
+    with _exception_wrapper:
+        (version,) = conn.execute("PRAGMA data_version").fetchone()
+    return conn, version, conn.total_changes
+
+
 class Changes:
-    """Has the database changed since this watcher last asked? Issue 11: the loops that poll
-    the registry at rest (the reconciler's tick, the rollout poll) skip their queries when
+    """Has the database changed since this watcher last asked? The loops that poll the
+    registry at rest (the reconciler's tick, the rollout poll) skip their queries when
     nothing was committed anywhere since their last look; each loop holds its own watcher.
-    SQLite answers from the WAL-index header (app.registry.walstamp: no query, no system
-    call), which every commit by any connection moves. PostgreSQL has no such thing: there
-    the answer is always yes, and the loops query as before."""
+    On SQLite the answer costs one `PRAGMA data_version` (commit_stamp). On PostgreSQL it is
+    always yes, and the loops read every time."""
 
     def __init__(self) -> None:
-        self._seen: bytes | None = None
+        self._seen: tuple[Any, int, int] | None = None
 
     def since_last_look(self) -> bool:
-        stamp = walstamp.stamp()
+        stamp = commit_stamp()
         if stamp is None or stamp != self._seen:
             self._seen = stamp
             return True
