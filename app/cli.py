@@ -334,7 +334,8 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     from app.operations import Engines
     from app.reconciler import Reconciler
 
-    driver = make_driver(settings)  # a bad driver setting is a usage error before the database
+    # A bad driver setting is a usage error before the database.
+    driver = make_driver(settings, registry.ports)
     _db(settings)
 
     async def once() -> dict[str, int]:

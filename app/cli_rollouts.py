@@ -115,7 +115,7 @@ def cmd_engines_upgrade(settings: Settings, args: argparse.Namespace) -> int:
     product = products.get(args.product)
 
     async def once() -> Any:
-        engines = Engines(settings, make_driver(settings), load_keybox(settings))
+        engines = Engines(settings, make_driver(settings, registry.ports), load_keybox(settings))
         try:
             return await engines.run(Op.UPGRADE, (product.id, args.user), version=args.version)
         finally:

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from app import crypto, metrics, registry
+from app import crypto, logs, metrics, registry
 from app.admit import Admitter
 from app.api import docs, openapi
 from app.api.auth import Authenticator
@@ -73,7 +73,9 @@ class OrchestratorApp:
 
     async def startup(self) -> None:
         registry.connect(self.settings.database_url, self.settings.db_timeout_s)
-        engines = Engines(self.settings, make_driver(self.settings), crypto.load_keybox(self.settings))
+        subscribe_observers()
+        driver = make_driver(self.settings, registry.ports)
+        engines = Engines(self.settings, driver, crypto.load_keybox(self.settings))
         self.services = Services(engines, Admitter(engines))
         if self.run_reconciler:
             self._tasks.append(asyncio.create_task(Reconciler(engines).run_forever()))
@@ -134,6 +136,12 @@ class OrchestratorApp:
 
     async def openapi(self, _request: Request) -> Response:
         return Response(self._openapi, media_type="application/json")
+
+
+def subscribe_observers() -> None:
+    """Who hears of every state change: the one place subscriptions are made."""
+    registry.subscribe(metrics.count_transition)
+    registry.subscribe(logs.log_transition)
 
 
 def _labelled(path: str, endpoint: Callable[[Request], Any]) -> Callable[[Request], Any]:

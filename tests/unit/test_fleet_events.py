@@ -10,7 +10,7 @@ import signal
 import time
 from pathlib import Path
 
-from app import states
+from app import registry, states
 from app.drivers import make_driver
 from app.operations import Op
 from app.reconciler import Reconciler
@@ -26,7 +26,7 @@ def local_world(tmp_path: Path) -> World:
     world = World(tmp_path, state_dir=tmp_path / "state", brain_root=tmp_path / "brains",
                   port_range=free_port_range(8), boot_timeout_s=10.0,
                   health_interval_s=3600.0, resync_s=3600.0)  # no health check would see it
-    world.driver = make_driver(world.settings)  # type: ignore[assignment]
+    world.driver = make_driver(world.settings, registry.ports)  # type: ignore[assignment]
     world.restart()
     return world
 
@@ -79,7 +79,7 @@ def test_an_adopted_engine_is_watched_and_one_that_ended_unseen_is_caught_by_the
             alive, _ = await world.op(Op.PROVISION, "alive")
             gone, _ = await world.op(Op.PROVISION, "gone")
             await world.driver.close()  # the first orchestrator goes away; its engines stay
-            world.driver = make_driver(world.settings)  # type: ignore[assignment]
+            world.driver = make_driver(world.settings, registry.ports)  # type: ignore[assignment]
             world.restart()
             reconciler = world.reconciler
             try:
