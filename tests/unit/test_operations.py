@@ -1,4 +1,4 @@
-"""Every row of the state table, through the lifecycle's operations, in process (a real
+"""Every row of the state table, through the operations table (Engines.run), in process (a real
 SQLite registry, the real runner, a FakeDriver). Each test ends by checking the audit trail
 walks along the table."""
 

@@ -1,4 +1,4 @@
-"""Rollouts in process (real SQLite registry, the real runner and lifecycle, a FakeDriver that
+"""Rollouts in process (real SQLite registry, the real runner and operations, a FakeDriver that
 can fail chosen engines on a chosen version, or hold a call): the second batch failing rolls
 back the first; two rollouts run side by side, up to the replica's concurrency."""
 
