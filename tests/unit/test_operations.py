@@ -5,13 +5,15 @@ walks along the table."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from pathlib import Path
 
 import pytest
 
 from app import errors, states
-from app.operations import Op
+from app.bodies import Bodies
+from app.operations import TABLE, Op
 from tests.inproc import Behaviour, World
 
 
@@ -24,6 +26,15 @@ def world(tmp_path: Path):
 
 def make(tmp_path: Path, **behaviour: object) -> World:
     return World(tmp_path, Behaviour(**behaviour))  # type: ignore[arg-type]
+
+
+def test_the_table_declares_every_operation_once_with_a_body() -> None:
+    """Every operation has its row, keyed by its own name, and its body is one of Bodies'."""
+    assert set(TABLE) == set(Op)
+    for op, operation in TABLE.items():
+        assert operation.op is op
+        assert inspect.iscoroutinefunction(operation.body)
+        assert getattr(Bodies, operation.body.__name__) is operation.body
 
 
 def test_provision_then_ready(world: World) -> None:

@@ -1,6 +1,7 @@
 """The rules of the layout, checked on the source: no import cycle in app/; nothing outside
 the registry package writes the database; drivers never import the registry; subscriptions to
-the registry are made at start-up, in one place; the CLI does not query a model."""
+the registry are made at start-up, in one place; the CLI does not query a model; only the
+operations table (app.operations) runs an operation."""
 
 from __future__ import annotations
 
@@ -200,6 +201,32 @@ def test_the_cli_does_not_query_a_model() -> None:
     assert _cli_model_uses(_sources()) == []
 
 
+RUNS = {"run", "create", "run_without_row"}
+
+
+def _runner_calls(sources: dict[str, str]) -> list[str]:
+    """Each call of the runner's entry points outside app.operations (`runner.run(...)`,
+    `self.runner.create(...)`): an operation run around the table's policy."""
+    found = []
+    for name, text in sources.items():
+        if name == "app.operations":
+            continue
+        for node in ast.walk(ast.parse(text)):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in RUNS):
+                continue
+            holder = node.func.value
+            if (isinstance(holder, ast.Name) and holder.id == "runner") or (
+                    isinstance(holder, ast.Attribute) and holder.attr == "runner"):
+                found.append(f"{name}:{node.lineno}")
+    return sorted(found)
+
+
+def test_only_the_operations_table_runs_an_operation() -> None:
+    """One way to run an operation: Engines.run, which reads the operation's policy."""
+    assert _runner_calls(_sources()) == []
+
+
 @pytest.mark.parametrize("module, source, rule", [
     ("app.drivers.sneaky", "from app.registry import ports\n", _drivers_importing_the_registry),
     ("app.drivers.sneaky", "def f():\n    import app.registry.models\n",
@@ -211,6 +238,8 @@ def test_the_cli_does_not_query_a_model() -> None:
     ("app.cli_sneaky", "from app.registry import Rollout\n", _cli_model_uses),
     ("app.cli_sneaky", "from app import registry\nregistry.RolloutTarget.select()\n",
      _cli_model_uses),
+    ("app.sneaky", "async def f(engines):\n    await engines.runner.run('stop', (1, 'u'), g)\n",
+     _runner_calls),
 ])
 def test_each_layer_rule_catches_a_violation(module: str, source: str, rule: object) -> None:
     """A module injected with one violation is found by the rule it breaks."""
