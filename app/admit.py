@@ -6,8 +6,8 @@ load), one SELECT of the six columns the answer needs (a tuple, no row object), 
 one UPDATE a second per engine to record activity; the key comes from a cache. The answer here
 and in _admitted must stay the same shape.
 Anything else (provisioning, starting, failed-but-restarting, a destroy left half-done) goes
-through the lifecycle's operations, and the whole of it answers within the boot timeout: past
-it, 504 BOOT_TIMEOUT while the operation carries on.
+through the operations table (app.operations), and the whole of it answers within the boot
+timeout: past it, 504 BOOT_TIMEOUT while the operation carries on.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from app import errors, policy, registry, states
-from app.lifecycle import Lifecycle, ProductRef
+from app.operations import Engines, Op, ProductRef
 from app.registry import EngineRow
 
 log = logging.getLogger("orch.admit")
@@ -32,10 +32,10 @@ INSERT_WAIT_S = 2.0
 
 
 class Admitter:
-    def __init__(self, lifecycle: Lifecycle):
-        self.lifecycle = lifecycle
+    def __init__(self, engines: Engines):
+        self.engines = engines
         self.limiter = policy.Limiter()
-        idle = lifecycle.settings.idle_sleep_s
+        idle = engines.settings.idle_sleep_s
         self.resolution = min(ACTIVITY_RESOLUTION_S, idle / 10) if idle > 0 else ACTIVITY_RESOLUTION_S
         self._started: set[asyncio.Task[Any]] = set()  # wait: false's operations, referenced
 
@@ -51,13 +51,13 @@ class Admitter:
             if last_admit_at is None or now - last_admit_at >= self.resolution:
                 registry.touch_admit(engine_id, now)
             return {"admitted": True, "user_id": user_id, "url": url,
-                    "api_key": self.lifecycle.keys.decrypt(key_enc), "status": states.RUNNING,
+                    "api_key": self.engines.keys.decrypt(key_enc), "status": states.RUNNING,
                     "engine_version": engine_version, "provisioned": False, "woken": False}
         # Not running (or not there): the full row, re-read, for the slow path.
         engine = registry.find_engine(product.id, user_id) if row is not None else None
         if not wait:
             return await self._at_once(product, user_id, engine, auto_provision, auto_wake)
-        timeout = self.lifecycle.settings.boot_timeout_s
+        timeout = self.engines.settings.boot_timeout_s
         try:
             # The operations it starts run on (they are shielded flights); only the wait ends.
             return await asyncio.wait_for(
@@ -68,7 +68,8 @@ class Admitter:
 
     async def _slow(self, product: ProductRef, user_id: str, engine: EngineRow | None,
                     auto_provision: bool, auto_wake: bool, timeout: float) -> dict[str, Any]:
-        lifecycle = self.lifecycle
+        engines = self.engines
+        key = (product.id, user_id)
         deadline = time.monotonic() + timeout
         provisioned = woken = False
         for _ in range(MAX_STEPS):
@@ -76,7 +77,7 @@ class Admitter:
                 if not auto_provision:
                     return _denied("engine_not_found", engine.status if engine else None)
                 try:
-                    engine, _ = await lifecycle.provision(product, user_id)
+                    engine, _ = await engines.run(Op.PROVISION, key, product_name=product.name)
                     provisioned = True
                 except errors.AlreadyExists:
                     pass  # made meanwhile (another replica): read it below
@@ -85,16 +86,16 @@ class Admitter:
             elif engine.status == states.SLEEPING:
                 if not auto_wake:
                     return _denied("engine_sleeping", engine.status)
-                engine = await lifecycle.wake(engine)
+                engine = await engines.run(Op.WAKE, key)
                 woken = True
             elif engine.status in (states.STOPPED, states.STOPPING):
                 return _denied("engine_stopped", engine.status)
             elif engine.status == states.FAILED:
-                if not lifecycle.restartable(engine):
+                if not engines.bodies.restartable(engine):
                     return _denied("engine_unhealthy", engine.status)
-                engine = await lifecycle.restart(engine)
+                engine = await engines.run(Op.RESTART, key)
             else:  # provisioning or starting: another operation owns it; wait for it
-                await lifecycle.wait_for(engine, deadline - time.monotonic())
+                await engines.wait_for(engine, deadline - time.monotonic())
             if engine is not None and engine.status == states.RUNNING:
                 continue  # answered at the top of the loop, without another read
             engine = registry.find_engine(product.id, user_id)
@@ -102,9 +103,9 @@ class Admitter:
 
     async def _at_once(self, product: ProductRef, user_id: str, engine: EngineRow | None,
                        auto_provision: bool, auto_wake: bool) -> dict[str, Any]:
-        """wait: false (issue 13): start what the engine needs, answer without waiting for
-        any boot: engine_starting while it provisions or starts."""
-        lifecycle = self.lifecycle
+        """wait: false: start what the engine needs, answer without waiting for any boot:
+        engine_starting while it provisions or starts."""
+        engines = self.engines
         if engine is None or engine.status == states.DESTROYING:
             if not auto_provision:
                 return _denied("engine_not_found", engine.status if engine else None)
@@ -112,14 +113,14 @@ class Admitter:
         elif engine.status == states.SLEEPING:
             if not auto_wake:
                 return _denied("engine_sleeping", engine.status)
-            self._start(lifecycle.wake(engine))
+            self._start(engines.run(Op.WAKE, engine.key))
             return _denied("engine_starting", states.STARTING)
         elif engine.status in (states.STOPPED, states.STOPPING):
             return _denied("engine_stopped", engine.status)
         elif engine.status == states.FAILED:
-            if not lifecycle.restartable(engine):
+            if not engines.bodies.restartable(engine):
                 return _denied("engine_unhealthy", engine.status)
-            self._start(lifecycle.restart(engine))
+            self._start(engines.run(Op.RESTART, engine.key))
             return _denied("engine_starting", states.STARTING)
         if engine is not None and engine.status == states.RUNNING:
             return self._admitted(engine, time.time())
@@ -128,7 +129,8 @@ class Admitter:
     async def _begin_provision(self, product: ProductRef, user_id: str) -> EngineRow | None:
         """Start provisioning in the background; wait for its row, never for its boot. An
         error before the row exists (quota, the driver's refusal) is the caller's."""
-        task = self._start(self.lifecycle.provision(product, user_id))
+        task = self._start(self.engines.run(Op.PROVISION, (product.id, user_id),
+                                            product_name=product.name))
         deadline = time.monotonic() + INSERT_WAIT_S
         while not task.done() and time.monotonic() < deadline:
             found = registry.find_engine(product.id, user_id)
@@ -158,7 +160,7 @@ class Admitter:
         if engine.last_admit_at is None or now - engine.last_admit_at >= self.resolution:
             registry.touch_admit(engine.id, now)
         return {"admitted": True, "user_id": engine.user_id, "url": engine.url,
-                "api_key": self.lifecycle.api_key(engine), "status": states.RUNNING,
+                "api_key": self.engines.bodies.api_key(engine), "status": states.RUNNING,
                 "engine_version": engine.engine_version, "provisioned": provisioned,
                 "woken": woken}
 

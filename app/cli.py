@@ -64,7 +64,7 @@ def _reachable_engine_cmd(settings: Settings) -> Settings:
     run our interpreter (a pyenv or venv under /root). Then, unless ORCH_ENGINE_CMD says
     otherwise, the reference engine runs by path under the system's Python, as `make run`
     sets it: `orch serve` and the commands that start engines here (`engines upgrade`,
-    `reconcile`) work from a fresh clone without the Makefile's variables (issue 12)."""
+    `reconcile`) work from a fresh clone without the Makefile's variables."""
     if (settings.driver != "local" or os.geteuid() != 0 or settings.engine_user is not None
             or settings.engine_cmd != Settings.engine_cmd or os.environ.get("ORCH_ENGINE_CMD")):
         return settings
@@ -120,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     elist.add_argument("--status", choices=STATES, metavar="STATUS",
                        help=f"only engines in this state: {', '.join(STATES)}")
 
-    cli_rollouts.add_commands(sub, engines, _cmd)  # issue 13: rollout ..., engines upgrade
+    cli_rollouts.add_commands(sub, engines, _cmd)  # rollout ..., engines upgrade
 
     audit = _cmd(sub, "audit", cmd_audit, "print the audit log, newest first")
     audit.add_argument("--product", help="only this product's events")
@@ -331,19 +331,20 @@ def cmd_jobspec_render(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     from app.crypto import load_keybox
     from app.drivers import make_driver
-    from app.lifecycle import Lifecycle
+    from app.operations import Engines
     from app.reconciler import Reconciler
 
-    driver = make_driver(settings)  # a bad driver setting is a usage error before the database
+    # A bad driver setting is a usage error before the database.
+    driver = make_driver(settings, registry.ports)
     _db(settings)
 
     async def once() -> dict[str, int]:
-        lifecycle = Lifecycle(settings, driver, load_keybox(settings))
+        engines = Engines(settings, driver, load_keybox(settings))
         try:
-            return await Reconciler(lifecycle).pass_once(wait=True)
+            return await Reconciler(engines).pass_once(wait=True)
         finally:
-            await lifecycle.close()
-            await lifecycle.driver.close()
+            await engines.close()
+            await engines.driver.close()
 
     _show(args, asyncio.run(once()))
     return OK

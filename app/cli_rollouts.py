@@ -1,4 +1,4 @@
-"""`orch rollout start|status|pause|resume|abort|list` and `orch engines upgrade` (issue 13).
+"""`orch rollout start|status|pause|resume|abort|list` and `orch engines upgrade`.
 
 Like the other commands, these work on the database directly: a rollout started here is
 driven by a running `orch serve` (the replica holding its lease), and `status --follow`
@@ -109,19 +109,18 @@ def cmd_engines_upgrade(settings: Settings, args: argparse.Namespace) -> int:
     from app.crypto import load_keybox
     from app.drivers import make_driver
     from app.errors import DomainError
-    from app.lifecycle import Lifecycle, ProductRef
+    from app.operations import Engines, Op
 
     registry.connect(settings.database_url, settings.db_timeout_s)
     product = products.get(args.product)
-    ref = ProductRef(product.id, product.name, product.max_engines, product.rate_limit_rpm)
 
     async def once() -> Any:
-        lifecycle = Lifecycle(settings, make_driver(settings), load_keybox(settings))
+        engines = Engines(settings, make_driver(settings, registry.ports), load_keybox(settings))
         try:
-            return await lifecycle.upgrade(ref, args.user, args.version)
+            return await engines.run(Op.UPGRADE, (product.id, args.user), version=args.version)
         finally:
-            await lifecycle.close()
-            await lifecycle.driver.close()
+            await engines.close()
+            await engines.driver.close()
 
     try:
         _out(engine_json(asyncio.run(once())))

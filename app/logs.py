@@ -130,12 +130,11 @@ def _escaped(text: str) -> str:
 _transitions = logging.getLogger("orch.transitions")
 
 
-def _log_transition(change: registry.Transition) -> None:
-    """One line per state change, written at once (not buffered like request lines)."""
+def log_transition(change: registry.Transition) -> None:
+    """One line per state change, written at once (not buffered like request lines).
+    Subscribed to the registry's transitions at start-up (app.api.app)."""
     _transitions.info("transition", extra={
         "engine": change.engine, "user_id": change.user_id, "event": change.event,
         "from": change.from_status, "to": change.to_status, "reason": change.reason,
         "request_id": change.request_id})
 
-
-registry.subscribe(_log_transition)

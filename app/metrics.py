@@ -125,13 +125,12 @@ class EngineStates(Collector):
 REGISTRY.register(EngineStates())
 
 
-def _count_transition(change: registry.Transition) -> None:
+def count_transition(change: registry.Transition) -> None:
+    """Subscribed to the registry's transitions at start-up (app.api.app)."""
     TRANSITIONS.labels(change.event, change.to_status or "gone").inc()
     if change.to_status == states.FAILED and change.from_status != states.FAILED:
         FAILURES.labels(change.reason or "unknown").inc()
 
-
-registry.subscribe(_count_transition)
 
 
 def exposition() -> bytes:

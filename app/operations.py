@@ -1,280 +1,174 @@
-"""What each operation does to an engine: functions from the leased `EngineRow` to the next.
+"""The operations on an engine, in one table, and the one way to run one.
 
-The runner (app.runner) calls them with the row's lease held and its flight joined; they do
-the driver's work and write each state change with `registry.transition` (a compare-and-set
-plus an audit event). An explicit operation on an existing engine pings the scheduler before
-its first write, so "scheduler unavailable" changes nothing. `settle` finishes or rolls back
-an operation whose owner died.
+`TABLE` declares each operation once: its name, its body (app.bodies: what it does to the
+leased row) and its policy (how it runs). `Engines.run(op, key, **args)` reads the policy and
+hands the body to the runner (app.runner: the flight, the lease, settling what a dead owner
+left, the timing); every state change inside a body is a registry transition (a
+compare-and-set plus its audit event). The API's handlers, admit, the reconciler, rollouts
+and the CLI all call `Engines.run`; nothing else runs an operation.
 """
 
 from __future__ import annotations
 
-import logging
+import asyncio
 import time
-from typing import Literal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from functools import partial
+from typing import Any
 
-import httpx
-
-from app import crypto, engine_http, errors, metrics, registry, states
+from app import crypto, engine_http, errors, naming, registry, states
+from app.bodies import Bodies
 from app.config import Settings
 from app.crypto import KeyBox
-from app.drivers.base import Driver, EngineSpec
-from app.errors import BootTimeout, DriverError, EngineCrashed
+from app.drivers.base import Driver
 from app.registry import EngineRow
-from app.runner import Op
-from app.upgrades import Upgrader
+from app.runner import Key, Runner
 
-BringUp = Literal[Op.START, Op.WAKE, Op.RESTART]
-
-log = logging.getLogger("orch.lifecycle")
-
-KEY_CONFIRM_S = 10.0
-WAKE_TIMEOUT_S = 5.0  # a resumed engine that is not healthy by then is cold-started
-QUICK_STOP_S = 5.0  # stopping what failed to boot: no need for the whole grace
+POLL_S = 0.05
 
 
-class Operations:
-    def __init__(self, settings: Settings, driver: Driver, keys: KeyBox, http: httpx.AsyncClient):
+@dataclass(frozen=True)
+class ProductRef:
+    id: int
+    name: str
+    max_engines: int
+    rate_limit_rpm: int
+
+
+class Op(StrEnum):
+    PROVISION = "provision"
+    START = "start"
+    STOP = "stop"
+    ROTATE = "rotate"
+    UPGRADE = "upgrade"
+    DESTROY = "destroy"
+    WAKE = "wake"
+    RESTART = "restart"
+    SLEEP = "sleep"
+    FAIL = "fail"
+    RESET_RESTARTS = "reset_restarts"
+    RECOVER = "recover"
+    REMOVE_ORPHAN = "remove_orphan"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How an operation runs. By default: on an existing row, leased (waiting, bounded, for
+    another owner), after settling any transient state a dead owner left."""
+
+    handles: frozenset[str] = frozenset()  # transient states the body finishes itself
+    settle: bool = True  # False: the body applies from every state, half-done ones included
+    wait: bool = True  # False: an engine held elsewhere answers Busy at once
+    flight_arg: str | None = None  # the argument that is part of the flight key
+    version_arg: str | None = None  # the argument the driver must be able to run
+    busy: Callable[[str], errors.DomainError] | None = None  # the answer to Busy, if not Busy
+    creates: bool = False  # inserts the row (under its lease) rather than finding it
+    row: bool = True  # False: driver resources that no row owns (the key's user is a name)
+
+
+@dataclass(frozen=True)
+class Operation:
+    op: Op
+    body: Callable[..., Awaitable[Any]]  # a Bodies method: (bodies, row or name, **args)
+    policy: Policy = Policy()
+
+
+TABLE: dict[Op, Operation] = {o.op: o for o in [
+    Operation(Op.PROVISION, Bodies.provision, Policy(creates=True, version_arg="engine_version")),
+    Operation(Op.START, Bodies.start),
+    # A stop that died half-way is finished by the next stop rather than settled first.
+    Operation(Op.STOP, Bodies.stop, Policy(handles=frozenset({states.STOPPING}))),
+    Operation(Op.ROTATE, Bodies.rotate_key),
+    # Only callers asking for the same version share a run; the spec answers an upgrade
+    # held off past the wait with a 409.
+    Operation(Op.UPGRADE, Bodies.upgrade, Policy(flight_arg="version", version_arg="version",
+                                                 busy=errors.engine_busy)),
+    Operation(Op.DESTROY, Bodies.destroy, Policy(settle=False)),
+    Operation(Op.WAKE, Bodies.wake),
+    Operation(Op.RESTART, Bodies.restart),
+    Operation(Op.SLEEP, Bodies.sleep, Policy(wait=False)),
+    Operation(Op.FAIL, Bodies.fail),
+    # Never waits: an operation holding the row decides its restart count itself.
+    Operation(Op.RESET_RESTARTS, Bodies.reset_restarts, Policy(wait=False)),
+    Operation(Op.RECOVER, Bodies.recover),  # the settling before it is the whole work
+    Operation(Op.REMOVE_ORPHAN, Bodies.remove_orphan, Policy(row=False)),
+]}
+
+
+class Engines:
+    """What a process needs to run operations: the driver, the keys, the runner."""
+
+    def __init__(self, settings: Settings, driver: Driver, keys: KeyBox):
         self.settings = settings
         self.driver = driver
         self.keys = keys
-        self.http = http
-        self._product_names: dict[int, str] = {}
-        self.upgrader = Upgrader(settings, driver, self.spec, self.api_key)
+        self.http = engine_http.client()
+        self.bodies = Bodies(settings, driver, keys, self.http)
+        self.runner = Runner(settings, self.bodies.settle)
 
-    # ---- explicit operations -------------------------------------------------------------------
+    async def close(self) -> None:
+        await self.http.aclose()
 
-    async def provision(self, row: EngineRow, api_key: str) -> tuple[EngineRow, str]:
-        spec = self.spec(row)
+    async def run(self, op: Op, key: Key, **args: Any) -> Any:
+        """Run operation `op` on the engine `key` (product id, user id) as TABLE says."""
+        operation = TABLE[op]
+        policy = operation.policy
+        if policy.creates:
+            return await self._create(key, **args)
+        if policy.version_arg is not None:
+            self.driver.check_version(args[policy.version_arg])  # refused before anything runs
+        if not policy.row:
+            name = key[1]
+            return await self.runner.run_without_row(op, name, partial(operation.body, self.bodies, name))
+        body = partial(operation.body, self.bodies, **args)
+        flight = op if policy.flight_arg is None else f"{op}:{args[policy.flight_arg]}"
         try:
-            state = await self.driver.create(spec, api_key)
-        except DriverError as exc:
-            # Nothing ran: leave nothing behind, not even the row.
-            registry.delete_engine(row, "provision_failed", exc.code.lower())
-            raise
-        row = registry.update(row, driver_state=state)
-        try:
-            row = await self._boot(row, spec)
-        except DriverError as exc:
-            if not isinstance(exc, (BootTimeout, EngineCrashed)):  # the scheduler went away
-                await self._abandon(row, spec, exc)
-            raise
-        return row, api_key
-
-    async def start(self, row: EngineRow) -> EngineRow:
-        if row.status == states.RUNNING:
-            raise errors.already_running(row.user_id)
-        await self.driver.ping()
-        return await self._bring_up(row, Op.START)
-
-    async def stop(self, row: EngineRow) -> EngineRow:
-        if row.status == states.STOPPED:
-            raise errors.not_running(row.user_id, row.status)
-        await self.driver.ping()
-        if row.status != states.STOPPING:
-            row = registry.transition(row, "stop", "stop")
-        state = await self.driver.stop(self.spec(row), row.driver_state, self.settings.stop_grace_s)
-        return registry.transition(row, "stopped", driver_state=state, url=None)
-
-    async def rotate_key(self, row: EngineRow) -> tuple[EngineRow, str]:
-        url = row.url
-        if row.status != states.RUNNING or url is None:
-            raise errors.not_running(row.user_id, row.status)
-        await self.driver.ping()
-        old, new = self.api_key(row), crypto.new_engine_key()
-        # Written first, so a crash mid-rotation leaves both keys for `settle`.
-        row = registry.update(row, pending_key_enc=self.keys.encrypt(new))
-        spec = self.spec(row)
-        await self.driver.set_key(spec, row.driver_state, new)
-        if not await engine_http.confirm_key(self.http, url, new, old, KEY_CONFIRM_S):
-            await self.driver.set_key(spec, row.driver_state, old)
-            registry.update(row, pending_key_enc=None)
-            raise errors.Unavailable("the engine did not confirm the new key; the old key still works")
-        row = registry.update(row, audit_event="rotate_key", key_enc=row.pending_key_enc,
-                              pending_key_enc=None)
-        return row, new
-
-    async def upgrade(self, row: EngineRow, version: str) -> EngineRow:
-        return await self.upgrader.upgrade(row, version)
-
-    async def destroy(self, row: EngineRow) -> None:
-        await self.driver.ping()
-        if row.status != states.DESTROYING:
-            row = registry.transition(row, "destroy", "destroy")
-        await self.driver.destroy(self.spec(row), row.driver_state)
-        registry.delete_engine(row)
-
-    # ---- what the admit path and the reconciler start ----------------------------------------
-
-    async def wake(self, row: EngineRow) -> EngineRow:
-        if row.status != states.SLEEPING:
-            return row  # someone else already moved it on
-        return await self._bring_up(row, Op.WAKE)
-
-    async def restart(self, row: EngineRow) -> EngineRow:
-        if not self.restartable(row):
-            return row
-        return await self._bring_up(row, Op.RESTART)
-
-    async def sleep(self, row: EngineRow) -> EngineRow:
-        if row.status != states.RUNNING or self.settings.idle_sleep_s <= 0:
-            return row
-        if self.idle_for(row, time.time()) < self.settings.idle_sleep_s:
-            return row
-        row = registry.transition(row, "sleep", "idle")
-        spec = self.spec(row)
-        if self.settings.sleep_mode == "pause":
-            await self.driver.pause(spec, row.driver_state)
-            return row
-        state = await self.driver.stop(spec, row.driver_state, self.settings.stop_grace_s)
-        return registry.update(row, driver_state=state, url=None)
-
-    async def fail(self, row: EngineRow, seen: EngineRow, reason: str) -> EngineRow:
-        # Only the incarnation that was seen failing: if the row moved on meanwhile (a
-        # restart already replaced the process), the observation is stale.
-        if row.status != states.RUNNING or row.row_version != seen.row_version:
-            return row
-        state = await self.driver.stop(self.spec(row), row.driver_state, self._quick_stop())
-        return registry.transition(row, "fail", reason, failure_reason=reason, driver_state=state,
-                                   url=None, next_restart_at=self._next_restart(row))
-
-    async def reset_restarts(self, row: EngineRow, seen: EngineRow) -> EngineRow:
-        """Healthy long enough: the restart count starts over (unless the row moved on)."""
-        if row.status != states.RUNNING or row.row_version != seen.row_version or not row.restarts:
-            return row
-        return registry.update(row, restarts=0)
-
-    # ---- settling what a dead owner left ---------------------------------------------------
-
-    async def settle(self, row: EngineRow) -> EngineRow | None:
-        """Finish or roll back the operation that left `row` transient; None: row gone."""
-        spec = self.spec(row)
-        if row.pending_key_enc is not None:
-            row = await self._settle_rotation(row, spec)
-        if row.status == states.DESTROYING:
-            await self.driver.destroy(spec, row.driver_state)
-            registry.delete_engine(row, "destroyed", "recovered")
-            return None
-        if row.status == states.STOPPING:
-            state = await self.driver.stop(spec, row.driver_state, self.settings.stop_grace_s)
-            return registry.transition(row, "stopped", "recovered", driver_state=state, url=None)
-        if row.status not in (states.PROVISIONING, states.STARTING):
-            return row
-        if row.previous_version is not None:  # an upgrade: back to the version that ran
-            return await self.upgrader.settle(row)
-        if not row.driver_state:  # died before the driver reported anything: roll back
-            return await self._abandon(row, spec, None)
-        if await self.driver.probe(spec, row.driver_state) == "healthy":
-            return await self._boot(row, spec)
-        state = await self.driver.stop(spec, row.driver_state, self._quick_stop())
-        return registry.transition(row, "boot_failed", "interrupted", driver_state=state,
-                                   url=None, failure_reason="interrupted",
-                                   next_restart_at=self._next_restart(row))
-
-    async def _settle_rotation(self, row: EngineRow, spec: EngineSpec) -> EngineRow:
-        """A rotation died half-way: keep the new key if the engine took it, else the old."""
-        assert row.pending_key_enc is not None
-        new = self.keys.decrypt(row.pending_key_enc)
-        if row.status == states.RUNNING and row.url and \
-                await engine_http.accepts(self.http, row.url, new):
-            return registry.update(row, audit_event="rotate_key", reason="recovered",
-                                   key_enc=row.pending_key_enc, pending_key_enc=None)
-        if row.driver_state:
-            await self.driver.set_key(spec, row.driver_state, self.api_key(row))
-        return registry.update(row, audit_event="rotate_key_rolled_back", reason="recovered",
-                               pending_key_enc=None)
-
-    async def _abandon(self, row: EngineRow, spec: EngineSpec,
-                       exc: DriverError | None) -> EngineRow | None:
-        """Remove an engine that never ran; if the driver cannot, leave it failed for later."""
-        try:
-            await self.driver.destroy(spec, row.driver_state)
-        except DriverError:
-            return registry.transition(row, "boot_failed", "abandoned", failure_reason="abandoned")
-        registry.delete_engine(row, "provision_failed", exc.code.lower() if exc else "interrupted")
-        return None
-
-    # ---- booting ---------------------------------------------------------------------------
-
-    async def _bring_up(self, row: EngineRow, how: BringUp) -> EngineRow:
-        """sleeping/stopped/failed -> starting -> running: resume when paused, else cold start."""
-        was = row.status
-        # An explicit start forgives past crashes; an automatic restart is one more in a row.
-        restarts = {Op.START: 0, Op.RESTART: row.restarts + 1}.get(how, row.restarts)
-        row = registry.transition(row, "start", how.value, restarts=restarts, next_restart_at=None)
-        spec = self.spec(row)
-        if was == states.SLEEPING and self.settings.sleep_mode == "pause" \
-                and await self.driver.resume(spec, row.driver_state):
-            try:
-                return await self._boot(row, spec, min(WAKE_TIMEOUT_S, self.settings.boot_timeout_s))
-            except (BootTimeout, EngineCrashed):
-                log.info("engine %s did not come back from pause; cold start", row.name)
-        state = await self.driver.stop(spec, row.driver_state, self._quick_stop())
-        try:
-            state = await self.driver.launch(spec, state, self.api_key(row))
-        except DriverError as exc:
-            registry.transition(row, "boot_failed", exc.code.lower(), driver_state=state,
-                                failure_reason=_placement_reason(exc), url=None,
-                                next_restart_at=self._next_restart(row))
-            raise
-        row = registry.update(row, driver_state=state)
-        return await self._boot(row, spec)
-
-    async def _boot(self, row: EngineRow, spec: EngineSpec, timeout: float | None = None) -> EngineRow:
-        """Wait for health, then `ready`. With an explicit timeout (a resumed engine), a
-        failure is the caller's to handle; otherwise the engine becomes failed."""
-        started = time.perf_counter()
-        try:
-            state, url = await self.driver.wait_ready(spec, row.driver_state,
-                                                      timeout or self.settings.boot_timeout_s)
-            metrics.BOOT_SECONDS.observe(time.perf_counter() - started)
-        except (BootTimeout, EngineCrashed) as exc:
-            if timeout is not None:
+            return await self.runner.run(op, key, body, handles=policy.handles,
+                                         settle=policy.settle, wait=policy.wait, flight=flight)
+        except errors.Busy:
+            if policy.busy is None:
                 raise
-            reason = "boot_timeout" if isinstance(exc, BootTimeout) else "crashed"
-            state = await self.driver.stop(spec, exc.state or row.driver_state, self._quick_stop())
-            registry.transition(row, "boot_failed", reason, driver_state=state, url=None,
-                                failure_reason=reason, next_restart_at=self._next_restart(row))
-            raise
-        return registry.transition(row, "ready", driver_state=state, url=url, failure_reason=None)
+            raise policy.busy(key[1]) from None
 
-    # ---- small helpers ---------------------------------------------------------------------
+    async def _create(self, key: Key, product_name: str,
+                      engine_version: str | None = None) -> tuple[EngineRow, str]:
+        version = engine_version or self.settings.engine_image
+        self.driver.check_version(version)  # the driver refuses what it cannot run (SPEC "Additions")
+        product_id, user_id = key
+        self.bodies.remember_product(product_id, product_name)
+        api_key = crypto.new_engine_key()
 
-    def spec(self, row: EngineRow) -> EngineSpec:
-        return EngineSpec(row.name, self.product_name(row.product_id), row.user_id, row.engine_version)
+        def insert() -> EngineRow:
+            return registry.insert_engine(product_id, user_id, naming.engine_name(product_name, user_id),
+                                          version, self.keys.encrypt(api_key), self.runner.owner,
+                                          self.settings.lease_s)
 
-    def spec_for_orphan(self, name: str) -> EngineSpec:
-        """Resources without a row: the name is all there is to go by."""
-        return EngineSpec(name, "", "", "")
+        body = partial(TABLE[Op.PROVISION].body, self.bodies, api_key=api_key)
+        return await self.runner.create(Op.PROVISION, key, insert, body)
 
-    def product_name(self, product_id: int) -> str:
-        name = self._product_names.get(product_id)
-        if name is None:
-            name = self._product_names[product_id] = registry.product_name(product_id)
-        return name
-
-    def remember_product(self, product_id: int, name: str) -> None:
-        self._product_names[product_id] = name
-
-    def api_key(self, row: EngineRow) -> str:
-        return self.keys.decrypt(row.key_enc)
-
-    def restartable(self, row: EngineRow) -> bool:
-        return row.status == states.FAILED and row.restarts < self.settings.max_restarts
-
-    def idle_for(self, row: EngineRow, now: float) -> float:
-        return now - max(row.last_admit_at or 0.0, row.status_since)
-
-    def _quick_stop(self) -> float:
-        return min(self.settings.stop_grace_s, QUICK_STOP_S)
-
-    def _next_restart(self, row: EngineRow) -> float:
-        backoff = self.settings.restart_backoff_s * float(2 ** min(row.restarts, 6))
-        return time.time() + backoff
-
-
-def _placement_reason(exc: DriverError) -> str:
-    reason = getattr(exc, "reason", None)  # NodeLost says node_lost
-    if isinstance(reason, str):
-        return reason
-    return {"PORT_EXHAUSTION": "port_exhausted"}.get(exc.code, "placement_failed")
+    async def wait_for(self, row: EngineRow, timeout: float) -> None:
+        """Wait (at most `timeout`) for the operation in flight on `row`, here or on another
+        replica; take over a dead owner's. A failed boot is re-raised: it is the waiter's
+        failure too. Another caller's refusal (a 409 to a /start) is not."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            flights = self.runner.flights.current(row.key)
+            if flights:
+                done, _ = await asyncio.wait(flights, timeout=remaining)
+                for future in done:
+                    error = None if future.cancelled() else future.exception()
+                    if isinstance(error, errors.DriverError):
+                        raise error
+                return
+            fresh = registry.reload(row)
+            if fresh is None or fresh.status not in (states.PROVISIONING, states.STARTING):
+                return
+            if fresh.lease_until is None or fresh.lease_until < time.time():
+                await self.run(Op.RECOVER, row.key)  # its owner died
+                return
+            await asyncio.sleep(POLL_S)

@@ -1,6 +1,6 @@
 """The background loop: compare the registry with what the driver sees, and repair drift.
 
-What it looks at (issue 11: a fleet's cost at rest must not grow with every engine each tick):
+What it looks at (a fleet's cost at rest must not grow with every engine each tick):
 - an engine's end is an event where the driver has them (the local driver's pidfds, the Nomad
   driver's event stream and Consul blocking queries): the engine is probed once, then failed
   `crashed`, at once;
@@ -21,8 +21,8 @@ What it looks at (issue 11: a fleet's cost at rest must not grow with every engi
 - replicas share the work: each does only the engines of the shards it holds a lease on
   (app.registry.shards, renewed three times a lease period), so R replicas together do one's
   work, and a dead replica's shards are taken over within ORCH_LEASE_S.
-Every repair goes through the lifecycle, so it is a compare-and-set with an audit event, under
-the row's lease: safe on every replica at once.
+Every repair is an operation of the table (app.operations), so it is a compare-and-set with
+an audit event, under the row's lease: safe on every replica at once.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Any
 from app import errors, registry, states
 from app.errors import DriverError
 from app.health_schedule import HealthSchedule
-from app.lifecycle import Lifecycle
+from app.operations import Engines, Op
 from app.registry import EngineRow, shards
 from app.registry.db import checkpoint_due
 
@@ -50,9 +50,9 @@ CLOCK_SKEW_S = 5.0  # replicas' clocks may differ this much: "entered running si
 
 
 class Reconciler:
-    def __init__(self, lifecycle: Lifecycle):
-        self.lifecycle = lifecycle
-        self.settings = lifecycle.settings
+    def __init__(self, engines: Engines):
+        self.engines = engines
+        self.settings = engines.settings
         self.schedule = HealthSchedule(self.settings.health_interval_s)
         self._unhealthy_since: dict[int, float] = {}
         self._orphan_since: dict[str, float] = {}
@@ -61,13 +61,13 @@ class Reconciler:
         self._seen_until = 0.0  # rows that entered `running` before this are scheduled
         self._changes = registry.Changes()
         self._failed: list[EngineRow] = []  # this replica's restartable failed rows, as last read
-        # Issue 11: each scheduled engine's row as last read (resync, entered_since), so a
+        # Each scheduled engine's row as last read (resync, entered_since), so a
         # check needs no database read; a check that finds trouble reads the row again.
         self._rows: dict[int, EngineRow] = {}
         self.probes = 0  # health checks sent (tests and the bench read it)
         self.shards: frozenset[int] | None = None  # None: every engine (`orch reconcile`)
         self.exit_events = 0
-        self.events = lifecycle.on_exit(self._on_exit)
+        self.events = engines.driver.on_exit(self._on_exit)
 
     async def run_forever(self) -> None:
         try:
@@ -78,7 +78,7 @@ class Reconciler:
                 except Exception:
                     log.exception("reconciler pass failed")
                 try:
-                    if checkpoint_due():  # issue 11: at rest, most ticks wrote nothing
+                    if checkpoint_due():  # at rest, most ticks wrote nothing
                         await asyncio.to_thread(registry.checkpoint)
                 except Exception as exc:  # noqa: BLE001 - a busy or missing file: next tick
                     log.debug("checkpoint skipped: %s", exc)
@@ -86,7 +86,7 @@ class Reconciler:
         finally:
             if self.shards is not None:
                 try:  # a clean shutdown hands its shards over now, not a lease later
-                    shards.release(self.lifecycle.runner.owner)
+                    shards.release(self.engines.runner.owner)
                 except Exception as exc:  # noqa: BLE001 - the lease runs out anyway
                     log.debug("shards not released: %s", exc)
 
@@ -99,7 +99,7 @@ class Reconciler:
         self._last["shards"] = now
         # Held two thirds of a lease, renewed every third: a dead replica's shards are free
         # within 2/3 of a lease and taken at the next heartbeat, within ORCH_LEASE_S in all.
-        held = shards.claim(self.lifecycle.runner.owner, lease * 2 / 3, now, gone=_gone)
+        held = shards.claim(self.engines.runner.owner, lease * 2 / 3, now, gone=_gone)
         if held != self.shards:  # gained: engines to look at; lost: engines to leave
             self._last.pop("resync", None)
         self.shards = held
@@ -150,7 +150,7 @@ class Reconciler:
         self._rows = {r.id: r for r in running}
         if self.events:
             for row in running:
-                self.lifecycle.watch(row)
+                self.engines.driver.watch(self.engines.bodies.spec(row), row.driver_state)
         return running
 
     # ---- events -----------------------------------------------------------------------------
@@ -175,7 +175,7 @@ class Reconciler:
         self.schedule.add((r.id for r in fresh), now)
         if self.events:
             for row in fresh:
-                self.lifecycle.watch(row)
+                self.engines.driver.watch(self.engines.bodies.spec(row), row.driver_state)
 
     def _remember(self, rows: Iterable[EngineRow]) -> list[EngineRow]:
         rows = list(rows)
@@ -194,10 +194,10 @@ class Reconciler:
     async def _check_running(self, engine: EngineRow, now: float, cached: bool = False) -> None:
         """Probe a running engine and act on the answer. `cached`: the row is as last read, and
         is read again before anything is done about it."""
-        lifecycle = self.lifecycle
+        engines = self.engines
         self.probes += 1
         try:
-            probe = await lifecycle.probe(engine)
+            probe = await engines.driver.probe(engines.bodies.spec(engine), engine.driver_state)
         except DriverError as exc:
             # The scheduler is away: no news is not bad news. Judge the engine when it is back.
             log.debug("probe of %s skipped: %s", engine.name, exc)
@@ -211,14 +211,15 @@ class Reconciler:
         if probe == "healthy":
             self._unhealthy_since.pop(engine.id, None)
             if engine.restarts and now - engine.status_since > STABLE_AFTER_S:
-                self._spawn(lifecycle.reset_restarts(engine))
-        elif probe in ("dead", "node_lost"):  # issue 8: node_lost is its own reason
-            self._spawn(lifecycle.fail(engine, "crashed" if probe == "dead" else probe))
+                self._spawn(engines.run(Op.RESET_RESTARTS, engine.key, seen=engine))
+        elif probe in ("dead", "node_lost"):  # node_lost is its own reason
+            reason = "crashed" if probe == "dead" else probe
+            self._spawn(engines.run(Op.FAIL, engine.key, seen=engine, reason=reason))
         else:
             since = self._unhealthy_since.setdefault(engine.id, now)
             if now - since >= self.settings.health_grace_s:
                 self._unhealthy_since.pop(engine.id, None)
-                self._spawn(lifecycle.fail(engine, "unhealthy"))
+                self._spawn(engines.run(Op.FAIL, engine.key, seen=engine, reason="unhealthy"))
             else:  # look again soon: the grace period, not the interval, decides
                 self.schedule.soon(engine.id, now + min(self.settings.tick_s, self.settings.health_grace_s))
 
@@ -244,16 +245,16 @@ class Reconciler:
         # is a hundredth of the idle period (9 s for the default 15 min), every tick at most.
         if idle > 0 and self._due("idle", min(idle / 100, 10.0), now):
             for engine in filter(self.mine, registry.idle_running(now - idle)):
-                self._spawn(self.lifecycle.sleep_if_idle(engine))
+                self._spawn(self.engines.run(Op.SLEEP, engine.key))
         if changed:
             self._failed = [e for e in registry.restartable_failed(self.settings.max_restarts)
-                            if self.mine(e) and self.lifecycle.restartable(e)]
+                            if self.mine(e) and self.engines.bodies.restartable(e)]
         for engine in self._failed:
             if (engine.next_restart_at or 0) <= now:
-                self._spawn(self.lifecycle.restart(engine))
+                self._spawn(self.engines.run(Op.RESTART, engine.key))
         if recovery:  # not an indexed read (pending keys): a few times a lease period
             for engine in filter(self.mine, registry.needing_recovery(now)):
-                self._spawn(self.lifecycle.recover(engine))
+                self._spawn(self.engines.run(Op.RECOVER, engine.key))
         await self._orphans(now)
 
     def _due(self, chore: str, every: float, now: float) -> bool:
@@ -272,7 +273,7 @@ class Reconciler:
         if not self._due("orphans", self.settings.lease_s, now):
             return
         try:
-            orphans = await self.lifecycle.orphan_names()
+            orphans = await self._orphan_names()
         except DriverError as exc:
             log.warning("orphan sweep skipped: %s", exc)
             return
@@ -284,7 +285,12 @@ class Reconciler:
             if now - first >= 4 * self.settings.lease_s:
                 del self._orphan_since[name]
                 log.warning("removing orphaned engine resources %s", name)
-                self._spawn(self.lifecycle.remove_orphan(name))
+                self._spawn(self.engines.run(Op.REMOVE_ORPHAN, (0, name)))  # no product has id 0
+
+    async def _orphan_names(self) -> set[str]:
+        """Names the driver holds resources for that have no registry row."""
+        found = await self.engines.driver.list_names()
+        return found - registry.known_names(found)
 
     def _spawn(self, work: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(work)

@@ -1,9 +1,9 @@
-"""Rollouts (issue 13): a product's fleet moved to a new engine_version, batch by batch.
+"""Rollouts: a product's fleet moved to a new engine_version, batch by batch.
 
 A rollout lives in the database (app/registry/rollouts.py): its row and one target per engine
 chosen when it was created. The replica that holds the rollout's lease drives it (so it runs
 on exactly one replica, and another takes over once the lease of a dead one runs out): each
-batch is a set of ordinary upgrades (Lifecycle.upgrade: the operations runner, so never beside
+batch is a set of ordinary upgrades (Op.UPGRADE through app.operations, so never beside
 another operation on the same engine), and the next batch starts only when every upgrade of
 this one has answered (an upgraded engine is a healthy one). More than `max_failures` failed
 engines: every engine the rollout upgraded goes back to its previous version, then
@@ -23,7 +23,7 @@ import time
 from functools import partial
 
 from app import errors, registry
-from app.lifecycle import Lifecycle, ProductRef
+from app.operations import Engines, Op
 from app.registry.models import Rollout, RolloutTarget
 
 log = logging.getLogger("orch.rollouts")
@@ -37,11 +37,11 @@ rollouts = registry.rollouts
 
 
 class RolloutRunner:
-    def __init__(self, lifecycle: Lifecycle):
-        self.lifecycle = lifecycle
-        self.owner = lifecycle.runner.owner
-        self.lease_s = lifecycle.settings.lease_s
-        self.concurrency = lifecycle.settings.rollout_concurrency
+    def __init__(self, engines: Engines):
+        self.engines = engines
+        self.owner = engines.runner.owner
+        self.lease_s = engines.settings.lease_s
+        self.concurrency = engines.settings.rollout_concurrency
         self.drives: dict[int, asyncio.Task[None]] = {}  # rollout id -> its driver, here
         self._changes = registry.Changes()
 
@@ -109,21 +109,21 @@ class RolloutRunner:
             rollout = rollouts.reload_rollout(rollout_id)
             if rollout is None or rollout.status != "running":
                 return
-            product = _product(rollout)
             targets = rollouts.targets(rollout_id)
             if sum(1 for t in targets if t.state == "failed") > rollout.max_failures:
-                await self._roll_back(rollout, product, targets)
+                await self._roll_back(rollout, targets)
                 return
             pending = [t for t in targets if t.state == "pending"]
             if not pending:
                 rollouts.set_status(rollout, ("running",), "succeeded")
                 return
             batch = pending[:rollout.batch_size]
-            await asyncio.gather(*(self._upgrade(rollout, product, t) for t in batch))
+            await asyncio.gather(*(self._upgrade(rollout, t) for t in batch))
 
-    async def _upgrade(self, rollout: Rollout, product: ProductRef, target: RolloutTarget) -> None:
+    async def _upgrade(self, rollout: Rollout, target: RolloutTarget) -> None:
         try:
-            await self.lifecycle.upgrade(product, target.user_id, rollout.to_version)
+            await self.engines.run(Op.UPGRADE, (rollout.product_id, target.user_id),
+                                   version=rollout.to_version)
         except errors.EngineNotFound:
             rollouts.set_target(rollout.id, target.user_id, "gone", "destroyed meanwhile")
         except errors.DomainError as exc:
@@ -131,14 +131,14 @@ class RolloutRunner:
         else:
             rollouts.set_target(rollout.id, target.user_id, "upgraded")
 
-    async def _roll_back(self, rollout: Rollout, product: ProductRef,
-                         targets: list[RolloutTarget]) -> None:
+    async def _roll_back(self, rollout: Rollout, targets: list[RolloutTarget]) -> None:
         ok = True
         for target in targets:
             if target.state != "upgraded":
                 continue
             try:
-                await self.lifecycle.upgrade(product, target.user_id, target.previous_version)
+                await self.engines.run(Op.UPGRADE, (rollout.product_id, target.user_id),
+                                       version=target.previous_version)
             except errors.EngineNotFound:
                 pass
             except errors.DomainError as exc:
@@ -148,7 +148,3 @@ class RolloutRunner:
             rollouts.set_target(rollout.id, target.user_id, "rolled_back")
         rollouts.set_status(rollout, ("running", "paused"), "rolled_back" if ok else "failed")
 
-
-def _product(rollout: Rollout) -> ProductRef:
-    # Upgrades need only the product's id and name (no quota or rate limit applies).
-    return ProductRef(rollout.product_id, registry.product_name(rollout.product_id), 0, 0)

@@ -1,12 +1,12 @@
-"""The operations runner: the one place that knows how an operation runs on an engine.
+"""The operations runner: how an operation runs on an engine, whatever its body.
 
-It owns, for every operation the API, the admit path and the reconciler start:
+`Engines.run` (app.operations) calls it with each operation's policy from the table. It owns:
 - the flight: one operation per engine in this process; a second caller of the same
   operation joins the one in flight and gets its result (app.flights);
 - the lease on the engine's row: one operation per engine across replicas; while another
   owner holds it, wait (bounded); once it runs out, take it over;
 - finishing or rolling back the operation a dead owner left half-done (`settle`, given by
-  app.operations), before the new operation sees the row;
+  app.bodies), before the new operation sees the row;
 - timing (orch_operation_seconds) and the operation's log line.
 An operation itself is a function from the leased `EngineRow` to its result; every state
 change inside it is a registry transition (a compare-and-set plus an audit event).
@@ -22,7 +22,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from enum import StrEnum
 from typing import TypeVar
 
 from app import errors, metrics, registry, states
@@ -38,21 +37,6 @@ Settle = Callable[[EngineRow], Awaitable[EngineRow | None]]  # None: the row is 
 POLL_S = 0.05
 
 
-class Op(StrEnum):
-    PROVISION = "provision"
-    START = "start"
-    STOP = "stop"
-    ROTATE = "rotate"
-    DESTROY = "destroy"
-    WAKE = "wake"
-    RESTART = "restart"
-    SLEEP = "sleep"
-    FAIL = "fail"
-    RECOVER = "recover"
-    RESET_RESTARTS = "reset_restarts"
-    UPGRADE = "upgrade"
-
-
 def needs_settling(row: EngineRow) -> bool:
     """With the lease held, a transient state or a key in flight means its operation died."""
     return row.status in states.TRANSIENT or row.pending_key_enc is not None
@@ -65,7 +49,7 @@ class Runner:
         self.flights = Flights()
         self.owner = f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
-    async def run(self, op: Op, key: Key, body: Callable[[EngineRow], Awaitable[T]], *,
+    async def run(self, op: str, key: Key, body: Callable[[EngineRow], Awaitable[T]], *,
                   handles: frozenset[str] = frozenset(), settle: bool = True,
                   wait: bool = True, flight: str | None = None) -> T:
         """Run `body` on the engine `key` under the flight and the lease. A transient state
@@ -89,7 +73,7 @@ class Runner:
             raise errors.busy(key[1])  # another operation here has it: not worth queueing
         return await self.flights.run(key, flight or op, lambda: self._timed(op, key, leased))
 
-    async def create(self, key: Key, insert: Callable[[], EngineRow],
+    async def create(self, op: str, key: Key, insert: Callable[[], EngineRow],
                      body: Callable[[EngineRow], Awaitable[T]]) -> T:
         """Provision: insert the row (leased to us from the start), then run `body` on it. A
         row left `destroying` by a dead owner is finished first: its lease is taken over
@@ -109,37 +93,12 @@ class Runner:
             async with self._renewing(row):
                 return await body(row)
 
-        return await self.flights.run(key, Op.PROVISION, lambda: self._timed(Op.PROVISION, key, leased))
+        return await self.flights.run(key, op, lambda: self._timed(op, key, leased))
 
-    async def run_without_row(self, op: Op, name: str, fn: Callable[[], Awaitable[T]]) -> T:
+    async def run_without_row(self, op: str, name: str, fn: Callable[[], Awaitable[T]]) -> T:
         """For driver resources no row owns (orphans): the flight and the timing, no lease."""
         key = (0, name)  # no product has id 0
         return await self.flights.run(key, op, lambda: self._timed(op, key, fn))
-
-    async def wait_for(self, row: EngineRow, timeout: float) -> None:
-        """Wait (at most `timeout`) for the operation in flight on `row`, here or on another
-        replica; take over a dead owner's. A failed boot is re-raised: it is the waiter's
-        failure too. Another caller's refusal (a 409 to a /start) is not."""
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            flights = self.flights.current(row.key)
-            if flights:
-                done, _ = await asyncio.wait(flights, timeout=remaining)
-                for future in done:
-                    error = None if future.cancelled() else future.exception()
-                    if isinstance(error, errors.DriverError):
-                        raise error
-                return
-            fresh = registry.reload(row)
-            if fresh is None or fresh.status not in (states.PROVISIONING, states.STARTING):
-                return
-            if fresh.lease_until is None or fresh.lease_until < time.time():
-                await self.run(Op.RECOVER, row.key, _same)  # its owner died
-                return
-            await asyncio.sleep(POLL_S)
 
     async def drain(self, timeout: float) -> None:
         """Wait (at most `timeout`) for every operation in flight here: at shutdown, say."""
@@ -186,7 +145,7 @@ class Runner:
 
     # ---- timing --------------------------------------------------------------------------------
 
-    async def _timed(self, op: Op, key: Key, fn: Callable[[], Awaitable[T]]) -> T:
+    async def _timed(self, op: str, key: Key, fn: Callable[[], Awaitable[T]]) -> T:
         """Timed once per real run (joiners share it)."""
         started = time.perf_counter()
         outcome = "error"
@@ -196,10 +155,7 @@ class Runner:
             return result
         finally:
             elapsed = time.perf_counter() - started
-            metrics.OPERATION_SECONDS.labels(op.value, outcome).observe(elapsed)
-            log.info("operation", extra={"operation": op.value, "user_id": key[1],
+            metrics.OPERATION_SECONDS.labels(op, outcome).observe(elapsed)
+            log.info("operation", extra={"operation": op, "user_id": key[1],
                                          "outcome": outcome, "duration_ms": round(elapsed * 1000, 3)})
 
-
-async def _same(row: EngineRow) -> EngineRow:
-    return row

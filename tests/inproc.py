@@ -1,6 +1,6 @@
 """In-process set-up for tests of the runner, the Admitter and the Reconciler: a real SQLite
 registry in a temp dir (or a fresh PostgreSQL database with ORCH_TEST_DB=postgres), the real
-Lifecycle/Admitter/Reconciler, and a FakeDriver."""
+Engines/Admitter/Reconciler, and a FakeDriver."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from app import naming, products, registry, states
 from app.admit import Admitter
 from app.config import Settings
 from app.crypto import KeyBox
-from app.lifecycle import Lifecycle, ProductRef
+from app.operations import Engines, Op, ProductRef
 from app.reconciler import Reconciler
 from app.registry import EngineRow
 from tests.fake_driver import Behaviour, FakeDriver
@@ -43,18 +43,24 @@ class World:
         self.product = ProductRef(product.id, product.name, product.max_engines, product.rate_limit_rpm)
         self.keys = KeyBox(Fernet.generate_key())
         self.driver = FakeDriver(behaviour)
-        self.lifecycle = self.new_lifecycle()
-        self.admitter = Admitter(self.lifecycle)
-        self.reconciler = Reconciler(self.lifecycle)
+        self.engines = self.new_engines()
+        self.admitter = Admitter(self.engines)
+        self.reconciler = Reconciler(self.engines)
 
-    def new_lifecycle(self) -> Lifecycle:
+    def new_engines(self) -> Engines:
         """Another orchestrator process (or a restarted one) on the same database."""
-        return Lifecycle(self.settings, self.driver, self.keys)
+        return Engines(self.settings, self.driver, self.keys)
 
     def restart(self) -> None:
-        self.lifecycle = self.new_lifecycle()
-        self.admitter = Admitter(self.lifecycle)
-        self.reconciler = Reconciler(self.lifecycle)
+        self.engines = self.new_engines()
+        self.admitter = Admitter(self.engines)
+        self.reconciler = Reconciler(self.engines)
+
+    def op(self, op: Op, user_id: str, **args: Any) -> Coroutine[Any, Any, Any]:
+        """Operation `op` on the engine of `user_id` of this world's product."""
+        if op is Op.PROVISION:
+            args.setdefault("product_name", self.product.name)
+        return self.engines.run(op, (self.product.id, user_id), **args)
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(self._closing(coro))
@@ -64,8 +70,8 @@ class World:
             return await coro
         finally:
             # As a server would: operations its callers stopped waiting for run to their end.
-            await self.lifecycle.runner.drain(10.0)
-            await self.lifecycle.close()
+            await self.engines.runner.drain(10.0)
+            await self.engines.close()
 
     def close(self) -> None:
         self.database.close()

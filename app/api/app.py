@@ -18,19 +18,19 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from app import crypto, metrics, registry
+from app import crypto, logs, metrics, registry
 from app.admit import Admitter
 from app.api import docs, openapi
 from app.api.auth import Authenticator
+from app.api.dispatch import Dispatcher
 from app.api.errors import HANDLED, CodedError, handle
 from app.api.handlers import Services
 from app.api.middleware import RequestContext, info_of
-from app.api.operations import Operations
 from app.api.spec import ENDPOINTS, Endpoint
 from app.config import Settings
 from app.drivers import make_driver
-from app.lifecycle import Lifecycle
 from app.logs import AccessLog
+from app.operations import Engines
 from app.reconciler import Reconciler
 from app.rollouts import RolloutRunner
 
@@ -73,11 +73,13 @@ class OrchestratorApp:
 
     async def startup(self) -> None:
         registry.connect(self.settings.database_url, self.settings.db_timeout_s)
-        lifecycle = Lifecycle(self.settings, make_driver(self.settings), crypto.load_keybox(self.settings))
-        self.services = Services(lifecycle, Admitter(lifecycle))
+        subscribe_observers()
+        driver = make_driver(self.settings, registry.ports)
+        engines = Engines(self.settings, driver, crypto.load_keybox(self.settings))
+        self.services = Services(engines, Admitter(engines))
         if self.run_reconciler:
-            self._tasks.append(asyncio.create_task(Reconciler(lifecycle).run_forever()))
-            self._tasks.append(asyncio.create_task(RolloutRunner(lifecycle).run_forever()))
+            self._tasks.append(asyncio.create_task(Reconciler(engines).run_forever()))
+            self._tasks.append(asyncio.create_task(RolloutRunner(engines).run_forever()))
 
     async def shutdown(self) -> None:
         # Engines keep running: an orchestrator restart adopts them.
@@ -86,8 +88,8 @@ class OrchestratorApp:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.access_log.close()
         if self.services:
-            await self.services.lifecycle.close()
-            await self.services.lifecycle.driver.close()
+            await self.services.engines.close()
+            await self.services.engines.driver.close()
         registry.db.close()
 
     def _services(self) -> Services:
@@ -106,8 +108,8 @@ class OrchestratorApp:
         routes: list[BaseRoute] = []
         for path, endpoints in by_path.items():
             if endpoints[0].auth:
-                operations = Operations(endpoints, self.auth, self._services)
-                routes.append(Route(path, operations, methods=[e.method for e in endpoints]))
+                dispatcher = Dispatcher(endpoints, self.auth, self._services)
+                routes.append(Route(path, dispatcher, methods=[e.method for e in endpoints]))
             else:
                 (endpoint,) = endpoints
                 routes.append(Route(path, _labelled(path, plain[endpoint.name]), methods=["GET"]))
@@ -119,7 +121,7 @@ class OrchestratorApp:
     async def readyz(self, _request: Request) -> Response:
         try:
             registry.db.execute_sql("SELECT 1")
-            await self._services().lifecycle.driver.ping()
+            await self._services().engines.driver.ping()
         except Exception as exc:  # noqa: BLE001 - readiness reports, it does not raise
             return _json({"status": "unavailable", "reason": str(exc)[:200]}, 503)
         return _json({"status": "ready"})
@@ -134,6 +136,12 @@ class OrchestratorApp:
 
     async def openapi(self, _request: Request) -> Response:
         return Response(self._openapi, media_type="application/json")
+
+
+def subscribe_observers() -> None:
+    """Who hears of every state change: the one place subscriptions are made."""
+    registry.subscribe(metrics.count_transition)
+    registry.subscribe(logs.log_transition)
 
 
 def _labelled(path: str, endpoint: Callable[[Request], Any]) -> Callable[[Request], Any]:

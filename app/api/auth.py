@@ -13,7 +13,7 @@ from typing import Any
 
 from app import errors, registry
 from app.crypto import hash_key, same_hash
-from app.lifecycle import ProductRef
+from app.operations import ProductRef
 
 CACHE_TTL_S = 2.0
 CACHE_MAX = 10_000

@@ -1,5 +1,6 @@
-"""The operations behind the endpoint table: each takes the checked request and calls the
-lifecycle. Shapes of the answers are the table's Structs (app/api/spec.py)."""
+"""The handlers behind the endpoint table: each takes the checked request and runs its
+operation (app.operations) or reads the registry. Shapes of the answers are the table's
+Structs (app/api/spec.py)."""
 
 from __future__ import annotations
 
@@ -16,14 +17,14 @@ from msgspec import UNSET
 from app import errors, naming, registry
 from app.admit import Admitter
 from app.api import follow, spec
-from app.lifecycle import Lifecycle, ProductRef
+from app.operations import Engines, Op, ProductRef
 
 CURSOR_MAX = 2**62  # below SQLite's and PostgreSQL's largest integer
 
 
 @dataclass
 class Services:
-    lifecycle: Lifecycle
+    engines: Engines
     admitter: Admitter
 
 
@@ -37,6 +38,10 @@ class Call:
     query: Any  # the endpoint's query Struct, or None
     rollout_id: int = 0  # the routes with {rollout_id}
 
+    @property
+    def key(self) -> tuple[int, str]:
+        return self.product.id, self.user_id
+
 
 Handler = Callable[[Services, Call], Awaitable[Any]]
 
@@ -47,29 +52,33 @@ async def provision(svc: Services, call: Call) -> Any:
     version = None if body.engine_version is UNSET else body.engine_version
     if version is not None and not version.isprintable():
         raise errors.invalid("engine_version must be 1 to 256 printable characters")
-    engine, api_key = await svc.lifecycle.provision(call.product, body.user_id, version)
+    engine, api_key = await svc.engines.run(Op.PROVISION, (call.product.id, body.user_id),
+                                            product_name=call.product.name, engine_version=version)
     return with_key(engine, api_key)
 
 
 async def get(svc: Services, call: Call) -> Any:
-    return engine_struct(svc.lifecycle.get(call.product, call.user_id))
+    row = registry.find_engine(*call.key)
+    if row is None:
+        raise errors.engine_not_found(call.user_id)
+    return engine_struct(row)
 
 
 async def destroy(svc: Services, call: Call) -> Any:
-    await svc.lifecycle.destroy(call.product, call.user_id)
+    await svc.engines.run(Op.DESTROY, call.key)
     return spec.Destroyed(call.user_id, True)
 
 
 async def start(svc: Services, call: Call) -> Any:
-    return engine_struct(await svc.lifecycle.start(call.product, call.user_id))
+    return engine_struct(await svc.engines.run(Op.START, call.key))
 
 
 async def stop(svc: Services, call: Call) -> Any:
-    return engine_struct(await svc.lifecycle.stop(call.product, call.user_id))
+    return engine_struct(await svc.engines.run(Op.STOP, call.key))
 
 
 async def rotate_key(svc: Services, call: Call) -> Any:
-    engine, api_key = await svc.lifecycle.rotate_key(call.product, call.user_id)
+    engine, api_key = await svc.engines.run(Op.ROTATE, call.key)
     return with_key(engine, api_key)
 
 
@@ -77,7 +86,7 @@ async def upgrade(svc: Services, call: Call) -> Any:
     body: spec.UpgradeBody = call.body
     if not body.engine_version.isprintable():
         raise errors.invalid("engine_version must be 1 to 256 printable characters")
-    return engine_struct(await svc.lifecycle.upgrade(call.product, call.user_id, body.engine_version))
+    return engine_struct(await svc.engines.run(Op.UPGRADE, call.key, version=body.engine_version))
 
 
 async def admit(svc: Services, call: Call) -> Any:

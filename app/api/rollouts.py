@@ -1,4 +1,4 @@
-"""The rollout endpoints (issue 13): start, list, look up, pause, resume, abort. The rollouts
+"""The rollout endpoints: start, list, look up, pause, resume, abort. The rollouts
 themselves are driven by app/rollouts.py on the replica holding each one's lease."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ async def start_rollout(svc: Services, call: Call) -> Any:
     for version in (body.to_version, from_version):
         if version is not None and not version.isprintable():
             raise errors.invalid("versions must be 1 to 256 printable characters")
-    svc.lifecycle.driver.check_version(body.to_version)
+    svc.engines.driver.check_version(body.to_version)
     made = rollouts.create_rollout(call.product.id, body.to_version, from_version,
                                    body.batch_size, body.max_failures)
     return rollout_struct(made)

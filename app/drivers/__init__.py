@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from app.config import Settings
 from app.drivers.base import Driver
 
+if TYPE_CHECKING:
+    from app.drivers.local import PortPool
 
-def make_driver(settings: Settings) -> Driver:
+
+def make_driver(settings: Settings, ports: PortPool) -> Driver:
+    """`ports`: the local driver's port pool (app.registry.ports); a driver never reaches
+    the registry itself."""
     from app.drivers.instrumented import Instrumented
 
     if settings.driver == "nomad":
@@ -15,4 +22,4 @@ def make_driver(settings: Settings) -> Driver:
         return Instrumented(NomadDriver(settings))
     from app.drivers.local import LocalDriver
 
-    return Instrumented(LocalDriver(settings))
+    return Instrumented(LocalDriver(settings, ports))

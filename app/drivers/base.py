@@ -1,7 +1,7 @@
 """The one backend interface. `local` and `nomad` implement it.
 
 A driver knows how to run an engine; it knows nothing of products, quotas or states. The
-operations (app.operations) call it and keep what it returns (a JSON-serialisable dict: pid
+operations' bodies (app.bodies) call it and keep what it returns (a JSON-serialisable dict: pid
 and port, or job, allocation and volume ids) on the engine's row as `driver_state`, and hand it
 back on every call, so a driver holds no state of its own that a restart of the orchestrator
 would lose. Drivers raise the domain errors of app.errors (re-exported below), never an HTTP
@@ -31,7 +31,7 @@ __all__ = ["BadVersion", "BootTimeout", "CapacityExhausted", "Driver", "DriverEr
            "EngineSpec", "NodeLost", "PortExhausted", "Probe", "SchedulerUnavailable", "State"]
 
 State = dict[str, Any]  # driver-private, JSON-serialisable
-# "node_lost" (issue 8): the engine's node is gone, and its brain with it until it returns.
+# "node_lost": the engine's node is gone, and its brain with it until it returns.
 Probe = Literal["healthy", "unhealthy", "paused", "dead", "node_lost"]
 
 
@@ -102,7 +102,7 @@ class Driver(abc.ABC):
         """Raise BadVersion for an engine_version this driver refuses (default: none)."""
         return None
 
-    # Issue 11: drivers that learn of an engine's end as an event (the local driver's pidfds)
+    # Drivers that learn of an engine's end as an event (the local driver's pidfds)
     # tell the reconciler at once, rather than waiting for its next health check.
     def on_exit(self, listener: Callable[[str], None]) -> bool:
         """Have `listener(name)` called when an engine ends. False: no such events here."""

@@ -1,10 +1,11 @@
 """The embedded driver: engines are child processes on this machine.
 
 Each engine runs in its own process group (its own session), listens on a port reserved in the
-registry's port table, keeps its brain under ORCH_BRAIN_ROOT/<name> and reads its key from a
-0600 file under <state dir>/run/<name>. Everything the driver knows about a running engine is in
-the `state` dict the lifecycle stores on the row (pid, its start time, port), so a restarted
-orchestrator adopts the engines it finds alive.
+port pool it is given (`PortPool`: the registry's port table, shared by the replicas on this
+host; the driver never imports the registry), keeps its brain under ORCH_BRAIN_ROOT/<name> and
+reads its key from a 0600 file under <state dir>/run/<name>. Everything the driver knows about
+a running engine is in the `state` dict stored on the engine's row (pid, its start time, port),
+so a restarted orchestrator adopts the engines it finds alive.
 """
 
 from __future__ import annotations
@@ -17,29 +18,44 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from app import engine_http
 from app.config import Settings
 from app.drivers import _exits, _health, _process
 from app.drivers._isolation import Isolation
 from app.drivers.base import BootTimeout, Driver, EngineCrashed, EngineSpec, PortExhausted, Probe, State
-from app.registry import ports
 
-# What an engine inherits from our environment besides ORCH_ENGINE_ENV's names (issue 12).
+# What an engine inherits from our environment besides ORCH_ENGINE_ENV's names.
 _INHERITED = ("PATH", "LANG")
+
+
+class PortPool(Protocol):
+    """Ports handed out to engines by name; what one holds no one else gets."""
+
+    def reserve(self, name: str, low: int, high: int, usable: Callable[[int], bool]) -> int | None:
+        """The first free port in [low, high] that `usable` accepts, now `name`'s."""
+
+    def give_back(self, port: int) -> None: ...
+
+    def release_all(self, name: str) -> None: ...
+
+    def holders(self) -> set[str]:
+        """The names holding a port."""
 
 
 class LocalDriver(Driver):
     name = "local"
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, ports: PortPool):
         self.settings = settings
+        self.ports = ports
         self.brain_root = settings.brain_root.resolve()
         self.run_root = settings.run_dir.resolve()
         self.isolation = preflight(settings)
         self.http = engine_http.client()
-        self.exits = _exits.ExitWatcher()  # issue 11: a pidfd per engine
-        # Issue 11: a kept-alive connection per engine, closed when checks stop using it.
+        self.exits = _exits.ExitWatcher()  # a pidfd per engine
+        # A kept-alive connection per engine, closed when checks stop using it.
         self.checks = _health.HealthChecks(idle_s=3 * settings.health_interval_s + 30)
         _process.raise_fd_limit()  # a pidfd and a connection per engine
         self.exits.subscribe(self.checks.drop)  # an engine that ended: its connection is dead
@@ -124,13 +140,13 @@ class LocalDriver(Driver):
         brain, run = self._dirs(spec)
         shutil.rmtree(brain, ignore_errors=True)
         shutil.rmtree(run, ignore_errors=True)
-        ports.release_all(spec.name)
+        self.ports.release_all(spec.name)
 
     async def probe(self, spec: EngineSpec, state: State) -> Probe:
         pid = state.get("pid")
         if not pid:
             return "dead"
-        # Issue 11: a pid its pidfd still watches has not ended (its end is an event), so the
+        # A pid its pidfd still watches has not ended (its end is an event), so the
         # /proc read that tells dead, paused and running apart waits for a check that fails.
         if self.exits.watching(spec.name) != pid:
             early = self._probe_status(state)
@@ -146,10 +162,10 @@ class LocalDriver(Driver):
 
     async def list_names(self) -> set[str]:
         names = {p.name for p in self.brain_root.iterdir()} if self.brain_root.exists() else set()
-        names |= ports.holders()
+        names |= self.ports.holders()
         # Reading every process's environ is a scan of /proc: off the event loop, which keeps
         # answering admits meanwhile.
-        # Issue 11: the pids watched by their pidfd are known engines; only the others are read.
+        # The pids watched by their pidfd are known engines; only the others are read.
         known = self.exits.pids()
         names |= set(await asyncio.to_thread(self._scan.run, self.brain_root, known))
         return names
@@ -208,14 +224,14 @@ class LocalDriver(Driver):
 
     def _reserve_port(self, name: str) -> int:
         low, high = self.settings.port_range
-        port = ports.reserve(name, low, high, _bindable)
+        port = self.ports.reserve(name, low, high, _bindable)
         if port is None:
             raise PortExhausted(f"no free port in ORCH_PORT_RANGE {low}-{high}")
         return port
 
     def _move_port(self, name: str, old: int) -> int:
         port = self._reserve_port(name)
-        ports.give_back(old)
+        self.ports.give_back(old)
         return port
 
 

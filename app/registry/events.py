@@ -1,7 +1,8 @@
 """The audit log, and the transitions published to whoever listens (metrics, logs).
 
 Subscribers are called after the transaction that wrote the event committed. The registry
-imports neither metrics nor logs: they subscribe to it, so there is no import cycle.
+imports neither metrics nor logs: the service's start-up subscribes them (app.api.app), so
+there is no import cycle and importing a module subscribes nothing.
 """
 
 from __future__ import annotations

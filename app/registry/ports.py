@@ -1,5 +1,6 @@
 """The local driver's port pool: a port is an engine's while its `port_lease` row exists (a
-primary key, so two replicas on one host never hand out the same one)."""
+primary key, so two replicas on one host never hand out the same one). This module is the
+`PortPool` (app.drivers.local) the service gives the driver; the driver never imports it."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from typing import Any
 from app import crypto, products, registry
 from app.api.app import OrchestratorApp
 from app.api.handlers import Services
-from app.lifecycle import ProductRef
+from app.operations import Op, ProductRef
 from tests.bench import bare
 from tests.inproc import World
 
@@ -93,9 +93,9 @@ def main() -> None:
     product = ProductRef(row.id, row.name, row.max_engines, row.rate_limit_rpm)
 
     async def run() -> None:
-        await world.lifecycle.provision(product, "hot")
+        await world.engines.run(Op.PROVISION, (product.id, "hot"), product_name=product.name)
         orch = OrchestratorApp(world.settings, run_reconciler=False)
-        orch.services = Services(world.lifecycle, world.admitter)
+        orch.services = Services(world.engines, world.admitter)
         orch.access_log.enabled = True  # as deployed (INFO)
         await _round(orch, key, n, orch)  # warm-up
         ours, base = await measure(orch, key, n)
@@ -107,8 +107,8 @@ def main() -> None:
             await _round(orch, key, n * 5, orch)
             profiler.disable()
             pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
-        await world.lifecycle.runner.drain(10.0)
-        await world.lifecycle.close()
+        await world.engines.runner.drain(10.0)
+        await world.engines.close()
 
     asyncio.run(run())
     world.close()

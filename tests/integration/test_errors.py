@@ -242,14 +242,14 @@ def test_internal_error_is_json_without_traceback(monkeypatch: pytest.MonkeyPatc
         application = app_module.OrchestratorApp(settings, run_reconciler=False)
         await application.startup()
         try:
-            from app import products
+            from app import products, registry
             _, key = products.create("p")
 
             def boom(*_a, **_k):
                 raise RuntimeError("secret internals")
 
             assert application.services is not None
-            monkeypatch.setattr(application.services.lifecycle, "get", boom)
+            monkeypatch.setattr(registry, "find_engine", boom)
             transport = httpx.ASGITransport(app=application.app)
             async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
                 return await client.get("/engines/u", headers={"X-Platform-Key": key,

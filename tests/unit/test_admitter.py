@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from app import errors, states
+from app.operations import Op
 from tests.inproc import Behaviour, World
 
 
@@ -24,7 +25,7 @@ def admit(world: World, user_id: str, **flags: bool) -> dict[str, object]:
 
 
 def test_hot_path_answers_from_the_row_and_records_activity(world: World) -> None:
-    row, key = world.run(world.lifecycle.provision(world.product, "a"))
+    row, key = world.run(world.op(Op.PROVISION, "a"))
     answer = admit(world, "a")
     assert answer == {"admitted": True, "user_id": "a", "url": row.url, "api_key": key,
                       "status": "running", "engine_version": row.engine_version,
@@ -36,14 +37,14 @@ def test_the_denials(tmp_path: Path) -> None:
     world = World(tmp_path, max_restarts=0)
     try:
         assert admit(world, "none") == {"admitted": False, "reason": "engine_not_found", "status": None}
-        world.run(world.lifecycle.provision(world.product, "zzz"))
+        world.run(world.op(Op.PROVISION, "zzz"))
         world.left_by_dead_owner("zzz", "sleep", lease_s=0)
         assert admit(world, "zzz", auto_wake=False)["reason"] == "engine_sleeping"
-        world.run(world.lifecycle.provision(world.product, "halt"))
-        world.run(world.lifecycle.stop(world.product, "halt"))
+        world.run(world.op(Op.PROVISION, "halt"))
+        world.run(world.op(Op.STOP, "halt"))
         assert admit(world, "halt", auto_provision=True, auto_wake=True) == {
             "admitted": False, "reason": "engine_stopped", "status": "stopped"}
-        world.run(world.lifecycle.provision(world.product, "sick"))
+        world.run(world.op(Op.PROVISION, "sick"))
         world.left_by_dead_owner("sick", "fail", lease_s=0, failure_reason="crashed")
         assert admit(world, "sick", auto_wake=True)["reason"] == "engine_unhealthy"
     finally:
@@ -60,7 +61,7 @@ def test_auto_provision_and_auto_wake(world: World) -> None:
 
 
 def test_a_failed_engine_with_restarts_left_is_restarted_at_once(world: World) -> None:
-    world.run(world.lifecycle.provision(world.product, "f"))
+    world.run(world.op(Op.PROVISION, "f"))
     world.left_by_dead_owner("f", "fail", lease_s=0, failure_reason="crashed")
     world.set("f", next_restart_at=time.time() + 3600)  # the backoff does not hold a waiting user
     assert admit(world, "f")["admitted"] is True
@@ -71,7 +72,7 @@ def test_a_slow_boot_in_flight_is_waited_for(tmp_path: Path) -> None:
     world = World(tmp_path, Behaviour(boot_s=0.4))
     try:
         async def scenario() -> dict[str, object]:
-            provisioning = asyncio.create_task(world.lifecycle.provision(world.product, "slow"))
+            provisioning = asyncio.create_task(world.op(Op.PROVISION, "slow"))
             await asyncio.sleep(0.1)
             assert world.status("slow") == states.PROVISIONING
             answer = await world.admitter.admit(world.product, "slow")
@@ -98,7 +99,7 @@ def test_an_engine_that_never_gets_ready_is_504_within_the_boot_timeout(tmp_path
 
 def test_another_replicas_boot_is_waited_for_and_a_dead_ones_taken_over(world: World) -> None:
     async def scenario() -> dict[str, object]:
-        await world.lifecycle.provision(world.product, "o")
+        await world.op(Op.PROVISION, "o")
         world.left_by_dead_owner("o", "fail", lease_s=0)
         world.left_by_dead_owner("o", "start", lease_s=0.3)  # its owner died while it booted
         return await world.admitter.admit(world.product, "o")
@@ -110,9 +111,9 @@ def test_another_replicas_boot_is_waited_for_and_a_dead_ones_taken_over(world: W
 def test_rate_limit(tmp_path: Path) -> None:
     world = World(tmp_path)
     try:
-        from app.lifecycle import ProductRef
+        from app.operations import ProductRef
         world.product = ProductRef(world.product.id, "p", 10, 2)
-        world.run(world.lifecycle.provision(world.product, "rl"))
+        world.run(world.op(Op.PROVISION, "rl"))
         admit(world, "rl")
         admit(world, "rl")
         with pytest.raises(errors.RateLimited) as caught:
@@ -125,7 +126,7 @@ def test_rate_limit(tmp_path: Path) -> None:
 def test_quota_applies_to_auto_provision(tmp_path: Path) -> None:
     world = World(tmp_path)
     try:
-        from app.lifecycle import ProductRef
+        from app.operations import ProductRef
         from app.registry import Product
         Product.update(max_engines=1).where(Product.id == world.product.id).execute()
         world.product = ProductRef(world.product.id, "p", 1, 6000)

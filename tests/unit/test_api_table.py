@@ -13,8 +13,8 @@ from starlette.routing import Mount, Route
 from app import states
 from app.api import spec
 from app.api.app import OrchestratorApp
+from app.api.dispatch import ALL_HANDLERS as HANDLERS
 from app.api.openapi import document
-from app.api.operations import ALL_HANDLERS as HANDLERS
 from app.client import AsyncClient, Client, _calls, _models
 from app.config import Settings
 

@@ -1,4 +1,4 @@
-"""Issue 11, item 1: on the local driver an engine's end is an event (a pidfd per engine, read
+"""On the local driver an engine's end is an event (a pidfd per engine, read
 by the event loop), so a killed engine is failed at once, by one probe, with no reconciler pass:
 real engine processes (the reference engine), the real runner and registry, in process."""
 
@@ -10,8 +10,9 @@ import signal
 import time
 from pathlib import Path
 
-from app import states
+from app import registry, states
 from app.drivers import make_driver
+from app.operations import Op
 from app.reconciler import Reconciler
 from app.registry import EngineRow
 from tests.harness import free_port_range
@@ -25,7 +26,7 @@ def local_world(tmp_path: Path) -> World:
     world = World(tmp_path, state_dir=tmp_path / "state", brain_root=tmp_path / "brains",
                   port_range=free_port_range(8), boot_timeout_s=10.0,
                   health_interval_s=3600.0, resync_s=3600.0)  # no health check would see it
-    world.driver = make_driver(world.settings)  # type: ignore[assignment]
+    world.driver = make_driver(world.settings, registry.ports)  # type: ignore[assignment]
     world.restart()
     return world
 
@@ -42,7 +43,7 @@ async def wait_status(world: World, user_id: str, status: str) -> EngineRow:
 
 async def cleanup(world: World, *users: str) -> None:
     for user in users:
-        await world.lifecycle.destroy(world.product, user)
+        await world.op(Op.DESTROY, user)
     await world.driver.close()
 
 
@@ -50,7 +51,7 @@ def test_a_killed_engine_is_failed_by_its_exit_event(tmp_path: Path) -> None:
     world = local_world(tmp_path)
     try:
         async def scenario() -> None:
-            row, _ = await world.lifecycle.provision(world.product, "k")
+            row, _ = await world.op(Op.PROVISION, "k")
             reconciler = world.reconciler
             assert reconciler.events  # the local driver reports exits
             try:
@@ -75,10 +76,10 @@ def test_an_adopted_engine_is_watched_and_one_that_ended_unseen_is_caught_by_the
     world = local_world(tmp_path)
     try:
         async def scenario() -> None:
-            alive, _ = await world.lifecycle.provision(world.product, "alive")
-            gone, _ = await world.lifecycle.provision(world.product, "gone")
+            alive, _ = await world.op(Op.PROVISION, "alive")
+            gone, _ = await world.op(Op.PROVISION, "gone")
             await world.driver.close()  # the first orchestrator goes away; its engines stay
-            world.driver = make_driver(world.settings)  # type: ignore[assignment]
+            world.driver = make_driver(world.settings, registry.ports)  # type: ignore[assignment]
             world.restart()
             reconciler = world.reconciler
             try:
@@ -102,9 +103,9 @@ def test_a_stop_is_not_taken_for_a_crash(tmp_path: Path) -> None:
     world = local_world(tmp_path)
     try:
         async def scenario() -> None:
-            await world.lifecycle.provision(world.product, "s")
+            await world.op(Op.PROVISION, "s")
             try:
-                await world.lifecycle.stop(world.product, "s")
+                await world.op(Op.STOP, "s")
                 await asyncio.sleep(0.2)
                 assert world.status("s") == states.STOPPED
                 assert world.reconciler.probes == 0
@@ -122,8 +123,8 @@ def test_a_reconciler_without_events_still_checks_health(tmp_path: Path) -> None
     world = World(tmp_path)
     try:
         async def scenario() -> None:
-            row, _ = await world.lifecycle.provision(world.product, "p")
-            reconciler = Reconciler(world.lifecycle)
+            row, _ = await world.op(Op.PROVISION, "p")
+            reconciler = Reconciler(world.engines)
             assert not reconciler.events
             world.driver.crash(row.name)
             now = time.time()

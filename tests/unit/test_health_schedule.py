@@ -1,4 +1,4 @@
-"""Issue 11, item 2: health checks spread over ORCH_HEALTH_INTERVAL_S, not all every tick;
+"""Health checks spread over ORCH_HEALTH_INTERVAL_S, not all every tick;
 engines that start running between two resyncs are picked up by an indexed read; idle
 engines are found by one indexed query."""
 
@@ -12,6 +12,7 @@ from pathlib import Path
 from app import registry, states
 from app.drivers.base import EngineSpec, Probe, State
 from app.health_schedule import HealthSchedule
+from app.operations import Op
 from app.registry.db import hot_sql
 from tests.inproc import World
 
@@ -51,7 +52,7 @@ def test_the_reconciler_checks_each_engine_once_an_interval(tmp_path: Path) -> N
     try:
         async def scenario() -> list[int]:
             for n in range(QUOTA - 1):
-                await world.lifecycle.provision(world.product, f"u{n}")
+                await world.op(Op.PROVISION, f"u{n}")
             reconciler = world.reconciler
             reconciler.schedule._random = random.Random(3)
             now, per_tick = time.time(), []
@@ -59,7 +60,7 @@ def test_the_reconciler_checks_each_engine_once_an_interval(tmp_path: Path) -> N
                 before = reconciler.probes
                 await reconciler.tick(now + step * 0.1)
                 per_tick.append(reconciler.probes - before)
-            late, _ = await world.lifecycle.provision(world.product, "late")
+            late, _ = await world.op(Op.PROVISION, "late")
             await reconciler.tick(now + 2.15)  # no resync due: the indexed read finds it
             assert late.id in reconciler.schedule
             return per_tick
@@ -78,7 +79,7 @@ def test_idle_engines_are_found_by_one_indexed_query(tmp_path: Path) -> None:
     try:
         async def scenario() -> None:
             for user in ("idle", "busy", "never"):
-                await world.lifecycle.provision(world.product, user)
+                await world.op(Op.PROVISION, user)
 
         world.run(scenario())
         now = time.time()

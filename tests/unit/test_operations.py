@@ -1,16 +1,19 @@
-"""Every row of the state table, through the lifecycle's operations, in process (a real
+"""Every row of the state table, through the operations table (Engines.run), in process (a real
 SQLite registry, the real runner, a FakeDriver). Each test ends by checking the audit trail
 walks along the table."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from pathlib import Path
 
 import pytest
 
 from app import errors, states
+from app.bodies import Bodies
+from app.operations import TABLE, Op
 from tests.inproc import Behaviour, World
 
 
@@ -25,8 +28,17 @@ def make(tmp_path: Path, **behaviour: object) -> World:
     return World(tmp_path, Behaviour(**behaviour))  # type: ignore[arg-type]
 
 
+def test_the_table_declares_every_operation_once_with_a_body() -> None:
+    """Every operation has its row, keyed by its own name, and its body is one of Bodies'."""
+    assert set(TABLE) == set(Op)
+    for op, operation in TABLE.items():
+        assert operation.op is op
+        assert inspect.iscoroutinefunction(operation.body)
+        assert getattr(Bodies, operation.body.__name__) is operation.body
+
+
 def test_provision_then_ready(world: World) -> None:
-    row, key = world.run(world.lifecycle.provision(world.product, "a"))
+    row, key = world.run(world.op(Op.PROVISION, "a"))
     assert row.status == states.RUNNING and row.url and key.startswith("eng_")
     assert world.driver.engines[row.name].key == key
     assert world.trail("a") == [("provision", None, "provisioning"), ("ready", "provisioning", "running")]
@@ -40,7 +52,7 @@ def test_provision_that_never_gets_healthy_stays_failed(tmp_path: Path, behaviou
     world = World(tmp_path, Behaviour(**behaviour), boot_timeout_s=0.3)
     try:
         with pytest.raises(errors.DriverError) as caught:
-            world.run(world.lifecycle.provision(world.product, "b"))
+            world.run(world.op(Op.PROVISION, "b"))
         assert caught.value.code == "BOOT_TIMEOUT"
         row = world.row("b")
         assert row is not None and row.status == states.FAILED and row.failure_reason == reason
@@ -55,7 +67,7 @@ def test_a_provision_that_never_ran_leaves_nothing(tmp_path: Path, fault: str) -
     world = make(tmp_path, **{fault: True})
     try:
         with pytest.raises(errors.DriverError) as caught:
-            world.run(world.lifecycle.provision(world.product, "c"))
+            world.run(world.op(Op.PROVISION, "c"))
         assert caught.value.code == {"scheduler_down": "SCHEDULER_UNAVAILABLE",
                                      "ports_exhausted": "PORT_EXHAUSTION"}[fault]
         assert world.row("c") is None and world.driver.engines == {}
@@ -66,15 +78,15 @@ def test_a_provision_that_never_ran_leaves_nothing(tmp_path: Path, fault: str) -
 
 def test_stop_then_start_from_stopped(world: World) -> None:
     async def scenario() -> None:
-        await world.lifecycle.provision(world.product, "s")
-        stopped = await world.lifecycle.stop(world.product, "s")
+        await world.op(Op.PROVISION, "s")
+        stopped = await world.op(Op.STOP, "s")
         assert stopped.status == states.STOPPED and stopped.url is None
         with pytest.raises(errors.NotRunning):
-            await world.lifecycle.stop(world.product, "s")
-        started = await world.lifecycle.start(world.product, "s")
+            await world.op(Op.STOP, "s")
+        started = await world.op(Op.START, "s")
         assert started.status == states.RUNNING and started.restarts == 0
         with pytest.raises(errors.AlreadyRunning):
-            await world.lifecycle.start(world.product, "s")
+            await world.op(Op.START, "s")
 
     world.run(scenario())
     assert [e for e, _, _ in world.trail("s")] == ["provision", "ready", "stop", "stopped", "start", "ready"]
@@ -87,7 +99,7 @@ def test_stop_from_every_state_the_table_allows(tmp_path: Path, source: str) -> 
     world = World(tmp_path, Behaviour(stop_s=0.2), lease_s=0.3)
     try:
         async def scenario() -> str:
-            await world.lifecycle.provision(world.product, "x")
+            await world.op(Op.PROVISION, "x")
             if source == states.SLEEPING:
                 world.left_by_dead_owner("x", "sleep", lease_s=0)
             elif source == states.FAILED:
@@ -99,7 +111,7 @@ def test_stop_from_every_state_the_table_allows(tmp_path: Path, source: str) -> 
                 world.left_by_dead_owner("x", "start")
                 if source == states.PROVISIONING:
                     world.set("x", status=states.PROVISIONING)
-            return (await world.lifecycle.stop(world.product, "x")).status
+            return (await world.op(Op.STOP, "x")).status
 
         assert world.run(scenario()) == states.STOPPED
         assert world.driver.running() == set()
@@ -111,9 +123,9 @@ def test_a_slow_stop_is_waited_for_and_sigkill_is_the_drivers(tmp_path: Path) ->
     world = World(tmp_path, Behaviour(stop_s=0.5), stop_grace_s=0.3)
     try:
         async def scenario() -> float:
-            await world.lifecycle.provision(world.product, "slow")
+            await world.op(Op.PROVISION, "slow")
             started = time.monotonic()
-            await world.lifecycle.stop(world.product, "slow")
+            await world.op(Op.STOP, "slow")
             return time.monotonic() - started
 
         assert world.run(scenario()) >= 0.3
@@ -128,14 +140,14 @@ def test_destroy_from_every_state(tmp_path: Path, source: str) -> None:
     world = World(tmp_path)
     try:
         async def scenario() -> None:
-            await world.lifecycle.provision(world.product, "d")
+            await world.op(Op.PROVISION, "d")
             if source == states.STOPPED:
-                await world.lifecycle.stop(world.product, "d")
+                await world.op(Op.STOP, "d")
             elif source != states.RUNNING:
                 world.set("d", status=source)
-            await world.lifecycle.destroy(world.product, "d")
+            await world.op(Op.DESTROY, "d")
             with pytest.raises(errors.EngineNotFound):
-                await world.lifecycle.destroy(world.product, "d")
+                await world.op(Op.DESTROY, "d")
 
         world.run(scenario())
         assert world.row("d") is None and world.driver.engines == {}
@@ -146,12 +158,12 @@ def test_destroy_from_every_state(tmp_path: Path, source: str) -> None:
 
 def test_an_explicit_operation_with_the_scheduler_down_changes_nothing(world: World) -> None:
     async def scenario() -> None:
-        await world.lifecycle.provision(world.product, "z")
+        await world.op(Op.PROVISION, "z")
         before = world.row("z")
         world.driver.behaviour.scheduler_down = True
-        for call in (world.lifecycle.stop, world.lifecycle.destroy, world.lifecycle.rotate_key):
+        for op in (Op.STOP, Op.DESTROY, Op.ROTATE):
             with pytest.raises(errors.SchedulerUnavailable):
-                await call(world.product, "z")
+                await world.op(op, "z")
         assert world.row("z") == before
 
     world.run(scenario())
@@ -159,15 +171,15 @@ def test_an_explicit_operation_with_the_scheduler_down_changes_nothing(world: Wo
 
 def test_wake_resumes_a_paused_engine_and_falls_back_to_a_cold_start(world: World) -> None:
     async def scenario() -> None:
-        row, _ = await world.lifecycle.provision(world.product, "w")
+        row, _ = await world.op(Op.PROVISION, "w")
         world.left_by_dead_owner("w", "sleep", lease_s=0)
         world.driver.engines[row.name].paused = True
-        woken = await world.lifecycle.wake(world.row("w"))  # type: ignore[arg-type]
+        woken = await world.op(Op.WAKE, "w")
         assert woken.status == states.RUNNING
         assert [c for c, _ in world.driver.calls].count("launch") == 1  # resumed, not relaunched
         world.left_by_dead_owner("w", "sleep", lease_s=0)
         world.driver.crash(row.name)  # its process is gone while asleep
-        woken = await world.lifecycle.wake(world.row("w"))  # type: ignore[arg-type]
+        woken = await world.op(Op.WAKE, "w")
         assert woken.status == states.RUNNING
         assert [c for c, _ in world.driver.calls].count("launch") == 2  # a cold start
 
@@ -179,14 +191,14 @@ def test_restart_counts_and_gives_up(tmp_path: Path) -> None:
     world = World(tmp_path, max_restarts=1)
     try:
         async def scenario() -> None:
-            await world.lifecycle.provision(world.product, "r")
+            await world.op(Op.PROVISION, "r")
             world.left_by_dead_owner("r", "fail", lease_s=0, failure_reason="crashed")
-            row = await world.lifecycle.restart(world.row("r"))  # type: ignore[arg-type]
+            row = await world.op(Op.RESTART, "r")
             assert row.status == states.RUNNING and row.restarts == 1
             world.left_by_dead_owner("r", "fail", lease_s=0, failure_reason="crashed")
-            row = await world.lifecycle.restart(world.row("r"))  # type: ignore[arg-type]
+            row = await world.op(Op.RESTART, "r")
             assert row.status == states.FAILED  # out of restarts: left failed
-            assert not world.lifecycle.restartable(row)
+            assert not world.engines.bodies.restartable(row)
 
         world.run(scenario())
     finally:
@@ -198,7 +210,7 @@ def test_a_dead_provision_with_nothing_launched_is_rolled_back(world: World) -> 
         world.left_by_dead_owner("gone", "provision", lease_s=0)  # killed before the driver ran
         row = world.row("gone")
         assert row is not None
-        await world.lifecycle.recover(row)
+        await world.engines.run(Op.RECOVER, row.key)
 
     with pytest.raises(errors.EngineNotFound):
         world.run(scenario())
@@ -208,13 +220,13 @@ def test_a_dead_provision_with_nothing_launched_is_rolled_back(world: World) -> 
 
 def test_a_dead_start_whose_engine_is_healthy_is_finished(world: World) -> None:
     async def scenario() -> None:
-        await world.lifecycle.provision(world.product, "h")
+        await world.op(Op.PROVISION, "h")
         world.left_by_dead_owner("h", "fail", lease_s=0)
         world.left_by_dead_owner("h", "start", lease_s=0)
         row = world.row("h")
         assert row is not None
         world.driver.engines[row.name].running = True  # it came up after its owner died
-        await world.lifecycle.recover(row)
+        await world.engines.run(Op.RECOVER, row.key)
 
     world.run(scenario())
     assert world.status("h") == states.RUNNING
@@ -223,9 +235,9 @@ def test_a_dead_start_whose_engine_is_healthy_is_finished(world: World) -> None:
 
 def test_concurrent_different_operations_serialise(world: World) -> None:
     async def scenario() -> list[object]:
-        await world.lifecycle.provision(world.product, "q")
+        await world.op(Op.PROVISION, "q")
         return list(await asyncio.gather(
-            world.lifecycle.stop(world.product, "q"), world.lifecycle.start(world.product, "q"),
+            world.op(Op.STOP, "q"), world.op(Op.START, "q"),
             return_exceptions=True))
 
     stopped, started = world.run(scenario())
@@ -238,9 +250,9 @@ def test_rotate_key_is_confirmed_by_the_engine(tmp_path: Path) -> None:
     world = World(tmp_path, Behaviour(http=True))
     try:
         async def scenario() -> tuple[str, str]:
-            _, old = await world.lifecycle.provision(world.product, "k")
-            row, new = await world.lifecycle.rotate_key(world.product, "k")
-            assert world.lifecycle.api_key(row) == new
+            _, old = await world.op(Op.PROVISION, "k")
+            row, new = await world.op(Op.ROTATE, "k")
+            assert world.engines.bodies.api_key(row) == new
             return old, new
 
         old, new = world.run(scenario())
@@ -254,20 +266,20 @@ def test_rotate_key_is_confirmed_by_the_engine(tmp_path: Path) -> None:
 
 def test_a_rotation_the_engine_does_not_take_keeps_the_old_key(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from app import operations
-    monkeypatch.setattr(operations, "KEY_CONFIRM_S", 0.3)
+    from app import bodies
+    monkeypatch.setattr(bodies, "KEY_CONFIRM_S", 0.3)
     world = World(tmp_path, Behaviour(http=True, ignores_sighup=True))
     try:
         async def scenario() -> str:
-            _, old = await world.lifecycle.provision(world.product, "k")
+            _, old = await world.op(Op.PROVISION, "k")
             with pytest.raises(errors.Unavailable):
-                await world.lifecycle.rotate_key(world.product, "k")
+                await world.op(Op.ROTATE, "k")
             return old
 
         old = world.run(scenario())
         row = world.row("k")
         assert row is not None and row.pending_key_enc is None
-        assert world.lifecycle.api_key(row) == old
+        assert world.engines.bodies.api_key(row) == old
     finally:
         world.close()
 
@@ -279,7 +291,7 @@ def test_a_rotation_cut_short_by_a_crash_is_settled(tmp_path: Path, engine_took_
     world = World(tmp_path, Behaviour(http=True))
     try:
         async def scenario() -> tuple[str, str]:
-            row, old = await world.lifecycle.provision(world.product, "k")
+            row, old = await world.op(Op.PROVISION, "k")
             new = "eng_" + "n" * 40
             world.set("k", pending_key_enc=world.keys.encrypt(new), lease_owner="dead-owner",
                       lease_until=time.time() - 1)
@@ -287,13 +299,13 @@ def test_a_rotation_cut_short_by_a_crash_is_settled(tmp_path: Path, engine_took_
                 world.driver.engines[row.name].key = new
             stuck = world.row("k")
             assert stuck is not None
-            await world.lifecycle.recover(stuck)
+            await world.engines.run(Op.RECOVER, stuck.key)
             return old, new
 
         old, new = world.run(scenario())
         row = world.row("k")
         assert row is not None and row.pending_key_enc is None
-        assert world.lifecycle.api_key(row) == (new if engine_took_it else old)
+        assert world.engines.bodies.api_key(row) == (new if engine_took_it else old)
         assert world.driver.engines[row.name].key == (new if engine_took_it else old)
         assert world.trail("k")[-1][0] == ("rotate_key" if engine_took_it else "rotate_key_rolled_back")
     finally:

@@ -8,13 +8,14 @@ import time
 from pathlib import Path
 
 from app import states
+from app.operations import Op
 from app.registry import EngineRow
 from tests.inproc import Behaviour, World
 
 
 async def crashed(world: World, user_id: str) -> EngineRow:
     """A new engine of `user_id`, crashed and failed by a reconciler pass."""
-    row, _ = await world.lifecycle.provision(world.product, user_id)
+    row, _ = await world.op(Op.PROVISION, user_id)
     world.driver.crash(row.name)
     await world.reconciler.pass_once(wait=True)
     failed = world.row(user_id)
@@ -47,7 +48,7 @@ def test_unhealthy_past_the_grace_period_fails(tmp_path: Path) -> None:
     world = World(tmp_path, health_grace_s=0.2)
     try:
         async def scenario() -> None:
-            row, _ = await world.lifecycle.provision(world.product, "u")
+            row, _ = await world.op(Op.PROVISION, "u")
             world.driver.engines[row.name].healthy = False
             await world.reconciler.pass_once(wait=True)
             assert world.status("u") == states.RUNNING  # within the grace
@@ -65,8 +66,8 @@ def test_an_idle_engine_sleeps_and_a_busy_one_does_not(tmp_path: Path) -> None:
     world = World(tmp_path, idle_sleep_s=0.3)
     try:
         async def scenario() -> None:
-            idle, _ = await world.lifecycle.provision(world.product, "idle")
-            await world.lifecycle.provision(world.product, "busy")
+            idle, _ = await world.op(Op.PROVISION, "idle")
+            await world.op(Op.PROVISION, "busy")
             await asyncio.sleep(0.35)
             await world.admitter.admit(world.product, "busy")
             await world.reconciler.pass_once(wait=True)
@@ -83,7 +84,7 @@ def test_sleep_mode_stop_stops_the_task(tmp_path: Path) -> None:
     world = World(tmp_path, idle_sleep_s=0.1, sleep_mode="stop")
     try:
         async def scenario() -> None:
-            await world.lifecycle.provision(world.product, "cold")
+            await world.op(Op.PROVISION, "cold")
             await asyncio.sleep(0.15)
             await world.reconciler.pass_once(wait=True)
             row = world.row("cold")
@@ -100,8 +101,8 @@ def test_a_dead_owners_transient_rows_are_finished(tmp_path: Path) -> None:
     world = World(tmp_path, Behaviour(stop_s=0.1), lease_s=0.2)
     try:
         async def scenario() -> None:
-            await world.lifecycle.provision(world.product, "stopping")
-            await world.lifecycle.provision(world.product, "destroying")
+            await world.op(Op.PROVISION, "stopping")
+            await world.op(Op.PROVISION, "destroying")
             world.left_by_dead_owner("stopping", "stop")
             world.left_by_dead_owner("destroying", "destroy")
             await world.reconciler.pass_once(wait=True)  # leases still live: left alone
@@ -141,7 +142,7 @@ def test_the_scheduler_away_is_no_bad_news(tmp_path: Path) -> None:
     world = World(tmp_path)
     try:
         async def scenario() -> None:
-            await world.lifecycle.provision(world.product, "calm")
+            await world.op(Op.PROVISION, "calm")
             world.driver.behaviour.scheduler_down = True
             await world.reconciler.pass_once(wait=True)
 

@@ -16,6 +16,8 @@ import pytest
 
 from app import products, registry
 from app.drivers import _process
+from app.operations import Op
+from app.registry import EngineRow
 from app.registry.db import CHECKPOINT_BYTES, CHECKPOINT_S, checkpoint_due
 from tests.unit.test_fleet_events import cleanup, local_world
 
@@ -32,14 +34,19 @@ def test_a_watched_engine_is_checked_on_one_kept_connection_without_reading_proc
 
     try:
         async def scenario() -> None:
-            row, _ = await world.lifecycle.provision(world.product, "w")
+            row, _ = await world.op(Op.PROVISION, "w")
             driver: Any = world.driver.inner  # type: ignore[attr-defined]  # the LocalDriver
             pid = row.driver_state["pid"]
+            spec = world.engines.bodies.spec(row)
+
+            async def probe(row: EngineRow) -> str:
+                return await world.engines.driver.probe(spec, row.driver_state)
+
             assert driver.exits.watching(row.name) == pid
             monkeypatch.setattr(_process, "status", counted)
             try:
                 for _ in range(3):
-                    assert await world.lifecycle.probe(row) == "healthy"
+                    assert await probe(row) == "healthy"
                 assert reads == []  # its pidfd says it runs: no /proc read
                 assert len(driver.checks) == 1
                 # A check that fails is when /proc tells dead, paused and hung apart.
@@ -48,16 +55,16 @@ def test_a_watched_engine_is_checked_on_one_kept_connection_without_reading_proc
                     # A stop is taken by one thread and only then stops the others: until
                     # every thread is stopped, the engine's request thread can still answer.
                     await _all_threads_stopped(pid)
-                    assert await world.lifecycle.probe(row) == "paused"
+                    assert await probe(row) == "paused"
                 finally:
                     os.killpg(pid, signal.SIGCONT)
                 assert reads == [pid]
-                assert await world.lifecycle.probe(row) == "healthy"
+                assert await probe(row) == "healthy"
                 # An engine nobody watches is looked up in /proc first.
                 driver.exits.forget(row.name)
-                assert await world.lifecycle.probe(row) == "healthy"
+                assert await probe(row) == "healthy"
                 assert reads == [pid, pid]
-                await world.lifecycle.stop(world.product, "w")
+                await world.op(Op.STOP, "w")
                 assert len(driver.checks) == 0  # stopped: closed
             finally:
                 monkeypatch.setattr(_process, "status", real_status)
@@ -81,7 +88,7 @@ def test_the_orphan_scan_reads_neither_a_watched_engine_nor_a_known_other_proces
 
     try:
         async def scenario() -> None:
-            row, _ = await world.lifecycle.provision(world.product, "o")
+            row, _ = await world.op(Op.PROVISION, "o")
             pid = row.driver_state["pid"]
             brains = world.settings.brain_root.resolve()
             monkeypatch.setattr(_process, "_engine_of", counted)

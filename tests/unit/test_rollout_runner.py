@@ -1,4 +1,4 @@
-"""Rollouts in process (real SQLite registry, the real runner and lifecycle, a FakeDriver that
+"""Rollouts in process (real SQLite registry, the real runner and operations, a FakeDriver that
 can fail chosen engines on a chosen version, or hold a call): the second batch failing rolls
 back the first; two rollouts run side by side, up to the replica's concurrency."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from app import products, registry, states
 from app.drivers.base import EngineSpec
-from app.lifecycle import ProductRef
+from app.operations import Op, ProductRef
 from app.rollouts import RolloutRunner
 from tests.inproc import Behaviour, World
 
@@ -24,9 +24,9 @@ def test_a_rollout_whose_second_batch_fails_is_rolled_back_in_full(tmp_path: Pat
     world = World(tmp_path, Behaviour(never_ready_if=_second_batch_fails), boot_timeout_s=0.3)
     try:
         for user in "abcde":
-            world.run(world.lifecycle.provision(world.product, user, "v1"))
+            world.run(world.op(Op.PROVISION, user, engine_version="v1"))
         rollout = registry.rollouts.create_rollout(world.product.id, "v2", None, 2, 1)
-        world.run(RolloutRunner(world.lifecycle).run_once())
+        world.run(RolloutRunner(world.engines).run_once())
         done = registry.rollouts.reload_rollout(rollout.id)
         assert done is not None and done.status == "rolled_back"
         states_by_user = {t.user_id: t.state for t in registry.rollouts.targets(rollout.id)}
@@ -47,10 +47,10 @@ def test_a_rollout_whose_second_batch_fails_is_rolled_back_in_full(tmp_path: Pat
 def test_a_paused_rollout_is_left_alone_and_a_finished_one_is_not_run_again(tmp_path: Path) -> None:
     world = World(tmp_path, Behaviour())
     try:
-        world.run(world.lifecycle.provision(world.product, "a", "v1"))
+        world.run(world.op(Op.PROVISION, "a", engine_version="v1"))
         rollout = registry.rollouts.create_rollout(world.product.id, "v2", "v1", 1, 0)
         assert registry.rollouts.set_status(rollout, ("running",), "paused")
-        runner = RolloutRunner(world.lifecycle)
+        runner = RolloutRunner(world.engines)
         world.run(runner.run_once())
         assert world.row("a").engine_version == "v1"  # type: ignore[union-attr]
         assert registry.rollouts.set_status(rollout, ("paused",), "running")
@@ -67,11 +67,12 @@ def test_two_products_rollouts_run_side_by_side_each_under_its_lease(tmp_path: P
     try:
         made, _ = products.create("q", max_engines=10, rate_limit_rpm=6000)
         other = ProductRef(made.id, made.name, made.max_engines, made.rate_limit_rpm)
-        world.run(world.lifecycle.provision(world.product, "a", "v1"))
-        world.run(world.lifecycle.provision(other, "b", "v1"))
+        world.run(world.op(Op.PROVISION, "a", engine_version="v1"))
+        world.run(world.engines.run(Op.PROVISION, (other.id, "b"), product_name=other.name,
+                                    engine_version="v1"))
         first = registry.rollouts.create_rollout(world.product.id, "v2", None, 1, 0)
         second = registry.rollouts.create_rollout(other.id, "v3", None, 1, 0)
-        runner = RolloutRunner(world.lifecycle)
+        runner = RolloutRunner(world.engines)
 
         async def scenario() -> None:
             # The first upgrade's launch is held: the second rollout must launch meanwhile,
@@ -105,10 +106,10 @@ def test_a_replica_drives_at_most_its_concurrency_at_once(tmp_path: Path) -> Non
     world = World(tmp_path, Behaviour(), rollout_concurrency=1)
     try:
         for user in "ab":
-            world.run(world.lifecycle.provision(world.product, user, "v1"))
+            world.run(world.op(Op.PROVISION, user, engine_version="v1"))
         first = registry.rollouts.create_rollout(world.product.id, "v2", None, 1, 0)
         second = registry.rollouts.create_rollout(world.product.id, "v3", None, 1, 0)
-        runner = RolloutRunner(world.lifecycle)
+        runner = RolloutRunner(world.engines)
 
         async def scenario() -> None:
             gate = world.driver.gate("launch")

@@ -1,5 +1,5 @@
-"""The operations runner, in process: the two bugs of issue 9, taking over a dead owner's
-work, waiting on a live one, and single flight."""
+"""The operations runner, in process: a crash mid-destroy, the reconciler against a leased
+row, taking over a dead owner's work, waiting on a live one, and single flight."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from app import errors, states
+from app.operations import Op
 from tests.inproc import Behaviour, World
 
 
@@ -21,14 +22,14 @@ def world(tmp_path: Path):
 
 
 def test_admit_after_a_crash_mid_destroy_answers_within_the_boot_timeout(tmp_path: Path) -> None:
-    """Issue 9, bug 1: provision `dl` (an engine that ignores SIGTERM), DELETE it, kill the
-    orchestrator mid-destroy, restart, admit with auto_provision. It used to wait out two
-    leases, the boot timeout and the stop grace (the destroy was recoverable only by the
-    reconciler, whose recovery waited behind the admit's flight), then answer 503."""
+    """Provision `dl` (an engine that ignores SIGTERM), DELETE it, kill the orchestrator
+    mid-destroy, restart, admit with auto_provision: the admit finishes the destroy itself
+    rather than waiting behind the reconciler's recovery (two leases, the boot timeout and
+    the stop grace), and answers within the boot timeout."""
     world = World(tmp_path, Behaviour(stop_s=0.5))
     try:
         async def scenario() -> tuple[dict[str, object], float]:
-            await world.lifecycle.provision(world.product, "dl")
+            await world.op(Op.PROVISION, "dl")
             world.left_by_dead_owner("dl", "destroy")  # SIGKILLed 1 s into DELETE
             world.restart()
             reconciling = asyncio.create_task(world.reconciler.run_forever())
@@ -58,7 +59,7 @@ def test_admit_answers_within_the_boot_timeout_even_when_the_engine_is_held(tmp_
     world = World(tmp_path, boot_timeout_s=1.0)
     try:
         async def scenario() -> float:
-            await world.lifecycle.provision(world.product, "held")
+            await world.op(Op.PROVISION, "held")
             world.left_by_dead_owner("held", "destroy", lease_s=3600)
             started = time.monotonic()
             with pytest.raises(errors.BootTimeout):
@@ -73,17 +74,17 @@ def test_admit_answers_within_the_boot_timeout_even_when_the_engine_is_held(tmp_
 
 @pytest.mark.parametrize("replica", ["same process", "another replica"])
 def test_the_reconciler_never_writes_under_an_operation(world: World, replica: str) -> None:
-    """Issue 9, bug 2: the reconciler reset a healthy engine's restart count with a write
-    that ignored the lease; the operation holding the lease then lost its compare-and-set
+    """Resetting a healthy engine's restart count is an operation under the lease: a write
+    that ignored it would make the operation holding the lease lose its compare-and-set
     (Conflict -> 500)."""
     async def scenario() -> object:
-        await world.lifecycle.provision(world.product, "r")
+        await world.op(Op.PROVISION, "r")
         world.set("r", restarts=1, status_since=time.time() - 3600)  # healthy for an hour
         gate = world.driver.gate("ping")
-        stop = asyncio.create_task(world.lifecycle.stop(world.product, "r"))
+        stop = asyncio.create_task(world.op(Op.STOP, "r"))
         await gate.entered.wait()  # the stop holds the lease and has read the row
         reconciler = world.reconciler if replica == "same process" else \
-            type(world.reconciler)(world.new_lifecycle())
+            type(world.reconciler)(world.new_engines())
         await reconciler.pass_once(wait=True)
         gate.release.set()
         return await stop
@@ -95,7 +96,7 @@ def test_the_reconciler_never_writes_under_an_operation(world: World, replica: s
 
 def test_the_restart_count_is_reset_when_nothing_holds_the_engine(world: World) -> None:
     async def scenario() -> None:
-        await world.lifecycle.provision(world.product, "calm")
+        await world.op(Op.PROVISION, "calm")
         world.set("calm", restarts=2, status_since=time.time() - 3600)
         await world.reconciler.pass_once(wait=True)
 
@@ -107,12 +108,12 @@ def test_the_restart_count_is_reset_when_nothing_holds_the_engine(world: World) 
 def test_a_live_owner_is_waited_for_then_the_operation_applies(world: World) -> None:
     """Another replica's stop holds the lease; a start here waits for it, then starts."""
     async def scenario() -> str:
-        await world.lifecycle.provision(world.product, "w")
-        other = world.new_lifecycle()
+        await world.op(Op.PROVISION, "w")
+        other = world.new_engines()
         gate = world.driver.gate("stop")
-        stopping = asyncio.create_task(other.stop(world.product, "w"))
+        stopping = asyncio.create_task(other.run(Op.STOP, (world.product.id, "w")))
         await gate.entered.wait()
-        starting = asyncio.create_task(world.lifecycle.start(world.product, "w"))
+        starting = asyncio.create_task(world.op(Op.START, "w"))
         await asyncio.sleep(0.2)
         assert not starting.done()  # waiting on the other owner's lease
         gate.release.set()
@@ -129,11 +130,11 @@ def test_a_dead_owners_lease_is_taken_over_and_its_operation_finished(world: Wor
     """An orchestrator died mid-stop; once its lease runs out, the next operation finishes
     the stop (here a start, which then brings the engine back)."""
     async def scenario() -> str:
-        await world.lifecycle.provision(world.product, "t")
+        await world.op(Op.PROVISION, "t")
         world.left_by_dead_owner("t", "stop")
         world.restart()
         started = time.monotonic()
-        row = await world.lifecycle.start(world.product, "t")
+        row = await world.op(Op.START, "t")
         assert time.monotonic() - started >= world.settings.lease_s * 0.5  # it did wait
         return row.status
 
@@ -159,7 +160,7 @@ def test_a_conflict_is_a_domain_error_not_a_crash(world: World) -> None:
     """Should a compare-and-set still lose, the caller gets SCHEDULER_UNAVAILABLE (503: try
     again, nothing changed), never an unmapped exception."""
     async def scenario() -> None:
-        await world.lifecycle.provision(world.product, "c")
+        await world.op(Op.PROVISION, "c")
 
     world.run(scenario())
     from app import registry

@@ -1,4 +1,4 @@
-"""Issue 11, item 3: the reconciler's work shared across replicas by shards leased in the
+"""The reconciler's work shared across replicas by shards leased in the
 database: shared out evenly, handed over to a newcomer, taken over from a dead replica once its
 lease ends, and each replica's reconciler looks only at its own shards' engines."""
 
@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from app import registry
+from app.operations import Op
 from app.reconciler import Reconciler
 from app.registry import shards
 from tests.inproc import World
@@ -52,8 +53,8 @@ def test_each_reconciler_looks_only_at_its_own_shards(tmp_path: Path) -> None:
     world = World(tmp_path)
     try:
         async def scenario() -> tuple[set[int], set[int], set[int]]:
-            rows = [(await world.lifecycle.provision(world.product, f"u{n}"))[0] for n in range(8)]
-            first, second = Reconciler(world.lifecycle), Reconciler(world.new_lifecycle())
+            rows = [(await world.op(Op.PROVISION, f"u{n}"))[0] for n in range(8)]
+            first, second = Reconciler(world.engines), Reconciler(world.new_engines())
             now = time.time()
             for _ in range(2):  # the second arrives, the first gives back half, both settle
                 first.heartbeat(now)

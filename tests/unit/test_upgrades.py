@@ -10,16 +10,17 @@ from pathlib import Path
 import pytest
 
 from app import errors, states
+from app.operations import Op
 from tests.inproc import Behaviour, World
 
 
 def test_when_neither_version_comes_up_the_engine_is_failed_on_the_old_one(tmp_path: Path) -> None:
     world = World(tmp_path, Behaviour(), boot_timeout_s=0.3)
     try:
-        world.run(world.lifecycle.provision(world.product, "a", "v1"))
+        world.run(world.op(Op.PROVISION, "a", engine_version="v1"))
         world.driver.behaviour.never_ready = True
         with pytest.raises(errors.UpgradeFailed):
-            world.run(world.lifecycle.upgrade(world.product, "a", "v2"))
+            world.run(world.op(Op.UPGRADE, "a", version="v2"))
         row = world.row("a")
         assert row is not None and row.status == states.FAILED
         assert (row.engine_version, row.previous_version) == ("v1", None)
@@ -33,11 +34,11 @@ def test_when_neither_version_comes_up_the_engine_is_failed_on_the_old_one(tmp_p
 def test_an_unreachable_scheduler_changes_nothing(tmp_path: Path) -> None:
     world = World(tmp_path, Behaviour())
     try:
-        world.run(world.lifecycle.provision(world.product, "b", "v1"))
+        world.run(world.op(Op.PROVISION, "b", engine_version="v1"))
         before = world.row("b")
         world.driver.behaviour.scheduler_down = True
         with pytest.raises(errors.SchedulerUnavailable):
-            world.run(world.lifecycle.upgrade(world.product, "b", "v2"))
+            world.run(world.op(Op.UPGRADE, "b", version="v2"))
         after = world.row("b")
         assert after is not None and before is not None
         assert (after.status, after.engine_version, after.row_version) == (
@@ -51,11 +52,11 @@ def test_unknown_engine_and_same_version(tmp_path: Path) -> None:
     world = World(tmp_path, Behaviour())
     try:
         with pytest.raises(errors.EngineNotFound):
-            world.run(world.lifecycle.upgrade(world.product, "nobody", "v2"))
-        row, _ = world.run(world.lifecycle.provision(world.product, "c", "v1"))
-        same = world.run(world.lifecycle.upgrade(world.product, "c", "v1"))
+            world.run(world.op(Op.UPGRADE, "nobody", version="v2"))
+        row, _ = world.run(world.op(Op.PROVISION, "c", engine_version="v1"))
+        same = world.run(world.op(Op.UPGRADE, "c", version="v1"))
         assert same.row_version == row.row_version  # nothing written
-        upgraded = world.run(world.lifecycle.upgrade(world.product, "c", "v2"))
+        upgraded = world.run(world.op(Op.UPGRADE, "c", version="v2"))
         assert (upgraded.status, upgraded.engine_version, upgraded.previous_version) == (
             states.RUNNING, "v2", None)
         assert world.driver.running() == {row.name}
@@ -68,14 +69,14 @@ def test_an_engine_held_by_another_owner_past_the_wait_is_engine_busy(tmp_path: 
     # The wait is boot timeout + stop grace + two lease periods: 0.9 s here.
     world = World(tmp_path, Behaviour(), boot_timeout_s=0.3, stop_grace_s=0.2, lease_s=0.2)
     try:
-        row, _ = world.run(world.lifecycle.provision(world.product, "d", "v1"))
+        row, _ = world.run(world.op(Op.PROVISION, "d", engine_version="v1"))
         world.set("d", lease_owner="other-replica", lease_until=time.time() + 60)
         with pytest.raises(errors.EngineBusy) as caught:
-            world.run(world.lifecycle.upgrade(world.product, "d", "v2"))
+            world.run(world.op(Op.UPGRADE, "d", version="v2"))
         assert caught.value.code == "ENGINE_BUSY"
         # Other operations keep the runner's 503 answer (the spec names 409 for an upgrade only).
         with pytest.raises(errors.Busy) as other:
-            world.run(world.lifecycle.stop(world.product, "d"))
+            world.run(world.op(Op.STOP, "d"))
         assert other.value.code == "SCHEDULER_UNAVAILABLE"
         after = world.row("d")
         assert after is not None
@@ -83,7 +84,7 @@ def test_an_engine_held_by_another_owner_past_the_wait_is_engine_busy(tmp_path: 
             states.RUNNING, "v1", row.row_version)
         assert world.driver.running() == {row.name}
         world.set("d", lease_owner=None, lease_until=None)  # the holder lets go
-        upgraded = world.run(world.lifecycle.upgrade(world.product, "d", "v2"))
+        upgraded = world.run(world.op(Op.UPGRADE, "d", version="v2"))
         assert (upgraded.status, upgraded.engine_version) == (states.RUNNING, "v2")
         world.assert_valid_trail("d")
     finally:

@@ -1,5 +1,6 @@
-"""The ASGI endpoint of one path of the table: picks the endpoint by method, authenticates,
-checks the request against the endpoint's types, calls its handler and answers JSON."""
+"""The ASGI endpoint of one path of the endpoint table (app.api.spec): picks the endpoint by
+method, authenticates, checks the request against the endpoint's types, calls its handler
+(app.api.handlers) and answers JSON."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ _encode = msgspec.json.Encoder().encode
 _JSON = (b"content-type", b"application/json")
 
 
-class Operations:
+class Dispatcher:
     def __init__(self, endpoints: list[Endpoint], auth: Authenticator, services: Any) -> None:
         """`services` is called for the Services once the lifespan has made them."""
         self.auth = auth
