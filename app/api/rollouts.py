@@ -1,4 +1,4 @@
-"""The rollout endpoints (issue 13): start, list, look up, pause, resume, abort. The rollouts
+"""The rollout endpoints: start, list, look up, pause, resume, abort. The rollouts
 themselves are driven by app/rollouts.py on the replica holding each one's lease."""
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ HANDLERS: dict[str, Handler] = {
 def _find(call: Call) -> Rollout:
     found = rollouts.get_rollout(call.product.id, call.rollout_id)
     if found is None:
-        raise errors.RolloutNotFound(f"no rollout {call.rollout_id} for this product")
+        raise errors.NotFound(f"no rollout {call.rollout_id} for this product")
     return found
 
 

@@ -15,23 +15,26 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-# Drivers raise domain errors (app.errors); re-exported here under the names drivers use.
+# Drivers raise domain errors (app.errors), re-exported here under the names drivers use. Any
+# other exception that escapes a driver call is wrapped into DriverFailed by Instrumented.
 from app.errors import (
     BadVersion,
     BootTimeout,
     CapacityExhausted,
     DriverError,
+    DriverFailed,
     EngineCrashed,
     NodeLost,
-    PortExhausted,
+    PortExhaustion,
     SchedulerUnavailable,
 )
 
-__all__ = ["BadVersion", "BootTimeout", "CapacityExhausted", "Driver", "DriverError", "EngineCrashed",
-           "EngineSpec", "NodeLost", "PortExhausted", "Probe", "SchedulerUnavailable", "State"]
+__all__ = ["BadVersion", "BootTimeout", "CapacityExhausted", "Driver", "DriverError", "DriverFailed",
+           "EngineCrashed", "EngineSpec", "NodeLost", "PortExhaustion", "Probe", "SchedulerUnavailable",
+           "State"]
 
 State = dict[str, Any]  # driver-private, JSON-serialisable
-# "node_lost" (issue 8): the engine's node is gone, and its brain with it until it returns.
+# "node_lost": the engine's node is gone, and its brain with it until it returns.
 Probe = Literal["healthy", "unhealthy", "paused", "dead", "node_lost"]
 
 
@@ -55,7 +58,7 @@ class Driver(abc.ABC):
     async def create(self, spec: EngineSpec, api_key: str) -> State:
         """Reserve what the engine needs (port or volume, key) and launch it; don't wait.
 
-        Raises PortExhausted, CapacityExhausted or SchedulerUnavailable, and then leaves
+        Raises PortExhaustion, CapacityExhausted or SchedulerUnavailable, and then leaves
         nothing behind: no process, job, volume, variable or port.
         """
 
@@ -102,7 +105,7 @@ class Driver(abc.ABC):
         """Raise BadVersion for an engine_version this driver refuses (default: none)."""
         return None
 
-    # Issue 11: drivers that learn of an engine's end as an event (the local driver's pidfds)
+    # Drivers that learn of an engine's end as an event (the local driver's pidfds)
     # tell the reconciler at once, rather than waiting for its next health check.
     def on_exit(self, listener: Callable[[str], None]) -> bool:
         """Have `listener(name)` called when an engine ends. False: no such events here."""

@@ -22,10 +22,10 @@ from app import engine_http
 from app.config import Settings
 from app.drivers import _exits, _health, _process
 from app.drivers._isolation import Isolation
-from app.drivers.base import BootTimeout, Driver, EngineCrashed, EngineSpec, PortExhausted, Probe, State
+from app.drivers.base import BootTimeout, Driver, EngineCrashed, EngineSpec, PortExhaustion, Probe, State
 from app.registry import ports
 
-# What an engine inherits from our environment besides ORCH_ENGINE_ENV's names (issue 12).
+# What an engine inherits from our environment besides ORCH_ENGINE_ENV's names.
 _INHERITED = ("PATH", "LANG")
 
 
@@ -38,8 +38,8 @@ class LocalDriver(Driver):
         self.run_root = settings.run_dir.resolve()
         self.isolation = preflight(settings)
         self.http = engine_http.client()
-        self.exits = _exits.ExitWatcher()  # issue 11: a pidfd per engine
-        # Issue 11: a kept-alive connection per engine, closed when checks stop using it.
+        self.exits = _exits.ExitWatcher()  # a pidfd per engine
+        # A kept-alive connection per engine, closed when checks stop using it.
         self.checks = _health.HealthChecks(idle_s=3 * settings.health_interval_s + 30)
         _process.raise_fd_limit()  # a pidfd and a connection per engine
         self.exits.subscribe(self.checks.drop)  # an engine that ended: its connection is dead
@@ -130,7 +130,7 @@ class LocalDriver(Driver):
         pid = state.get("pid")
         if not pid:
             return "dead"
-        # Issue 11: a pid its pidfd still watches has not ended (its end is an event), so the
+        # A pid its pidfd still watches has not ended (its end is an event), so the
         # /proc read that tells dead, paused and running apart waits for a check that fails.
         if self.exits.watching(spec.name) != pid:
             early = self._probe_status(state)
@@ -149,7 +149,7 @@ class LocalDriver(Driver):
         names |= ports.holders()
         # Reading every process's environ is a scan of /proc: off the event loop, which keeps
         # answering admits meanwhile.
-        # Issue 11: the pids watched by their pidfd are known engines; only the others are read.
+        # The pids watched by their pidfd are known engines; only the others are read.
         known = self.exits.pids()
         names |= set(await asyncio.to_thread(self._scan.run, self.brain_root, known))
         return names
@@ -210,7 +210,7 @@ class LocalDriver(Driver):
         low, high = self.settings.port_range
         port = ports.reserve(name, low, high, _bindable)
         if port is None:
-            raise PortExhausted(f"no free port in ORCH_PORT_RANGE {low}-{high}")
+            raise PortExhaustion(f"no free port in ORCH_PORT_RANGE {low}-{high}")
         return port
 
     def _move_port(self, name: str, old: int) -> int:

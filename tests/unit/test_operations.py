@@ -69,11 +69,11 @@ def test_stop_then_start_from_stopped(world: World) -> None:
         await world.lifecycle.provision(world.product, "s")
         stopped = await world.lifecycle.stop(world.product, "s")
         assert stopped.status == states.STOPPED and stopped.url is None
-        with pytest.raises(errors.NotRunning):
+        with pytest.raises(errors.EngineNotRunning):
             await world.lifecycle.stop(world.product, "s")
         started = await world.lifecycle.start(world.product, "s")
         assert started.status == states.RUNNING and started.restarts == 0
-        with pytest.raises(errors.AlreadyRunning):
+        with pytest.raises(errors.EngineAlreadyRunning):
             await world.lifecycle.start(world.product, "s")
 
     world.run(scenario())
@@ -260,7 +260,7 @@ def test_a_rotation_the_engine_does_not_take_keeps_the_old_key(tmp_path: Path,
     try:
         async def scenario() -> str:
             _, old = await world.lifecycle.provision(world.product, "k")
-            with pytest.raises(errors.Unavailable):
+            with pytest.raises(errors.KeyNotConfirmed):
                 await world.lifecycle.rotate_key(world.product, "k")
             return old
 
