@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import re
+from pathlib import Path
 
 import httpx
 import pytest
@@ -101,3 +103,14 @@ def test_the_client_knows_every_code_and_whether_to_retry() -> None:
         error = client_errors.error_from_response(response)
         assert type(error).__name__ == entry.class_name
         assert error.retryable is entry.retryable
+
+
+def test_the_contract_lists_every_code_with_its_status() -> None:
+    contract = (Path(__file__).resolve().parents[2] / "app" / "CONTRACT.md").read_text()
+    section = contract[contract.index("## Errors"):contract.index("## Policy")]
+    rows = [line for line in section.splitlines() if line.startswith("| 4") or line.startswith("| 5")]
+    for entry in errors.CODES:
+        row = next((r for r in rows if re.search(rf"\b{entry.code}\b", r)), None)
+        assert row is not None, entry.code
+        assert row.startswith(f"| {entry.status} |"), (entry.code, row)
+        assert f"| {'yes' if entry.retryable else 'no'} |" in row, (entry.code, row)
