@@ -204,16 +204,24 @@ def test_boot_timeout_keeps_failed_engine(tmp_path: Path) -> None:
         orch.close()
 
 
-def test_an_unexpected_driver_failure_is_answered_and_fails_the_engine(tmp_path: Path) -> None:
-    """A driver_state emptied behind the driver's back makes the local driver trip over it (a
+def test_failures_below_the_api_name_their_cause(tmp_path: Path) -> None:
+    """An upgrade to a version that crashes says so, in the answer and the audit reason. A
+    driver_state emptied behind the driver's back makes the local driver trip over it (a
     bug's kind of error, not a domain error): the driver's edge wraps it, so the answer is the
-    contract's 502 DRIVER_FAILED, not a 500, and the engine is failed with that reason, not
-    left starting."""
+    contract's 502 DRIVER_FAILED, not a 500, and the engine is failed, not left starting."""
     orch = Orchestrator(tmp_path, env={"ORCH_MAX_RESTARTS": "0"}).start()
     try:
         orch.product("acme")
         api = orch.client("acme")
         assert api.post("/engines/provision", json={"user_id": "bob"}).status_code == 200
+        old, bad = api.get("/engines/bob").json()["engine_version"], "ref-2+fault-crash"
+        body = assert_error(api.post("/engines/bob/upgrade", json={"engine_version": bad}),
+                            502, "UPGRADE_FAILED")
+        assert "crashed while booting" in body["error"]["message"]
+        assert "healthy within" not in body["error"]["message"]
+        last = api.get("/engines/bob/events").json()["events"][0]
+        assert (last["event"], last["reason"]) == ("upgrade_rolled_back", f"crashed; {bad} -> {old}")
+
         assert api.post("/engines/bob/stop").status_code == 200
         orch.execute("UPDATE engine SET driver_state = '{}', row_version = row_version + 1 "
                      "WHERE user_id = 'bob'")
@@ -223,18 +231,6 @@ def test_an_unexpected_driver_failure_is_answered_and_fails_the_engine(tmp_path:
         assert (engine["status"], engine["failure_reason"]) == ("failed", "driver_failed")
     finally:
         orch.close()
-
-
-def test_an_upgrade_to_a_crashing_version_names_the_crash(running: Orchestrator) -> None:
-    api = running.client("acme")
-    bad = "ref-2+fault-crash"
-    body = assert_error(api.post("/engines/bob/upgrade", json={"engine_version": bad}),
-                        502, "UPGRADE_FAILED")
-    assert "crashed while booting" in body["error"]["message"]
-    assert "healthy within" not in body["error"]["message"]
-    last = api.get("/engines/bob/events").json()["events"][0]
-    assert (last["event"], last["reason"]) == ("upgrade_rolled_back", f"crashed; {bad} -> " +
-                                               api.get("/engines/bob").json()["engine_version"])
 
 
 def test_database_unavailable(tmp_path: Path) -> None:
