@@ -165,3 +165,14 @@ def test_each_code_has_one_class_of_its_name_on_the_server_and_in_the_client() -
         assert entry.code == server.code and entry.code == client.CODE, entry
         assert client_errors.ERRORS_BY_CODE[entry.code] is client
     assert set(client_errors.ERRORS_BY_CODE) == set(errors.BY_CODE)
+
+
+def test_the_table_of_codes_imports_only_the_standard_library() -> None:
+    """The client imports app.errors, and the client installs with httpx alone."""
+    import sys
+
+    tree = ast.parse((APP / "errors.py").read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree)
+                 if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported - {"__future__"} <= set(sys.stdlib_module_names), imported
