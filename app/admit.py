@@ -79,7 +79,7 @@ class Admitter:
                 try:
                     engine, _ = await engines.run(Op.PROVISION, key, product_name=product.name)
                     provisioned = True
-                except errors.AlreadyExists:
+                except errors.EngineAlreadyExists:
                     pass  # made meanwhile (another replica): read it below
             elif engine.status == states.RUNNING:
                 return self._admitted(engine, time.time(), provisioned, woken)
@@ -139,7 +139,7 @@ class Admitter:
             await asyncio.sleep(0.005)
         if task.done() and not task.cancelled():
             error = task.exception()
-            if error is not None and not isinstance(error, errors.AlreadyExists):
+            if error is not None and not isinstance(error, errors.EngineAlreadyExists):
                 raise error
         return registry.find_engine(product.id, user_id)
 

@@ -89,7 +89,7 @@ class Bodies:
         if not await engine_http.confirm_key(self.http, url, new, old, KEY_CONFIRM_S):
             await self.driver.set_key(spec, row.driver_state, old)
             registry.update(row, pending_key_enc=None)
-            raise errors.Unavailable("the engine did not confirm the new key; the old key still works")
+            raise errors.KeyNotConfirmed("the engine did not confirm the new key; the old key still works")
         row = registry.update(row, audit_event="rotate_key", key_enc=row.pending_key_enc,
                               pending_key_enc=None)
         return row, new

@@ -24,8 +24,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from app.config import Settings
+from app.config import ConfigError, Settings
 from app.drivers.base import EngineSpec
+from app.errors import BadVersion
 
 APP_ROOT = Path(__file__).resolve().parents[1]
 NS = 1_000_000_000
@@ -44,14 +45,6 @@ REFERENCE = re.compile(rf"(?P<repo>(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?{_COMPONENT}(
 VOLUME_PATH_UNKNOWN = "<the HostPath of volume ${volume_name}, known once it is created>"
 
 _OURS = re.compile(r"\$\{([a-z_]+)\}")
-
-
-class JobspecError(ValueError):
-    """A template that cannot be used; str() names the file and the problem."""
-
-
-class BadVersion(ValueError):
-    """An engine_version the docker template cannot run; str() says why (a 400)."""
 
 
 def repository(image: str) -> str:
@@ -137,14 +130,14 @@ def load_template(path: Path) -> dict[str, Any]:
     try:
         template = json.loads(path.read_text())
     except OSError as exc:
-        raise JobspecError(f"{path}: cannot read the job template: {exc.strerror or exc}") from None
+        raise ConfigError(f"{path}: cannot read the job template: {exc.strerror or exc}") from None
     except json.JSONDecodeError as exc:
-        raise JobspecError(f"{path}: not JSON: {exc}") from None
+        raise ConfigError(f"{path}: not JSON: {exc}") from None
     if not isinstance(template, dict) or "Job" in template:
-        raise JobspecError(f"{path}: must be a bare Job object (the driver wraps it in {{\"Job\": ...}})")
+        raise ConfigError(f"{path}: must be a bare Job object (the driver wraps it in {{\"Job\": ...}})")
     unknown = sorted({m for m in _OURS.findall(json.dumps(template)) if m not in PLACEHOLDERS})
     if unknown:
-        raise JobspecError(f"{path}: unknown placeholder(s) {', '.join(unknown)}; "
+        raise ConfigError(f"{path}: unknown placeholder(s) {', '.join(unknown)}; "
                            f"known: {', '.join(PLACEHOLDERS)}")
     return template
 

@@ -1,12 +1,14 @@
-"""Upgrades (issue 13): move an engine to another engine_version, keeping its brain.
+"""Upgrades: move an engine to another engine_version, keeping its brain.
 
 A running engine goes `upgrade` (running -> starting, the row already on the new version and
 remembering the old one in `previous_version`), is stopped gracefully and launched on the new
 version with the same brain, port or volume and key. Healthy within the boot timeout:
 `upgraded`. Not: it is stopped and launched again on the old version, `upgrade_rolled_back`,
-and the caller gets UpgradeFailed (502). An engine that is not running only records the new
-version; its next start or wake cold-starts on it. Every step's audit reason names both
-versions ("old -> new").
+and the caller gets UpgradeFailed (502). Both the answer and the audit reason name the cause:
+the new version crashed (`crashed`), was not healthy in time (`boot_timeout`), or could not be
+placed (the placement reason: `port_exhausted`, `node_lost`, `placement_failed`, ...). An
+engine that is not running only records the new version; its next start or wake cold-starts
+on it. Every step's audit reason names both versions ("old -> new").
 
 The row names what is (being) launched at every moment, and `previous_version` marks an
 upgrade in flight, so an owner that dies mid-upgrade leaves enough for `settle` to put the
@@ -22,7 +24,7 @@ from dataclasses import replace
 from app import registry, states
 from app.config import Settings
 from app.drivers.base import Driver, EngineSpec, State
-from app.errors import DriverError, UpgradeFailed
+from app.errors import BootTimeout, DriverError, EngineCrashed, UpgradeFailed
 from app.registry import EngineRow
 
 log = logging.getLogger("orch.lifecycle")
@@ -56,11 +58,9 @@ class Upgrader:
         except _NotUp as failed:
             cause = failed.cause
             log.info("engine %s not healthy on %s (%s); back to %s", row.name, version, cause, old)
-            await self.roll_back(failed.row, cause.state or failed.row.driver_state,
-                                 cause.code.lower())
-            raise UpgradeFailed(f"engine version {version!r} did not become healthy within "
-                                f"{self.settings.boot_timeout_s:g}s ({cause.message}); the "
-                                f"engine is back on {old!r}") from None
+            await self.roll_back(failed.row, cause.state or failed.row.driver_state, cause.reason)
+            raise UpgradeFailed(f"engine version {version!r} {self._what_happened(cause)} "
+                                f"({cause.message}); the engine is back on {old!r}") from None
         return registry.transition(row, "upgraded", _versions(old, version), driver_state=state,
                                    url=url, previous_version=None, failure_reason=None)
 
@@ -78,7 +78,7 @@ class Upgrader:
             stopped = await self.driver.stop(self.spec(failed.row),
                                              failed.cause.state or failed.row.driver_state,
                                              self._quick_stop())
-            reason = failed.cause.code.lower()
+            reason = failed.cause.reason
             registry.transition(failed.row, "boot_failed", f"{reason}; {_versions(new, old)}",
                                 driver_state=stopped, url=None, previous_version=None,
                                 failure_reason=reason)
@@ -111,6 +111,13 @@ class Upgrader:
         except DriverError as exc:
             raise _NotUp(row, exc) from None
         return row, state, url
+
+    def _what_happened(self, cause: DriverError) -> str:
+        if isinstance(cause, EngineCrashed):
+            return "crashed while booting"
+        if isinstance(cause, BootTimeout):
+            return f"did not become healthy within {self.settings.boot_timeout_s:g}s"
+        return f"could not be placed: {cause.reason}"
 
     def _quick_stop(self) -> float:
         return min(self.settings.stop_grace_s, QUICK_STOP_S)

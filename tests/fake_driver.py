@@ -15,10 +15,11 @@ from typing import Any
 
 from app.drivers.base import (
     BootTimeout,
+    CapacityExhausted,
     Driver,
     EngineCrashed,
     EngineSpec,
-    PortExhausted,
+    PortExhaustion,
     Probe,
     SchedulerUnavailable,
     State,
@@ -70,6 +71,8 @@ class Behaviour:
     http: bool = False  # engines answer HTTP on loopback (/health, and the key on every other route)
     ignores_sighup: bool = False  # set_key writes the key, but the engine keeps the old one
     never_ready_if: Callable[[EngineSpec], bool] | None = None  # these engines/versions only
+    crash_if: Callable[[EngineSpec], bool] | None = None  # these exit while booting
+    unplaceable_if: Callable[[EngineSpec], bool] | None = None  # these: CapacityExhausted at launch
 
 
 @dataclass
@@ -108,11 +111,13 @@ class FakeDriver(Driver):
     async def create(self, spec: EngineSpec, api_key: str) -> State:
         await self._call("create", spec.name)
         if self.behaviour.ports_exhausted:
-            raise PortExhausted("no free port in the fake's range")
+            raise PortExhaustion("no free port in the fake's range")
         return await self.launch(spec, {"slot": spec.name}, api_key)
 
     async def launch(self, spec: EngineSpec, state: State, api_key: str) -> State:
         await self._call("launch", spec.name)
+        if self.behaviour.unplaceable_if is not None and self.behaviour.unplaceable_if(spec):
+            raise CapacityExhausted(f"no node can take {spec.name}")
         self._generation += 1
         old = self.engines.get(spec.name)
         if old is not None:
@@ -125,7 +130,8 @@ class FakeDriver(Driver):
     async def wait_ready(self, spec: EngineSpec, state: State, timeout: float) -> tuple[State, str]:
         await self._call("wait_ready", spec.name)
         engine = self._live(state)
-        if engine is None or self.behaviour.crash_after_start:
+        crash = self.behaviour.crash_if is not None and self.behaviour.crash_if(spec)
+        if engine is None or self.behaviour.crash_after_start or crash:
             if engine is not None:
                 engine.running = False
             raise EngineCrashed(f"engine {spec.name} exited while booting", state)

@@ -18,12 +18,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from app import crypto, logs, metrics, registry
+from app import crypto, errors, logs, metrics, registry
 from app.admit import Admitter
 from app.api import docs, openapi
 from app.api.auth import Authenticator
 from app.api.dispatch import Dispatcher
-from app.api.errors import HANDLED, CodedError, handle
+from app.api.errors import HANDLED, handle
 from app.api.handlers import Services
 from app.api.middleware import RequestContext, info_of
 from app.api.spec import ENDPOINTS, Endpoint
@@ -131,7 +131,7 @@ class OrchestratorApp:
         if token is not None:
             sent = request.headers.get("authorization", "")
             if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
-                raise CodedError("UNAUTHORIZED", "/metrics needs Authorization: Bearer <ORCH_METRICS_TOKEN>")
+                raise errors.Unauthorized("/metrics needs Authorization: Bearer <ORCH_METRICS_TOKEN>")
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     async def openapi(self, _request: Request) -> Response:

@@ -1,7 +1,7 @@
 """How every error is answered: one exception handler, keyed by the error's `code`.
 
-Domain errors (app/errors.py, the drivers' errors) carry a `code` from the spec and no HTTP
-status; STATUS_BY_CODE in the endpoint table is the one place that maps a code to a status.
+Domain errors (app/errors.py, the drivers' errors included) carry a `code` and no HTTP status;
+the table of codes (app.errors.CODES) is the one place that maps a code to a status.
 Starlette's own 404/405, a database that cannot be reached, and bugs are mapped here too.
 """
 
@@ -16,18 +16,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.api.spec import STATUS_BY_CODE
-from app.errors import DomainError
+from app.errors import STATUS_BY_CODE, DomainError
 
 log = logging.getLogger("orch.api")
-
-
-class CodedError(Exception):
-    """An error of the HTTP layer itself (not a domain error), with a spec code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 def error_response(status: int, code: str, message: str, request_id: str,
@@ -38,11 +29,8 @@ def error_response(status: int, code: str, message: str, request_id: str,
 
 def classify(exc: BaseException, request_id: str) -> tuple[int, str, str, dict[str, str]]:
     """(status, code, message, extra headers) for any exception."""
-    code = getattr(exc, "code", None)
-    if isinstance(code, str) and not isinstance(exc, HTTPException):
-        status = STATUS_BY_CODE.get(code) or _declared_status(exc)
-        if status is not None:
-            return status, code, str(getattr(exc, "message", None) or exc), _headers(exc)
+    if isinstance(exc, DomainError):
+        return STATUS_BY_CODE[exc.code], exc.code, exc.message or str(exc), _headers(exc)
     if isinstance(exc, HTTPException):
         if exc.status_code == 405:
             return 405, "METHOD_NOT_ALLOWED", "method not allowed here", dict(exc.headers or {})
@@ -54,12 +42,6 @@ def classify(exc: BaseException, request_id: str) -> tuple[int, str, str, dict[s
     return 500, "INTERNAL", f"internal error; quote request id {request_id}", {}
 
 
-def _declared_status(exc: BaseException) -> int | None:
-    # A code the table does not know yet (a newer domain error): its own status, if it has one.
-    status = getattr(exc, "status", None)
-    return status if isinstance(status, int) and 400 <= status <= 599 else None
-
-
 def _headers(exc: BaseException) -> dict[str, str]:
     headers: dict[str, str] = dict(getattr(exc, "headers", None) or {})
     retry_after = getattr(exc, "retry_after", None)
@@ -69,7 +51,7 @@ def _headers(exc: BaseException) -> dict[str, str]:
 
 
 HANDLED: tuple[type[Exception], ...] = (
-    HTTPException, CodedError, DomainError, pw.OperationalError, pw.InterfaceError)
+    HTTPException, DomainError, pw.OperationalError, pw.InterfaceError)
 
 
 async def handle(request: Request, exc: Exception) -> Response:

@@ -76,7 +76,7 @@ HANDLERS: dict[str, Handler] = {
 def _find(call: Call) -> Rollout:
     found = rollouts.get_rollout(call.product.id, call.rollout_id)
     if found is None:
-        raise errors.RolloutNotFound(f"no rollout {call.rollout_id} for this product")
+        raise errors.NotFound(f"no rollout {call.rollout_id} for this product")
     return found
 
 

@@ -5,7 +5,8 @@ error codes it can give. The server's routes and request validation (app/api/app
 OpenAPI document (app/api/openapi.py) and the Python client (app/client/_calls.py) are all
 derived from it; tests/unit/test_api_table.py fails when any of them disagrees with it.
 
-This module imports nothing of the server, so the client can import it.
+This module imports nothing of the server but the table of error codes (app.errors, standard
+library only), so the client can import it.
 """
 
 from __future__ import annotations
@@ -16,28 +17,9 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
-# ---- the error codes of the spec, and their HTTP statuses -----------------------------------
+from app.errors import STATUS_BY_CODE as STATUS_BY_CODE  # the statuses, for the OpenAPI document
 
-STATUS_BY_CODE: dict[str, int] = {
-    "INVALID_REQUEST": 400,
-    "UNAUTHORIZED": 401,
-    "ENGINE_NOT_FOUND": 404,
-    "NOT_FOUND": 404,
-    "METHOD_NOT_ALLOWED": 405,
-    "ENGINE_ALREADY_EXISTS": 409,
-    "ENGINE_ALREADY_RUNNING": 409,
-    "ENGINE_NOT_RUNNING": 409,
-    "ROLLOUT_FINISHED": 409,
-    "ENGINE_BUSY": 409,  # issue 13: an upgrade, while another operation holds the engine
-    "QUOTA_EXCEEDED": 429,
-    "RATE_LIMITED": 429,
-    "INTERNAL": 500,
-    "UPGRADE_FAILED": 502,
-    "PORT_EXHAUSTION": 503,
-    "CAPACITY_EXHAUSTED": 503,
-    "SCHEDULER_UNAVAILABLE": 503,
-    "BOOT_TIMEOUT": 504,
-}
+# ---- the error codes each call can answer (their statuses: the table, app.errors.CODES) ------
 
 # Every authenticated call can meet these: bad input, a bad key, and the database (or, for
 # the calls that reach it, the scheduler) being out of reach.
@@ -74,7 +56,7 @@ class ProvisionBody(Struct, forbid_unknown_fields=True):
 class AdmitBody(Struct, forbid_unknown_fields=True):
     auto_provision: bool = False
     auto_wake: bool = False
-    wait: bool = True  # false: never block on a boot; engine_starting instead (issue 13)
+    wait: bool = True  # false: never block on a boot; engine_starting instead
 
 
 class UpgradeBody(Struct, forbid_unknown_fields=True):
@@ -97,7 +79,7 @@ class ListQuery(Struct, forbid_unknown_fields=True):
 class EventsQuery(Struct, forbid_unknown_fields=True):
     limit: Limit = 100
     cursor: Cursor | UnsetType = UNSET
-    # true: text/event-stream, the latest `limit` events then each new one (issue 13)
+    # true: text/event-stream, the latest `limit` events then each new one
     follow: bool = False
 
 
@@ -175,7 +157,7 @@ class Event(Struct, rename={"from_status": "from", "to_status": "to"}):
     id: int
     at: Timestamp
     engine: str  # the engine's name: the same for every engine the user has had
-    # Which of them (issue 12): ids are never reused, so a destroyed engine's events and its
+    # Which of them: ids are never reused, so a destroyed engine's events and its
     # successor's differ; null for events recorded before engine ids were kept.
     engine_id: int | None
     event: str
@@ -240,7 +222,9 @@ class Endpoint:
         return self.body is not None and any(f.required for f in msgspec.structs.fields(self.body))
 
 
-BOOTING = ("PORT_EXHAUSTION", "CAPACITY_EXHAUSTED", "BOOT_TIMEOUT")
+# Every call that moves an engine along the state table and drives it.
+CHANGING = ("ILLEGAL_TRANSITION", "DRIVER_FAILED")
+BOOTING = ("PORT_EXHAUSTION", "CAPACITY_EXHAUSTED", "BOOT_TIMEOUT", *CHANGING)
 
 # Routes are tried in this order: admit, the hot path, first (Starlette matches route by
 # route); where paths overlap, /engines/provision before /engines/{user_id}.
@@ -255,19 +239,21 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("get", "GET", "/engines/{user_id}", "Look up a user's engine", Engine,
              ("ENGINE_NOT_FOUND",)),
     Endpoint("destroy", "DELETE", "/engines/{user_id}", "Destroy a user's engine and its brain",
-             Destroyed, ("ENGINE_NOT_FOUND",)),
+             Destroyed, ("ENGINE_NOT_FOUND", *CHANGING)),
     Endpoint("start", "POST", "/engines/{user_id}/start", "Start a stopped, sleeping or failed engine",
              Engine, ("ENGINE_NOT_FOUND", "ENGINE_ALREADY_RUNNING", *BOOTING)),
     Endpoint("stop", "POST", "/engines/{user_id}/stop", "Stop an engine; its brain is kept",
-             Engine, ("ENGINE_NOT_FOUND", "ENGINE_NOT_RUNNING")),
+             Engine, ("ENGINE_NOT_FOUND", "ENGINE_NOT_RUNNING", *CHANGING)),
     Endpoint("rotate_key", "POST", "/engines/{user_id}/rotate-key",
              "Give a running engine a new key; the old one is refused from then on",
-             EngineWithKey, ("ENGINE_NOT_FOUND", "ENGINE_NOT_RUNNING")),
+             EngineWithKey, ("ENGINE_NOT_FOUND", "ENGINE_NOT_RUNNING", "KEY_NOT_CONFIRMED",
+                             *CHANGING)),
     Endpoint("upgrade", "POST", "/engines/{user_id}/upgrade",
              "Move an engine to another engine_version, brain kept: a running one restarts on it "
              "(back on its old version and 502 UPGRADE_FAILED when not healthy in time), "
              "others take it at their next start",
-             Engine, ("ENGINE_NOT_FOUND", "ENGINE_BUSY", "UPGRADE_FAILED"), body=UpgradeBody),
+             Engine, ("ENGINE_NOT_FOUND", "ENGINE_BUSY", "UPGRADE_FAILED", *CHANGING),
+             body=UpgradeBody),
     Endpoint("events", "GET", "/engines/{user_id}/events",
              "The engine's audit events, newest first, a page at a time (kept after destroy); "
              "with follow=true a Server-Sent Events stream: the latest events, oldest first, "

@@ -1,9 +1,12 @@
-"""The client's exceptions: one class per error code of the API (spec: "Errors").
+"""The client's exceptions: one class per error code of the API, with the server's names.
 
-Every error response of the orchestrator has the body
-`{"error": {"code": ..., "message": ..., "request_id": ...}}`; `error_from_response` turns it
-into the matching exception. Network failures are not wrapped: they stay `httpx.HTTPError`s,
-so a caller can tell "the orchestrator said no" from "the orchestrator could not be reached".
+The table of codes (app.errors.CODES: code, status, retryable, meaning) is the server's; each
+class here stands for one code and is named after it, as on the server (PORT_EXHAUSTION:
+PortExhaustion); a class whose name or code is not the table's fails at import. Every error
+response has the body `{"error": {"code": ..., "message": ..., "request_id": ...}}`;
+`error_from_response` turns it into the matching exception. Network failures are not wrapped:
+they stay `httpx.HTTPError`s, so a caller can tell "the orchestrator said no" from "the
+orchestrator could not be reached".
 """
 
 from __future__ import annotations
@@ -15,16 +18,28 @@ from typing import Any, ClassVar
 
 import httpx
 
+from app.errors import BY_CODE
+
 
 class OrchestratorError(Exception):
     """An error answer from the orchestrator (or an answer the client cannot read).
 
     `code` is the API's error code; an answer without the API's error shape (a proxy's HTML
     502, say) gets `HTTP_<status>`. `retry_after` is the Retry-After header in seconds, when
-    the server sent one (it does with RATE_LIMITED).
+    the server sent one (it does with RATE_LIMITED). `retryable`: the table says a retry is
+    safe (nothing was changed, or the cause is passing).
     """
 
     CODE: ClassVar[str | None] = None  # the API code this class stands for; None: any
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        entry = BY_CODE.get(cls.CODE or "")
+        if cls.CODE is not None and cls.CODE != "UNEXPECTED_RESPONSE" and (
+                entry is None or entry.class_name != cls.__name__):
+            raise TypeError(f"{cls.__name__}.CODE {cls.CODE!r} is not the table's (app.errors.CODES)")
+        if entry is not None and cls.__doc__ is None:
+            cls.__doc__ = entry.meaning[:1].upper() + entry.meaning[1:] + "."
 
     def __init__(self, status: int, code: str, message: str, request_id: str | None = None,
                  retry_after: float | None = None, response: httpx.Response | None = None):
@@ -35,6 +50,11 @@ class OrchestratorError(Exception):
         self.request_id = request_id
         self.retry_after = retry_after
         self.response = response
+
+    @property
+    def retryable(self) -> bool:
+        entry = BY_CODE.get(self.code)
+        return entry.retryable if entry is not None else self.status in (502, 503, 504)
 
     def __str__(self) -> str:
         request = f" (request {self.request_id})" if self.request_id else ""
@@ -54,13 +74,17 @@ class EngineNotFound(OrchestratorError):
 
 
 class NotFound(OrchestratorError):
-    """No such route: usually a client and server of different versions."""
+    """No such route (usually a client and server of different versions), or no such rollout."""
 
     CODE = "NOT_FOUND"
 
 
 class MethodNotAllowed(OrchestratorError):
     CODE = "METHOD_NOT_ALLOWED"
+
+
+class RequestTimeout(OrchestratorError):
+    CODE = "REQUEST_TIMEOUT"
 
 
 class EngineAlreadyExists(OrchestratorError):
@@ -75,6 +99,18 @@ class EngineNotRunning(OrchestratorError):
     CODE = "ENGINE_NOT_RUNNING"
 
 
+class IllegalTransition(OrchestratorError):
+    CODE = "ILLEGAL_TRANSITION"
+
+
+class RolloutFinished(OrchestratorError):
+    CODE = "ROLLOUT_FINISHED"
+
+
+class EngineBusy(OrchestratorError):
+    CODE = "ENGINE_BUSY"
+
+
 class QuotaExceeded(OrchestratorError):
     CODE = "QUOTA_EXCEEDED"
 
@@ -83,6 +119,26 @@ class RateLimited(OrchestratorError):
     """Over the product's admits per minute; wait `retry_after` seconds."""
 
     CODE = "RATE_LIMITED"
+
+
+class HeadersTooLarge(OrchestratorError):
+    CODE = "HEADERS_TOO_LARGE"
+
+
+class Internal(OrchestratorError):
+    CODE = "INTERNAL"
+
+
+class KeyNotConfirmed(OrchestratorError):
+    CODE = "KEY_NOT_CONFIRMED"
+
+
+class DriverFailed(OrchestratorError):
+    CODE = "DRIVER_FAILED"
+
+
+class UpgradeFailed(OrchestratorError):
+    CODE = "UPGRADE_FAILED"
 
 
 class PortExhaustion(OrchestratorError):
@@ -94,40 +150,21 @@ class CapacityExhausted(OrchestratorError):
 
 
 class SchedulerUnavailable(OrchestratorError):
-    """Nomad, Consul or the database is unreachable, or the engine is held by another
-    operation (the server's "busy" answer); nothing was changed, so a retry is safe."""
-
     CODE = "SCHEDULER_UNAVAILABLE"
 
 
+class ServerBusy(OrchestratorError):
+    CODE = "SERVER_BUSY"
+
+
 class BootTimeout(OrchestratorError):
-    """Not healthy in time; the engine stays registered as `failed`."""
+    """Not healthy within ORCH_BOOT_TIMEOUT_S; the engine stays registered as `failed`."""
 
     CODE = "BOOT_TIMEOUT"
 
 
-class UpgradeFailed(OrchestratorError):
-    """The new engine_version was not healthy in time; the engine is back on its previous
-    version, running, brain kept (issue 13)."""
-
-    CODE = "UPGRADE_FAILED"
-
-
-class RolloutFinished(OrchestratorError):
-    """Pause, resume or abort of a rollout that already ended."""
-
-    CODE = "ROLLOUT_FINISHED"
-
-
-class EngineBusy(OrchestratorError):
-    """An upgrade found the engine held by another operation past the wait; nothing was
-    changed, so a retry is safe (issue 13)."""
-
-    CODE = "ENGINE_BUSY"
-
-
-class Internal(OrchestratorError):
-    CODE = "INTERNAL"
+class HttpVersionNotSupported(OrchestratorError):
+    CODE = "HTTP_VERSION_NOT_SUPPORTED"
 
 
 class UnexpectedResponse(OrchestratorError):
@@ -137,12 +174,8 @@ class UnexpectedResponse(OrchestratorError):
 
 
 ERRORS_BY_CODE: dict[str, type[OrchestratorError]] = {
-    cls.CODE: cls for cls in (
-        InvalidRequest, Unauthorized, EngineNotFound, NotFound, MethodNotAllowed,
-        EngineAlreadyExists, EngineAlreadyRunning, EngineNotRunning, QuotaExceeded, RateLimited,
-        PortExhaustion, CapacityExhausted, SchedulerUnavailable, BootTimeout, UpgradeFailed, RolloutFinished,
-        EngineBusy, Internal)
-    if cls.CODE is not None
+    cls.CODE: cls for cls in OrchestratorError.__subclasses__()
+    if cls.CODE is not None and cls.CODE in BY_CODE
 }
 
 

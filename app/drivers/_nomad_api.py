@@ -34,7 +34,7 @@ NO_ANSWER: Any = ...  # `missing` default: a 404 is an error, not an answer
 class SchedulerRejected(DriverError):
     """Nomad refused a request as malformed: a bug here or in the job template."""
 
-    status, code = 500, "INTERNAL"
+    code = "INTERNAL"
 
 
 class NomadError(SchedulerUnavailable):

@@ -15,20 +15,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-# Drivers raise domain errors (app.errors); re-exported here under the names drivers use.
+# Drivers raise domain errors (app.errors), re-exported here under the names drivers use. Any
+# other exception that escapes a driver call is wrapped into DriverFailed by Instrumented.
 from app.errors import (
     BadVersion,
     BootTimeout,
     CapacityExhausted,
     DriverError,
+    DriverFailed,
     EngineCrashed,
     NodeLost,
-    PortExhausted,
+    PortExhaustion,
     SchedulerUnavailable,
 )
 
-__all__ = ["BadVersion", "BootTimeout", "CapacityExhausted", "Driver", "DriverError", "EngineCrashed",
-           "EngineSpec", "NodeLost", "PortExhausted", "Probe", "SchedulerUnavailable", "State"]
+__all__ = ["BadVersion", "BootTimeout", "CapacityExhausted", "Driver", "DriverError", "DriverFailed",
+           "EngineCrashed", "EngineSpec", "NodeLost", "PortExhaustion", "Probe", "SchedulerUnavailable",
+           "State"]
 
 State = dict[str, Any]  # driver-private, JSON-serialisable
 # "node_lost": the engine's node is gone, and its brain with it until it returns.
@@ -55,7 +58,7 @@ class Driver(abc.ABC):
     async def create(self, spec: EngineSpec, api_key: str) -> State:
         """Reserve what the engine needs (port or volume, key) and launch it; don't wait.
 
-        Raises PortExhausted, CapacityExhausted or SchedulerUnavailable, and then leaves
+        Raises PortExhaustion, CapacityExhausted or SchedulerUnavailable, and then leaves
         nothing behind: no process, job, volume, variable or port.
         """
 

@@ -1,13 +1,20 @@
-"""A Driver that times every call of another and counts its errors, by call name."""
+"""The driver's edge: a Driver that times every call of another, counts its errors by call
+name, and wraps anything a driver raises that is not a domain error (an OSError, a KeyError
+from a bug) into DriverFailed, so that the callers' cleanup runs and the API answers it in the
+contract's shape instead of a 500."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from app import metrics
-from app.drivers.base import Driver, DriverError, EngineSpec, Probe, State
+from app.drivers.base import Driver, DriverError, DriverFailed, EngineSpec, Probe, State
+from app.errors import DomainError
+
+log = logging.getLogger("orch.drivers")
 
 
 class Instrumented(Driver):
@@ -20,14 +27,24 @@ class Instrumented(Driver):
         started = time.perf_counter()
         try:
             yield
-        except DriverError as exc:
+        except DomainError as exc:
             metrics.DRIVER_ERRORS.labels(self.name, call, exc.code).inc()
             raise
-        except Exception:
-            metrics.DRIVER_ERRORS.labels(self.name, call, "INTERNAL").inc()
-            raise
+        except Exception as exc:
+            metrics.DRIVER_ERRORS.labels(self.name, call, DriverFailed.code).inc()
+            raise _wrapped(self.name, call, exc) from exc
         finally:
             metrics.DRIVER_SECONDS.labels(self.name, call).observe(time.perf_counter() - started)
+
+    @contextmanager
+    def _edge(self, call: str) -> Iterator[None]:
+        """The wrapping alone, for the quick synchronous calls that are not timed."""
+        try:
+            yield
+        except DomainError:
+            raise
+        except Exception as exc:
+            raise _wrapped(self.name, call, exc) from exc
 
     async def create(self, spec: EngineSpec, api_key: str) -> State:
         with self._measure("create"):
@@ -69,18 +86,33 @@ class Instrumented(Driver):
         with self._measure("list_names"):
             return await self.inner.list_names()
 
-    def check_version(self, version: str) -> None:  # issue 8
-        self.inner.check_version(version)
+    def check_version(self, version: str) -> None:
+        with self._edge("check_version"):
+            self.inner.check_version(version)
 
-    def on_exit(self, listener: Callable[[str], None]) -> bool:  # issue 11
-        return self.inner.on_exit(listener)
+    def on_exit(self, listener: Callable[[str], None]) -> bool:
+        with self._edge("on_exit"):
+            return self.inner.on_exit(listener)
 
-    def watch(self, spec: EngineSpec, state: State) -> None:  # issue 11
-        self.inner.watch(spec, state)
+    def watch(self, spec: EngineSpec, state: State) -> None:
+        with self._edge("watch"):
+            self.inner.watch(spec, state)
 
     async def ping(self) -> None:
         with self._measure("ping"):
             await self.inner.ping()
 
     async def close(self) -> None:
-        await self.inner.close()
+        with self._edge("close"):
+            await self.inner.close()
+
+
+def _wrapped(driver: str, call: str, exc: Exception) -> DriverError:
+    # The traceback is logged here, where it is still whole: an unexpected error may be a bug.
+    log.error("%s driver: %s failed", driver, call, exc_info=exc)
+    # The answer names the kind of failure only: paths and values stay in the log.
+    detail = type(exc).__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        detail += f": {exc.strerror}"
+    return DriverFailed(f"the {driver} driver's {call} failed ({detail}); the log has the "
+                        f"details")

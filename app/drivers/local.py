@@ -24,7 +24,7 @@ from app import engine_http
 from app.config import Settings
 from app.drivers import _exits, _health, _process
 from app.drivers._isolation import Isolation
-from app.drivers.base import BootTimeout, Driver, EngineCrashed, EngineSpec, PortExhausted, Probe, State
+from app.drivers.base import BootTimeout, Driver, EngineCrashed, EngineSpec, PortExhaustion, Probe, State
 
 # What an engine inherits from our environment besides ORCH_ENGINE_ENV's names.
 _INHERITED = ("PATH", "LANG")
@@ -226,7 +226,7 @@ class LocalDriver(Driver):
         low, high = self.settings.port_range
         port = self.ports.reserve(name, low, high, _bindable)
         if port is None:
-            raise PortExhausted(f"no free port in ORCH_PORT_RANGE {low}-{high}")
+            raise PortExhaustion(f"no free port in ORCH_PORT_RANGE {low}-{high}")
         return port
 
     def _move_port(self, name: str, old: int) -> int:

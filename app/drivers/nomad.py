@@ -28,7 +28,6 @@ from app.drivers._nomad_events import FleetEvents
 from app.drivers._nomad_probe import Prober
 from app.drivers._nomad_volumes import VolumeGone, Volumes
 from app.drivers.base import (
-    BadVersion,
     BootTimeout,
     CapacityExhausted,
     Driver,
@@ -36,7 +35,7 @@ from app.drivers.base import (
     EngineCrashed,
     EngineSpec,
     NodeLost,
-    PortExhausted,
+    PortExhaustion,
     Probe,
     SchedulerUnavailable,
     State,
@@ -60,7 +59,7 @@ class NomadDriver(Driver):
     def __init__(self, settings: Settings):
         try:
             jobspec.check(settings)
-        except jobspec.JobspecError as exc:
+        except ConfigError as exc:
             raise ConfigError(f"ORCH_NOMAD_JOBSPEC={str(settings.nomad_jobspec)!r} is invalid: "
                               f"{exc}") from None
         self.settings = settings
@@ -86,10 +85,7 @@ class NomadDriver(Driver):
     # ---- Driver interface ----------------------------------------------------------------
 
     def check_version(self, version: str) -> None:
-        try:
-            jobspec.check_version(self.settings, version)
-        except jobspec.BadVersion as exc:
-            raise BadVersion(str(exc)) from None
+        jobspec.check_version(self.settings, version)
 
     async def create(self, spec: EngineSpec, api_key: str) -> State:
         state: State = {"job": spec.name}
@@ -367,7 +363,7 @@ def _raise_placement_failure(spec: EngineSpec, evaluation: dict[str, Any]) -> No
     for metric in (evaluation.get("FailedTGAllocs") or {}).values():
         exhausted = metric.get("DimensionExhausted") or {}
         if PORTS_EXHAUSTED in exhausted:
-            raise PortExhausted(f"Nomad has no free dynamic port for {spec.name}")
+            raise PortExhaustion(f"Nomad has no free dynamic port for {spec.name}")
         why = ", ".join(sorted({**exhausted, **(metric.get("ConstraintFiltered") or {})})) or "no node fits"
         raise CapacityExhausted(f"Nomad could not place {spec.name}: {why}")
 

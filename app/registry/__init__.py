@@ -6,13 +6,13 @@ written here and nowhere else. Modules:
 - engines: the typed `EngineRow`, compare-and-set transitions, leases;
 - events: the audit log and the transitions published to subscribers (metrics, logs);
 - products, limits (rate-limit slots), ports (the local driver's port pool);
-- shards (issue 11): the reconciler's work split across replicas, leased.
+- shards: the reconciler's work split across replicas, leased.
 - leases: the lease compare-and-set that engines and rollouts share.
 """
 
 from __future__ import annotations
 
-from app.errors import AlreadyExists, Conflict, QuotaExceeded
+from app.errors import Conflict, QuotaExceeded
 from app.registry import limits, ports, rollouts, shards
 from app.registry.db import (
     Changes,
@@ -74,7 +74,7 @@ from app.registry.products import (
 )
 
 __all__ = [
-    "HOT_COLUMNS", "AlreadyExists", "Changes", "Conflict", "Engine", "EngineRow", "Event",
+    "HOT_COLUMNS", "Changes", "Conflict", "Engine", "EngineRow", "Event",
     "IdCounter", "PortLease", "Product", "ProductExists", "ProductInUse", "QuotaExceeded",
     "RateLimit", "Rollout", "Transition", "acquire_lease", "all_products", "checkpoint", "connect",
     "create_product", "db",

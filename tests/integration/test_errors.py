@@ -204,6 +204,35 @@ def test_boot_timeout_keeps_failed_engine(tmp_path: Path) -> None:
         orch.close()
 
 
+def test_failures_below_the_api_name_their_cause(tmp_path: Path) -> None:
+    """An upgrade to a version that crashes says so, in the answer and the audit reason. A
+    driver_state emptied behind the driver's back makes the local driver trip over it (a
+    bug's kind of error, not a domain error): the driver's edge wraps it, so the answer is the
+    contract's 502 DRIVER_FAILED, not a 500, and the engine is failed, not left starting."""
+    orch = Orchestrator(tmp_path, env={"ORCH_MAX_RESTARTS": "0"}).start()
+    try:
+        orch.product("acme")
+        api = orch.client("acme")
+        assert api.post("/engines/provision", json={"user_id": "bob"}).status_code == 200
+        old, bad = api.get("/engines/bob").json()["engine_version"], "ref-2+fault-crash"
+        body = assert_error(api.post("/engines/bob/upgrade", json={"engine_version": bad}),
+                            502, "UPGRADE_FAILED")
+        assert "crashed while booting" in body["error"]["message"]
+        assert "healthy within" not in body["error"]["message"]
+        last = api.get("/engines/bob/events").json()["events"][0]
+        assert (last["event"], last["reason"]) == ("upgrade_rolled_back", f"crashed; {bad} -> {old}")
+
+        assert api.post("/engines/bob/stop").status_code == 200
+        orch.execute("UPDATE engine SET driver_state = '{}', row_version = row_version + 1 "
+                     "WHERE user_id = 'bob'")
+        body = assert_error(api.post("/engines/bob/start"), 502, "DRIVER_FAILED")
+        assert "local driver's launch failed" in body["error"]["message"]
+        engine = api.get("/engines/bob").json()
+        assert (engine["status"], engine["failure_reason"]) == ("failed", "driver_failed")
+    finally:
+        orch.close()
+
+
 def test_database_unavailable(tmp_path: Path) -> None:
     orch = Orchestrator(tmp_path, env={"ORCH_DB_TIMEOUT_S": "0.3"}).start()
     try:

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from app import jobspec, naming
-from app.config import Settings
+from app.config import ConfigError, Settings
 from app.drivers.base import EngineSpec
+from app.errors import BadVersion
 from tests.doubles.schema import load, validate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,11 +57,11 @@ def test_namespace_and_region_come_from_the_environment() -> None:
 def test_an_unknown_placeholder_stops_loading(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"ID": "${job_idd}", "Name": "${NOMAD_JOB_ID}"}))
-    with pytest.raises(jobspec.JobspecError, match="job_idd"):
+    with pytest.raises(ConfigError, match="job_idd"):
         jobspec.check(Settings(nomad_jobspec=bad))
     wrapped = tmp_path / "wrapped.json"
     wrapped.write_text(json.dumps({"Job": {"ID": "x"}}))
-    with pytest.raises(jobspec.JobspecError, match="bare Job"):
+    with pytest.raises(ConfigError, match="bare Job"):
         jobspec.check(Settings(nomad_jobspec=wrapped))
 
 
@@ -86,7 +87,7 @@ def test_cli_render_prints_the_job() -> None:
     assert validate(load("nomad"), "JobRegisterRequest", {"Job": job}) == []
 
 
-# ---- issue 8: images, versions, and what Nomad would interpolate ---------------------------
+# ---- images, versions, and what Nomad would interpolate ---------------------------
 
 @pytest.mark.parametrize("version, image", [
     ("0.2.0", "orch-refengine:0.2.0"),                       # a tag of ORCH_ENGINE_IMAGE's repository
@@ -106,7 +107,7 @@ def test_accepted_versions_and_their_images(version: str, image: str) -> None:
 ])
 def test_refused_versions(version: str) -> None:
     settings = Settings(engine_images=("registry.example:5000/team/engine",))
-    with pytest.raises(jobspec.BadVersion):
+    with pytest.raises(BadVersion):
         jobspec.check_version(settings, version)
 
 

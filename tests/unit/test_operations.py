@@ -81,11 +81,11 @@ def test_stop_then_start_from_stopped(world: World) -> None:
         await world.op(Op.PROVISION, "s")
         stopped = await world.op(Op.STOP, "s")
         assert stopped.status == states.STOPPED and stopped.url is None
-        with pytest.raises(errors.NotRunning):
+        with pytest.raises(errors.EngineNotRunning):
             await world.op(Op.STOP, "s")
         started = await world.op(Op.START, "s")
         assert started.status == states.RUNNING and started.restarts == 0
-        with pytest.raises(errors.AlreadyRunning):
+        with pytest.raises(errors.EngineAlreadyRunning):
             await world.op(Op.START, "s")
 
     world.run(scenario())
@@ -272,7 +272,7 @@ def test_a_rotation_the_engine_does_not_take_keeps_the_old_key(tmp_path: Path,
     try:
         async def scenario() -> str:
             _, old = await world.op(Op.PROVISION, "k")
-            with pytest.raises(errors.Unavailable):
+            with pytest.raises(errors.KeyNotConfirmed):
                 await world.op(Op.ROTATE, "k")
             return old
 

@@ -1,16 +1,22 @@
 """The rules of the layout, checked on the source: no import cycle in app/; nothing outside
 the registry package writes the database; drivers never import the registry; subscriptions to
 the registry are made at start-up, in one place; the CLI does not query a model; only the
-operations table (app.operations) runs an operation."""
+operations table (app.operations) runs an operation; every error the API or the client can
+show is in the one table of codes (app.errors.CODES)."""
 
 from __future__ import annotations
 
 import ast
+import importlib
+import inspect
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from app import errors
+from app.client import _errors as client_errors
 
 APP = Path(__file__).resolve().parents[2] / "app"
 
@@ -246,3 +252,98 @@ def test_each_layer_rule_catches_a_violation(module: str, source: str, rule: obj
     sources = {"app.registry": "", "app.registry.ports": "", "app.registry.models": "",
                "app.drivers": "", module: source}
     assert callable(rule) and rule(sources) != []
+# Exceptions that never reach the API or the client, and why: each is caught and turned into
+# an error of the table, or belongs to start-up and the CLI, before any request is served.
+NOT_ANSWERED = {
+    "app.config.ConfigError": "start-up configuration: the CLI prints it, the server never starts",
+    "app.statedir.NoDatabase": "the CLI's: no state dir to work on",
+    "app.registry.products.ProductExists": "app.products turns it into ProductError (400)",
+    "app.registry.products.ProductInUse": "app.products turns it into ProductError (400)",
+    "app.drivers._nomad_volumes.VolumeGone": "the Nomad driver's own signal, caught inside it",
+    "app.drivers._nomad_api.VariableConflict": "the Nomad driver's own signal, caught inside it",
+    "app.drivers._health._Closed": "the health checker's own signal, caught inside it",
+    "app.upgrades._NotUp": "carries a DriverError out of a helper; answered as UpgradeFailed",
+}
+
+
+def _app_modules() -> list[str]:
+    names = []
+    for path in sorted(APP.rglob("*.py")):
+        name = _module(path)
+        if path.is_relative_to(APP / "refengine") or path.name == "__main__.py":
+            continue  # the refengine is a program of its own, with errors of its own
+        names.append(name)
+    return names
+
+
+def _exception_classes(module_names: list[str]) -> list[type[BaseException]]:
+    found = []
+    for name in module_names:
+        module = importlib.import_module(name)
+        found += [c for c in vars(module).values() if inspect.isclass(c)
+                  and issubclass(c, BaseException) and c.__module__ == name]
+    return found
+
+
+def _strays(classes: list[type[BaseException]]) -> list[str]:
+    """The classes that are neither an error of the table nor a known internal signal."""
+    strays = []
+    for cls in classes:
+        where = f"{cls.__module__}.{cls.__qualname__}"
+        if issubclass(cls, errors.DomainError):
+            ok = cls.code in errors.BY_CODE
+        elif issubclass(cls, client_errors.OrchestratorError):
+            ok = cls.CODE is None or cls.CODE in errors.BY_CODE or cls is client_errors.UnexpectedResponse
+        else:
+            ok = where in NOT_ANSWERED
+        if not ok:
+            strays.append(where)
+    return strays
+
+
+def test_every_error_class_in_app_is_in_the_table() -> None:
+    classes = _exception_classes(_app_modules())
+    assert len(classes) > 40  # the scan does see the trees
+    assert _strays(classes) == []
+    names = {f"{c.__module__}.{c.__qualname__}" for c in classes}
+    assert set(NOT_ANSWERED) <= names  # no stale excuse
+
+
+def test_a_stray_error_class_fails_the_rule() -> None:
+    class Stray(Exception):
+        pass
+
+    class StrayClient(client_errors.OrchestratorError):
+        pass
+
+    StrayClient.CODE = "NOT_IN_THE_TABLE"
+    for cls in (Stray, StrayClient):
+        cls.__module__ = "app.somewhere"
+    assert _strays([Stray, StrayClient, errors.PortExhaustion]) == [
+        "app.somewhere.test_a_stray_error_class_fails_the_rule.<locals>.Stray",
+        "app.somewhere.test_a_stray_error_class_fails_the_rule.<locals>.StrayClient"]
+    with pytest.raises(TypeError, match=r"not in app\.errors\.CODES"):
+        type("Coded", (errors.DomainError,), {"code": "NOT_IN_THE_TABLE"})
+    with pytest.raises(TypeError, match="not the table's"):
+        type("PortExhausted", (client_errors.OrchestratorError,), {"CODE": "PORT_EXHAUSTION"})
+
+
+def test_each_code_has_one_class_of_its_name_on_the_server_and_in_the_client() -> None:
+    for entry in errors.CODES:
+        # INTERNAL is the root's: an error that is nothing more precise is a bug.
+        server = errors.DomainError if entry.code == "INTERNAL" else getattr(errors, entry.class_name)
+        client = getattr(client_errors, entry.class_name)
+        assert entry.code == server.code and entry.code == client.CODE, entry
+        assert client_errors.ERRORS_BY_CODE[entry.code] is client
+    assert set(client_errors.ERRORS_BY_CODE) == set(errors.BY_CODE)
+
+
+def test_the_table_of_codes_imports_only_the_standard_library() -> None:
+    """The client imports app.errors, and the client installs with httpx alone."""
+    import sys
+
+    tree = ast.parse((APP / "errors.py").read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree)
+                 if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported - {"__future__"} <= set(sys.stdlib_module_names), imported

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from app import errors, states
+from app import errors, registry, states
+from app.drivers.base import EngineSpec
 from app.operations import Op
 from tests.inproc import Behaviour, World
 
@@ -27,6 +28,33 @@ def test_when_neither_version_comes_up_the_engine_is_failed_on_the_old_one(tmp_p
         assert row.failure_reason == "boot_timeout" and world.driver.running() == set()
         assert [e for e, _, _ in world.trail("a")][-2:] == ["upgrade", "boot_failed"]
         world.assert_valid_trail("a")
+    finally:
+        world.close()
+
+
+def _is_v2(spec: EngineSpec) -> bool:
+    return spec.engine_version == "v2"
+
+
+@pytest.mark.parametrize("behaviour,said,reason", [
+    (Behaviour(crash_if=_is_v2), "crashed while booting", "crashed"),
+    (Behaviour(never_ready_if=_is_v2), "did not become healthy within 0.3s", "boot_timeout"),
+    (Behaviour(unplaceable_if=_is_v2), "could not be placed", "placement_failed")])
+def test_a_failed_upgrade_names_its_cause(tmp_path: Path, behaviour: Behaviour, said: str,
+                                          reason: str) -> None:
+    world = World(tmp_path, behaviour, boot_timeout_s=0.3)
+    try:
+        world.run(world.op(Op.PROVISION, "e", engine_version="v1"))
+        with pytest.raises(errors.UpgradeFailed) as caught:
+            world.run(world.op(Op.UPGRADE, "e", version="v2"))
+        assert said in caught.value.message and "back on 'v1'" in caught.value.message
+        if reason != "boot_timeout":
+            assert "healthy within" not in caught.value.message
+        last = registry.events_for(world.product.id, "e")[0]
+        assert (last.event, last.reason) == ("upgrade_rolled_back", f"{reason}; v2 -> v1")
+        row = world.row("e")
+        assert row is not None and (row.status, row.engine_version) == (states.RUNNING, "v1")
+        world.assert_valid_trail("e")
     finally:
         world.close()
 
