@@ -73,7 +73,7 @@ def test_products_ensure_keeps_the_demo_key(orch: Orchestrator) -> None:
     assert "ORCH_PLATFORM_KEY=orch_pk_" in first and first == second
 
 
-# ---- the operator's first hour (issue 12) ---------------------------------------------------
+# ---- the operator's first hour -----------------------------------------------------------
 
 
 def orch_in(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
