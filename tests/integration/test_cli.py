@@ -216,3 +216,9 @@ def test_tables_at_a_terminal_json_for_scripts(orch: Orchestrator) -> None:
     assert table[1].split()[0] == "acme"
     assert json.loads(at_terminal("products", "list", "--json"))[0]["name"] == "acme"
     assert json.loads(orch.cli("products", "list").stdout)[0]["name"] == "acme"  # a pipe
+    orch.cli("rollout", "start", "acme", "ref-2")
+    rollouts = at_terminal("rollout", "list", "acme").splitlines()
+    assert rollouts[0].split()[:3] == ["ID", "STATUS", "TO_VERSION"], rollouts
+    assert rollouts[1].split()[0] == "1"
+    assert json.loads(orch.cli("rollout", "list", "acme").stdout)[0]["to_version"] == "ref-2"
+    assert at_terminal("engines", "list").splitlines() == ["(none)"]
