@@ -141,6 +141,8 @@ def test_usage_errors_are_one_line_exit_2_and_change_nothing(orch: Orchestrator)
         (("products", "update", "acme", "--rate-limit-rpm", "0"), "rate_limit_rpm"),
         (("products", "create", "shop", "--max-engines", "lots"), "max_engines"),
         (("products", "frobnicate"), "invalid choice"),
+        (("rollout", "start", "acme", "ref-2", "--batch-size", "0"), "INVALID_REQUEST: body: "),
+        (("engines", "upgrade", "acme", "u", "bad\tversion"), "INVALID_REQUEST: "),
     ]:
         result = orch.cli(*args, check=False)
         assert result.returncode == 2, (args, result.stderr)
