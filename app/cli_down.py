@@ -103,7 +103,7 @@ def stop_servers(settings: Settings) -> list[int]:
     for entry in sorted(servers.iterdir()) if servers.is_dir() else []:
         pid, started = _read(entry)
         if pid is None or _process.status(pid, started) == "dead":
-            entry.unlink(missing_ok=True)  # a server that was killed, or another process now
+            entry.unlink(missing_ok=True)  # a server that was killed, or a reused pid
             continue
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)

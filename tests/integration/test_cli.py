@@ -82,7 +82,7 @@ def orch_in(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedP
 
 
 def bare_env(orch: Orchestrator) -> dict[str, str]:
-    """The harness's environment without the two variables the Makefile used to set."""
+    """The harness's environment without the state dir and database variables: the defaults."""
     return {k: v for k, v in orch.env.items() if k not in ("ORCH_STATE_DIR", "ORCH_DATABASE_URL")}
 
 

@@ -149,7 +149,7 @@ def own_orch(tmp_path: Path) -> Iterator[Orchestrator]:
 
 def test_everything_written_is_private_whatever_the_umask(own_orch: Orchestrator) -> None:
     orch = own_orch
-    os.chmod(orch.state_dir, 0o755)  # as an older version left them
+    os.chmod(orch.state_dir, 0o755)  # files left readable to others: start-up tightens them
     os.chmod(orch.state_dir / "orch.db", 0o644)
     os.chmod(orch.state_dir / "secret.key", 0o644)
     old = os.umask(0o022)  # the orchestrator inherits a permissive umask
