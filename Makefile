@@ -3,6 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 # No ORCH_ variables here: `make run`, `orch serve` and every `orch` command share the same
 # defaults (the state dir .orch, its orch.db), so the CLI sees what `make run` serves.
 # Run as root, engines run as `nobody` (README, "Security"), which needs an interpreter it can
@@ -24,23 +25,34 @@ PG_SUITES := tests/unit/test_registry_policy.py tests/unit/test_runner.py tests/
 TEST_WORKERS ?= 4
 PYTEST_PAR := -n $(TEST_WORKERS) --dist worksteal
 
-.PHONY: install run test unit integration bench lint nomad-dev clean
+.PHONY: install run down test unit integration bench lint nomad-dev clean
 
-$(STAMP): pyproject.toml
+# Install what you use: `make run` the server's runtime only; `make test`, `make lint` and
+# `make install` the test and lint tools too. Each stamp says which set the venv holds.
+$(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
-	touch $(STAMP)
+
+$(RUN_STAMP): pyproject.toml | $(VENV)/bin/python
+	$(BIN)/pip install -q -e '.[server]'
+	touch $(RUN_STAMP)
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(BIN)/pip install -q -e '.[server,test]'
+	touch $(STAMP) $(RUN_STAMP)
 
 install: $(STAMP)
 
-run: install
+run: $(RUN_STAMP)
 	$(BIN)/orch products ensure demo
 	@if [ "$$(id -u)" = 0 ] && [ "$${ORCH_DRIVER:-local}" = local ] && [ -z "$$ORCH_ENGINE_CMD" ] \
 	    && [ -z "$$ORCH_ENGINE_USER" ] && [ -n "$(ENGINE_PY)" ]; then \
 	  echo "engines run as nobody, under $(ENGINE_PY) (ORCH_ENGINE_CMD)"; \
 	  export ORCH_ENGINE_CMD="$(ENGINE_PY) $(CURDIR)/app/refengine"; \
 	fi; exec $(BIN)/orch serve
+
+down: $(RUN_STAMP)
+	$(BIN)/orch down
 
 test: install
 	$(BIN)/pytest -q $(PYTEST_PAR) tests/unit tests/integration
@@ -68,5 +80,12 @@ nomad-dev:
 	@command -v nomad >/dev/null && command -v consul >/dev/null || { echo "nomad-dev: needs the nomad and consul binaries on PATH (see nomad/README.md)"; exit 1; }
 	bash nomad/dev.sh
 
+# Engines first (their brains are under .orch): `orch down` stops this state dir's server and
+# engines; when it cannot, nothing is removed.
 clean:
+	@if [ -e .orch ] && [ -x $(BIN)/orch ]; then \
+	  $(BIN)/orch down || { echo "make clean: orch down failed; nothing removed"; exit 1; }; \
+	elif [ -e .orch ]; then \
+	  echo "make clean: .orch is there but $(BIN)/orch is not: run make down first"; exit 1; \
+	fi
 	rm -rf $(VENV) .orch .pytest_cache

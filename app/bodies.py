@@ -129,6 +129,17 @@ class Bodies:
         state = await self.driver.stop(spec, row.driver_state, self.settings.stop_grace_s)
         return registry.update(row, driver_state=state, url=None)
 
+    async def down(self, row: EngineRow) -> EngineRow:
+        """`orch down`: the process ends, the brain stays, and the engine is left sleeping, so
+        its user's next admit with auto_wake cold-starts it. Stopped and failed engines have
+        no process; `stopped` stays the operator's or product's decision."""
+        if row.status not in (states.RUNNING, states.SLEEPING):
+            return row
+        if row.status == states.RUNNING:
+            row = registry.transition(row, "sleep", "down")
+        state = await self.driver.stop(self.spec(row), row.driver_state, self.settings.stop_grace_s)
+        return registry.update(row, driver_state=state, url=None)
+
     async def fail(self, row: EngineRow, seen: EngineRow, reason: str) -> EngineRow:
         # Only the incarnation that was seen failing: if the row moved on meanwhile (a
         # restart already replaced the process), the observation is stale.

@@ -1,14 +1,17 @@
-"""`orch`: serve the API, manage products, look at engines and the audit log.
+"""`orch`: serve the API, manage products, operate engines, stop everything, read the audit log.
 
-Exit status: 0 done; 1 refused (no such product, it already exists, it still has engines);
+Exit status: 0 done; 1 refused (no such product, it already exists, it still has engines; the
+engine's state or the product's limits refuse the operation: the API's 409 and 429);
 2 bad usage or configuration (nothing was changed); 3 no database where the settings say, or
-it cannot be reached; 141 the output was closed early (`orch audit | head -1`).
+it cannot be reached; 4 no such engine or rollout (the API's 404); 5 the operation failed or
+could not run (the scheduler, a boot or an upgrade failed, the engine was held by another
+operation: the API's 5xx; `orch down`: an engine could not be stopped); 141 the output was
+closed early (`orch audit | head -1`).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import os
 import sys
@@ -18,11 +21,12 @@ from typing import Any, NoReturn
 
 import peewee as pw
 
-from app import cli_output, cli_rollouts, naming, products, registry, statedir
+from app import cli_down, cli_engines, cli_ops, cli_output, cli_rollouts, naming, products, registry, statedir
+from app.cli_ops import NO_DATABASE, OK, REFUSED, USAGE
 from app.config import ConfigError, Settings
+from app.errors import DomainError
 from app.states import STATES
 
-OK, REFUSED, USAGE, NO_DATABASE = 0, 1, 2, 3
 ENGINE_COLUMNS = ("product", "user_id", "status", "url", "engine_version", "restarts",
                   "failure_reason", "updated_at")
 EVENT_COLUMNS = ("at", "product", "user_id", "event", "from", "to", "reason")
@@ -47,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc), USAGE)
     except products.ProductError as exc:
         return _fail(str(exc), REFUSED)
+    except DomainError as exc:  # the API's errors, with the API's codes
+        return _fail(f"{exc.code}: {exc.message}", cli_ops.exit_status(exc))
     except statedir.NoDatabase as exc:
         return _fail(str(exc), NO_DATABASE)
     except (pw.OperationalError, pw.InterfaceError) as exc:
@@ -63,8 +69,8 @@ def _reachable_engine_cmd(settings: Settings) -> Settings:
     """Run as root with the default engine user, engines run as `nobody`, who usually cannot
     run our interpreter (a pyenv or venv under /root). Then, unless ORCH_ENGINE_CMD says
     otherwise, the reference engine runs by path under the system's Python, as `make run`
-    sets it: `orch serve` and the commands that start engines here (`engines upgrade`,
-    `reconcile`) work from a fresh clone without the Makefile's variables."""
+    sets it: `orch serve` and the commands that start engines here (`engines start`,
+    `reconcile`, ...) work from a fresh clone without the Makefile's variables."""
     if (settings.driver != "local" or os.geteuid() != 0 or settings.engine_user is not None
             or settings.engine_cmd != Settings.engine_cmd or os.environ.get("ORCH_ENGINE_CMD")):
         return settings
@@ -113,14 +119,17 @@ def _parser() -> argparse.ArgumentParser:
     _cmd(prod, "delete", cmd_products_delete, "delete a product that has no engines left"
          ).add_argument("name", help="the product to delete")
 
-    engines = sub.add_parser("engines", help="look at engines"
+    engines = sub.add_parser("engines", help="list and operate engines"
                              ).add_subparsers(metavar="ACTION", parser_class=_Parser, required=True)
     elist = _cmd(engines, "list", cmd_engines_list, "list engines, every product's by default")
     elist.add_argument("--product", help="only this product's engines")
     elist.add_argument("--status", choices=STATES, metavar="STATUS",
                        help=f"only engines in this state: {', '.join(STATES)}")
 
-    cli_rollouts.add_commands(sub, engines, _cmd)  # rollout ..., engines upgrade
+    cli_engines.add_commands(engines, _cmd)
+    cli_rollouts.add_commands(sub, engines, _cmd)
+    _cmd(sub, "down", cli_down.cmd_down, "stop this state dir's server and every engine, brains kept; "
+         "each comes back on its user's next admit with auto_wake")
 
     audit = _cmd(sub, "audit", cmd_audit, "print the audit log, newest first")
     audit.add_argument("--product", help="only this product's events")
@@ -201,12 +210,11 @@ def _product_name(raw: str) -> str:
 
 
 def _show(args: argparse.Namespace, data: Any, columns: tuple[str, ...] | None = None) -> None:
-    cli_output.show(data, cli_output.wants_json(args.json), columns)
+    cli_output.show_for(args, data, columns)
 
 
 def _db(settings: Settings, create: bool = False) -> None:
-    statedir.prepare(settings, create)
-    registry.connect(settings.database_url, settings.db_timeout_s)
+    cli_ops.connect(settings, create)
 
 
 # ---- commands ----------------------------------------------------------------------------
@@ -225,7 +233,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         from app.drivers.local import preflight
 
         preflight(settings)  # engines that could not run stop start-up here, with one line
-    server.serve(OrchestratorApp(settings).app, settings, args.host, args.port)
+    with cli_down.serving(settings):
+        server.serve(OrchestratorApp(settings).app, settings, args.host, args.port)
     return OK
 
 
@@ -255,8 +264,7 @@ def cmd_products_ensure(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_products_list(settings: Settings, args: argparse.Namespace) -> int:
     _db(settings)
-    _show(args, [products.as_json(p)
-                 for p in registry.Product.select().order_by(registry.Product.name)])
+    _show(args, [products.as_json(p) for p in registry.all_products()])
     return OK
 
 
@@ -287,9 +295,9 @@ def cmd_engines_list(settings: Settings, args: argparse.Namespace) -> int:
     from app.api.handlers import engine_json
 
     _db(settings)
-    product_id = _product_id(products.get(args.product)) if args.product else None
+    product_id = products.get(args.product).id if args.product else None
     rows = registry.list_engines(product_id, args.status, limit=1_000_000)
-    names = {_product_id(p): p.name for p in registry.Product.select()}
+    names = _product_names()
     _show(args, [{"product": names.get(e.product_id), "name": e.name, **engine_json(e)}
                  for e in rows], ENGINE_COLUMNS)
     return OK
@@ -304,12 +312,12 @@ def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
                      "(orch audit --product P --user U)", USAGE)
     _db(settings)
     if args.product:
-        rows = registry.events_for(_product_id(products.get(args.product)), args.user, args.limit)
+        rows = registry.events_for(products.get(args.product).id, args.user, args.limit)
     else:
         rows = registry.recent_events(args.limit)
     # Without --product the trail spans products, where one user id may be two people: each
     # event names its product (None once the product is deleted).
-    names = {_product_id(p): p.name for p in registry.Product.select()}
+    names = _product_names()
     _show(args, [{"product": names.get(e.product_id), "user_id": e.user_id,
                   "engine": e.engine_name, **event_json(e)} for e in rows], EVENT_COLUMNS)
     return OK
@@ -329,24 +337,7 @@ def cmd_jobspec_render(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
-    from app.crypto import load_keybox
-    from app.drivers import make_driver
-    from app.operations import Engines
-    from app.reconciler import Reconciler
-
-    # A bad driver setting is a usage error before the database.
-    driver = make_driver(settings, registry.ports)
-    _db(settings)
-
-    async def once() -> dict[str, int]:
-        engines = Engines(settings, driver, load_keybox(settings))
-        try:
-            return await Reconciler(engines).pass_once(wait=True)
-        finally:
-            await engines.close()
-            await engines.driver.close()
-
-    _show(args, asyncio.run(once()))
+    _show(args, cli_ops.reconcile(settings))
     return OK
 
 
@@ -357,8 +348,8 @@ def cmd_openapi(settings: Settings, args: argparse.Namespace) -> int:
     return OK
 
 
-def _product_id(product: registry.Product) -> int:
-    return int(product.__data__["id"])
+def _product_names() -> dict[int, str]:
+    return {int(p.id): p.name for p in registry.all_products()}
 
 
 def _write_private(path: Path, value: str) -> None:

@@ -1,4 +1,4 @@
-"""`orch rollout status --follow`: a rollout's live progress bar (issue 13).
+"""`orch rollout status --follow`: a rollout's live progress bar.
 
 The bar is fed by the server's Server-Sent Events stream of the rollout
 (`GET /rollouts/{id}/events?follow=true`) when the CLI can reach a server: each event of the

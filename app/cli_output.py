@@ -16,6 +16,11 @@ from typing import Any
 PIPE_CLOSED = 141  # 128 + SIGPIPE, what shells report for `yes | head -1`
 
 
+def show_for(args: Any, data: Any, columns: Sequence[str] | None = None) -> None:
+    """`data` as the command's `--json` flag (args.json) and stdout ask."""
+    show(data, wants_json(bool(getattr(args, "json", False))), columns)
+
+
 def wants_json(flag: bool) -> bool:
     return flag or not sys.stdout.isatty()
 

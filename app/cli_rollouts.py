@@ -1,29 +1,28 @@
 """`orch rollout start|status|pause|resume|abort|list` and `orch engines upgrade`.
 
-Like the other commands, these work on the database directly: a rollout started here is
-driven by a running `orch serve` (the replica holding its lease), and `status --follow`
-shows its progress bar (rich) until it ends, fed by the server's event stream when it can
-reach one (app/cli_follow.py). `engines upgrade` runs the upgrade in this process, under the
-same engine lease as the server's operations.
+Start, pause, resume, abort and upgrade run the API's own handlers through app/cli_ops.py, with
+its checks and errors. A rollout started here is driven by a running `orch serve` (the replica
+holding its lease), and `status --follow` shows its progress bar (rich) until it ends, fed by
+the server's event stream when it can reach one (app/cli_follow.py). `engines upgrade` runs
+the upgrade in this process, under the same engine lease as the server's operations.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
-from app import products, registry
+from app import cli_ops, errors, products, registry
+from app.cli_output import show_for as show
 from app.config import Settings
 
-Command = Callable[[Any, str, Callable[..., Any], str], argparse.ArgumentParser]
-MOVES = {"pause": (("running",), "paused"), "resume": (("paused",), "running"),
-         "abort": (("running", "paused"), "aborted")}
+Command = Callable[..., argparse.ArgumentParser]
+MOVES = {"pause": "pause_rollout", "resume": "resume_rollout", "abort": "abort_rollout"}
+COLUMNS = ("id", "status", "to_version", "from_version", "total", "upgraded", "failed",
+           "updated_at")
 
 
 def add_commands(sub: Any, engines: Any, cmd: Command) -> None:
@@ -56,84 +55,50 @@ def add_commands(sub: Any, engines: Any, cmd: Command) -> None:
 
 
 def cmd_start(settings: Settings, args: argparse.Namespace) -> int:
-    registry.connect(settings.database_url, settings.db_timeout_s)
-    if args.batch_size < 1 or args.max_failures < 0:
-        print("orch: --batch-size must be at least 1, --max-failures at least 0", file=sys.stderr)
-        return 2
-    product = products.get(args.product)
-    made = registry.rollouts.create_rollout(product.id, args.to_version, args.from_version,
-                                            args.batch_size, args.max_failures)
-    _out(_shown(made))
-    return 0
+    body = cli_ops.body("start_rollout", {
+        "to_version": args.to_version, "from_version": args.from_version,
+        "batch_size": args.batch_size, "max_failures": args.max_failures})
+    made = cli_ops.run(settings, "start_rollout", args.product, request=body)
+    show(args, _with_product(made))
+    return cli_ops.OK
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    registry.connect(settings.database_url, settings.db_timeout_s)
+    cli_ops.connect(settings)
     rollout = _find(args.id)
-    if rollout is None:
-        return 1
     if args.follow:
         from app import cli_follow
 
         url = args.url or cli_follow.server_url(settings.host, settings.port)
         cli_follow.follow(args.id, url, settings.platform_key)
         rollout = _find(args.id)
-        if rollout is None:
-            return 1
-    _out(_shown(rollout))
-    return 0
+    show(args, _shown(rollout))
+    return cli_ops.OK
 
 
 def cmd_move(settings: Settings, args: argparse.Namespace) -> int:
-    registry.connect(settings.database_url, settings.db_timeout_s)
-    rollout = _find(args.id)
-    if rollout is None:
-        return 1
-    sources, target = MOVES[args.cmd_action]
-    if rollout.status != target and not registry.rollouts.set_status(rollout, sources, target):
-        now = _find(args.id)
-        print(f"orch: rollout {args.id} is {now.status if now else 'gone'}", file=sys.stderr)
-        return 1
-    _out(_shown(_find(args.id)))
-    return 0
+    moved = cli_ops.run(settings, MOVES[args.cmd_action], None, rollout_id=args.id)
+    show(args, _with_product(moved))
+    return cli_ops.OK
 
 
 def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
-    registry.connect(settings.database_url, settings.db_timeout_s)
-    _out([_shown(r) for r in registry.rollouts.list_rollouts(products.get(args.product).id)])
-    return 0
+    cli_ops.connect(settings)
+    product = products.get(args.product)
+    show(args, [_shown(r) for r in registry.rollouts.list_rollouts(product.id)], COLUMNS)
+    return cli_ops.OK
 
 
 def cmd_engines_upgrade(settings: Settings, args: argparse.Namespace) -> int:
-    from app.api.handlers import engine_json
-    from app.crypto import load_keybox
-    from app.drivers import make_driver
-    from app.errors import DomainError
-    from app.operations import Engines, Op
-
-    registry.connect(settings.database_url, settings.db_timeout_s)
-    product = products.get(args.product)
-
-    async def once() -> Any:
-        engines = Engines(settings, make_driver(settings, registry.ports), load_keybox(settings))
-        try:
-            return await engines.run(Op.UPGRADE, (product.id, args.user), version=args.version)
-        finally:
-            await engines.close()
-            await engines.driver.close()
-
-    try:
-        _out(engine_json(asyncio.run(once())))
-    except DomainError as exc:
-        print(f"orch: {exc.code}: {exc.message}", file=sys.stderr)
-        return 1
-    return 0
+    body = cli_ops.body("upgrade", {"engine_version": args.version})
+    show(args, cli_ops.run(settings, "upgrade", args.product, args.user, request=body))
+    return cli_ops.OK
 
 
 def _find(rollout_id: int) -> Any:
     rollout = registry.rollouts.reload_rollout(rollout_id)
     if rollout is None:
-        print(f"orch: no rollout {rollout_id}", file=sys.stderr)
+        raise errors.NotFound(f"no rollout {rollout_id}")
     return rollout
 
 
@@ -145,5 +110,5 @@ def _shown(rollout: Any) -> dict[str, Any]:
     return shown
 
 
-def _out(data: Any) -> None:
-    print(json.dumps(data, indent=2))
+def _with_product(answer: dict[str, Any]) -> dict[str, Any]:
+    return {**answer, "product_id": _find(answer["id"]).product_id}

@@ -47,6 +47,7 @@ class Op(StrEnum):
     WAKE = "wake"
     RESTART = "restart"
     SLEEP = "sleep"
+    DOWN = "down"
     FAIL = "fail"
     RESET_RESTARTS = "reset_restarts"
     RECOVER = "recover"
@@ -89,6 +90,8 @@ TABLE: dict[Op, Operation] = {o.op: o for o in [
     Operation(Op.WAKE, Bodies.wake),
     Operation(Op.RESTART, Bodies.restart),
     Operation(Op.SLEEP, Bodies.sleep, Policy(wait=False)),
+    # `orch down`: waits like a stop, since the server it follows may still hold a lease.
+    Operation(Op.DOWN, Bodies.down),
     Operation(Op.FAIL, Bodies.fail),
     # Never waits: an operation holding the row decides its restart count itself.
     Operation(Op.RESET_RESTARTS, Bodies.reset_restarts, Policy(wait=False)),

@@ -15,7 +15,6 @@ from urllib.parse import quote
 
 import httpx
 
-from app.api.spec import BY_NAME
 from app.client._errors import UnexpectedResponse, error_from_response
 from app.client._models import (
     Admission,
@@ -27,6 +26,7 @@ from app.client._models import (
     ProvisionedEngine,
     Rollout,
 )
+from app.client._routes import BY_NAME
 
 T = TypeVar("T")
 
@@ -76,7 +76,7 @@ def _json(response: httpx.Response) -> dict[str, Any]:
     return body
 
 
-# ---- the endpoints: method and path from the server's endpoint table -------------------------
+# ---- the endpoints: method and path from the endpoint table (its copy, app/client/_routes.py) -
 
 
 def _call(name: str, read: Callable[[httpx.Response], T], user_id: str | None = None, *,

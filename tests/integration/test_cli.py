@@ -73,7 +73,7 @@ def test_products_ensure_keeps_the_demo_key(orch: Orchestrator) -> None:
     assert "ORCH_PLATFORM_KEY=orch_pk_" in first and first == second
 
 
-# ---- the operator's first hour (issue 12) ---------------------------------------------------
+# ---- the operator's first hour -----------------------------------------------------------
 
 
 def orch_in(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -82,7 +82,7 @@ def orch_in(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedP
 
 
 def bare_env(orch: Orchestrator) -> dict[str, str]:
-    """The harness's environment without the two variables the Makefile used to set."""
+    """The harness's environment without the state dir and database variables: the defaults."""
     return {k: v for k, v in orch.env.items() if k not in ("ORCH_STATE_DIR", "ORCH_DATABASE_URL")}
 
 
@@ -141,6 +141,8 @@ def test_usage_errors_are_one_line_exit_2_and_change_nothing(orch: Orchestrator)
         (("products", "update", "acme", "--rate-limit-rpm", "0"), "rate_limit_rpm"),
         (("products", "create", "shop", "--max-engines", "lots"), "max_engines"),
         (("products", "frobnicate"), "invalid choice"),
+        (("rollout", "start", "acme", "ref-2", "--batch-size", "0"), "INVALID_REQUEST: body: "),
+        (("engines", "upgrade", "acme", "u", "bad\tversion"), "INVALID_REQUEST: "),
     ]:
         result = orch.cli(*args, check=False)
         assert result.returncode == 2, (args, result.stderr)
@@ -216,3 +218,9 @@ def test_tables_at_a_terminal_json_for_scripts(orch: Orchestrator) -> None:
     assert table[1].split()[0] == "acme"
     assert json.loads(at_terminal("products", "list", "--json"))[0]["name"] == "acme"
     assert json.loads(orch.cli("products", "list").stdout)[0]["name"] == "acme"  # a pipe
+    orch.cli("rollout", "start", "acme", "ref-2")
+    rollouts = at_terminal("rollout", "list", "acme").splitlines()
+    assert rollouts[0].split()[:3] == ["ID", "STATUS", "TO_VERSION"], rollouts
+    assert rollouts[1].split()[0] == "1"
+    assert json.loads(orch.cli("rollout", "list", "acme").stdout)[0]["to_version"] == "ref-2"
+    assert at_terminal("engines", "list").splitlines() == ["(none)"]

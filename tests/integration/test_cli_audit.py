@@ -1,5 +1,5 @@
 """`orch audit` across products: one user id in two products is two people, so each event
-names its product (issue 12: the first hour's `orch audit --user carol` mixed them)."""
+names its product."""
 
 from __future__ import annotations
 

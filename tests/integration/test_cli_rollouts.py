@@ -1,4 +1,4 @@
-"""Issue 13's commands: `orch rollout ...` (driven by the running server) and `orch engines
+"""The rollout commands: `orch rollout ...` (driven by the running server) and `orch engines
 upgrade`, against a real orchestrator and real engines; brains read back at the end."""
 
 from __future__ import annotations
@@ -43,12 +43,12 @@ def test_rollout_commands_and_engines_upgrade(tmp_path: Path) -> None:
         assert aborted["status"] == "aborted"
         refused = orch.cli("rollout", "resume", str(paused_one["id"]), check=False)
         assert refused.returncode == 1 and "aborted" in refused.stderr
-        assert orch.cli("rollout", "status", "999999", check=False).returncode == 1
+        assert orch.cli("rollout", "status", "999999", check=False).returncode == 4  # not found
 
         upgraded = json.loads(orch.cli("engines", "upgrade", "acme", "a", "ref-4").stdout)
         assert (upgraded["status"], upgraded["engine_version"]) == ("running", "ref-4")
         failed = orch.cli("engines", "upgrade", "acme", "b", "ref-5+fault-crash", check=False)
-        assert failed.returncode == 1 and "UPGRADE_FAILED" in failed.stderr
+        assert failed.returncode == 5 and "UPGRADE_FAILED" in failed.stderr
 
         for user, key in keys.items():
             engine = api.get(f"/engines/{user}").json()

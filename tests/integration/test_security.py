@@ -73,9 +73,10 @@ def test_odd_user_ids_stay_inside_the_brain_root(orch: Orchestrator, user_id: st
     assert got.status_code == 200 and got.json()["user_id"] == user_id
     assert api.delete(f"/engines/{quoted}").status_code == 200
     assert list(brains.iterdir()) == []
-    # nothing anywhere else in the state dir but what the orchestrator itself keeps
-    assert {p.name for p in orch.state_dir.iterdir()} <= {"brains", "run", "secret.key", "orch.db",
-                                                          "orch.db-wal", "orch.db-shm"}
+    # nothing anywhere else in the state dir but what the orchestrator itself keeps (servers:
+    # where `orch serve` registers itself for `orch down`)
+    assert {p.name for p in orch.state_dir.iterdir()} <= {"brains", "run", "servers", "secret.key",
+                                                          "orch.db", "orch.db-wal", "orch.db-shm"}
 
 
 def test_error_bodies_never_echo_a_key(orch: Orchestrator) -> None:
@@ -103,7 +104,7 @@ def test_platform_keys_are_compared_in_constant_time(monkeypatch: pytest.MonkeyP
     registry.db.close()
 
 
-# ---- engines are tenants too (issue 12) -------------------------------------------------------
+# ---- engines are tenants too ----------------------------------------------------------------
 
 
 def engine_pid(orch: Orchestrator, user_id: str) -> int:
@@ -148,7 +149,7 @@ def own_orch(tmp_path: Path) -> Iterator[Orchestrator]:
 
 def test_everything_written_is_private_whatever_the_umask(own_orch: Orchestrator) -> None:
     orch = own_orch
-    os.chmod(orch.state_dir, 0o755)  # as an older version left them
+    os.chmod(orch.state_dir, 0o755)  # files left readable to others: start-up tightens them
     os.chmod(orch.state_dir / "orch.db", 0o644)
     os.chmod(orch.state_dir / "secret.key", 0o644)
     old = os.umask(0o022)  # the orchestrator inherits a permissive umask
