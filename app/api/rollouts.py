@@ -1,4 +1,4 @@
-"""The rollout endpoints (issue 13): start, list, look up, pause, resume, abort. The rollouts
+"""The rollout endpoints: start, list, look up, pause, resume, abort. The rollouts
 themselves are driven by app/rollouts.py on the replica holding each one's lease."""
 
 from __future__ import annotations

@@ -147,7 +147,7 @@ class AsyncClient:
                 if event is not None:
                     yield event
 
-    # ---- rollouts (issue 13) -------------------------------------------------------------------
+    # ---- rollouts ------------------------------------------------------------------------------
 
     async def start_rollout(self, to_version: str, *, from_version: str | None = None,
                       batch_size: int | None = None, max_failures: int | None = None,

@@ -6,7 +6,7 @@ written here and nowhere else. Modules:
 - engines: the typed `EngineRow`, compare-and-set transitions, leases;
 - events: the audit log and the transitions published to subscribers (metrics, logs);
 - products, limits (rate-limit slots), ports (the local driver's port pool);
-- shards (issue 11): the reconciler's work split across replicas, leased.
+- shards: the reconciler's work split across replicas, leased.
 - leases: the lease compare-and-set that engines and rollouts share.
 """
 

@@ -54,17 +54,17 @@ def _migrate(database: Any) -> None:
     """Bring a database made by an older version up to date (idempotent)."""
     if "engine" in database.get_tables():
         columns = {c.name for c in database.get_columns("engine")}
-        if "version" in columns and "row_version" not in columns:  # issue 9's rename
+        if "version" in columns and "row_version" not in columns:  # the column's older name
             database.execute_sql('ALTER TABLE "engine" RENAME COLUMN "version" TO "row_version"')
-        if "previous_version" not in columns:  # issue 13's upgrades
+        if "previous_version" not in columns:  # upgrades
             database.execute_sql('ALTER TABLE "engine" ADD COLUMN "previous_version" VARCHAR(256)')
     if "event" in database.get_tables() and \
-            "engine_id" not in {c.name for c in database.get_columns("event")}:  # issue 12
+            "engine_id" not in {c.name for c in database.get_columns("event")}:
         database.execute_sql('ALTER TABLE "event" ADD COLUMN "engine_id" INTEGER')
 
 
 def _seed_ids() -> None:
-    """Issue 12: start the id counters past every id ever used, including those of deleted
+    """Start the id counters past every id ever used, including those of deleted
     products and engines that only their audit events (and rate-limit rows) remember."""
     highest: dict[str, Callable[[], int]] = {
         "product": lambda: max(Product.select(pw.fn.MAX(Product.id)).scalar() or 0,
@@ -142,11 +142,11 @@ CHECKPOINT_S = 30.0  # a smaller one that changed, this often
 
 
 def checkpoint_due(now: float | None = None) -> bool:
-    """Issue 11: is there something to copy from SQLite's WAL, and enough of it? Asked on the
+    """Is there something to copy from SQLite's WAL, and enough of it? Asked on the
     event loop (one stat): a WAL written since the last checkpoint is due once it holds
     CHECKPOINT_BYTES, or CHECKPOINT_S after that checkpoint. At rest the shard heartbeats
-    write a few pages every few seconds: copying them each time was a connection, a copy and
-    an fsync apiece. False on PostgreSQL, where checkpoint() has nothing to do."""
+    write a few pages every few seconds: copying them each time would cost a connection, a
+    copy and an fsync apiece. False on PostgreSQL, where checkpoint() has nothing to do."""
     database = db.obj
     if not isinstance(database, pw.SqliteDatabase) or database.database == ":memory:":
         return False
@@ -169,12 +169,12 @@ _last_wal: dict[str, tuple[tuple[int, int, int], float]] = {}
 
 
 class Changes:
-    """Has the database changed since this watcher last asked? Issue 11: the loops that poll
+    """Has the database changed since this watcher last asked? The loops that poll
     the registry at rest (the reconciler's tick, the rollout poll) skip their queries when
     nothing was committed anywhere since their last look; each loop holds its own watcher.
     SQLite answers from the WAL-index header (app.registry.walstamp: no query, no system
     call), which every commit by any connection moves. PostgreSQL has no such thing: there
-    the answer is always yes, and the loops query as before."""
+    the answer is always yes, and the loops query every time."""
 
     def __init__(self) -> None:
         self._seen: bytes | None = None

@@ -275,7 +275,7 @@ def needing_recovery(now: float) -> list[EngineRow]:
 
 
 def engines_in(statuses: Iterable[str]) -> list[EngineRow]:
-    # Hot SQL (issue 11): the reconciler's resync reads every running row with it, and
+    # Hot SQL: the reconciler's resync reads every running row with it, and
     # peewee's builder cost some 50 times what SQLite takes to answer.
     wanted = tuple(statuses)
     if not wanted:
@@ -285,12 +285,12 @@ def engines_in(statuses: Iterable[str]) -> list[EngineRow]:
     return [_row(values) for values in execute_hot(sql, wanted).fetchall()]
 
 
-# ---- the reconciler's reads (issue 11): each one indexed, none reads every running row ----
+# ---- the reconciler's reads: each one indexed, none reads every running row ---------------
 
 
 def restartable_failed(max_restarts: int) -> list[EngineRow]:
     """Failed rows with restarts left: an engine out of them stays failed for good, and a
-    fleet can gather many (they were most of the reads at rest on a fleet with some)."""
+    fleet can gather many (read unfiltered, they would be most of the reads at rest)."""
     sql = hot_sql("restartable_failed", lambda p: (
         f'{_SELECT} WHERE "status" = {p} AND "restarts" < {p} ORDER BY "id"'))
     return [_row(values) for values in execute_hot(sql, (states.FAILED, max_restarts)).fetchall()]

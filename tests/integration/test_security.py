@@ -103,7 +103,7 @@ def test_platform_keys_are_compared_in_constant_time(monkeypatch: pytest.MonkeyP
     registry.db.close()
 
 
-# ---- engines are tenants too (issue 12) -------------------------------------------------------
+# ---- engines are tenants too ------------------------------------------------------------------
 
 
 def engine_pid(orch: Orchestrator, user_id: str) -> int:

@@ -1,4 +1,4 @@
-"""Issue 11, item 1: on the local driver an engine's end is an event (a pidfd per engine, read
+"""On the local driver an engine's end is an event (a pidfd per engine, read
 by the event loop), so a killed engine is failed at once, by one probe, with no reconciler pass:
 real engine processes (the reference engine), the real runner and registry, in process."""
 

@@ -1,4 +1,4 @@
-"""Issue 11, item 2: health checks spread over ORCH_HEALTH_INTERVAL_S, not all every tick;
+"""Health checks spread over ORCH_HEALTH_INTERVAL_S, not all every tick;
 engines that start running between two resyncs are picked up by an indexed read; idle
 engines are found by one indexed query."""
 

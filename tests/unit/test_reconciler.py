@@ -152,14 +152,14 @@ def test_the_scheduler_away_is_no_bad_news(tmp_path: Path) -> None:
 
 
 def test_at_rest_a_tick_reads_only_what_can_have_changed(tmp_path: Path) -> None:
-    """Issue 11: with nothing written since the last tick, a tick sends SQLite no statement
+    """With nothing written since the last tick, a tick sends SQLite no statement
     (whether anything changed is read from the WAL-index header); a write by another
     connection (a replica, the CLI) is read at the next tick; a failed engine's backoff ends
     on the row already read."""
     import sqlite3
 
     if world_is_postgres():
-        return  # PostgreSQL has no change counter: every tick reads, as before
+        return  # PostgreSQL has no change counter: every tick reads
     world = World(tmp_path, max_restarts=3, restart_backoff_s=60.0, idle_sleep_s=0.0,
                   lease_s=60.0, health_interval_s=60.0, resync_s=600.0)  # nothing else due
     statements: list[str] = []

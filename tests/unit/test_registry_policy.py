@@ -165,7 +165,7 @@ def _main_file_value(tmp_path: Path) -> object:
 
 
 def test_product_ids_are_never_reused(db) -> None:
-    """Issue 12: a product made after another was deleted never sees its audit trail."""
+    """A product made after another was deleted never sees its audit trail."""
     old, _ = products.create("tmp-x")
     engine = registry.insert_engine(old.id, "secret-user", "e-x", "v", "k", "me", 10)
     engine = registry.transition(engine, "destroy", "destroy")
@@ -213,7 +213,7 @@ def test_a_database_from_before_keeps_its_ids_and_gets_row_version(tmp_path: Pat
         assert row is not None and row.row_version == 7
         product, _ = products.create("fresh")
         assert product.id == 3  # 2 was a deleted product's: its events stay its own
-        # Issue 12: events gain engine_id (null for the old ones), and engine ids go on past
+        # Events gain engine_id (null for the old ones), and engine ids go on past
         # the highest one the database holds.
         old = registry.events_for(2, "secret-user")
         assert [e.engine_id for e in old] == [None]
@@ -226,7 +226,7 @@ def test_a_database_from_before_keeps_its_ids_and_gets_row_version(tmp_path: Pat
 
 def test_engine_ids_are_never_reused(db) -> None:
     """SQLite hands the highest deleted id out again; the counter does not, so the events of
-    a destroyed engine and of its successor keep apart (issue 12)."""
+    a destroyed engine and of its successor keep apart."""
     product, _ = products.create("p")
     first = registry.insert_engine(product.id, "u", "e-p-u", "v", "k", "me", 1)
     registry.delete_engine(first)

@@ -1,6 +1,6 @@
-"""Issue 11, the cost at rest on the local driver: what a health check no longer does (a
-/proc read for an engine its pidfd watches, a new connection each time), what the orphan sweep
-no longer reads (the environ of an engine it knows), and a checkpoint with nothing to copy
+"""The cost at rest on the local driver: what a health check does not do (a /proc read for
+an engine its pidfd watches, a new connection each time), what the orphan sweep does not
+read (the environ of an engine it knows), and a checkpoint with nothing to copy
 skipped. Real engine processes (the reference engine), real sockets, a real database file."""
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def test_a_watched_engine_is_checked_on_one_kept_connection_without_reading_proc
                     os.killpg(pid, signal.SIGCONT)
                 assert reads == [pid]
                 assert await world.lifecycle.probe(row) == "healthy"
-                # An engine nobody watches is looked up in /proc first, as before.
+                # An engine nobody watches is looked up in /proc first.
                 driver.exits.forget(row.name)
                 assert await world.lifecycle.probe(row) == "healthy"
                 assert reads == [pid, pid]

@@ -1,5 +1,5 @@
-"""The operations runner, in process: the two bugs of issue 9, taking over a dead owner's
-work, waiting on a live one, and single flight."""
+"""The operations runner, in process: a crash mid-destroy, the reconciler beside an
+operation, taking over a dead owner's work, waiting on a live one, and single flight."""
 
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ def world(tmp_path: Path):
 
 
 def test_admit_after_a_crash_mid_destroy_answers_within_the_boot_timeout(tmp_path: Path) -> None:
-    """Issue 9, bug 1: provision `dl` (an engine that ignores SIGTERM), DELETE it, kill the
-    orchestrator mid-destroy, restart, admit with auto_provision. It used to wait out two
-    leases, the boot timeout and the stop grace (the destroy was recoverable only by the
-    reconciler, whose recovery waited behind the admit's flight), then answer 503."""
+    """Provision `dl` (an engine that ignores SIGTERM), DELETE it, kill the orchestrator
+    mid-destroy, restart, admit with auto_provision: the admit answers within the boot timeout.
+    It must not wait out two leases, the boot timeout and the stop grace and then answer 503,
+    as it would if only the reconciler could finish the destroy (its recovery waits behind
+    the admit's flight)."""
     world = World(tmp_path, Behaviour(stop_s=0.5))
     try:
         async def scenario() -> tuple[dict[str, object], float]:
@@ -73,9 +74,9 @@ def test_admit_answers_within_the_boot_timeout_even_when_the_engine_is_held(tmp_
 
 @pytest.mark.parametrize("replica", ["same process", "another replica"])
 def test_the_reconciler_never_writes_under_an_operation(world: World, replica: str) -> None:
-    """Issue 9, bug 2: the reconciler reset a healthy engine's restart count with a write
-    that ignored the lease; the operation holding the lease then lost its compare-and-set
-    (Conflict -> 500)."""
+    """Resetting a healthy engine's restart count, the reconciler must respect the lease:
+    a write that ignored it would make the operation holding the lease lose its
+    compare-and-set (Conflict -> 500)."""
     async def scenario() -> object:
         await world.lifecycle.provision(world.product, "r")
         world.set("r", restarts=1, status_since=time.time() - 3600)  # healthy for an hour

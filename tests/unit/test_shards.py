@@ -1,4 +1,4 @@
-"""Issue 11, item 3: the reconciler's work shared across replicas by shards leased in the
+"""The reconciler's work shared across replicas by shards leased in the
 database: shared out evenly, handed over to a newcomer, taken over from a dead replica once its
 lease ends, and each replica's reconciler looks only at its own shards' engines."""
 
