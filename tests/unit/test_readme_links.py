@@ -78,6 +78,8 @@ def test_readme_links_the_contract_and_the_contract_names_every_endpoint() -> No
     from app.api.spec import ENDPOINTS
 
     readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) < 400  # a guide someone reads, not a diary
+    assert not re.search(r"issue [0-9]", readme + (ROOT / "app" / "DESIGN.md").read_text(), re.I)
     assert "](app/CONTRACT.md)" in readme and "shared/SPEC.md" not in readme
     contract = (ROOT / "app" / "CONTRACT.md").read_text()
     # each call by its path's last literal part (`/rollouts/{id}/pause`, `/resume`, `/abort`)
