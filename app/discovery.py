@@ -57,7 +57,7 @@ class Discovery:
 
 
 def by_service(checks: list[dict[str, Any]] | None) -> dict[str, Health]:
-    """Consul checks (/v1/health/state/any) -> each service's health (issue 11 reuses it)."""
+    """Consul checks (/v1/health/state/any) -> each service's health."""
     health: dict[str, Health] = {}
     for check in checks or []:
         name = check.get("ServiceName")

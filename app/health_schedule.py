@@ -1,8 +1,8 @@
-"""When each running engine's next health check is due (issue 11).
+"""When each running engine's next health check is due.
 
 Every engine is checked once per interval, each at its own time: engines added together are
 spread evenly over the next interval (one per slice, at a random point in it), and each next
-check is one interval later, give or take JITTER, so checks never bunch up into one tick again.
+check is one interval later, give or take JITTER, so checks never bunch up into one tick.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ TABLE: dict[str, tuple[frozenset[str | None], str]] = {
     "stopped": (frozenset({STOPPING}), STOPPED),
     "fail": (frozenset({RUNNING}), FAILED),
     "destroy": (frozenset(STATES), DESTROYING),
-    # Issue 13: a running engine is restarted on a new version; it comes back on the new
+    # A running engine is restarted on a new version; it comes back on the new
     # one (upgraded) or, not healthy in time, on its previous one (upgrade_rolled_back).
     "upgrade": (frozenset({RUNNING}), STARTING),
     "upgraded": (frozenset({STARTING}), RUNNING),

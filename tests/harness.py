@@ -74,7 +74,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
         time.sleep(interval)
 
 
-# The user tests run engines as unless they say otherwise: ourselves, as before issue 12 (a
+# The user tests run engines as unless they say otherwise: ourselves (a
 # root orchestrator's default, `nobody`, cannot pass through pytest's 0700 temp dirs).
 # ORCH_TEST_ENGINE_USER=nobody runs them as that user instead, under /usr/bin/python3, and
 # opens each test's temp dirs for passing through (0711); README, "Security".
@@ -148,7 +148,7 @@ class Orchestrator:
             "ORCH_STOP_GRACE_S": "3",
             "ORCH_IDLE_SLEEP_S": "0",
             "ORCH_TICK_S": "0.1",
-            "ORCH_HEALTH_INTERVAL_S": "0.2",  # issue 11: checks spread over this
+            "ORCH_HEALTH_INTERVAL_S": "0.2",  # checks spread over this
             "ORCH_RESYNC_S": "2",
             "ORCH_HEALTH_GRACE_S": "1",
             "ORCH_RESTART_BACKOFF_S": "0.1",

@@ -1,4 +1,4 @@
-"""Process exits as events (issue 11): one pidfd per engine, read by the event loop.
+"""Process exits as events: one pidfd per engine, read by the event loop.
 
 A pidfd (Linux >= 5.3) becomes readable when its process ends, whether it is our child or an
 engine adopted after a restart of the orchestrator, so a crash is seen the moment it happens

@@ -1,8 +1,8 @@
-"""The local driver's periodic health check, on bare non-blocking sockets kept open (issue 11).
+"""The local driver's periodic health check, on bare non-blocking sockets kept open.
 
 A fleet's health checks are most of the reconciler's work at rest. Through httpx one cost
 about 1.5 ms of CPU here; a fresh TCP connection per check (connect, close, the engine's
-accept) was still most of what was left at 1,000 engines. So each engine keeps one HTTP/1.1
+accept) is then most of what is left at 1,000 engines. So each engine keeps one HTTP/1.1
 keep-alive connection, watched by the event loop all along: a check is one write and one read.
 An engine may close it at any time (its idle timeout, a restart): the close is seen when it
 happens, and a request that meets a close before any answer is sent once more on a new
@@ -92,7 +92,7 @@ class _Connection(asyncio.Protocol):
 
 class HealthChecks:
     """One kept-alive connection per engine (by name), for its `GET /health` checks. A
-    connection unused for `idle_s` is closed (the engine is checked elsewhere now: another
+    connection unused for `idle_s` is closed (the engine is checked elsewhere: another
     replica's shard, or it stopped unseen), looked for at most once per `idle_s`."""
 
     def __init__(self, idle_s: float = 60.0) -> None:

@@ -1,4 +1,4 @@
-"""Who a local engine runs as, and who owns its files (issue 12: engines are tenants too).
+"""Who a local engine runs as, and who owns its files: engines are tenants too.
 
 Run as root, the orchestrator starts engines as ORCH_ENGINE_USER (default `nobody`). One user
 for every engine cannot keep engines apart by itself: a process may read the files and the

@@ -27,7 +27,7 @@ def launch(cmd: list[str], env: dict[str, str], cwd: Path, log: Path,
 
 
 def raise_fd_limit() -> None:
-    """Raise this process's soft limit on open files to its hard limit (issue 11: the local
+    """Raise this process's soft limit on open files to its hard limit: the local
     driver holds a pidfd and a health connection per engine; a soft limit of 1,024 is common,
     and a check that cannot open a socket would count against a healthy engine)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -85,20 +85,20 @@ def engines_under(brain_root: Path, known: dict[int, str] | None = None) -> dict
     """Live processes whose ENGINE_BRAIN_DIR is a directory right under `brain_root`, by that
     directory's name: how engines with no registry row (or an outdated pid) are found.
     `known`: pids whose engine is known already (watched by their pidfd), by name; their
-    environ is not read again (issue 11: at 1,000 engines that was most of the scan)."""
+    environ is not read again (at 1,000 engines that would be most of the scan)."""
     return EngineScan().run(brain_root, known)
 
 
 class EngineScan:
-    """engines_under, remembering the processes found not to be engines (issue 11: the orphan
+    """engines_under, remembering the processes found not to be engines (the orphan
     sweep reads every process on the machine, most of them other programs', every lease).
 
     A process is taken for "not an engine" once it was seen so twice (so not in the moment
     between a fork and the exec of an engine), and only while its /proc entry is the same one
     (its inode's ctime, set when the entry is made: a pid reused is a new entry). An engine
     found is remembered the same way (its environment is fixed at its exec): with two
-    replicas, the one that sweeps found the other's engines again every lease, ~50 ms of CPU
-    a sweep for 500 of them."""
+    replicas, the one that sweeps would otherwise read the other's engines again every lease,
+    ~50 ms of CPU a sweep for 500 of them."""
 
     def __init__(self) -> None:
         self._others: dict[int, int] = {}  # pid -> its /proc entry's ctime: not an engine

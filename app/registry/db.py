@@ -144,8 +144,8 @@ def checkpoint_due(now: float | None = None) -> bool:
     """Is there something to copy from SQLite's WAL, and enough of it? Asked on the
     event loop (one stat): a WAL written since the last checkpoint is due once it holds
     CHECKPOINT_BYTES, or CHECKPOINT_S after that checkpoint. At rest the shard heartbeats
-    write a few pages every few seconds: copying them each time was a connection, a copy and
-    an fsync apiece. False on PostgreSQL, where checkpoint() has nothing to do."""
+    write a few pages every few seconds: copying them each time would cost a connection, a
+    copy and an fsync apiece. False on PostgreSQL, where checkpoint() has nothing to do."""
     database = db.obj
     if not isinstance(database, pw.SqliteDatabase) or database.database == ":memory:":
         return False

@@ -267,7 +267,7 @@ def engines_in(statuses: Iterable[str]) -> list[EngineRow]:
 
 def restartable_failed(max_restarts: int) -> list[EngineRow]:
     """Failed rows with restarts left: an engine out of them stays failed for good, and a
-    fleet can gather many (they were most of the reads at rest on a fleet with some)."""
+    fleet can gather many (read unfiltered, they would be most of the reads at rest)."""
     sql = hot_sql("restartable_failed", lambda p: (
         f'{_SELECT} WHERE "status" = {p} AND "restarts" < {p} ORDER BY "id"'))
     return [_row(values) for values in execute_hot(sql, (states.FAILED, max_restarts)).fetchall()]

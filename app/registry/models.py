@@ -58,12 +58,12 @@ class Engine(BaseModel):
     last_admit_at = pw.DoubleField(null=True)
     lease_owner = pw.CharField(max_length=64, null=True)
     lease_until = pw.DoubleField(null=True)
-    # An upgrade in flight (issue 13): the version to go back to if it does not come up.
+    # An upgrade in flight: the version to go back to if it does not come up.
     previous_version = pw.CharField(max_length=256, null=True)
 
     class Meta:
         indexes = ((("product", "user_id"), True),
-                   # Issue 11: the reconciler's range reads (engines started since its last
+                   # The reconciler's range reads (engines started since its last
                    # look; idle engines), without reading every running row.
                    (("status", "status_since"), False),
                    (("status", "last_admit_at"), False))
@@ -76,8 +76,8 @@ class Event(BaseModel):
     product_id = pw.IntegerField()
     user_id = pw.CharField(max_length=128)
     engine_name = pw.CharField(max_length=63)
-    # Issue 12: which engine of the user (ids are never reused); None before the column was
-    # added, and for events of no engine (orphan_removed).
+    # Which engine of the user (ids are never reused); None for events recorded in a database
+    # without the column, and for events of no engine (orphan_removed).
     engine_id = pw.IntegerField(null=True)
     at = pw.DoubleField()
     event = pw.CharField(max_length=32)
@@ -98,7 +98,7 @@ class PortLease(BaseModel):
 
 
 class ShardLease(BaseModel):
-    """Issue 11: the reconciler's work is split in shards (engine id modulo their number); a
+    """The reconciler's work is split in shards (engine id modulo their number); a
     replica does the shards it holds a lease on."""
 
     shard = pw.IntegerField(primary_key=True)
@@ -107,7 +107,7 @@ class ShardLease(BaseModel):
 
 
 class Replica(BaseModel):
-    """Issue 11: the live reconcilers (a heartbeat each), so shards are shared out evenly."""
+    """The live reconcilers (a heartbeat each), so shards are shared out evenly."""
 
     owner = pw.CharField(max_length=64, primary_key=True)
     until = pw.DoubleField()
@@ -116,7 +116,7 @@ class Replica(BaseModel):
 
 
 class Rollout(BaseModel):
-    """Issue 13: a product's fleet moving to `to_version`, batch by batch; run by the replica
+    """A product's fleet moving to `to_version`, batch by batch; run by the replica
     holding its lease."""
 
     id = pw.AutoField()

@@ -1,4 +1,4 @@
-"""Shards of the reconciler's work, leased in the database (issue 11).
+"""Shards of the reconciler's work, leased in the database.
 
 An engine's shard is a hash of its id (consecutive ids spread over every shard). Each live
 replica heartbeats (`claim`) a few times a lease period: in one transaction it renews its

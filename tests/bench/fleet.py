@@ -1,16 +1,16 @@
-"""Issue 11's figures: the orchestrator at rest with a fleet of running engines, and how soon
+"""The fleet's figures: the orchestrator at rest with a fleet of running engines, and how soon
 a killed engine is `failed`.
 
 - CPU at rest: N engines (BENCH_FLEET_N, default 1000; each its own process, the bench's
   minimal engine) running, nothing calling the API; the orchestrator's CPU over
   BENCH_FLEET_SECONDS. Baseline in the same run, on the same fleet (the orchestrator restarted
   and adopting it): ORCH_HEALTH_INTERVAL_S = ORCH_TICK_S = 1, every engine probed every tick
-  as the reconciler did before issue 11. And two replicas together, beside one alone.
+  (no spread schedule, no exit events). And two replicas together, beside one alone.
 - the same orchestrator before the fleet, with no engine: what it costs at rest anyway (its
   timers and periodic queries), so the fleet's own share can be told apart.
 - admit throughput against the bare endpoint (tests/bench/bare.py, the admit bench's
   baseline), as the median ratio over BENCH_ROUNDS alternating rounds: with 1 engine running,
-  then with the whole fleet running (issue 11: within 10% of each other).
+  then with the whole fleet running (the target: within 10% of each other).
 - database queries per second at rest, in the same windows (every statement the orchestrator
   processes start on SQLite, counted by tests/bench/querycount/sitecustomize.py, which only
   the bench puts on their PYTHONPATH).

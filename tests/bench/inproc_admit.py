@@ -5,7 +5,7 @@ lines and metrics (as the server's flush does every 100 ms), not writing them ou
 
     python -m tests.bench.inproc_admit [requests per round] [--profile]
 
-Not part of `make bench`, which measures over real sockets; this is where the README's
+Not part of `make bench`, which measures over real sockets; this is where app/DESIGN.md's
 in-process breakdown of admit's time comes from (--profile: cProfile of ours).
 """
 
@@ -56,7 +56,7 @@ class _Sink:
 
 
 def _nothing() -> None:
-    """AccessLog.settle before it existed (to measure an older commit with this script)."""
+    """Stands in for AccessLog.settle in a checkout without it (to measure another commit)."""
 
 
 async def _round(app: Any, key: str | None, n: int, orch: OrchestratorApp | None) -> float:

@@ -1,22 +1,18 @@
-"""Issue 11 on the Nomad driver, against the Nomad+Consul double.
+"""The fleet's figures on the Nomad driver, against the Nomad+Consul double.
 
 - crash to failed: how soon a killed engine is `failed`, with the event stream and Consul's
   blocking queries (ORCH_NOMAD_EVENTS=on) beside the baseline in the same run: no events, every
-  engine probed every tick (ORCH_NOMAD_EVENTS=off, ORCH_HEALTH_INTERVAL_S=1, as before issue
-  11). BENCH_NOMAD_N engines (default 20: each a reference engine, a Python process of its own
+  engine probed every tick (ORCH_NOMAD_EVENTS=off, ORCH_HEALTH_INTERVAL_S=1).
+  BENCH_NOMAD_N engines (default 20: each a reference engine, a Python process of its own
   in the double) and BENCH_NOMAD_KILLS SIGKILLs (default 10), one at a time; the delay runs
   from the kill to the `fail` audit event's timestamp.
 - CPU at rest (tests/bench/nomad_rest.py): BENCH_NOMAD_REST_N running engines (default 1,000),
   each the bench's tiny engine in its own process, run by the double's raw_exec from the bench
   job template; the orchestrator's CPU and database queries per second over
   BENCH_FLEET_SECONDS, beside the same orchestrator with no engine yet and the same fleet
-  with the event follower off (every check from the fleet snapshot, as before).
+  with the event follower off (every check from the fleet snapshot).
 
-Measured on this 2-core machine (load average 3-6 from other work), two runs with 1,000 engines
-running: the orchestrator at rest 1.45%, 1.5% of a core (no engine: 0.85%, 0.65%; every check
-from the fleet snapshot, as before: 6.2%, 6.2%), 5.1, 5.0 database queries a second (no engine:
-5.1; snapshot: 4.3); 1,000 engines provisioned in ~150 s. Crash to failed in the second run:
-events p50 104 ms, p99 111 ms; no events, a probe every tick: p50 680 ms, p99 1.17 s.
+The figures measured are in README.md ("Figures").
 """
 
 from __future__ import annotations

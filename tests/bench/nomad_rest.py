@@ -1,4 +1,4 @@
-"""Issue 11: the orchestrator's CPU at rest on the Nomad driver, with a fleet of running
+"""The orchestrator's CPU at rest on the Nomad driver, with a fleet of running
 engines on the Nomad+Consul double (tests/bench/nomad_fleet.py runs it in `make bench`).
 
 BENCH_NOMAD_REST_N engines (default 1,000), each the bench's tiny engine
@@ -12,7 +12,7 @@ BENCH_FLEET_SECONDS each, in one run:
 - the fleet running, nothing calling the API: the orchestrator's CPU and its database queries
   per second (tests/bench/querycount), and the double's own CPU beside it;
 - the same fleet with the event follower off (ORCH_NOMAD_EVENTS=off: every scheduled check
-  from the fleet snapshot, two listings a pass, as before issue 11's Nomad half).
+  from the fleet snapshot, two listings a pass).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 13's figure: a fleet moved by one rollout, beside the same fleet moved by single
+"""The rollout figure: a fleet moved by one rollout, beside the same fleet moved by single
 upgrades one request after another (what a script without rollouts would do).
 
 BENCH_ROLLOUT_ENGINES (default 100) reference engines (real processes, each with a brain) are

@@ -1,4 +1,4 @@
-"""The bench's minimal engine (issue 11): one process per engine that answers `GET /health`
+"""The bench's minimal engine: one process per engine that answers `GET /health`
 and nothing else, so a fleet of 1,000 fits on a small machine (run with `python -S`: only the
 socket and selectors modules, a few MB each). Not the engine contract: only what the
 reconciler looks at. HTTP/1.1 keep-alive, as the reference engine serves it (the orchestrator

@@ -1,7 +1,7 @@
-"""Issue 9's first bug, end to end: an orchestrator SIGKILLed in the middle of destroying an
+"""End to end: an orchestrator SIGKILLed in the middle of destroying an
 engine that ignores SIGTERM, restarted, then asked to admit that user with auto_provision. The
-admit must answer within ORCH_BOOT_TIMEOUT_S (it used to wait out the boot timeout, the stop
-grace and two leases, then answer 503), and the reconciler and a DELETE are not blocked."""
+admit must answer within ORCH_BOOT_TIMEOUT_S (not wait out the boot timeout, the stop grace
+and two leases, then answer 503), and the reconciler and a DELETE are not blocked."""
 
 from __future__ import annotations
 

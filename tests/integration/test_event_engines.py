@@ -1,7 +1,6 @@
-"""Issue 12: "a re-provisioned user's events mix two engines with no marker: say which engine
-each event belongs to". Each event carries `engine`, the engine's name, derived from
-(product, user_id) alone, so a destroyed engine and its successor share it; and `engine_id`,
-which is never reused, so they do not."""
+"""A re-provisioned user's events say which engine each belongs to. Each event carries
+`engine`, the engine's name, derived from (product, user_id) alone, so a destroyed engine and
+its successor share it; and `engine_id`, which is never reused, so they do not."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 11, item 3, end to end: two (three) orchestrator processes on one database share the
+"""End to end: two (three) orchestrator processes on one database share the
 reconciler's shards; one is SIGKILLed, the others take all its shards over within
 ORCH_LEASE_S (on one host at once: it sees the dead pid; tests/unit/test_shards.py covers
 the lease running out) and then notices the crash of an engine the dead one had launched."""

@@ -1,4 +1,4 @@
-"""Issue 12, end to end: a product made after another was deleted never sees its audit trail
+"""End to end: a product made after another was deleted never sees its audit trail
 (product ids are never reused, on SQLite as on PostgreSQL)."""
 
 from __future__ import annotations

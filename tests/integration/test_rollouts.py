@@ -1,4 +1,4 @@
-"""Issue 13, rollouts: a product's engines moved batch by batch, on both drivers, with real
+"""Rollouts: a product's engines moved batch by batch, on both drivers, with real
 engines. Every test ends by reading each engine's brain back with its key."""
 
 from __future__ import annotations

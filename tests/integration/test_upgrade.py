@@ -1,4 +1,4 @@
-"""Issue 13, upgrades: POST /engines/{user_id}/upgrade on both drivers, with real engines.
+"""Upgrades: POST /engines/{user_id}/upgrade on both drivers, with real engines.
 Every test ends by reading the brain back with the engine's key."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 13, watching: admit with `wait: false` never blocks on a boot; events follow as
+"""Watching: admit with `wait: false` never blocks on a boot; events follow as
 Server-Sent Events. Real orchestrator, real engines, both drivers."""
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ def test_defaults() -> None:
 
 
 def test_one_state_dir_holds_the_database_by_default() -> None:
-    # `make run`, `orch serve` and every CLI command read the same default (issue 12).
+    # `make run`, `orch serve` and every CLI command read the same default.
     assert Settings.from_env({}).database_url == "sqlite:///.orch/orch.db"
     assert Settings.from_env({}).state_dir.as_posix() == ".orch"
     moved = Settings.from_env({"ORCH_STATE_DIR": "/srv/orch"})

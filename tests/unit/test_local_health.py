@@ -1,4 +1,4 @@
-"""Issue 11: the local driver's bare-socket health check: 200 is healthy; another status, a
+"""The local driver's bare-socket health check: 200 is healthy; another status, a
 closed port, a silent engine and one that dribbles bytes past the deadline are not."""
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def test_a_silent_or_dribbling_engine_is_not_healthy_within_the_deadline() -> No
     asyncio.run(scenario())
 
 
-# ---- keep-alive (issue 11: a check on a kept connection is one write and one read) ----------
+# ---- keep-alive (a check on a kept connection is one write and one read) -------------------
 
 class KeepAlive:
     """An HTTP/1.1 /health server that counts connections and requests, and can be told to

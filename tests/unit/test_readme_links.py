@@ -1,6 +1,7 @@
-"""The repository's documents point only at what a clone has (issue 12): README.md once linked
-`../shared/SPEC.md`, outside the repository. The contract itself is in the repository
-(app/CONTRACT.md, with the OpenAPI document) and names every endpoint."""
+"""The repository's documents point only at what a clone has: a link outside the repository
+(`../shared/SPEC.md`) or to a heading that is not there is broken for every reader of a clone.
+The contract itself is in the repository (app/CONTRACT.md, with the OpenAPI document) and names
+every endpoint; every `orch` command the README shows is one `orch` parses."""
 
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def test_every_link_in_the_documents_is_to_a_file_a_clone_has() -> None:
 
 
 def test_the_check_catches_what_a_clone_lacks() -> None:
-    # The very link the issue found, a heading that is not there, an untracked file: each must
+    # A link outside the repository, a heading that is not there, an untracked file: each must
     # count as broken, or the test above proves nothing.
     files = tracked()
     text = (ROOT / "README.md").read_text() + (
@@ -66,13 +67,19 @@ def test_the_check_catches_what_a_clone_lacks() -> None:
         "README.md: ../shared/SPEC.md (not in the repository)",
         "README.md: #no-such-heading (no such heading)"]
     assert broken_links("README.md", files - {"app/CONTRACT.md"}) == [
-        "README.md: app/CONTRACT.md (not in the repository)"]
+        "README.md: app/CONTRACT.md (not in the repository)",
+        "README.md: app/CONTRACT.md#the-engine-contract (not in the repository)"]
+    assert "README.md: app/CONTRACT.md#no-such-heading (no such heading)" in broken_links(
+        "README.md", files, text.replace("](app/CONTRACT.md#the-engine-contract)",
+                                         "](app/CONTRACT.md#no-such-heading)"))
 
 
 def test_readme_links_the_contract_and_the_contract_names_every_endpoint() -> None:
     from app.api.spec import ENDPOINTS
 
     readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) < 400  # a guide someone reads, not a diary
+    assert not re.search(r"issue [0-9]", readme + (ROOT / "app" / "DESIGN.md").read_text(), re.I)
     assert "](app/CONTRACT.md)" in readme and "shared/SPEC.md" not in readme
     contract = (ROOT / "app" / "CONTRACT.md").read_text()
     # each call by its path's last literal part (`/rollouts/{id}/pause`, `/resume`, `/abort`)
@@ -85,14 +92,17 @@ def test_readme_links_the_contract_and_the_contract_names_every_endpoint() -> No
 
 # ---- the commands the README shows are commands `orch` has --------------------------------
 
+# A synopsis placeholder's value, by the word before it (the option it belongs to), else by its
+# own name, else a name.
 VALUES = {"--host": "127.0.0.1", "--port": "8080", "--max-engines": "1", "--rate-limit-rpm": "1",
           "--product": "demo", "--user": "u", "--status": "running", "--limit": "1",
-          "--version": "1"}
+          "--version": "1", "--batch-size": "2", "--max-failures": "0", "ID": "1"}
 
 
 def readme_commands() -> list[list[str]]:
     """Every `orch` command line of README.md: the synopsis (placeholders filled in, `[...]`
-    taken, `a | b` alternatives split) and the walkthrough's literal `.venv/bin/orch ...`."""
+    taken, `a | b` alternatives split) and every literal `.venv/bin/orch ...` of the examples
+    (up to a redirection, a pipe or a comment)."""
     text = (ROOT / "README.md").read_text()
     synopsis = text.split("## Command line", 1)[1].split("```", 2)[1]
     commands = []
@@ -102,11 +112,11 @@ def readme_commands() -> list[list[str]]:
             continue
         head, *alternatives = [part.split() for part in line.split(" | ")]
         for words in [head] + [head[:2] + alt for alt in alternatives]:
-            filled = [VALUES.get(words[i - 1], "demo") if w.isupper() else w
+            filled = [VALUES.get(words[i - 1], VALUES.get(w, "demo")) if w.isupper() else w
                       for i, w in enumerate(words)]
             commands.append(filled[1:])
     for line in re.findall(r"^\.venv/bin/orch .*$", text, re.M):
-        for command in line.split("#", 1)[0].split(";"):
+        for command in re.split(r"[#>|]", line, maxsplit=1)[0].split(";"):
             commands.append(command.split()[1:])
     return commands
 
@@ -117,6 +127,8 @@ def test_every_orch_command_the_readme_shows_parses() -> None:
     commands = readme_commands()
     assert ["serve", "--host", "127.0.0.1", "--port", "8080"] in commands   # filled in
     assert ["products", "delete", "demo"] in commands and len(commands) >= 15
+    assert ["rollout", "status", "1", "--follow"] in commands   # a literal example line
+    assert ["engines", "destroy", "demo", "demo"] in commands and ["down"] in commands
     refused = []
     for command in commands:
         try:
