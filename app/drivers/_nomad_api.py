@@ -74,8 +74,13 @@ class NomadAPI:
 
     def register(self, job: dict[str, Any]) -> str:
         """Register (or re-register) a job; the ID of the evaluation that places it."""
-        answer = _call(lambda: self.nomad.job.register_job(job["ID"], {"Job": job}),
-                       need="namespace capability submit-job")
+        # Job.Register checks submit-job and then each host volume the job mounts
+        # (nomad/job_endpoint.go Register, "Validate Volume Permissions"): one 403 for both.
+        sources = sorted({v.get("Source") or "" for g in job.get("TaskGroups") or []
+                          for v in (g.get("Volumes") or {}).values() if v.get("Type") == "host"})
+        need = "namespace capability submit-job" + "".join(
+            f' and host_volume "{s}" capability mount-readwrite' for s in sources)
+        answer = _call(lambda: self.nomad.job.register_job(job["ID"], {"Job": job}), need=need)
         return str(answer["EvalID"])
 
     def validate(self, job: dict[str, Any]) -> list[str]:

@@ -48,7 +48,8 @@ class Volumes:
         for volume in self.find(name):
             node = nodes.get(volume.get("NodeID") or "")
             if node is not None and node.get("Status") == "ready":
-                return volume
+                # a list stub carries no HostPath (nomad/structs HostVolumeStub): read it whole
+                return self.get(str(volume["ID"]))
             raise CapacityExhausted(f"the brain of {name} is on node {volume.get('NodeID')}, "
                                     f"which is down: unavailable until the node returns")
         tried: set[str] = set()

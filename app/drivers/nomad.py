@@ -61,8 +61,9 @@ class NomadDriver(Driver):
         try:
             jobspec.check(settings)
         except jobspec.JobspecError as exc:
-            raise ConfigError(f"ORCH_NOMAD_JOBSPEC={str(settings.nomad_jobspec)!r} is invalid: "
-                              f"{exc}") from None
+            problem = settings.kill_timeout_problem()
+            raise ConfigError(problem or f"ORCH_NOMAD_JOBSPEC={str(settings.nomad_jobspec)!r} "
+                                         f"is invalid: {exc}") from None
         self.settings = settings
         self.api = NomadAPI(settings)
         self.volumes = Volumes(self.api, settings)

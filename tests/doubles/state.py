@@ -51,9 +51,9 @@ class Faults:
     task_crash: bool = False
     slow_health_s: float = 0.0
     template_delay_s: float = 0.0
-    # How long a new host volume stays "pending": until the client's next fingerprint
-    # reports it (client/hostvolumemanager; nomad/state updates State on node update).
-    fingerprint_s: float = 0.2
+    # How long a new host volume stays "pending", fixed; unset (None), the client's node
+    # update timing decides it (volumes.py; client/client.go watchNodeUpdates, retryIntv).
+    fingerprint_s: float | None = None
     # Evaluations wait this long in the broker before a worker takes them (0: at once), so
     # tests can make evals of one job queue up and be canceled (nomad/eval_broker.go).
     eval_delay_s: float = 0.0
@@ -126,8 +126,12 @@ class ConsulService:
 
 
 class State:
-    def __init__(self, data_dir: Path, port_range: tuple[int, int], nodes: int = 1):
+    def __init__(self, data_dir: Path, port_range: tuple[int, int], nodes: int = 1,
+                 timing: str = "production"):
         self.data_dir = data_dir
+        # "production": a client's node updates 5-10 s apart and Consul's staggered first
+        # check; "dev": a `-dev` agent's 1 s updates, checks at once (see README.md, Timing)
+        self.timing = timing
         self.port_range = port_range
         self.index = 1
         self.consul_index = 1  # Consul's own counter: bumps only when the catalog changes

@@ -35,7 +35,10 @@ NODES = [node_id(i) for i in (1, 2, 3)]
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hashistack]:
-    with served(tmp_path_factory.mktemp("cluster"), free_port_range(40), nodes=3) as hs:
+    # dev timing: these tests are about behaviour, not waits (test_double_timing.py
+    # covers the production client's)
+    with served(tmp_path_factory.mktemp("cluster"), free_port_range(40), nodes=3,
+               dev=True) as hs:
         yield hs
 
 

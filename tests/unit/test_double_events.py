@@ -70,7 +70,10 @@ class Stream:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hashistack]:
-    with served(tmp_path_factory.mktemp("events"), free_port_range(4), nodes=1) as hs:
+    # dev timing: these tests are about behaviour, not waits (test_double_timing.py
+    # covers the production client's)
+    with served(tmp_path_factory.mktemp("events"), free_port_range(4), nodes=1,
+               dev=True) as hs:
         yield hs
 
 

@@ -27,7 +27,10 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hashistack]:
-    with served(tmp_path_factory.mktemp("driver"), free_port_range(20), nodes=3) as hs:
+    # dev timing: these tests are about behaviour, not waits (test_double_timing.py
+    # covers the production client's)
+    with served(tmp_path_factory.mktemp("driver"), free_port_range(20), nodes=3,
+               dev=True) as hs:
         yield hs
 
 
@@ -171,7 +174,8 @@ def test_destroy_thaws_a_paused_engine_so_it_exits_on_sigterm(stack: Hashistack)
 def test_a_missing_capability_is_named(stack: Hashistack) -> None:
     write_only = {"namespace": ["list-jobs", "read-job", "submit-job", "host-volume-create",
                                 "host-volume-read", "host-volume-delete", "alloc-lifecycle"],
-                  "variables": {"nomad/jobs/*": ["write", "read", "list"]}, "node": "read"}
+                  "variables": {"nomad/jobs/*": ["write", "read", "list"]}, "node": "read",
+                  "host_volume": {"e-*": ["mount-readwrite"]}}
     stack.acl({"orch": write_only})
     try:
         async def work(driver: NomadDriver) -> None:

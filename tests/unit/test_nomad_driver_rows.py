@@ -21,6 +21,7 @@ import pytest
 
 from app import jobspec
 from app.config import Settings
+from app.drivers._nomad_api import PermissionDenied
 from app.drivers.base import EngineSpec
 from app.drivers.nomad import NomadDriver
 from tests.doubles.fixture import Hashistack, served
@@ -31,7 +32,10 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hashistack]:
-    with served(tmp_path_factory.mktemp("rows"), free_port_range(10), nodes=1) as hs:
+    # dev timing: these tests are about behaviour, not waits (test_double_timing.py
+    # covers the production client's)
+    with served(tmp_path_factory.mktemp("rows"), free_port_range(10), nodes=1,
+               dev=True) as hs:
         yield hs
 
 
@@ -73,13 +77,16 @@ def readme_policy() -> dict[str, object]:
     namespace = re.findall(r'"([a-z-]+)"', hcl.split("capabilities = [", 1)[1].split("]", 1)[0])
     [(path, caps)] = re.findall(r'path "([^"]+)" \{\s*capabilities = \[([^\]]*)\]', hcl)
     [node] = re.findall(r'node \{\s*policy = "([a-z]+)"', hcl)
+    [(volume, volume_caps)] = re.findall(
+        r'host_volume "([^"]+)" \{\s*capabilities = \[([^\]]*)\]', hcl)
     return {"namespace": namespace, "variables": {path: re.findall(r'"([a-z]+)"', caps)},
-            "node": node}
+            "node": node, "host_volume": {volume: re.findall(r'"([a-z-]+)"', volume_caps)}}
 
 
 def test_the_readme_policy_covers_an_engines_whole_life(stack: Hashistack) -> None:
     policy = readme_policy()
     assert "list-jobs" in policy["namespace"] and policy["node"] == "read"   # parsed, not empty
+    assert policy["host_volume"] == {"e-*": ["mount-readwrite"]}
     settings = Settings(driver="nomad", nomad_addr=stack.nomad, consul_addr=stack.consul,
                         nomad_jobspec=ROOT / "jobspecs" / "engine.docker.json",
                         nomad_token="orch", stop_grace_s=2.0)
@@ -105,6 +112,34 @@ def test_the_readme_policy_covers_an_engines_whole_life(stack: Hashistack) -> No
     assert not [v for v in left["volumes"] if v["name"] == spec.name]
     assert not [a for a in left["allocs"] if a["job"] == spec.name and a["client_status"] == "running"]
     assert httpx.get(f"{stack.nomad}/v1/var/nomad/jobs/{spec.name}", trust_env=False).status_code == 404
+
+
+def test_without_the_host_volume_rule_a_provision_names_it(stack: Hashistack) -> None:
+    """Job.Register checks the mounted host volume's `mount-readwrite` after submit-job
+    (nomad/job_endpoint.go Register): the 403 must name the rule, not only submit-job."""
+    policy = {k: v for k, v in readme_policy().items() if k != "host_volume"}
+    settings = Settings(driver="nomad", nomad_addr=stack.nomad, consul_addr=stack.consul,
+                        nomad_jobspec=ROOT / "jobspecs" / "engine.docker.json",
+                        nomad_token="orch", stop_grace_s=2.0)
+    spec = EngineSpec("e-acme-novol-0123456789ab", "acme", "novol", "0.1.0")
+    stack.acl({"orch": policy})
+    try:
+        async def provision() -> str:
+            driver = NomadDriver(settings)
+            try:
+                with pytest.raises(PermissionDenied) as info:
+                    await driver.create(spec, "k1")
+                return str(info.value)
+            finally:
+                await driver.close()
+        message = asyncio.run(provision())
+    finally:
+        stack.acl(None)
+    assert "403 Permission denied" in message
+    assert f'host_volume "{spec.name}" capability mount-readwrite' in message
+    left = stack.state()   # everything the failed provision made is taken back
+    assert not [v for v in left["volumes"] if v["name"] == spec.name]
+    assert spec.name not in left["jobs"]
 
 
 # ---- row 15, the double's side: what the driver must escape is really expanded --------------
