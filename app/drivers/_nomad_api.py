@@ -133,7 +133,15 @@ class NomadAPI:
     # ---- nodes ----------------------------------------------------------------------------------
 
     def nodes(self) -> list[dict[str, Any]]:
-        return list(self._http("GET", "/v1/nodes", need="node read") or [])
+        """Node stubs with their NodeResources and ReservedResources (?resources=true)."""
+        return list(self._http("GET", "/v1/nodes", params={"resources": "true"},
+                               need="node read") or [])
+
+    def allocations_with_resources(self) -> list[dict[str, Any]]:
+        """Every allocation stub with its AllocatedResources (?resources=true): what each node
+        has left is its NodeResources less these."""
+        return list(self._http("GET", "/v1/allocations", params={"resources": "true"},
+                               need="namespace capability read-job") or [])
 
     def node(self, node_id: str) -> dict[str, Any] | None:
         return _maybe(self._http("GET", f"/v1/node/{node_id}", missing=None, need="node read"))

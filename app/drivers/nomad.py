@@ -93,17 +93,33 @@ class NomadDriver(Driver):
             raise BadVersion(str(exc)) from None
 
     async def create(self, spec: EngineSpec, api_key: str) -> State:
-        state: State = {"job": spec.name}
-        try:
-            job = jobspec.render_job(self.settings, spec)
-            volume = await self._io(self.volumes.create, spec.name, job)
-            state.update(volume=volume["ID"], node=volume.get("NodeID"))
-            volume = await self._volume_ready(volume)
-            state["volume_path"] = volume.get("HostPath")
-            return await self.launch(spec, state, api_key)
-        except BaseException:
-            await self._quietly(self.destroy(spec, state))
-            raise
+        full: frozenset[str] = frozenset()   # nodes that refused the job for capacity
+        last: CapacityExhausted | None = None
+        while True:
+            state: State = {"job": spec.name}
+            new = False
+            try:
+                job = jobspec.render_job(self.settings, spec)
+                volume, new = await self._io(self.volumes.create, spec.name, job, full)
+                state.update(volume=volume["ID"], node=volume.get("NodeID"))
+                volume = await self._volume_ready(volume)
+                state["volume_path"] = volume.get("HostPath")
+                return await self.launch(spec, state, api_key)
+            except CapacityExhausted as exc:
+                await self._quietly(self.destroy(spec, state))
+                # The volume pinned the job to a node that is full after all (it filled up
+                # since we looked, or holds what we cannot see): a new, empty volume moves
+                # to another node. Volumes.create raises once no node is left.
+                if full and not new:   # no node left to move to: say why the last refused
+                    raise CapacityExhausted(f"{last} (and no other node fits: {exc})") from None
+                if not new or isinstance(exc, (NodeLost, PortExhausted)) or not state.get("node"):
+                    raise
+                full, last = full | {state["node"]}, exc
+                log.info("%s: node %s is full, moving its new volume: %s",
+                         spec.name, state["node"], exc)
+            except BaseException:
+                await self._quietly(self.destroy(spec, state))
+                raise
 
     async def launch(self, spec: EngineSpec, state: State, api_key: str) -> State:
         await self._io(self.api.put_variable, jobspec.var_path(spec.name), {"api_key": api_key})

@@ -19,7 +19,7 @@ from tests.doubles.consul_api import ConsulAPI
 from tests.doubles.control import Control, Listener
 from tests.doubles.nomad_api import NomadAPI
 from tests.doubles.scheduler import Cluster
-from tests.doubles.state import State
+from tests.doubles.state import NODE_CPU, NODE_MEMORY_MB, State
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -31,6 +31,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dev", action="store_true",
                         help="a -dev agent's timing (1 s node updates, checks at once) instead "
                              "of a production client's")
+    parser.add_argument("--node-cpu", type=int, default=NODE_CPU,
+                        help=f"each node's CPU in MHz (default {NODE_CPU})")
+    parser.add_argument("--node-memory", type=int, default=NODE_MEMORY_MB,
+                        help=f"each node's memory in MB (default {NODE_MEMORY_MB})")
     parser.add_argument("--nomad-port", type=int, default=0)
     parser.add_argument("--consul-port", type=int, default=0)
     parser.add_argument("--control-port", type=int, default=0)
@@ -46,7 +50,8 @@ async def serve(args: argparse.Namespace) -> None:
     data_dir = args.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     state = State(data_dir, args.ports, nodes=max(1, args.nodes),
-                  timing="dev" if args.dev else "production")
+                  timing="dev" if args.dev else "production", cpu=args.node_cpu,
+                  memory_mb=args.node_memory)
     cluster = Cluster(state)
     nomad_api = NomadAPI(cluster)
     nomad = Listener(nomad_api.app(), args.nomad_port)

@@ -91,6 +91,8 @@ class Control:
             Route("/faults", self.set_faults, methods=["POST"]),
             Route("/node-lost", self.node_lost, methods=["POST"]),
             Route("/node-up", self.node_up, methods=["POST"]),
+            Route("/node-resources", self.node_resources, methods=["POST"]),
+            Route("/node-drain", self.node_drain, methods=["POST"]),
             Route("/event-stream/drop", self.drop_streams, methods=["POST"]),
             Route("/acl", self.set_acl, methods=["POST"]),
             Route("/rejections", self.rejections, methods=["GET"]),
@@ -152,6 +154,35 @@ class Control:
             return nodes
         for node in nodes:
             self.cluster.node_up(node)
+        return self._json({"nodes": nodes})
+
+    async def node_resources(self, request: Request) -> Response:
+        """{"node": id (default: every node), "cpu": MHz, "memory_mb": MB}: the node's size."""
+        nodes = await self._nodes(request)
+        if isinstance(nodes, Response):
+            return nodes
+        body = json.loads(await request.body() or b"{}")
+        sizes = {k: body[k] for k in ("cpu", "memory_mb") if k in body}
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in sizes.values()):
+            return self._json({"error": "cpu and memory_mb must be integers >= 0"}, 400)
+        for node_id in nodes if body.get("node") else sorted(self.state.nodes):
+            node = self.state.nodes[node_id]
+            for key, value in sizes.items():
+                setattr(node, key, value)
+            node.modify_index = self.state.bump()
+        return self._json(self.state.summary()["node_resources"])
+
+    async def node_drain(self, request: Request) -> Response:
+        """{"node": id, "enable": bool}: a drain strategy set (the node ineligible) or not."""
+        nodes = await self._nodes(request)
+        if isinstance(nodes, Response):
+            return nodes
+        enable = bool(json.loads(await request.body() or b"{}").get("enable", True))
+        for node_id in nodes:
+            node = self.state.nodes[node_id]
+            # nomad/state UpdateNodeDrain: a drain makes the node ineligible
+            node.drain, node.eligibility = enable, "ineligible" if enable else "eligible"
+            node.modify_index = self.state.bump()
         return self._json({"nodes": nodes})
 
     async def drop_streams(self, request: Request) -> Response:

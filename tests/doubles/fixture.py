@@ -128,6 +128,13 @@ class Hashistack:
     def node_up(self, node: str | None = None) -> None:
         self._control("POST", "/node-up", {"node": node} if node else {})
 
+    def node_resources(self, node: str | None = None, **sizes: int) -> dict[str, Any]:
+        """Resize a node (default: every node): cpu (MHz), memory_mb; all nodes' sizes."""
+        return self._control("POST", "/node-resources", {**sizes, **({"node": node} if node else {})})
+
+    def node_drain(self, node: str, enable: bool = True) -> None:
+        self._control("POST", "/node-drain", {"node": node, "enable": enable})
+
     def drop_event_streams(self) -> int:
         """Cut every open /v1/event/stream; the index at that moment."""
         return int(self._control("POST", "/event-stream/drop")["index"])

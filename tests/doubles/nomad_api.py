@@ -133,9 +133,13 @@ class NomadAPI:
         self.acl.require_node_read(request)
         await self.block(request)
         prefix = request.query_params.get("prefix", "")
-        return self.ok([views.node_stub(n) for n in sorted(self.state.nodes.values(),
-                                                            key=lambda n: n.id)
+        with_resources = request.query_params.get("resources") in _TRUE
+        return self.ok([views.node_stub(n, self._node_volumes(n.id), with_resources)
+                        for n in sorted(self.state.nodes.values(), key=lambda n: n.id)
                         if n.id.startswith(prefix)])
+
+    def _node_volumes(self, node_id: str) -> list[dict[str, Any]]:
+        return [v for v in self.state.volumes.values() if v["NodeID"] == node_id]
 
     async def get_node(self, request: Request) -> Response:
         self.acl.require_node_read(request)
@@ -143,8 +147,7 @@ class NomadAPI:
         node = self.state.nodes.get(request.path_params["node_id"])
         if node is None:
             raise NotFound("node not found")
-        volumes = [v for v in self.state.volumes.values() if v["NodeID"] == node.id]
-        return self.ok(views.node_view(node, volumes))
+        return self.ok(views.node_view(node, self._node_volumes(node.id)))
 
     # ---- jobs ----------------------------------------------------------------------------
 
@@ -230,8 +233,9 @@ class NomadAPI:
         self.acl.require_namespace(request, "read-job")
         await self.block(request)
         prefix = request.query_params.get("prefix", "")
-        return self.ok([views.alloc_stub(a, self.state) for a in self.state.allocs.values()
-                        if a.id.startswith(prefix)])
+        with_resources = request.query_params.get("resources") in _TRUE
+        return self.ok([views.alloc_stub(a, self.state, with_resources)
+                        for a in self.state.allocs.values() if a.id.startswith(prefix)])
 
     # ---- evaluations and allocations -----------------------------------------------------
 

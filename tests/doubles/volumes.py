@@ -187,9 +187,9 @@ class Volumes:
         pending = [v for v in self.state.volumes.values()
                    if v["NodeID"] == node_id and v["State"] == "pending"]
         if pending:
-            index = self.state.bump()
+            index, now = self.state.bump(), now_ns()
             for vol in pending:
-                vol["State"], vol["ModifyIndex"] = "ready", index
+                vol.update(State="ready", ModifyIndex=index, ModifyTime=now)
             self.api.cluster.volume_ready()
 
     def _update(self, vol: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:

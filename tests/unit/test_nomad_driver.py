@@ -62,15 +62,17 @@ def test_volumes_go_to_the_least_loaded_ready_node_and_create_is_idempotent(
         nodes = []
         for user in ("v1", "v2", "v3"):
             job = jobspec.render_job(driver.settings, spec(user))
-            volume = await driver._io(driver.volumes.create, spec(user).name, job)
+            volume, new = await driver._io(driver.volumes.create, spec(user).name, job)
             nodes.append(volume["NodeID"])
-            again = await driver._io(driver.volumes.create, spec(user).name, job)
+            again, new_again = await driver._io(driver.volumes.create, spec(user).name, job)
+            assert new and not new_again
             assert again["ID"] == volume["ID"]   # looked up by name, not made twice
+            assert again["HostPath"]             # read whole: a list stub has none
             assert volume["Parameters"] == {"uid": "65534", "gid": "65534", "mode": "0700"}
         stack.node_lost(node_id(1))
         try:
             job = jobspec.render_job(driver.settings, spec("v4"))
-            fourth = await driver._io(driver.volumes.create, spec("v4").name, job)
+            fourth, _ = await driver._io(driver.volumes.create, spec("v4").name, job)
             assert fourth["NodeID"] != node_id(1)   # never a down node
         finally:
             stack.node_up(node_id(1))

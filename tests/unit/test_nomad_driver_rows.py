@@ -15,6 +15,7 @@ import asyncio
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -202,12 +203,12 @@ def test_a_down_node_is_never_asked_for_a_volume(tmp_path: Path) -> None:
                             nomad_jobspec=ROOT / "jobspecs" / "engine.docker.json")
         stack.node_lost(node_id(1))   # the first in ID order, where Nomad itself would go
 
-        async def work() -> dict[str, object]:
+        async def work() -> dict[str, Any]:
             driver = NomadDriver(settings)
             try:
                 spec = EngineSpec("e-acme-down-0123456789ab", "acme", "down", "0.1.0")
                 job = jobspec.render_job(settings, spec)
-                volume: dict[str, object] = await driver._io(driver.volumes.create, spec.name, job)
+                volume, _ = await driver._io(driver.volumes.create, spec.name, job)
                 await driver.destroy(spec, None)
                 return volume
             finally:
