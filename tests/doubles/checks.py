@@ -140,7 +140,7 @@ class ServiceManager:
         Accept unless the check's headers set them; 2xx passing, 429 warning, else critical;
         the output `HTTP <method> <url>: <status line> Output: <body>`. Written on asyncio
         streams rather than an HTTP client library: at 1,000 engines checked every second the
-        double must stay cheap (issue 11's at-rest bench)."""
+        double must stay cheap (the at-rest bench)."""
         path = check.get("Path") or "/"
         path = path if path.startswith("/") else "/" + path
         url = f"http://127.0.0.1:{port}{path}"

@@ -59,7 +59,7 @@ class Faults:
     # Evaluations wait this long in the broker before a worker takes them (0: at once), so
     # tests can make evals of one job queue up and be canceled (nomad/eval_broker.go).
     eval_delay_s: float = 0.0
-    # Issue 11, the event stream (events.py): the heartbeat interval (Nomad: 30 s,
+    # The event stream (events.py): the heartbeat interval (Nomad: 30 s,
     # nomad/event_endpoint.go), and a count of frames to lose before they reach the buffer.
     event_heartbeat_s: float = 30.0
     lose_events: float = 0.0

@@ -1,4 +1,4 @@
-"""The double's Nomad event stream (issue 11) as Nomad v1.10.5 serves it: ndjson frames with
+"""The double's Nomad event stream as Nomad v1.10.5 serves it: ndjson frames with
 their index, a heartbeat, topic filters, resuming at an index, a cut stream, a lost frame."""
 
 from __future__ import annotations

@@ -114,7 +114,7 @@ def test_a_stop_grace_nomad_would_cut_or_refuse_stops_start_up() -> None:
                            "ORCH_NOMAD_MAX_KILL_TIMEOUT_S": "900"})
 
 
-# ---- issue 8: images, versions, and what Nomad would interpolate ---------------------------
+# ---- images, versions, and what Nomad would interpolate -------- ---------------------------
 
 @pytest.mark.parametrize("version, image", [
     ("0.2.0", "orch-refengine:0.2.0"),                       # a tag of ORCH_ENGINE_IMAGE's repository

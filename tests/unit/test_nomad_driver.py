@@ -1,4 +1,4 @@
-"""The Nomad driver, in process, against a 3-node double: the parts of issue 8 the
+"""The Nomad driver, in process, against a 3-node double: the parts the
 orchestrator-level tests do not reach (ACLs, superseded evals, Nomad's validator, idempotent
 volume create/delete, the node choice, SIGCONT before destroy)."""
 

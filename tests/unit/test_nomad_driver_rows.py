@@ -1,12 +1,12 @@
-"""Issue 8: sides of rows 4, 6, 11, 13 and 15 the other tests left loose.
+"""Sides of the driver the other tests leave loose.
 
-Row 6: Nomad's job stubs carry `Meta` only with `?meta=true` (command/agent/job_endpoint.go),
+Nomad's job stubs carry `Meta` only with `?meta=true` (command/agent/job_endpoint.go),
 so a driver that lists jobs without it never recognises its own. The other tests did not
 notice: an engine's volume and variable carry its name too. Here a job is all that is left (its
 volume and variable already gone, as a crash mid-destroy leaves it), and the orphan sweep must
 still find it.
 
-Row 13: the ACL policy nomad/README.md gives (parsed from it, not copied) covers an engine's
+The ACL policy nomad/README.md gives (parsed from it, not copied) covers an engine's
 whole life; a capability dropped from it fails the life, naming what is missing."""
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def test_a_job_left_alone_is_listed_as_ours_and_a_foreign_one_is_not(stack: Hash
                      trust_env=False).json() == []
 
 
-# ---- row 13: the policy nomad/README.md gives is the one tested ------------------------------
+# ---- the policy nomad/README.md gives is the one tested ------- ------------------------------
 
 def readme_policy() -> dict[str, object]:
     """nomad/README.md's HCL policy, as the double's ACL table takes it."""
@@ -143,9 +143,9 @@ def test_without_the_host_volume_rule_a_provision_names_it(stack: Hashistack) ->
     assert spec.name not in left["jobs"]
 
 
-# ---- row 15, the double's side: what the driver must escape is really expanded --------------
+# ---- the double's side: what the driver must escape ------- is really expanded --------------
 
-def test_row15_the_double_expands_node_variables_in_env_as_nomad_does(stack: Hashistack) -> None:
+def test_the_double_expands_node_variables_in_env_as_nomad_does(stack: Hashistack) -> None:
     """helper/args/args.go: `${node.unique.name}` in a task's Env is replaced at run time, with
     no escape. Without this, the driver's escaping (tests/unit/test_jobspec.py) and the end to
     end check that an engine gets its user id unexpanded would prove nothing."""
@@ -165,7 +165,7 @@ def test_row15_the_double_expands_node_variables_in_env_as_nomad_does(stack: Has
         purge(stack, job)
 
 
-# ---- row 11, the driver's side of stop (destroy's is in test_nomad_driver.py) ---------------
+# ---- the driver's side of stop ------- (destroy's is in test_nomad_driver.py) ---------------
 
 def test_stop_thaws_a_paused_engine_so_it_exits_on_sigterm(stack: Hashistack) -> None:
     """Nomad sends only the KillSignal, then SIGKILL after the KillTimeout: an engine paused
@@ -191,7 +191,7 @@ def test_stop_thaws_a_paused_engine_so_it_exits_on_sigterm(stack: Hashistack) ->
     assert terminated and terminated[-1]["Signal"] == 0   # a clean exit on SIGTERM
 
 
-# ---- row 4: a down node is never asked ------------------------------------------------------
+# ---- a down node is never asked ------- ------------------------------------------------------
 
 def test_a_down_node_is_never_asked_for_a_volume(tmp_path: Path) -> None:
     """The node the driver picks is ready: not one whose create fails and is retried elsewhere
