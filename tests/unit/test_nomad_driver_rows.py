@@ -198,7 +198,7 @@ def test_a_down_node_is_never_asked_for_a_volume(tmp_path: Path) -> None:
     (which the end result alone, a volume on a live node, would not tell apart)."""
     from tests.doubles.state import node_id
 
-    with served(tmp_path, free_port_range(10), nodes=3) as stack:
+    with served(tmp_path, free_port_range(10), nodes=3, dev=True) as stack:   # no waits here
         settings = Settings(driver="nomad", nomad_addr=stack.nomad, consul_addr=stack.consul,
                             nomad_jobspec=ROOT / "jobspecs" / "engine.docker.json")
         stack.node_lost(node_id(1))   # the first in ID order, where Nomad itself would go
