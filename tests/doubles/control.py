@@ -157,7 +157,8 @@ class Control:
         return self._json({"nodes": nodes})
 
     async def node_resources(self, request: Request) -> Response:
-        """{"node": id (default: every node), "cpu": MHz, "memory_mb": MB}: the node's size."""
+        """{"node": id (default: every node), "cpu": MHz, "memory_mb": MB, "node_class": str}:
+        the node's size and class."""
         nodes = await self._nodes(request)
         if isinstance(nodes, Response):
             return nodes
@@ -165,6 +166,10 @@ class Control:
         sizes = {k: body[k] for k in ("cpu", "memory_mb") if k in body}
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in sizes.values()):
             return self._json({"error": "cpu and memory_mb must be integers >= 0"}, 400)
+        if not isinstance(body.get("node_class", ""), str):
+            return self._json({"error": "node_class must be a string"}, 400)
+        if "node_class" in body:
+            sizes["node_class"] = body["node_class"]
         for node_id in nodes if body.get("node") else sorted(self.state.nodes):
             node = self.state.nodes[node_id]
             for key, value in sizes.items():

@@ -128,8 +128,8 @@ class Hashistack:
     def node_up(self, node: str | None = None) -> None:
         self._control("POST", "/node-up", {"node": node} if node else {})
 
-    def node_resources(self, node: str | None = None, **sizes: int) -> dict[str, Any]:
-        """Resize a node (default: every node): cpu (MHz), memory_mb; all nodes' sizes."""
+    def node_resources(self, node: str | None = None, **sizes: int | str) -> dict[str, Any]:
+        """Resize a node (default: every node): cpu (MHz), memory_mb, node_class; all nodes'."""
         return self._control("POST", "/node-resources", {**sizes, **({"node": node} if node else {})})
 
     def node_drain(self, node: str, enable: bool = True) -> None:

@@ -226,7 +226,8 @@ class State:
                         "pids": dict(a.pids)}
                        for a in self.allocs.values()],
             "nodes": {n.id: n.status for n in self.nodes.values()},
-            "node_resources": {n.id: {"cpu": n.cpu, "memory_mb": n.memory_mb, "drain": n.drain}
+            "node_resources": {n.id: {"cpu": n.cpu, "memory_mb": n.memory_mb, "drain": n.drain,
+                                      "node_class": n.node_class}
                                for n in self.nodes.values()},
             "volumes": [{"id": v["ID"], "name": v["Name"], "host_path": v["HostPath"],
                          "node": v["NodeID"], "state": v["State"]}

@@ -123,7 +123,7 @@ def test_register_checks_the_host_volume_rule_of_each_mounted_volume(stack: Hash
 # ---- nodes with resources -------------------------------------------------------------------
 
 def test_a_full_node_fails_placement_per_dimension(stack: Hashistack) -> None:
-    stack.node_resources(cpu=150, memory_mb=8192)   # room for one 100 MHz task per node
+    stack.node_resources(cpu=150, memory_mb=8192, node_class="small")   # one 100 MHz task each
     jobs = [f"e-full{i}-0123456789ab" for i in range(4)]
     try:
         evals = [put(f"{stack.nomad}/v1/job/{j}", sleeper(j)).json()["EvalID"] for j in jobs]
@@ -133,6 +133,7 @@ def test_a_full_node_fails_placement_per_dimension(stack: Hashistack) -> None:
         assert sorted(a[0]["NodeID"] for a in placed) == NODES   # one per node
         failed = done[3]["FailedTGAllocs"]["g"]
         assert failed["DimensionExhausted"] == {"cpu": 3} and failed["NodesExhausted"] == 3
+        assert failed["ClassExhausted"] == {"small": 3}
         assert done[3]["BlockedEval"]
         stub = get(stack, "/v1/nodes", resources="true")[0]
         assert stub["NodeResources"]["Cpu"]["CpuShares"] == 150
@@ -140,7 +141,7 @@ def test_a_full_node_fails_placement_per_dimension(stack: Hashistack) -> None:
     finally:
         for j in jobs:
             purge(stack, j)
-        stack.node_resources(cpu=4000, memory_mb=8192)
+        stack.node_resources(cpu=4000, memory_mb=8192, node_class="")
 
 
 def test_a_draining_node_is_drain_in_its_stub(stack: Hashistack) -> None:
