@@ -9,7 +9,7 @@
     thundering herd   200 concurrent admits for one new user: time, engines created
     fleet             issue 11: CPU at rest with BENCH_FLEET_N running engines, beside every
                       engine probed every tick; crash-to-failed p50/p99 (tests/bench/fleet.py)
-    nomad             issue 11 on the Nomad driver (the double): CPU and queries at rest with
+    nomad             the Nomad driver (the double): CPU and queries at rest with
                       BENCH_NOMAD_REST_N running engines, beside no engine and the fleet
                       snapshot every pass (nomad_rest.py); crash-to-failed p50/p99 with the
                       event stream, beside no events and a probe every tick (nomad_fleet.py)
