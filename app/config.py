@@ -31,6 +31,9 @@ ENGINE_IMAGE_DEFAULT = f"orch-refengine:{_package_version()}"
 
 SLEEP_MODES = ("pause", "stop")
 DRIVERS = ("local", "nomad")
+# nomad/structs Task.Validate: a KillTimeout above the update block's progress_deadline
+# (10 m by default, api/jobs.go) makes a service job invalid.
+PROGRESS_DEADLINE_S = 600.0
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -93,6 +96,8 @@ class Settings:
     # Issue 11, Nomad half: follow Nomad's event stream and Consul's blocking queries ("on"),
     # or learn of ends from the scheduled health checks alone ("off": the bench's baseline).
     nomad_events: bool = True
+    # The Nomad clients' max_kill_timeout (Nomad's default 30 s): a longer stop grace is cut.
+    nomad_max_kill_timeout_s: float = 30.0
     # Issue 13 (rollouts): the platform key `orch rollout status --follow` shows the server's
     # event stream with (None: it follows the database instead).
     platform_key: str | None = None
@@ -103,7 +108,7 @@ class Settings:
         env = os.environ if env is None else env
         r = _Reader(env)
         state_dir = r.get("ORCH_STATE_DIR", Path, cls.state_dir)
-        return cls(
+        settings = cls(
             # The database lives in the state dir unless named: `make run`, `orch serve` and
             # every CLI command agree by construction.
             database_url=r.get("ORCH_DATABASE_URL", _database_url,
@@ -154,11 +159,29 @@ class Settings:
             resync_s=r.get("ORCH_RESYNC_S", _positive, cls.resync_s),
             # Issue 11, Nomad half.
             nomad_events=r.get("ORCH_NOMAD_EVENTS", _choice(("on", "off")), "on") == "on",
+            nomad_max_kill_timeout_s=r.get("ORCH_NOMAD_MAX_KILL_TIMEOUT_S", _positive,
+                                           cls.nomad_max_kill_timeout_s),
             # Issue 13 (rollouts).
             platform_key=r.get("ORCH_PLATFORM_KEY", _nonempty, None),
             rollout_concurrency=r.get("ORCH_ROLLOUT_CONCURRENCY", _positive_int,
                                       cls.rollout_concurrency),
         )
+        problem = settings.kill_timeout_problem() if settings.driver == "nomad" else None
+        if problem:
+            raise ConfigError(problem)
+        return settings
+
+    def kill_timeout_problem(self) -> str | None:
+        """Why Nomad would not give engines ORCH_STOP_GRACE_S as their KillTimeout, or None."""
+        grace, cap = self.stop_grace_s, self.nomad_max_kill_timeout_s
+        if grace > PROGRESS_DEADLINE_S:
+            return (f"ORCH_STOP_GRACE_S={grace:g} is longer than Nomad's update "
+                    f"progress_deadline ({PROGRESS_DEADLINE_S:g}s): Nomad refuses the job")
+        if grace > cap:
+            return (f"ORCH_STOP_GRACE_S={grace:g} is longer than ORCH_NOMAD_MAX_KILL_TIMEOUT_S="
+                    f"{cap:g} (the Nomad clients' max_kill_timeout): Nomad would cut the "
+                    f"engines' stop grace to {cap:g}s")
+        return None
 
     @property
     def secret_key_file(self) -> Path:
