@@ -20,7 +20,7 @@ T = TypeVar("T")
 
 
 def _package_version() -> str:
-    # issue 8: the default image's tag is the package version (docker always pulls `latest`)
+    # The default image's tag is the package version (docker always pulls `latest`)
     try:
         return importlib.metadata.version("engine-orchestrator")
     except importlib.metadata.PackageNotFoundError:
@@ -72,7 +72,7 @@ class Settings:
     nomad_region: str | None = None
     consul_addr: str = "http://127.0.0.1:8500"
     consul_token: str | None = None
-    # issue 8 (Nomad as it really is): images an engine_version may name, and who owns an
+    # Images an engine_version may name, and who owns an
     # engine's brain volume and key file on Nomad (the image's user).
     engine_images: tuple[str, ...] = ()   # repositories; () = only engine_image's
     nomad_volume_uid: int = 65534
@@ -140,7 +140,6 @@ class Settings:
             nomad_region=r.get("NOMAD_REGION", _nonempty, None),
             consul_addr=r.get("CONSUL_HTTP_ADDR", _consul_addr, cls.consul_addr),
             consul_token=r.get("CONSUL_HTTP_TOKEN", _nonempty, None),
-            # issue 8
             engine_images=r.get("ORCH_ENGINE_IMAGES", _repositories, cls.engine_images),
             nomad_volume_uid=r.get("ORCH_NOMAD_VOLUME_UID", _non_negative_int, cls.nomad_volume_uid),
             nomad_volume_gid=r.get("ORCH_NOMAD_VOLUME_GID", _non_negative_int, cls.nomad_volume_gid),
@@ -247,7 +246,7 @@ def _non_negative_int(raw: str) -> int:
     return value
 
 
-def _positive_int(raw: str) -> int:  # issue 10
+def _positive_int(raw: str) -> int:
     value = _non_negative_int(raw)
     if value < 1:
         raise ValueError("must be 1 or more")
@@ -326,7 +325,6 @@ def _command(raw: str) -> tuple[str, ...]:
     return parts
 
 
-# issue 8
 def _repositories(raw: str) -> tuple[str, ...]:
     repos = tuple(r.strip() for r in raw.split(",") if r.strip())
     bad = [r for r in repos if ":" in r.rsplit("/", 1)[-1] or "@" in r or "$" in r]
