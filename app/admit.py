@@ -162,7 +162,7 @@ class Admitter:
         return {"admitted": True, "user_id": engine.user_id, "url": engine.url,
                 "api_key": self.engines.bodies.api_key(engine), "status": states.RUNNING,
                 "engine_version": engine.engine_version, "provisioned": provisioned,
-                "woken": woken}
+                "woken": woken, "from_pool": provisioned and engine.claimed_at is not None}
 
 
 def _denied(reason: str, status: str | None) -> dict[str, Any]:

@@ -34,11 +34,14 @@ TABLE: dict[str, tuple[frozenset[str | None], str]] = {
     "stopped": (frozenset({STOPPING}), STOPPED),
     "fail": (frozenset({RUNNING}), FAILED),
     "destroy": (frozenset(STATES), DESTROYING),
-    # Issue 13: a running engine is restarted on a new version; it comes back on the new
-    # one (upgraded) or, not healthy in time, on its previous one (upgrade_rolled_back).
+    # A running engine is restarted on a new version; it comes back on the new one
+    # (upgraded) or, not healthy in time, on its previous one (upgrade_rolled_back).
     "upgrade": (frozenset({RUNNING}), STARTING),
     "upgraded": (frozenset({STARTING}), RUNNING),
     "upgrade_rolled_back": (frozenset({STARTING}), RUNNING),
+    # A warm pool's engine taken by a user: starting until it knows its user (and is resumed,
+    # if it waited paused), so a claimer that dies half-way leaves a row recovery settles.
+    "claimed": (frozenset({RUNNING, SLEEPING}), STARTING),
 }
 
 # States in which an operation is under way; one that sits here longer than the boot timeout

@@ -21,6 +21,7 @@ class Product(BaseModel):
     max_engines = pw.IntegerField()
     rate_limit_rpm = pw.IntegerField()
     created_at = pw.DoubleField()
+    warm_pool = pw.IntegerField(default=0)  # engines kept ready for new users (app.pool)
 
 
 class IdCounter(BaseModel):
@@ -58,15 +59,19 @@ class Engine(BaseModel):
     last_admit_at = pw.DoubleField(null=True)
     lease_owner = pw.CharField(max_length=64, null=True)
     lease_until = pw.DoubleField(null=True)
-    # An upgrade in flight (issue 13): the version to go back to if it does not come up.
+    # An upgrade in flight: the version to go back to if it does not come up.
     previous_version = pw.CharField(max_length=256, null=True)
+    # A warm pool's engine waiting for a user (its user_id is POOL_PREFIX..., never a user's).
+    in_pool = pw.BooleanField(default=False)
+    claimed_at = pw.DoubleField(null=True)  # when a user claimed it from the pool
 
     class Meta:
         indexes = ((("product", "user_id"), True),
-                   # Issue 11: the reconciler's range reads (engines started since its last
+                   # The reconciler's range reads (engines started since its last
                    # look; idle engines), without reading every running row.
                    (("status", "status_since"), False),
-                   (("status", "last_admit_at"), False))
+                   (("status", "last_admit_at"), False),
+                   (("product", "in_pool", "status"), False))
 
 
 class Event(BaseModel):
@@ -76,7 +81,7 @@ class Event(BaseModel):
     product_id = pw.IntegerField()
     user_id = pw.CharField(max_length=128)
     engine_name = pw.CharField(max_length=63)
-    # Issue 12: which engine of the user (ids are never reused); None before the column was
+    # Which engine of the user (ids are never reused); None before the column was
     # added, and for events of no engine (orphan_removed).
     engine_id = pw.IntegerField(null=True)
     at = pw.DoubleField()
@@ -98,7 +103,7 @@ class PortLease(BaseModel):
 
 
 class ShardLease(BaseModel):
-    """Issue 11: the reconciler's work is split in shards (engine id modulo their number); a
+    """The reconciler's work is split in shards (engine id modulo their number); a
     replica does the shards it holds a lease on."""
 
     shard = pw.IntegerField(primary_key=True)
@@ -107,7 +112,7 @@ class ShardLease(BaseModel):
 
 
 class Replica(BaseModel):
-    """Issue 11: the live reconcilers (a heartbeat each), so shards are shared out evenly."""
+    """The live reconcilers (a heartbeat each), so shards are shared out evenly."""
 
     owner = pw.CharField(max_length=64, primary_key=True)
     until = pw.DoubleField()
@@ -115,8 +120,16 @@ class Replica(BaseModel):
 
 
 
+class PoolLease(BaseModel):
+    """Who refills a product's warm pool: one replica at a time."""
+
+    product_id = pw.IntegerField(primary_key=True)
+    lease_owner = pw.CharField(max_length=64, null=True)
+    lease_until = pw.DoubleField(null=True)
+
+
 class Rollout(BaseModel):
-    """Issue 13: a product's fleet moving to `to_version`, batch by batch; run by the replica
+    """A product's fleet moving to `to_version`, batch by batch; run by the replica
     holding its lease."""
 
     id = pw.AutoField()
@@ -147,5 +160,5 @@ class RolloutTarget(BaseModel):
 
 
 MODELS = (Product, IdCounter, RateLimit, Engine, Event, PortLease, ShardLease, Replica, Rollout,
-          RolloutTarget)
+          RolloutTarget, PoolLease)
 ENGINE_COLUMNS = tuple(f.column_name for f in Engine._meta.sorted_fields)
