@@ -32,7 +32,6 @@ log = logging.getLogger("orch.lifecycle")
 KEY_CONFIRM_S = 10.0
 WAKE_TIMEOUT_S = 5.0  # a resumed engine that is not healthy by then is cold-started
 QUICK_STOP_S = 5.0  # stopping what failed to boot: no need for the whole grace
-IDENTITY_S = 2.0  # a claimed engine that cannot say it knows its user by then is replaced
 
 
 class Bodies:
@@ -114,8 +113,9 @@ class Bodies:
     async def identify(self, row: EngineRow) -> bool:
         if row.url is None:
             return False
+        # As long as a cold provision would be given: a busy machine slows both alike.
         return await engine_http.tell_identity(self.http, row.url, self.api_key(row), row.user_id,
-                                               IDENTITY_S)
+                                               self.settings.boot_timeout_s)
 
     def driver_claimed(self, spec: EngineSpec, state: State) -> None:
         """Let the backend name the user (Nomad: the job's meta and Consul service), off the

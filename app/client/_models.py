@@ -142,7 +142,7 @@ class EventPage:
 
 @dataclass(frozen=True)
 class Rollout:
-    """A rollout of a new engine_version across the product's engines (issue 13)."""
+    """A rollout of a new engine_version across the product's engines."""
 
     id: int
     status: str  # running, paused, succeeded, failed, rolled_back, aborted

@@ -45,4 +45,5 @@ Fault knobs, for tests: `+`-separated tokens after the first `+` of ENGINE_VERSI
   boot-delay-<ms>         wait that long before listening (SIGTERM still ends it meanwhile)
   fault-crash-after-<ms>  become healthy, then exit 3 that long after listening
   hup-delay-<ms>          apply each SIGHUP's key reload that long later (a slow rotation)
+  identity-delay-<ms>     answer PUT /v1/identity that long later (a slow claim)
 """

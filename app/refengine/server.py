@@ -13,6 +13,7 @@ import selectors
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote_to_bytes
@@ -158,6 +159,8 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(user_id, str) or not user_id:
             return self._json(400, {"error": "user_id must be a non-empty string"})
         server = self.server
+        if server.config.faults.identity_delay_ms:
+            time.sleep(server.config.faults.identity_delay_ms / 1000)
         with server.identity_lock:
             current = server.config.user_id
             if current and current != user_id:

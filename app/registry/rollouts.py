@@ -1,4 +1,4 @@
-"""Rollout rows (issue 13): a rollout, its targets (one per engine), and its lease.
+"""Rollout rows: a rollout, its targets (one per engine), and its lease.
 
 A rollout is run by one replica at a time: the one whose lease on the rollout row is live.
 Every write is a single UPDATE guarded by what it expects (the status, the lease owner)."""
