@@ -122,7 +122,14 @@ class Bodies:
         claim's path: the engine already knows, and the answer must not wait."""
         task = asyncio.create_task(self.driver.claimed(spec, state))
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._shown)
+
+    def _shown(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # The engine is the user's and knows it; only the backend's display is behind,
+            # and the engine's next start renders its job for its user.
+            log.warning("could not name the user of a claimed engine: %s", task.exception())
 
     async def upgrade(self, row: EngineRow, version: str) -> EngineRow:
         return await self.upgrader.upgrade(row, version)

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests.harness import Orchestrator, running, wait_for
+from tests.scheduler import service
 
 
 def warm(orch: Orchestrator, product: str = "acme") -> int:
@@ -237,3 +238,33 @@ def test_in_pause_mode_pooled_engines_wait_paused_and_are_resumed_at_claim(tmp_p
             answer = client.post("/engines/dave/admit", json={"auto_provision": True}).json()
             assert answer["from_pool"] and answer["status"] == "running"
             assert engine_info(answer["url"], answer["api_key"])["user_id"] == "dave"
+
+
+def test_on_nomad_the_pool_keeps_volumes_and_jobs_and_a_claim_names_its_user_in_place(
+        tmp_path: Path) -> None:
+    with running(tmp_path, "nomad", product=None) as orch:
+        nomad, consul = orch.env["NOMAD_ADDR"], orch.env["CONSUL_HTTP_ADDR"]
+        pool_product(orch, 2)
+        wait_for(lambda: warm(orch) == 2, timeout=60, what="the pool to fill")
+        names = {r[1] for r in rows(orch)}
+        volumes = httpx.get(f"{nomad}/v1/volumes?type=host", trust_env=False).json()
+        assert names <= {v["Name"] for v in volumes}
+        assert names <= {j["ID"] for j in httpx.get(f"{nomad}/v1/jobs", trust_env=False).json()}
+        with orch.client("acme") as client:
+            answer = client.post("/engines/Alice%20Smith/admit", json={"auto_provision": True}).json()
+            assert answer["from_pool"]
+            pid = engine_info(answer["url"], answer["api_key"])["pid"]
+            assert engine_info(answer["url"], answer["api_key"])["user_id"] == "Alice Smith"
+            (name,) = [r[1] for r in rows(orch) if r[0] == "Alice Smith"]
+
+            def named() -> bool:
+                entries = service(consul, name)
+                return len(entries) == 1 and entries[0]["Service"]["Meta"]["user_id"] == "Alice Smith" \
+                    and "user-Alice Smith" in entries[0]["Service"]["Tags"]
+
+            wait_for(named, timeout=10, what="the Consul service to name the user")
+            allocs = httpx.get(f"{nomad}/v1/job/{name}/allocations", trust_env=False).json()
+            assert [a["ClientStatus"] for a in allocs] == ["running"]  # updated, not replaced
+            assert engine_info(answer["url"], answer["api_key"])["pid"] == pid
+            assert all(c["Status"] == "passing" for c in service(consul, name)[0]["Checks"])
+            wait_for(lambda: warm(orch) == 2, timeout=60, what="the pool to refill")
