@@ -73,13 +73,13 @@ class Instrumented(Driver):
         with self._measure("list_names"):
             return await self.inner.list_names()
 
-    def check_version(self, version: str) -> None:  # issue 8
+    def check_version(self, version: str) -> None:
         self.inner.check_version(version)
 
-    def on_exit(self, listener: Callable[[str], None]) -> bool:  # issue 11
+    def on_exit(self, listener: Callable[[str], None]) -> bool:
         return self.inner.on_exit(listener)
 
-    def watch(self, spec: EngineSpec, state: State) -> None:  # issue 11
+    def watch(self, spec: EngineSpec, state: State) -> None:
         self.inner.watch(spec, state)
 
     async def ping(self) -> None:

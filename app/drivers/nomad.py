@@ -72,7 +72,7 @@ class NomadDriver(Driver):
         # Blocking queries hold a thread each: a pool of our own, so they never starve others.
         self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="nomad")
         self.http = engine_http.client()
-        # Issue 11: Nomad's event stream and Consul's blocking queries report engines' ends,
+        # Nomad's event stream and Consul's blocking queries report engines' ends,
         # and answer the scheduled health checks while they are live.
         self.events = FleetEvents(settings, lambda: self._io(self.api.all_allocations))
         # A fleet snapshot at most once per reconciler pass, when the events cannot answer.

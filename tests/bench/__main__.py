@@ -7,13 +7,16 @@
     provision         request -> admitted, minus the engine's own boot time measured alone
     registry size     admit p50 with 100k engine rows vs 1k
     thundering herd   200 concurrent admits for one new user: time, engines created
-    fleet             issue 11: CPU at rest with BENCH_FLEET_N running engines, beside every
+    fleet             CPU at rest with BENCH_FLEET_N running engines, beside every
                       engine probed every tick; crash-to-failed p50/p99 (tests/bench/fleet.py)
-    nomad             issue 11 on the Nomad driver (the double): CPU and queries at rest with
+    nomad             the same on the Nomad driver (the double): CPU and queries at rest with
                       BENCH_NOMAD_REST_N running engines, beside no engine and the fleet
                       snapshot every pass (nomad_rest.py); crash-to-failed p50/p99 with the
                       event stream, beside no events and a probe every tick (nomad_fleet.py)
-    rollout           issue 13: BENCH_ROLLOUT_ENGINES (100) engines moved by one rollout in
+    pool              a new user's first admit from a warm pool vs a cold provision, and a
+                      burst of 3N new users against a pool of N, on both drivers
+                      (tests/bench/pool.py)
+    rollout           BENCH_ROLLOUT_ENGINES (100) engines moved by one rollout in
                       batches of 10, beside the same engines upgraded one request after
                       another (tests/bench/rollout.py)
 """
@@ -33,7 +36,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.bench import fleet, nomad_fleet, rollout
+from tests.bench import fleet, nomad_fleet, pool, rollout
 from tests.bench.loadgen import Target, run_in_process
 from tests.harness import ROOT, Orchestrator, free_port, wait_for
 
@@ -50,7 +53,7 @@ def main() -> None:
     benches = {"admit": bench_admit, "wake": bench_wake, "provision": bench_provision,
                "rows": bench_rows, "herd": bench_herd, "fleet": fleet.bench_fleet,
                "nomad": nomad_fleet.bench_nomad,
-               "rollout": rollout.bench_rollout}
+               "rollout": rollout.bench_rollout, "pool": pool.bench_pool}
     only = [name for name in os.environ.get("BENCH_ONLY", "").split(",") if name] or list(benches)
     results = {}
     try:
@@ -272,6 +275,8 @@ def report(r: dict) -> None:
         print("\n".join(nomad_fleet.lines(r["nomad"])))
     if "rollout" in r:
         print("\n".join(rollout.lines(r["rollout"])))
+    if "pool" in r:
+        print("\n".join(pool.lines(r["pool"])))
 
 
 def _lines(r: dict) -> dict[str, list[str]]:

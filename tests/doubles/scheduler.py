@@ -341,7 +341,7 @@ class Cluster:
         # watches each template's dependencies (client/allocrunner/taskrunner/template
         # template.go hands it the templates; its watcher follows what each one reads), not
         # every variable. A task per runner for each write made 1,000 engines' provisioning
-        # quadratic (issue 11's bench).
+        # quadratic (the fleet bench).
         for alloc in self.state.live_allocs():
             for runner in self.runners.get(alloc.id, []):
                 if path in runner.reads:
