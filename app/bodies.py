@@ -42,6 +42,9 @@ class Bodies:
         self.http = http
         self._product_names: dict[int, str] = {}
         self._background: set[asyncio.Task[None]] = set()
+        # A pooled engine's connection is opened when it joins the pool and kept: its claim
+        # then costs one request, not a connection and a thread the engine starts for it.
+        self.pool_http = engine_http.client(keepalive_s=None)
         self.upgrader = Upgrader(settings, driver, self.spec, self.api_key)
 
     # ---- explicit operations -------------------------------------------------------------------
@@ -114,7 +117,7 @@ class Bodies:
         if row.url is None:
             return False
         # As long as a cold provision would be given: a busy machine slows both alike.
-        return await engine_http.tell_identity(self.http, row.url, self.api_key(row), row.user_id,
+        return await engine_http.tell_identity(self.pool_http, row.url, self.api_key(row), row.user_id,
                                                self.settings.boot_timeout_s)
 
     def driver_claimed(self, spec: EngineSpec, state: State) -> None:

@@ -16,10 +16,13 @@ import httpx
 KEYCHECK_PATH = "/v1/keycheck"
 
 
-def client() -> httpx.AsyncClient:
+def client(keepalive_s: float | None = 5.0) -> httpx.AsyncClient:
+    """`keepalive_s`: how long an idle connection is kept (None: as long as the engine keeps
+    it; for the warm pool, whose engines wait long for the call that matters)."""
     # trust_env=False: engine traffic must never go through a proxy from the environment.
     return httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(2.0, connect=1.0),
-                             limits=httpx.Limits(max_keepalive_connections=64))
+                             limits=httpx.Limits(max_keepalive_connections=64,
+                                                 keepalive_expiry=keepalive_s))
 
 
 async def _get(http: httpx.AsyncClient, url: str, timeout: float,

@@ -114,6 +114,7 @@ class Engines:
 
     async def close(self) -> None:
         await self.http.aclose()
+        await self.bodies.pool_http.aclose()
 
     async def run(self, op: Op, key: Key, **args: Any) -> Any:
         """Run operation `op` on the engine `key` (product id, user id) as TABLE says."""

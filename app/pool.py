@@ -17,7 +17,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from app import errors, metrics, registry, states
+from app import engine_http, errors, metrics, registry, states
 from app.operations import Engines, Op
 from app.registry import EngineRow, Product
 
@@ -108,12 +108,17 @@ class Refiller:
         async with slots:
             started = time.perf_counter()
             try:
-                await self.engines.run(Op.PROVISION, (product.id, registry.pool.new_pool_user()),
-                                       product_name=product.name, engine_version=version,
-                                       in_pool=True)
+                row, key = await self.engines.run(
+                    Op.PROVISION, (product.id, registry.pool.new_pool_user()),
+                    product_name=product.name, engine_version=version, in_pool=True)
             except errors.QuotaExceeded:
                 return  # the pool never pushes a product past its quota
             except errors.DomainError as exc:
                 log.info("pooled engine for %s not booted: %s", product.name, exc)
                 return
             metrics.POOL_REFILL_SECONDS.observe(time.perf_counter() - started)
+            if row.url is not None:
+                # One authorised call now, so that the claim's is not the engine's first: a
+                # first request pays for code paths and threads the engine has not yet run
+                # (some 70 ms for the reference engine, against 3 for the next ones).
+                await engine_http.accepts(self.engines.bodies.pool_http, row.url, key)
