@@ -53,9 +53,14 @@ def rotate_key(name: str) -> tuple[Product, str]:
 
 
 def delete(name: str) -> None:
+    product = get(name)
     try:
-        registry.delete_product(get(name))
+        registry.delete_product(product)
     except registry.ProductInUse as exc:
+        pooled = len(registry.pool.pooled(product.id))
+        if pooled == exc.engines:
+            raise ProductError(f"product {name!r} still has {pooled} warm pool engines; "
+                               f"set --warm-pool 0 and wait for them to go") from None
         raise ProductError(f"product {name!r} still has {exc.engines} engines; destroy them first") \
             from None
 
