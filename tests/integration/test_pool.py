@@ -268,3 +268,16 @@ def test_on_nomad_the_pool_keeps_volumes_and_jobs_and_a_claim_names_its_user_in_
             assert engine_info(answer["url"], answer["api_key"])["pid"] == pid
             assert all(c["Status"] == "passing" for c in service(consul, name)[0]["Checks"])
             wait_for(lambda: warm(orch) == 2, timeout=60, what="the pool to refill")
+
+
+def test_admit_without_waiting_answers_a_claim_at_once(tmp_path: Path) -> None:
+    with running(tmp_path, "local", product=None) as orch:
+        pool_product(orch, 1)
+        wait_for(lambda: warm(orch) == 1, timeout=30, what="the pool to fill")
+        with orch.client("acme") as client:
+            answer = client.post("/engines/erin/admit", json={"auto_provision": True,
+                                                             "wait": False}).json()
+            assert answer["admitted"] and answer["from_pool"] and answer["provisioned"]
+            cold = client.post("/engines/fred/admit", json={"auto_provision": True,
+                                                           "wait": False}).json()
+            assert cold == {"admitted": False, "reason": "engine_starting", "status": "provisioning"}
