@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from tests.harness import Orchestrator, running, wait_for
 from tests.scheduler import service
@@ -41,9 +40,8 @@ def engine_info(url: str, key: str) -> dict[str, object]:
     return result
 
 
-@pytest.mark.parametrize("driver", ["local"])
-def test_a_new_user_claims_a_pooled_engine_and_the_pool_refills(tmp_path: Path, driver: str) -> None:
-    with running(tmp_path, driver, product=None) as orch:
+def test_a_new_user_claims_a_pooled_engine_and_the_pool_refills(tmp_path: Path) -> None:
+    with running(tmp_path, "local", product=None) as orch:
         pool_product(orch, 2)
         wait_for(lambda: warm(orch) == 2, timeout=30, what="the pool to fill")
         with orch.client("acme") as client:
