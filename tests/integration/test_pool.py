@@ -279,3 +279,19 @@ def test_admit_without_waiting_answers_a_claim_at_once(tmp_path: Path) -> None:
             cold = client.post("/engines/fred/admit", json={"auto_provision": True,
                                                            "wait": False}).json()
             assert cold == {"admitted": False, "reason": "engine_starting", "status": "provisioning"}
+
+
+def test_at_the_quota_a_new_user_waits_for_a_booting_pooled_engine_rather_than_a_429(
+        tmp_path: Path) -> None:
+    env = {"ORCH_ENGINE_IMAGE": "ref+boot-delay-1000"}
+    with running(tmp_path, "local", product=None, env=env) as orch:
+        pool_product(orch, 2, max_engines=2)
+        wait_for(lambda: [r[2] for r in rows(orch)] == ["provisioning"] * 2, timeout=30,
+                 what="the pool to be booting")
+        with orch.client("acme") as client:
+            answer = client.post("/engines/gina/admit", json={"auto_provision": True})
+            assert answer.status_code == 200 and answer.json()["from_pool"], answer.text
+            assert client.post("/engines/hal/admit", json={"auto_provision": True}).json()["from_pool"]
+            refused = client.post("/engines/ivy/admit", json={"auto_provision": True})
+            assert refused.status_code == 429 and refused.json()["error"]["code"] == "QUOTA_EXCEEDED"
+        assert len(rows(orch)) == 2
