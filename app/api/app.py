@@ -31,6 +31,7 @@ from app.config import Settings
 from app.drivers import make_driver
 from app.logs import AccessLog
 from app.operations import Engines
+from app.pool import Refiller
 from app.reconciler import Reconciler
 from app.rollouts import RolloutRunner
 
@@ -80,6 +81,7 @@ class OrchestratorApp:
         if self.run_reconciler:
             self._tasks.append(asyncio.create_task(Reconciler(engines).run_forever()))
             self._tasks.append(asyncio.create_task(RolloutRunner(engines).run_forever()))
+            self._tasks.append(asyncio.create_task(Refiller(engines).run_forever()))
 
     async def shutdown(self) -> None:
         # Engines keep running: an orchestrator restart adopts them.
