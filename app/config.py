@@ -79,6 +79,7 @@ class Settings:
     metrics_token: str | None = None
     limit_concurrency: int = 1000
     head_timeout_s: float = 10.0
+    body_timeout_s: float = 10.0  # a request body must be whole this long after its head
     # An idle keep-alive connection is closed after this long: longer than clients keep theirs
     # (httpx 5 s, aiohttp 15 s), so a client never reuses one the server is closing.
     keepalive_s: int = 30
@@ -144,6 +145,7 @@ class Settings:
             metrics_token=r.get("ORCH_METRICS_TOKEN", _nonempty, None),
             limit_concurrency=r.get("ORCH_LIMIT_CONCURRENCY", _positive_int, cls.limit_concurrency),
             head_timeout_s=r.get("ORCH_HEAD_TIMEOUT_S", _positive, cls.head_timeout_s),
+            body_timeout_s=r.get("ORCH_BODY_TIMEOUT_S", _positive, cls.body_timeout_s),
             keepalive_s=r.get("ORCH_KEEPALIVE_S", _positive_int, cls.keepalive_s),
             # Issue 12 (hostile tenants).
             engine_user=r.get("ORCH_ENGINE_USER", _nonempty, None),

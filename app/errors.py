@@ -189,3 +189,26 @@ def engine_busy(user_id: str) -> EngineBusy:
 
 def boot_timeout(message: str) -> BootTimeout:
     return BootTimeout(message)
+
+
+# ---- the HTTP edge's refusals: written by app/api/edge.py below the application -------------
+
+
+class RequestTimeout(DomainError):
+    """The request body was not whole within ORCH_BODY_TIMEOUT_S; a retry is safe."""
+
+    code = "REQUEST_TIMEOUT"
+
+
+class HeadersTooLarge(DomainError):
+    code = "HEADERS_TOO_LARGE"
+
+
+class ServerBusy(DomainError):
+    """Past ORCH_LIMIT_CONCURRENCY with no slow client to close; retry after Retry-After."""
+
+    code = "SERVER_BUSY"
+
+
+class HttpVersionNotSupported(DomainError):
+    code = "HTTP_VERSION_NOT_SUPPORTED"

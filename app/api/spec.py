@@ -37,11 +37,18 @@ STATUS_BY_CODE: dict[str, int] = {
     "CAPACITY_EXHAUSTED": 503,
     "SCHEDULER_UNAVAILABLE": 503,
     "BOOT_TIMEOUT": 504,
+    # the HTTP edge's refusals (app/api/edge.py)
+    "REQUEST_TIMEOUT": 408,
+    "HEADERS_TOO_LARGE": 431,
+    "SERVER_BUSY": 503,
+    "HTTP_VERSION_NOT_SUPPORTED": 505,
 }
 
 # Every authenticated call can meet these: bad input, a bad key, and the database (or, for
 # the calls that reach it, the scheduler) being out of reach.
 COMMON_ERRORS = ("INVALID_REQUEST", "UNAUTHORIZED", "SCHEDULER_UNAVAILABLE")
+# Every call, with a key or not, can meet the HTTP edge's refusals (app/api/edge.py).
+EDGE_ERRORS = ("REQUEST_TIMEOUT", "HEADERS_TOO_LARGE", "SERVER_BUSY", "HTTP_VERSION_NOT_SUPPORTED")
 
 # ---- field types ------------------------------------------------------------------------------
 
@@ -233,7 +240,8 @@ class Endpoint:
 
     @property
     def codes(self) -> tuple[str, ...]:
-        return (*COMMON_ERRORS, *self.errors) if self.auth else self.errors
+        own = (*COMMON_ERRORS, *self.errors) if self.auth else self.errors
+        return (*own, *EDGE_ERRORS)
 
     @property
     def body_required(self) -> bool:

@@ -1,9 +1,11 @@
 """Request checks derived from the endpoint table: the body (size-capped, decoded by msgspec
-into the endpoint's Struct: unknown fields, wrong types and nulls refused), the query string
-(strict: unknown or repeated parameters refused) and the platform key header (exactly one)."""
+into the endpoint's Struct: unknown fields, wrong types, nulls and repeated keys refused), the
+query string (strict: unknown or repeated parameters refused) and the platform key header
+(exactly one)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -50,11 +52,15 @@ class Checks:
     def _decode(self, raw: bytes) -> Any:
         assert self.body_decoder is not None
         try:
-            return self.body_decoder.decode(raw)
+            body = self.body_decoder.decode(raw)
         except msgspec.ValidationError as exc:
             raise errors.invalid(f"body: {exc}") from None
         except msgspec.DecodeError:
             raise errors.invalid("body is not valid JSON") from None
+        # msgspec keeps the last of repeated keys; a client meaning the first would be
+        # silently overruled, so a repeated key is refused.
+        json.loads(raw, object_pairs_hook=_once_each)
+        return body
 
     def query(self, raw: bytes) -> Any:
         pairs = _pairs(raw)
@@ -78,6 +84,14 @@ class Checks:
             return msgspec.convert(found, self.endpoint.query)
         except msgspec.ValidationError as exc:
             raise errors.invalid(f"query: {exc}") from None
+
+
+def _once_each(pairs: list[tuple[str, Any]]) -> None:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise errors.invalid(f"body: key {key!r} given twice")
+        seen.add(key)
 
 
 def _pairs(raw: bytes) -> list[tuple[str, str]]:
