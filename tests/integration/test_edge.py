@@ -104,16 +104,20 @@ def test_an_answer_given_before_the_body_does_not_keep_the_connection(edge: Orch
 
 
 def test_a_partial_head_on_a_kept_alive_connection_gets_the_head_timeout(edge: Orchestrator) -> None:
-    with connect(edge) as sock:
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
-        first = b""
-        while not first.endswith(b"}"):  # the whole answer, a small JSON object
-            first += sock.recv(65536)
-        assert first.startswith(b"HTTP/1.1 200 "), first
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Slow: ")
-        started = time.monotonic()
-        assert until_closed(sock) == b""  # closed, not left open for the 30 s keep-alive
-        assert time.monotonic() - started < WAIT - 1
+    for together in (False, True):  # the partial head after the answer, or in the same write
+        with connect(edge) as sock:
+            whole = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+            partial = b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Slow: "
+            sock.sendall(whole + partial if together else whole)
+            first = b""
+            while not first.endswith(b"}"):  # the whole answer, a small JSON object
+                first += sock.recv(65536)
+            assert first.startswith(b"HTTP/1.1 200 "), first
+            if not together:
+                sock.sendall(partial)
+            started = time.monotonic()
+            assert until_closed(sock) == b""  # closed, not left open for the 30 s keep-alive
+            assert time.monotonic() - started < WAIT - 1
 
 
 def test_past_the_limit_slow_clients_are_refused_not_everyone(tmp_path: Path) -> None:
