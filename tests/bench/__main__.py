@@ -16,6 +16,8 @@
     rollout           issue 13: BENCH_ROLLOUT_ENGINES (100) engines moved by one rollout in
                       batches of 10, beside the same engines upgraded one request after
                       another (tests/bench/rollout.py)
+    edge              BENCH_EDGE_SLOW (1000) slow clients at the default limits, /healthz
+                      probed throughout, beside probed alone (tests/bench/edge.py)
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.bench import fleet, nomad_fleet, rollout
+from tests.bench import edge, fleet, nomad_fleet, rollout
 from tests.bench.loadgen import Target, run_in_process
 from tests.harness import ROOT, Orchestrator, free_port, wait_for
 
@@ -50,7 +52,7 @@ def main() -> None:
     benches = {"admit": bench_admit, "wake": bench_wake, "provision": bench_provision,
                "rows": bench_rows, "herd": bench_herd, "fleet": fleet.bench_fleet,
                "nomad": nomad_fleet.bench_nomad,
-               "rollout": rollout.bench_rollout}
+               "rollout": rollout.bench_rollout, "edge": edge.bench_edge}
     only = [name for name in os.environ.get("BENCH_ONLY", "").split(",") if name] or list(benches)
     results = {}
     try:
@@ -272,6 +274,8 @@ def report(r: dict) -> None:
         print("\n".join(nomad_fleet.lines(r["nomad"])))
     if "rollout" in r:
         print("\n".join(rollout.lines(r["rollout"])))
+    if "edge" in r:
+        print("\n".join(edge.lines(r["edge"])))
 
 
 def _lines(r: dict) -> dict[str, list[str]]:
