@@ -7,7 +7,7 @@ knows HTTP: the API maps code -> status in one place (app/api/errors.py).
     ├── QuotaExceeded, RateLimited                       (policy)
     ├── Unavailable (SCHEDULER_UNAVAILABLE: nothing was changed; try again)
     │   ├── Busy         another operation held the engine past the wait
-    │   │   └── EngineBusy   the same, for an upgrade: 409 ENGINE_BUSY (issue 13)
+    │   │   └── EngineBusy   the same, for an upgrade: 409 ENGINE_BUSY
     │   ├── Conflict     a compare-and-set lost: the row changed since it was read
     │   ├── IllegalTransition  the state table forbids the move from the row's current state
     │   └── DriverError  raised by drivers; carries what was left running (`state`)
@@ -75,7 +75,7 @@ class Busy(Unavailable):
 
 
 class EngineBusy(Busy):
-    """Issue 13: an upgrade found the engine held by another operation (another replica's,
+    """An upgrade found the engine held by another operation (another replica's,
     or an `orch engines upgrade`) past the wait. The spec answers that with a 409 for an
     upgrade; other operations keep Busy's 503. Nothing was changed; a retry is safe."""
 
@@ -111,7 +111,7 @@ class CapacityExhausted(DriverError):
 
 
 class NodeLost(CapacityExhausted):
-    """The engine's node is down, and its brain with it (issue 8): a 503, reason node_lost."""
+    """The engine's node is down, and its brain with it: a 503, reason node_lost."""
 
     reason = "node_lost"
 
@@ -127,7 +127,7 @@ class EngineCrashed(DriverError):
 
 
 class UpgradeFailed(DomainError):
-    """Issue 13: the new version did not come up; the engine was put back on its previous
+    """The new version did not come up; the engine was put back on its previous
     version (running again, brain kept, unless that failed too: then it is failed)."""
 
     code = "UPGRADE_FAILED"

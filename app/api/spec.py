@@ -29,7 +29,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "ENGINE_ALREADY_RUNNING": 409,
     "ENGINE_NOT_RUNNING": 409,
     "ROLLOUT_FINISHED": 409,
-    "ENGINE_BUSY": 409,  # issue 13: an upgrade, while another operation holds the engine
+    "ENGINE_BUSY": 409,  # an upgrade, while another operation holds the engine
     "QUOTA_EXCEEDED": 429,
     "RATE_LIMITED": 429,
     "INTERNAL": 500,
@@ -107,7 +107,7 @@ class ProvisionBody(Struct, forbid_unknown_fields=True):
 class AdmitBody(Struct, forbid_unknown_fields=True):
     auto_provision: bool = False
     auto_wake: bool = False
-    wait: bool = True  # false: never block on a boot; engine_starting instead (issue 13)
+    wait: bool = True  # false: never block on a boot; engine_starting instead
 
 
 class UpgradeBody(Struct, forbid_unknown_fields=True):
@@ -208,7 +208,7 @@ class Event(Struct, rename={"from_status": "from", "to_status": "to"}):
     id: int
     at: Timestamp
     engine: str  # the engine's name: the same for every engine the user has had
-    # Which of them (issue 12): ids are never reused, so a destroyed engine's events and its
+    # Which of them: ids are never reused, so a destroyed engine's events and its
     # successor's differ; null for events recorded before engine ids were kept.
     engine_id: int | None
     event: str

@@ -35,8 +35,8 @@ class Checks:
             self.empty_body = endpoint.body()
         fields = msgspec.structs.fields(endpoint.query) if endpoint.query else ()
         self.query_fields = {f.encode_name for f in fields}
-        self.int_params = {f.encode_name for f in fields if _is_int(f.type)}
-        self.bool_params = {f.encode_name for f in fields if f.type is bool}
+        self.int_params = {f.encode_name for f in fields if _is(f.type, msgspec.inspect.IntType)}
+        self.bool_params = {f.encode_name for f in fields if _is(f.type, msgspec.inspect.BoolType)}
 
     def body(self, raw: bytes) -> Any:
         if self.body_decoder is None:
@@ -118,8 +118,9 @@ def _bool(name: str, value: str) -> bool:
     return value == "true"
 
 
-def _is_int(annotation: Any) -> bool:
+def _is(annotation: Any, kind: type[msgspec.inspect.Type]) -> bool:
+    """Whether `annotation` is `kind`, or a union with it, annotated or not."""
     info = msgspec.inspect.type_info(annotation)
     kinds = info.types if isinstance(info, msgspec.inspect.UnionType) else (info,)
-    return any(isinstance(k.type if isinstance(k, msgspec.inspect.Metadata) else k,
-                          msgspec.inspect.IntType) for k in kinds)
+    return any(isinstance(k.type if isinstance(k, msgspec.inspect.Metadata) else k, kind)
+               for k in kinds)

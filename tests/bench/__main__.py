@@ -7,13 +7,13 @@
     provision         request -> admitted, minus the engine's own boot time measured alone
     registry size     admit p50 with 100k engine rows vs 1k
     thundering herd   200 concurrent admits for one new user: time, engines created
-    fleet             issue 11: CPU at rest with BENCH_FLEET_N running engines, beside every
+    fleet             CPU at rest with BENCH_FLEET_N running engines, beside every
                       engine probed every tick; crash-to-failed p50/p99 (tests/bench/fleet.py)
-    nomad             issue 11 on the Nomad driver (the double): CPU and queries at rest with
+    nomad             the same on the Nomad driver (the double): CPU and queries at rest with
                       BENCH_NOMAD_REST_N running engines, beside no engine and the fleet
                       snapshot every pass (nomad_rest.py); crash-to-failed p50/p99 with the
                       event stream, beside no events and a probe every tick (nomad_fleet.py)
-    rollout           issue 13: BENCH_ROLLOUT_ENGINES (100) engines moved by one rollout in
+    rollout           BENCH_ROLLOUT_ENGINES (100) engines moved by one rollout in
                       batches of 10, beside the same engines upgraded one request after
                       another (tests/bench/rollout.py)
     edge              BENCH_EDGE_SLOW (1000) slow clients at the default limits, /healthz
