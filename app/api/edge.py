@@ -272,6 +272,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._timer = None
         if self.transport.is_closing() or self._stopped:
             return
+        if self.pipeline:  # reading is paused until the answers before are written: not slow
+            self._arm(self.body_timeout_s if self._phase == _BODY else self.head_timeout_s)
+            return
         cycle = self.cycle
         if self._phase == _BODY and cycle is not None and not cycle.response_started:
             self._abandon(cycle)  # the refusal is its answer

@@ -28,6 +28,7 @@ def test_the_user_id_pattern_refuses_exactly_what_the_server_refuses() -> None:
     pattern = exact("UserId")
     # Every code point, one at a time (as a one-character user id), in one pass.
     accepted = "".join(re.findall(pattern.pattern[1:-len("{1,128}$")], EVERYTHING))
+    assert accepted
     assert accepted == "".join(c for c in EVERYTHING if user_id_problem(c) is None)
     for user_id in ("bob", "a b", "é-ü", "a\u00a0b", "a\ue000", "a\u2028b", "a\u200bb", "a/b",
                     "x" * 128, "x" * 129, " "):
