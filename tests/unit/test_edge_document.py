@@ -15,6 +15,7 @@ from app import errors
 from app.api import spec
 from app.api.handlers import decode_cursor, encode_cursor
 from app.api.openapi import document, printable_patterns
+from app.api.validate import Checks
 from app.naming import user_id_problem
 
 EVERYTHING = "".join(map(chr, range(0x110000)))
@@ -70,3 +71,15 @@ def test_every_documented_cursor_is_taken(cursor: str) -> None:
         decode_cursor(cursor)
     except errors.InvalidRequest as exc:
         raise AssertionError(f"{cursor!r} is documented but refused") from exc
+
+
+def test_a_whole_number_written_as_a_float_is_the_integer_json_schema_says_it_is() -> None:
+    checks = Checks(spec.BY_NAME["start_rollout"])
+    body = checks.body(b'{"to_version": "v2", "batch_size": 5.0, "max_failures": 0.0}')
+    assert (body.batch_size, body.max_failures) == (5, 0)
+    assert isinstance(body.batch_size, int)
+    for refused in (b'{"to_version": "v2", "batch_size": 1.5}',
+                    b'{"to_version": "v2", "batch_size": "5"}',
+                    b'{"to_version": "v2", "batch_size": 5.0, "batch_size": 6}'):
+        with pytest.raises(errors.InvalidRequest):
+            checks.body(refused)
