@@ -108,7 +108,7 @@ class BootTimeout(OrchestratorError):
 
 class UpgradeFailed(OrchestratorError):
     """The new engine_version was not healthy in time; the engine is back on its previous
-    version, running, brain kept (issue 13)."""
+    version, running, brain kept."""
 
     CODE = "UPGRADE_FAILED"
 
@@ -121,7 +121,7 @@ class RolloutFinished(OrchestratorError):
 
 class EngineBusy(OrchestratorError):
     """An upgrade found the engine held by another operation past the wait; nothing was
-    changed, so a retry is safe (issue 13)."""
+    changed, so a retry is safe."""
 
     CODE = "ENGINE_BUSY"
 
@@ -192,3 +192,30 @@ def _error_object(response: httpx.Response) -> dict[str, Any]:
 
 def _text(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
+
+
+# ---- the HTTP edge's refusals (the server's app/api/edge.py) ---------------------------------
+
+
+class RequestTimeout(OrchestratorError):
+    """The request body did not arrive in time; nothing was run, so a retry is safe."""
+
+    CODE = "REQUEST_TIMEOUT"
+
+
+class HeadersTooLarge(OrchestratorError):
+    CODE = "HEADERS_TOO_LARGE"
+
+
+class ServerBusy(OrchestratorError):
+    """At the server's connection limit; retry after `retry_after` seconds."""
+
+    CODE = "SERVER_BUSY"
+
+
+class HttpVersionNotSupported(OrchestratorError):
+    CODE = "HTTP_VERSION_NOT_SUPPORTED"
+
+
+ERRORS_BY_CODE.update({cls.CODE: cls for cls in (RequestTimeout, HeadersTooLarge, ServerBusy,
+                                                 HttpVersionNotSupported) if cls.CODE})
