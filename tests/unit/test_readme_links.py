@@ -95,7 +95,7 @@ def test_readme_links_the_contract_and_the_contract_names_every_endpoint() -> No
 # A synopsis placeholder's value, by the word before it (the option it belongs to), else by its
 # own name, else a name.
 VALUES = {"--host": "127.0.0.1", "--port": "8080", "--max-engines": "1", "--rate-limit-rpm": "1",
-          "--product": "demo", "--user": "u", "--status": "running", "--limit": "1",
+          "--warm-pool": "0", "--product": "demo", "--user": "u", "--status": "running", "--limit": "1",
           "--version": "1", "--batch-size": "2", "--max-failures": "0", "ID": "1"}
 
 
