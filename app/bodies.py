@@ -22,6 +22,7 @@ from app.crypto import KeyBox
 from app.drivers.base import Driver, EngineSpec
 from app.errors import BootTimeout, DriverError, EngineCrashed
 from app.registry import EngineRow
+from app.snapshots.service import Snapshots
 from app.upgrades import Upgrader
 
 BringUp = Literal["start", "wake", "restart"]
@@ -41,6 +42,7 @@ class Bodies:
         self.http = http
         self._product_names: dict[int, str] = {}
         self.upgrader = Upgrader(settings, driver, self.spec, self.api_key)
+        self.snapshots = Snapshots(settings)
 
     # ---- explicit operations -------------------------------------------------------------------
 
@@ -102,6 +104,7 @@ class Bodies:
         if row.status != states.DESTROYING:
             row = registry.transition(row, "destroy", "destroy")
         await self.driver.destroy(self.spec(row), row.driver_state)
+        await self.snapshots.delete_all(row.name)  # destroy removes the user's data, copies too
         registry.delete_engine(row)
 
     # ---- what the admit path and the reconciler start ----------------------------------------
@@ -173,6 +176,7 @@ class Bodies:
             row = await self._settle_rotation(row, spec)
         if row.status == states.DESTROYING:
             await self.driver.destroy(spec, row.driver_state)
+            await self.snapshots.delete_all(row.name)
             registry.delete_engine(row, "destroyed", "recovered")
             return None
         if row.status == states.STOPPING:
@@ -215,6 +219,10 @@ class Bodies:
         return None
 
     # ---- booting ---------------------------------------------------------------------------
+
+    async def bring_up(self, row: EngineRow, how: BringUp) -> EngineRow:
+        """sleeping/stopped/failed -> running (for bodies outside this class)."""
+        return await self._bring_up(row, how)
 
     async def _bring_up(self, row: EngineRow, how: BringUp) -> EngineRow:
         """sleeping/stopped/failed -> starting -> running: resume when paused, else cold start."""

@@ -25,6 +25,7 @@ from app.crypto import KeyBox
 from app.drivers.base import Driver
 from app.registry import EngineRow
 from app.runner import Key, Runner
+from app.snapshots import bodies as snapshot_bodies
 
 POLL_S = 0.05
 
@@ -52,6 +53,8 @@ class Op(StrEnum):
     RESET_RESTARTS = "reset_restarts"
     RECOVER = "recover"
     REMOVE_ORPHAN = "remove_orphan"
+    SNAPSHOT = "snapshot"
+    RESTORE = "restore"
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,9 @@ TABLE: dict[Op, Operation] = {o.op: o for o in [
     Operation(Op.RESET_RESTARTS, Bodies.reset_restarts, Policy(wait=False)),
     Operation(Op.RECOVER, Bodies.recover),  # the settling before it is the whole work
     Operation(Op.REMOVE_ORPHAN, Bodies.remove_orphan, Policy(row=False)),
+    # A scheduled snapshot may skip an unchanged brain: it is not the same run as one asked for.
+    Operation(Op.SNAPSHOT, snapshot_bodies.snapshot, Policy(flight_arg="scheduled")),
+    Operation(Op.RESTORE, snapshot_bodies.restore, Policy(flight_arg="snapshot_id")),
 ]}
 
 

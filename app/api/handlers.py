@@ -18,6 +18,7 @@ from app import errors, naming, registry
 from app.admit import Admitter
 from app.api import follow, spec
 from app.operations import Engines, Op, ProductRef
+from app.snapshots.service import valid_id as valid_snapshot_id
 
 CURSOR_MAX = 2**62  # below SQLite's and PostgreSQL's largest integer
 
@@ -119,10 +120,39 @@ async def events(svc: Services, call: Call) -> Any:
     return spec.EventPage([event_struct(e) for e in rows], _next_cursor(rows, more))
 
 
+async def snapshot(svc: Services, call: Call) -> Any:
+    _engine(call)
+    manifest = await svc.engines.run(Op.SNAPSHOT, call.key, scheduled=False)
+    return snapshot_struct(manifest)
+
+
+async def snapshots(svc: Services, call: Call) -> Any:
+    query: spec.SnapshotsQuery = call.query
+    after = None if query.cursor is UNSET else decode_snapshot_cursor(query.cursor)
+    found = await svc.engines.bodies.snapshots.list(_engine(call).name, after, query.limit + 1)
+    more = len(found) > query.limit
+    found = found[:query.limit]
+    cursor = encode_snapshot_cursor(found[-1]["id"]) if more else None
+    return spec.SnapshotPage([snapshot_struct(m) for m in found], cursor)
+
+
+async def restore(svc: Services, call: Call) -> Any:
+    body: spec.RestoreBody = call.body
+    _engine(call)
+    return engine_struct(await svc.engines.run(Op.RESTORE, call.key, snapshot_id=body.snapshot_id))
+
+
+def _engine(call: Call) -> Any:
+    row = registry.find_engine(*call.key)
+    if row is None:
+        raise errors.engine_not_found(call.user_id)
+    return row
+
+
 HANDLERS: dict[str, Handler] = {
     "provision": provision, "list": list_engines, "get": get, "destroy": destroy,
     "start": start, "stop": stop, "rotate_key": rotate_key, "admit": admit, "events": events,
-    "upgrade": upgrade,
+    "upgrade": upgrade, "snapshot": snapshot, "snapshots": snapshots, "restore": restore,
 }
 
 
@@ -157,6 +187,32 @@ def with_key(engine: Any, api_key: str) -> spec.EngineWithKey:
 def event_struct(event: Any) -> spec.Event:
     return spec.Event(event.id, iso(event.at), event.engine_name, event.engine_id, event.event,
                       event.from_status, event.to_status, event.reason, event.request_id)
+
+
+def snapshot_struct(manifest: dict[str, Any]) -> spec.Snapshot:
+    return spec.Snapshot(manifest["id"], iso(manifest["created_at"]), manifest["size_bytes"],
+                         len(manifest["files"]), manifest["engine_version"], manifest["consistent"])
+
+
+def snapshot_json(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A snapshot as the API shows it, as a dict (for the CLI's JSON output)."""
+    shown: dict[str, Any] = msgspec.to_builtins(snapshot_struct(manifest))
+    return shown
+
+
+def encode_snapshot_cursor(snapshot_id: str) -> str:
+    return base64.urlsafe_b64encode(f"s:{snapshot_id}".encode()).decode().rstrip("=")
+
+
+def decode_snapshot_cursor(raw: str) -> str:
+    try:
+        text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode("ascii")
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise errors.invalid("cursor is not one this API gave out") from None
+    prefix, _, value = text.partition(":")
+    if prefix != "s" or not valid_snapshot_id(value):
+        raise errors.invalid("cursor is not one this API gave out")
+    return value
 
 
 def check_user_id(user_id: str) -> str:

@@ -39,6 +39,9 @@ Timestamp = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]
 Limit = Annotated[int, Meta(ge=1, le=1000, description="page size")]
 Cursor = Annotated[str, Meta(min_length=1, max_length=64,
                              description="next_cursor of the previous page, as given")]
+SNAPSHOT_ID_PATTERN = "^s-[0-9]{17}-[0-9a-f]{8}$"  # app.snapshots.service.ID_PATTERN
+SnapshotId = Annotated[str, Meta(pattern=SNAPSHOT_ID_PATTERN,
+                                 description="a snapshot's id, as the API gave it")]
 EngineStatus = Literal["provisioning", "starting", "running", "stopping", "stopped",
                        "sleeping", "failed", "destroying"]
 DenialReason = Literal["engine_not_found", "engine_sleeping", "engine_stopped",
@@ -83,6 +86,15 @@ class EventsQuery(Struct, forbid_unknown_fields=True):
     follow: bool = False
 
 
+class RestoreBody(Struct, forbid_unknown_fields=True):
+    snapshot_id: SnapshotId
+
+
+class SnapshotsQuery(Struct, forbid_unknown_fields=True):
+    limit: Limit = 100
+    cursor: Cursor | UnsetType = UNSET
+
+
 # ---- answers ------------------------------------------------------------------------------
 
 
@@ -96,6 +108,20 @@ class Engine(Struct):
     last_admit_at: Timestamp | None
     restarts: Annotated[int, Meta(ge=0)]
     failure_reason: str | None
+
+
+class Snapshot(Struct):
+    id: str
+    created_at: Timestamp
+    size_bytes: Annotated[int, Meta(ge=0)]  # the brain's files, whole
+    files: Annotated[int, Meta(ge=0)]
+    engine_version: str  # the version that wrote the brain
+    consistent: bool  # false: copied while the engine ran without a checkpoint (crash-consistent)
+
+
+class SnapshotPage(Struct):
+    snapshots: list[Snapshot]  # newest first
+    next_cursor: str | None
 
 
 class EngineWithKey(Engine):
@@ -259,6 +285,18 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              "with follow=true a Server-Sent Events stream: the latest events, oldest first, "
              "then each new one, and a comment line every 15 s",
              EventPage, query=EventsQuery, streams=True),
+    Endpoint("snapshot", "POST", "/engines/{user_id}/snapshots",
+             "Copy the engine's brain into the snapshot store (a running engine is asked to "
+             "checkpoint first); the oldest past ORCH_SNAPSHOT_KEEP are deleted",
+             Snapshot, ("ENGINE_NOT_FOUND", "SNAPSHOT_STORE_FAILED", *CHANGING), ok=201),
+    Endpoint("snapshots", "GET", "/engines/{user_id}/snapshots",
+             "The engine's snapshots, newest first, a page at a time",
+             SnapshotPage, ("ENGINE_NOT_FOUND", "SNAPSHOT_STORE_FAILED"), query=SnapshotsQuery),
+    Endpoint("restore", "POST", "/engines/{user_id}/restore",
+             "Stop the engine, replace its brain with the snapshot's and start it again; a "
+             "missing or damaged snapshot changes nothing",
+             Engine, ("ENGINE_NOT_FOUND", "SNAPSHOT_NOT_FOUND", "SNAPSHOT_STORE_FAILED", *BOOTING),
+             body=RestoreBody),
     Endpoint("start_rollout", "POST", "/rollouts",
              "Start moving the product's engines (those on from_version, when given) to "
              "to_version, batch_size at a time; more than max_failures failures roll it back",

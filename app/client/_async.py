@@ -20,6 +20,8 @@ from app.client._models import (
     Health,
     ProvisionedEngine,
     Rollout,
+    Snapshot,
+    SnapshotPage,
 )
 
 T = TypeVar("T")
@@ -91,6 +93,20 @@ class AsyncClient:
         """Move the engine to `engine_version`, brain kept. A running engine restarts on it;
         UpgradeFailed when it was not healthy in time (the engine is back on its old one)."""
         return await self._send(_calls.upgrade(user_id, engine_version, request_id))
+
+    async def snapshot(self, user_id: str, *, request_id: str | None = None) -> Snapshot:
+        """Copy the engine's brain into the snapshot store now."""
+        return await self._send(_calls.snapshot(user_id, request_id))
+
+    async def snapshots(self, user_id: str, limit: int | None = None, cursor: str | None = None, *,
+                  request_id: str | None = None) -> SnapshotPage:
+        """One page of the engine's snapshots, newest first."""
+        return await self._send(_calls.snapshots(user_id, limit, cursor, request_id))
+
+    async def restore(self, user_id: str, snapshot_id: str, *,
+                request_id: str | None = None) -> Engine:
+        """Stop the engine, make its brain the snapshot's, start it again."""
+        return await self._send(_calls.restore(user_id, snapshot_id, request_id))
 
     async def destroy(self, user_id: str, *, request_id: str | None = None) -> None:
         """Remove the engine and its brain for good (the audit events are kept)."""

@@ -25,6 +25,8 @@ from app.client._models import (
     Health,
     ProvisionedEngine,
     Rollout,
+    Snapshot,
+    SnapshotPage,
 )
 from app.client._routes import BY_NAME
 
@@ -135,6 +137,21 @@ def upgrade(user_id: str, engine_version: str, request_id: str | None) -> Call[E
                  json={"engine_version": engine_version}, request_id=request_id)
 
 
+def snapshot(user_id: str, request_id: str | None) -> Call[Snapshot]:
+    return _call("snapshot", lambda r: Snapshot.from_json(_json(r)), user_id, request_id=request_id)
+
+
+def snapshots(user_id: str, limit: int | None, cursor: str | None,
+              request_id: str | None) -> Call[SnapshotPage]:
+    return _call("snapshots", lambda r: SnapshotPage.from_json(_json(r)), user_id,
+                 params=_present(limit=limit, cursor=cursor), request_id=request_id)
+
+
+def restore(user_id: str, snapshot_id: str, request_id: str | None) -> Call[Engine]:
+    return _call("restore", lambda r: Engine.from_json(_json(r)), user_id,
+                 json={"snapshot_id": snapshot_id}, request_id=request_id)
+
+
 def destroy(user_id: str, request_id: str | None) -> Call[None]:
     return _call("destroy", _read_destroyed, user_id, request_id=request_id)
 
@@ -230,7 +247,8 @@ def openapi() -> Call[dict[str, Any]]:
 BUILDERS: dict[str, Callable[..., Call[Any]]] = {
     "provision": provision, "list": list_engines, "get": get, "destroy": destroy,
     "start": start, "stop": stop, "rotate_key": rotate_key, "admit": admit, "events": events,
-    "upgrade": upgrade, "start_rollout": start_rollout, "rollouts": rollouts,
+    "upgrade": upgrade, "snapshot": snapshot, "snapshots": snapshots, "restore": restore,
+    "start_rollout": start_rollout, "rollouts": rollouts,
     "rollout": rollout, "pause_rollout": pause_rollout, "resume_rollout": resume_rollout,
     "abort_rollout": abort_rollout, "rollout_events": rollout_events,
     "healthz": healthz, "readyz": readyz, "metrics": metrics, "openapi": openapi,

@@ -19,6 +19,8 @@ from app.client._models import (
     Health,
     ProvisionedEngine,
     Rollout,
+    Snapshot,
+    SnapshotPage,
 )
 
 T = TypeVar("T")
@@ -89,6 +91,20 @@ class Client:
         """Move the engine to `engine_version`, brain kept. A running engine restarts on it;
         UpgradeFailed when it was not healthy in time (the engine is back on its old one)."""
         return self._send(_calls.upgrade(user_id, engine_version, request_id))
+
+    def snapshot(self, user_id: str, *, request_id: str | None = None) -> Snapshot:
+        """Copy the engine's brain into the snapshot store now."""
+        return self._send(_calls.snapshot(user_id, request_id))
+
+    def snapshots(self, user_id: str, limit: int | None = None, cursor: str | None = None, *,
+                  request_id: str | None = None) -> SnapshotPage:
+        """One page of the engine's snapshots, newest first."""
+        return self._send(_calls.snapshots(user_id, limit, cursor, request_id))
+
+    def restore(self, user_id: str, snapshot_id: str, *,
+                request_id: str | None = None) -> Engine:
+        """Stop the engine, make its brain the snapshot's, start it again."""
+        return self._send(_calls.restore(user_id, snapshot_id, request_id))
 
     def destroy(self, user_id: str, *, request_id: str | None = None) -> None:
         """Remove the engine and its brain for good (the audit events are kept)."""
