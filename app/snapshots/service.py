@@ -139,7 +139,7 @@ class Snapshots:
         def delete() -> None:
             manifests = list(self.store.keys(f"{prefix(name)}manifests/"))
             self.store.delete(manifests)
-            self.store.delete(list(self.store.keys(prefix(name))))
+            self.store.delete_prefix(prefix(name))
 
         await asyncio.to_thread(delete)
 

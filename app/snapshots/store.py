@@ -49,6 +49,9 @@ class Store(abc.ABC):
     def exists(self, key: str) -> bool:
         return self.get(key) is not None
 
+    def delete_prefix(self, prefix: str) -> None:
+        self.delete(list(self.keys(prefix)))
+
 
 class FileStore(Store):
     def __init__(self, root: Path):

@@ -1,0 +1,157 @@
+"""Snapshots and restore on the local driver, against a directory store and a real S3 server
+on loopback (SeaweedFS), with real engines: what a restore brings back is read from the
+engine with its key."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.harness import Orchestrator, running
+from tests.s3server import BUCKET, s3_server
+
+USER = "ada"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    with s3_server(tmp_path_factory.mktemp("s3")) as env:
+        yield env
+
+
+@pytest.fixture(params=["file", "s3"])
+def orch(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Orchestrator]:
+    env = {"ORCH_SNAPSHOT_INTERVAL_S": "0"}
+    if request.param == "s3":
+        env.update(request.getfixturevalue("s3"), ORCH_SNAPSHOT_STORE=f"s3://{BUCKET}/{tmp_path.name}")
+    with running(tmp_path, env=env) as orchestrator:
+        yield orchestrator
+
+
+@pytest.fixture
+def file_orch(tmp_path: Path) -> Iterator[Orchestrator]:
+    with running(tmp_path, env={"ORCH_SNAPSHOT_INTERVAL_S": "0", "ORCH_SNAPSHOT_KEEP": "2"}) as o:
+        yield o
+
+
+def memory(url: str, key: str, method: str, name: str, value: bytes | None = None) -> httpx.Response:
+    return httpx.request(method, f"{url}/v1/memory/{name}", content=value, trust_env=False,
+                         timeout=5, headers={"Authorization": f"Bearer {key}"})
+
+
+def provision(api: httpx.Client) -> tuple[str, str]:
+    answer = api.post("/engines/provision", json={"user_id": USER})
+    assert answer.status_code == 200, answer.text
+    return answer.json()["url"], answer.json()["api_key"]
+
+
+def test_restore_brings_back_exactly_the_snapshots_files(orch: Orchestrator) -> None:
+    api = orch.client("acme")
+    url, key = provision(api)
+    assert memory(url, key, "PUT", "colour", b"blue").is_success
+    assert memory(url, key, "PUT", "size", b"1").is_success
+    taken = api.post(f"/engines/{USER}/snapshots")
+    assert taken.status_code == 201, taken.text
+    snap = taken.json()
+    assert snap["files"] == 2 and snap["size_bytes"] == 5 and snap["consistent"] is True
+    assert memory(url, key, "PUT", "colour", b"red").is_success
+    assert memory(url, key, "DELETE", "size").is_success
+    assert memory(url, key, "PUT", "new", b"x").is_success
+
+    restored = api.post(f"/engines/{USER}/restore", json={"snapshot_id": snap["id"]})
+    assert restored.status_code == 200, restored.text
+    assert restored.json()["status"] == "running"
+    url = restored.json()["url"]
+    assert memory(url, key, "GET", "colour").content == b"blue"  # the same key works
+    assert memory(url, key, "GET", "size").content == b"1"
+    assert memory(url, key, "GET", "new").status_code == 404
+    events = api.get(f"/engines/{USER}/events").json()["events"]
+    restored_event = next(e for e in events if e["event"] == "restored")
+    assert restored_event["reason"].startswith(f"{snap['id']} data_age_s=")
+    page = api.get(f"/engines/{USER}/snapshots").json()
+    assert [s["id"] for s in page["snapshots"]] == [snap["id"]] and page["next_cursor"] is None
+
+
+def test_bad_unknown_and_foreign_snapshot_ids_change_nothing(file_orch: Orchestrator) -> None:
+    api = file_orch.client("acme")
+    provision(api)
+    snap = api.post(f"/engines/{USER}/snapshots").json()
+    before = api.get(f"/engines/{USER}").json()
+    for body, status, code in (
+            ({"snapshot_id": "../../etc"}, 400, "INVALID_REQUEST"),
+            ({"snapshot_id": "s-20000101000000000-00000000"}, 404, "SNAPSHOT_NOT_FOUND"),
+            ({}, 400, "INVALID_REQUEST")):
+        answer = api.post(f"/engines/{USER}/restore", json=body)
+        assert (answer.status_code, answer.json()["error"]["code"]) == (status, code), answer.text
+    assert api.get(f"/engines/{USER}/snapshots", params={"cursor": "bm9wZQ"}).status_code == 400
+    file_orch.product("other")
+    other = file_orch.client("other")
+    for answer in (other.get(f"/engines/{USER}/snapshots"), other.post(f"/engines/{USER}/snapshots"),
+                   other.post(f"/engines/{USER}/restore", json={"snapshot_id": snap["id"]})):
+        assert answer.status_code == 404 and answer.json()["error"]["code"] == "ENGINE_NOT_FOUND"
+    assert api.get(f"/engines/{USER}").json() == before  # nothing moved, not even updated_at
+
+
+def test_retention_keeps_the_newest_and_collects_only_unreferenced_blobs(
+        file_orch: Orchestrator) -> None:
+    api = file_orch.client("acme")
+    url, key = provision(api)
+    ids = []
+    for n in range(3):
+        assert memory(url, key, "PUT", "kept", b"same in all").is_success
+        assert memory(url, key, "PUT", "counter", str(n).encode()).is_success
+        ids.append(api.post(f"/engines/{USER}/snapshots").json()["id"])
+    listed = api.get(f"/engines/{USER}/snapshots").json()["snapshots"]
+    assert [s["id"] for s in listed] == ids[:0:-1]  # the newest two, newest first
+    engine_dir = next((file_orch.state_dir / "snapshots" / "engines").iterdir())
+    # A blob that a snapshot cut short left behind: no manifest names it.
+    (engine_dir / "blobs" / ("0" * 64)).write_bytes(b"orphan")
+    ids.append(api.post(f"/engines/{USER}/snapshots").json()["id"])
+    manifests = [json.loads(p.read_text()) for p in (engine_dir / "manifests").iterdir()]
+    assert sorted(m["id"] for m in manifests) == ids[2:]
+    referenced = {f[3] for m in manifests for f in m["files"]}
+    assert {p.name for p in (engine_dir / "blobs").iterdir()} == referenced
+    assert api.delete(f"/engines/{USER}").status_code == 200
+    assert not engine_dir.exists()  # destroy removes the user's data, copies included
+
+
+def test_a_snapshot_taken_while_the_engine_writes_restores_whole_values(
+        file_orch: Orchestrator) -> None:
+    api = file_orch.client("acme")
+    url, key = provision(api)
+    stop = threading.Event()
+    written: list[int] = []
+
+    def writer() -> None:
+        with httpx.Client(trust_env=False, timeout=30,
+                          headers={"Authorization": f"Bearer {key}"}) as engine:
+            n = 0
+            while not stop.is_set():
+                value = str(n).encode() * 1000  # one value, all of one number
+                assert engine.put(f"{url}/v1/memory/k{n % 20}", content=value).is_success
+                written.append(n)
+                n += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        snaps = [api.post(f"/engines/{USER}/snapshots") for _ in range(3)]
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert all(s.status_code == 201 and s.json()["consistent"] for s in snaps), snaps[-1].text
+    assert len(written) > 3  # the snapshots were taken while writes went on
+    restored = api.post(f"/engines/{USER}/restore", json={"snapshot_id": snaps[-1].json()["id"]})
+    assert restored.status_code == 200, restored.text
+    url = restored.json()["url"]
+    for slot in range(20):
+        value = memory(url, key, "GET", f"k{slot}")
+        if value.status_code == 404:
+            continue
+        number = value.content[:len(value.content) // 1000]
+        assert value.content == number * 1000
