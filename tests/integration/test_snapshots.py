@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.harness import Orchestrator, running
+from tests.harness import Orchestrator, running, wait_for
 from tests.s3server import BUCKET, s3_server
 
 USER = "ada"
@@ -155,3 +156,19 @@ def test_a_snapshot_taken_while_the_engine_writes_restores_whole_values(
             continue
         number = value.content[:len(value.content) // 1000]
         assert value.content == number * 1000
+
+
+def test_scheduled_snapshots_skip_unchanged_brains(tmp_path: Path) -> None:
+    with running(tmp_path, env={"ORCH_SNAPSHOT_INTERVAL_S": "0.5"}) as orch:
+        api = orch.client("acme")
+        url, key = provision(api)
+        assert memory(url, key, "PUT", "colour", b"blue").is_success
+
+        def listed() -> list[str]:
+            return [s["id"] for s in api.get(f"/engines/{USER}/snapshots").json()["snapshots"]]
+
+        first = wait_for(listed, timeout=15, what="a scheduled snapshot")
+        time.sleep(2.0)  # four intervals with nothing written
+        assert listed() == first
+        assert memory(url, key, "PUT", "colour", b"red").is_success
+        wait_for(lambda: len(listed()) == 2, timeout=15, what="a snapshot of the change")
