@@ -172,3 +172,19 @@ def test_scheduled_snapshots_skip_unchanged_brains(tmp_path: Path) -> None:
         assert listed() == first
         assert memory(url, key, "PUT", "colour", b"red").is_success
         wait_for(lambda: len(listed()) == 2, timeout=15, what="a snapshot of the change")
+
+
+def test_the_cli_snapshots_lists_and_restores(file_orch: Orchestrator) -> None:
+    url, key = provision(file_orch.client("acme"))
+    assert memory(url, key, "PUT", "colour", b"blue").is_success
+    snap = json.loads(file_orch.cli("engines", "snapshot", "acme", USER).stdout)
+    listed = json.loads(file_orch.cli("engines", "snapshots", "acme", USER).stdout)
+    assert [s["id"] for s in listed] == [snap["id"]]
+    assert memory(url, key, "PUT", "colour", b"red").is_success
+    engine = json.loads(file_orch.cli("engines", "restore", "acme", USER, snap["id"]).stdout)
+    assert engine["status"] == "running"
+    assert memory(engine["url"], key, "GET", "colour").content == b"blue"
+    assert file_orch.cli("engines", "restore", "acme", USER, "nope", check=False).returncode == 2
+    missing = file_orch.cli("engines", "restore", "acme", USER, "s-20000101000000000-00000000",
+                            check=False)
+    assert missing.returncode == 4 and "SNAPSHOT_NOT_FOUND" in missing.stderr
