@@ -22,7 +22,8 @@ from app.crypto import KeyBox
 from app.drivers.base import Driver, EngineSpec
 from app.errors import BootTimeout, DriverError, EngineCrashed
 from app.registry import EngineRow
-from app.snapshots.service import Snapshots
+from app.snapshots import bodies as snapshot_bodies
+from app.snapshots.service import Manifest, Snapshots
 from app.upgrades import Upgrader
 
 BringUp = Literal["start", "wake", "restart"]
@@ -98,6 +99,12 @@ class Bodies:
 
     async def upgrade(self, row: EngineRow, version: str) -> EngineRow:
         return await self.upgrader.upgrade(row, version)
+
+    async def snapshot(self, row: EngineRow, scheduled: bool = False) -> Manifest | None:
+        return await snapshot_bodies.snapshot(self, row, scheduled)
+
+    async def restore(self, row: EngineRow, snapshot_id: str) -> EngineRow:
+        return await snapshot_bodies.restore(self, row, snapshot_id)
 
     async def destroy(self, row: EngineRow) -> None:
         await self.driver.ping()

@@ -25,7 +25,6 @@ from app.crypto import KeyBox
 from app.drivers.base import Driver
 from app.registry import EngineRow
 from app.runner import Key, Runner
-from app.snapshots import bodies as snapshot_bodies
 
 POLL_S = 0.05
 
@@ -101,8 +100,8 @@ TABLE: dict[Op, Operation] = {o.op: o for o in [
     Operation(Op.RECOVER, Bodies.recover),  # the settling before it is the whole work
     Operation(Op.REMOVE_ORPHAN, Bodies.remove_orphan, Policy(row=False)),
     # A scheduled snapshot may skip an unchanged brain: it is not the same run as one asked for.
-    Operation(Op.SNAPSHOT, snapshot_bodies.snapshot, Policy(flight_arg="scheduled")),
-    Operation(Op.RESTORE, snapshot_bodies.restore, Policy(flight_arg="snapshot_id")),
+    Operation(Op.SNAPSHOT, Bodies.snapshot, Policy(flight_arg="scheduled")),
+    Operation(Op.RESTORE, Bodies.restore, Policy(flight_arg="snapshot_id")),
 ]}
 
 

@@ -1,4 +1,5 @@
-"""The snapshot operations' bodies (rows of app.operations' TABLE), run like every other
+"""What the snapshot operations do (Bodies.snapshot and Bodies.restore, rows of
+app.operations' TABLE), run like every other
 operation under the engine's flight and lease: a snapshot never runs beside a stop, a restore
 or a destroy of the same engine, nor beside another snapshot.
 
@@ -12,17 +13,33 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import httpx
 
 from app import errors, registry, states
-from app.bodies import Bodies
+from app.config import Settings
+from app.drivers.base import Driver, EngineSpec
 from app.registry import EngineRow
 from app.snapshots import tree
-from app.snapshots.service import Manifest
+from app.snapshots.service import Manifest, Snapshots
 
 log = logging.getLogger("orch.snapshots")
+
+class Bodies(Protocol):
+    """What these bodies use of app.bodies.Bodies (which calls them)."""
+
+    settings: Settings
+    driver: Driver
+    http: httpx.AsyncClient
+    snapshots: Snapshots
+
+    def spec(self, row: EngineRow) -> EngineSpec: ...
+
+    def api_key(self, row: EngineRow) -> str: ...
+
+    async def bring_up(self, row: EngineRow, how: Literal["start"]) -> EngineRow: ...
+
 
 HOLD_S = 60.0  # the longest an engine holds its writes for us, should we never come back
 CHECKPOINT_TIMEOUT_S = 10.0
