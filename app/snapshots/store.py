@@ -92,10 +92,11 @@ class FileStore(Store):
         base = self._path(prefix)
         if not base.is_dir():
             return
+        # Temporary files are listed too: an engine's objects are written under its lease, so
+        # one found by a collection was left by a writer that died, and is collected.
         for dirpath, _, names in os.walk(base):
             for name in names:
-                if not name.startswith(".tmp-"):
-                    yield str(Path(dirpath, name).relative_to(self.root))
+                yield str(Path(dirpath, name).relative_to(self.root))
 
     def delete(self, keys: list[str]) -> None:
         for key in keys:

@@ -5,10 +5,12 @@ engine with its key."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -36,7 +38,9 @@ def orch(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Orchestrato
 
 @pytest.fixture
 def file_orch(tmp_path: Path) -> Iterator[Orchestrator]:
-    with running(tmp_path, env={"ORCH_SNAPSHOT_INTERVAL_S": "0", "ORCH_SNAPSHOT_KEEP": "2"}) as o:
+    # A short lease: an operation the killed orchestrator held is taken over sooner.
+    env = {"ORCH_SNAPSHOT_INTERVAL_S": "0", "ORCH_SNAPSHOT_KEEP": "2", "ORCH_LEASE_S": "2"}
+    with running(tmp_path, env=env) as o:
         yield o
 
 
@@ -188,3 +192,64 @@ def test_the_cli_snapshots_lists_and_restores(file_orch: Orchestrator) -> None:
     missing = file_orch.cli("engines", "restore", "acme", USER, "s-20000101000000000-00000000",
                             check=False)
     assert missing.returncode == 4 and "SNAPSHOT_NOT_FOUND" in missing.stderr
+
+
+def big_brain(orch: Orchestrator, files: int = 100, size: int = 128 * 1024) -> Path:
+    """Fill the engine's brain directly (the engine runs as the test's user here): a copy of
+    it takes long enough to be killed half-way."""
+    brain = next((orch.state_dir / "brains").iterdir())
+    for n in range(files):
+        (brain / f"bulk-{n:04d}").write_bytes(os.urandom(size))
+    return brain
+
+
+def test_sigkill_mid_snapshot_lists_nothing_and_the_next_collects_its_blobs(
+        file_orch: Orchestrator) -> None:
+    api = file_orch.client("acme")
+    provision(api)
+    big_brain(file_orch)
+    store = file_orch.state_dir / "snapshots" / "engines"
+    threading.Thread(target=lambda: _quietly(api.post, f"/engines/{USER}/snapshots"),
+                     daemon=True).start()
+    wait_for(lambda: any(store.glob("*/blobs/*")), timeout=30, interval=0.005,
+             what="the snapshot's first blobs")
+    file_orch.kill()
+    assert not any(store.glob("*/manifests/*.json"))
+    file_orch.start()
+    api = file_orch.client("acme")
+    assert api.get(f"/engines/{USER}/snapshots").json()["snapshots"] == []
+    snap = api.post(f"/engines/{USER}/snapshots")
+    assert snap.status_code == 201, snap.text
+    manifest = json.loads(next(store.glob("*/manifests/*.json")).read_text())
+    assert {p.name for p in store.glob("*/blobs/*")} == {f[3] for f in manifest["files"]}
+
+
+def test_sigkill_mid_restore_leaves_the_old_brain_or_the_new_one(file_orch: Orchestrator) -> None:
+    api = file_orch.client("acme")
+    provision(api)
+    brain = big_brain(file_orch)
+    snap = api.post(f"/engines/{USER}/snapshots").json()
+    snapshot_files = {p.name: p.read_bytes() for p in brain.iterdir()}
+    (brain / "written-after").write_bytes(b"later")
+    old_files = {p.name: p.read_bytes() for p in brain.iterdir()}
+    threading.Thread(target=lambda: _quietly(api.post, f"/engines/{USER}/restore",
+                                             json={"snapshot_id": snap["id"]}), daemon=True).start()
+    staging = brain.parent / f".restore-{brain.name}"
+    wait_for(lambda: staging.exists() and any(staging.iterdir()), timeout=30, interval=0.005,
+             what="the restore's staging")
+    file_orch.kill()
+    files = {p.name: p.read_bytes() for p in brain.iterdir()}
+    assert files in (old_files, snapshot_files)
+    file_orch.start()
+    api = file_orch.client("acme")
+    again = api.post(f"/engines/{USER}/restore", json={"snapshot_id": snap["id"]})
+    assert again.status_code == 200 and again.json()["status"] == "running", again.text
+    assert {p.name: p.read_bytes() for p in brain.iterdir()} == snapshot_files
+    assert not staging.exists()
+
+
+def _quietly(call: Any, *args: Any, **kwargs: Any) -> None:
+    try:
+        call(*args, **kwargs)
+    except httpx.HTTPError:
+        pass  # the orchestrator was killed under it
