@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Literal
+from typing import IO, Literal
 
 import httpx
 
@@ -102,6 +102,9 @@ class Bodies:
 
     async def snapshot(self, row: EngineRow, scheduled: bool = False) -> Manifest | None:
         return await snapshot_bodies.snapshot(self, row, scheduled)
+
+    async def import_brain(self, row: EngineRow, archive: IO[bytes], upload: str) -> Manifest:
+        return await snapshot_bodies.import_brain(self, row, archive)
 
     async def restore(self, row: EngineRow, snapshot_id: str) -> EngineRow:
         return await snapshot_bodies.restore(self, row, snapshot_id)

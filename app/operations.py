@@ -54,6 +54,7 @@ class Op(StrEnum):
     REMOVE_ORPHAN = "remove_orphan"
     SNAPSHOT = "snapshot"
     RESTORE = "restore"
+    IMPORT_BRAIN = "import_brain"
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,8 @@ TABLE: dict[Op, Operation] = {o.op: o for o in [
     # A scheduled snapshot may skip an unchanged brain: it is not the same run as one asked for.
     Operation(Op.SNAPSHOT, Bodies.snapshot, Policy(flight_arg="scheduled")),
     Operation(Op.RESTORE, Bodies.restore, Policy(flight_arg="snapshot_id")),
+    # Each upload is its own run (`upload` is a fresh id): two uploads never share a result.
+    Operation(Op.IMPORT_BRAIN, Bodies.import_brain, Policy(flight_arg="upload")),
 ]}
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -13,6 +14,7 @@ from typing import Any
 
 import msgspec
 from msgspec import UNSET
+from starlette.responses import StreamingResponse
 
 from app import errors, naming, registry
 from app.admit import Admitter
@@ -142,6 +144,33 @@ async def restore(svc: Services, call: Call) -> Any:
     return engine_struct(await svc.engines.run(Op.RESTORE, call.key, snapshot_id=body.snapshot_id))
 
 
+async def export_brain(svc: Services, call: Call) -> Any:
+    query: spec.BrainQuery = call.query
+    row = _engine(call)
+    snaps = svc.engines.bodies.snapshots
+    if query.snapshot_id is UNSET:
+        newest = await snaps.list(row.name, limit=1)
+        manifest = newest[0] if newest else None
+    else:
+        manifest = await snaps.get(row.name, query.snapshot_id)
+    if manifest is None:
+        wanted = "(the newest)" if query.snapshot_id is UNSET else query.snapshot_id
+        raise errors.snapshot_not_found(call.user_id, wanted)
+    filename = f"{row.name}-{manifest['id']}.tar"
+    return StreamingResponse(snaps.export(row.name, manifest), media_type="application/x-tar",
+                             headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+
+
+async def import_brain(svc: Services, call: Call) -> Any:
+    _engine(call)
+    try:
+        manifest = await svc.engines.run(Op.IMPORT_BRAIN, call.key, archive=call.body,
+                                         upload=uuid.uuid4().hex)
+    finally:
+        call.body.close()
+    return snapshot_struct(manifest)
+
+
 def _engine(call: Call) -> Any:
     row = registry.find_engine(*call.key)
     if row is None:
@@ -153,6 +182,7 @@ HANDLERS: dict[str, Handler] = {
     "provision": provision, "list": list_engines, "get": get, "destroy": destroy,
     "start": start, "stop": stop, "rotate_key": rotate_key, "admit": admit, "events": events,
     "upgrade": upgrade, "snapshot": snapshot, "snapshots": snapshots, "restore": restore,
+    "export_brain": export_brain, "import_brain": import_brain,
 }
 
 

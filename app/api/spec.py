@@ -90,6 +90,10 @@ class RestoreBody(Struct, forbid_unknown_fields=True):
     snapshot_id: SnapshotId
 
 
+class BrainQuery(Struct, forbid_unknown_fields=True):
+    snapshot_id: SnapshotId | UnsetType = UNSET  # omitted: the newest
+
+
 class SnapshotsQuery(Struct, forbid_unknown_fields=True):
     limit: Limit = 100
     cursor: Cursor | UnsetType = UNSET
@@ -217,6 +221,10 @@ class Text(Struct):
     """Marks a plain-text answer (the Prometheus exposition) in the table."""
 
 
+class Archive(Struct):
+    """Marks an answer (or, with `upload`, a request body) that is a tar archive."""
+
+
 class Document(Struct):
     """Marks an answer that is a JSON document of its own (the OpenAPI document)."""
 
@@ -238,6 +246,7 @@ class Endpoint:
     also_ok: tuple[int, ...] = ()  # statuses answered with `answer`, not an error (readyz's 503)
     streams: bool = False  # may answer text/event-stream instead (events?follow=true)
     ok: int = 200  # the success status (202 for a rollout started)
+    upload: bool = False  # the body is a tar archive (up to UPLOAD_MAX bytes), not JSON
 
     @property
     def codes(self) -> tuple[str, ...]:
@@ -297,6 +306,14 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              "missing or damaged snapshot changes nothing",
              Engine, ("ENGINE_NOT_FOUND", "SNAPSHOT_NOT_FOUND", "SNAPSHOT_STORE_FAILED", *BOOTING),
              body=RestoreBody),
+    Endpoint("export_brain", "GET", "/engines/{user_id}/brain",
+             "A snapshot (the newest unless snapshot_id is given) as a tar archive",
+             Archive, ("ENGINE_NOT_FOUND", "SNAPSHOT_NOT_FOUND", "SNAPSHOT_STORE_FAILED"),
+             query=BrainQuery),
+    Endpoint("import_brain", "POST", "/engines/{user_id}/brain",
+             "Store a tar archive of files (application/x-tar, optionally gzipped) as the "
+             "engine's newest snapshot; restore applies it",
+             Snapshot, ("ENGINE_NOT_FOUND", "SNAPSHOT_STORE_FAILED", *CHANGING), upload=True, ok=201),
     Endpoint("start_rollout", "POST", "/rollouts",
              "Start moving the product's engines (those on from_version, when given) to "
              "to_version, batch_size at a time; more than max_failures failures roll it back",

@@ -58,7 +58,8 @@ class AsyncClient:
 
     async def _send(self, call: _calls.Call[T]) -> T:
         response = await self._http.request(call.method, call.path, json=call.json,
-                                            params=call.params, headers=call.headers)
+                                            content=call.content, params=call.params,
+                                            headers=call.headers)
         return _calls.finish(call, response)
 
     # ---- engines ------------------------------------------------------------------------------
@@ -107,6 +108,16 @@ class AsyncClient:
                 request_id: str | None = None) -> Engine:
         """Stop the engine, make its brain the snapshot's, start it again."""
         return await self._send(_calls.restore(user_id, snapshot_id, request_id))
+
+    async def export_brain(self, user_id: str, snapshot_id: str | None = None, *,
+                     request_id: str | None = None) -> bytes:
+        """A snapshot (the newest unless named) as a tar archive."""
+        return await self._send(_calls.export_brain(user_id, snapshot_id, request_id))
+
+    async def import_brain(self, user_id: str, archive: bytes, *,
+                     request_id: str | None = None) -> Snapshot:
+        """Store a tar archive as the engine's newest snapshot; `restore` applies it."""
+        return await self._send(_calls.import_brain(user_id, archive, request_id))
 
     async def destroy(self, user_id: str, *, request_id: str | None = None) -> None:
         """Remove the engine and its brain for good (the audit events are kept)."""

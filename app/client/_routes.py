@@ -28,6 +28,8 @@ BY_NAME: dict[str, Route] = {
     "snapshot": Route("POST", "/engines/{user_id}/snapshots"),
     "snapshots": Route("GET", "/engines/{user_id}/snapshots"),
     "restore": Route("POST", "/engines/{user_id}/restore"),
+    "export_brain": Route("GET", "/engines/{user_id}/brain"),
+    "import_brain": Route("POST", "/engines/{user_id}/brain"),
     "events": Route("GET", "/engines/{user_id}/events"),
     "start_rollout": Route("POST", "/rollouts"),
     "rollouts": Route("GET", "/rollouts"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import IO, Any, Literal, Protocol
 
 import httpx
 
@@ -63,6 +63,17 @@ async def snapshot(bodies: Bodies, row: EngineRow, scheduled: bool = False) -> M
         manifest["consistent"] = False
     await snaps.commit(row.name, manifest)
     registry.update(row, audit_event="snapshot", reason=manifest["id"])
+    await snaps.prune(row.name)
+    return manifest
+
+
+async def import_brain(bodies: Bodies, row: EngineRow, archive: IO[bytes]) -> Manifest:
+    """An uploaded tar archive becomes the engine's newest snapshot (restore applies it)."""
+    snaps = bodies.snapshots
+    manifest = await snaps.import_archive(row.name, archive, engine_version=row.engine_version)
+    await snaps.commit(row.name, manifest)
+    snaps.forget(row.name)  # not a copy of the brain as it is: the schedule must not skip
+    registry.update(row, audit_event="snapshot_imported", reason=manifest["id"])
     await snaps.prune(row.name)
     return manifest
 

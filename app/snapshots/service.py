@@ -8,12 +8,13 @@ import json
 import re
 import secrets
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from app import errors
 from app.config import Settings
-from app.snapshots import tree
+from app.snapshots import archive, tree
 from app.snapshots.store import Store, open_store
 
 ID_PATTERN = r"^s-[0-9]{17}-[0-9a-f]{8}$"
@@ -68,6 +69,25 @@ class Snapshots:
             "size_bytes": taken.size_bytes, "new_bytes": taken.new_bytes,
             "fingerprint": mark, "dirs": taken.dirs, "files": taken.files}
         return manifest
+
+    async def import_archive(self, name: str, source: IO[bytes], *, engine_version: str,
+                             now: float | None = None) -> Manifest:
+        """A tar archive's files as a snapshot (listed by `commit`): a brain from elsewhere."""
+        now = time.time() if now is None else now
+        taken = await asyncio.to_thread(archive.import_tar, self.store, prefix(name), source)
+        return {"format": FORMAT, "id": new_id(now), "engine": name, "created_at": now,
+                "engine_version": engine_version, "consistent": True,
+                "size_bytes": taken.size_bytes, "new_bytes": taken.new_bytes,
+                "fingerprint": "", "dirs": taken.dirs, "files": taken.files}
+
+    async def export(self, name: str, manifest: Manifest) -> AsyncIterator[bytes]:
+        """The snapshot as a tar archive, a file at a time, read in a thread."""
+        chunks = archive.export(self.store, prefix(name), manifest)
+        while True:
+            chunk = await asyncio.to_thread(next, chunks, None)
+            if chunk is None:
+                return
+            yield chunk
 
     async def commit(self, name: str, manifest: Manifest) -> None:
         """List the snapshot: written last, once all its blobs are in the store."""

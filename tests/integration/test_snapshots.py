@@ -4,8 +4,10 @@ engine with its key."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -253,3 +255,62 @@ def _quietly(call: Any, *args: Any, **kwargs: Any) -> None:
         call(*args, **kwargs)
     except httpx.HTTPError:
         pass  # the orchestrator was killed under it
+
+
+def tar_of(files: dict[str, bytes], link: str | None = None) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if link:
+            info = tarfile.TarInfo(link)
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(info)
+    return out.getvalue()
+
+
+def test_a_brain_moves_to_another_product_as_a_tar_archive(file_orch: Orchestrator) -> None:
+    api = file_orch.client("acme")
+    url, key = provision(api)
+    assert memory(url, key, "PUT", "colour", b"blue").is_success
+    assert api.get(f"/engines/{USER}/brain").json()["error"]["code"] == "SNAPSHOT_NOT_FOUND"
+    snap = api.post(f"/engines/{USER}/snapshots").json()
+    exported = api.get(f"/engines/{USER}/brain")
+    assert exported.status_code == 200 and exported.headers["content-type"] == "application/x-tar"
+    with tarfile.open(fileobj=io.BytesIO(exported.content)) as tar:
+        assert [m.size for m in tar.getmembers()] == [4]
+    assert api.get(f"/engines/{USER}/brain", params={"snapshot_id": snap["id"]}).content == \
+        exported.content
+
+    file_orch.product("other")
+    other = file_orch.client("other")
+    assert other.get(f"/engines/{USER}/brain").status_code == 404  # not the other product's
+    _, other_key = provision(other)
+    imported = other.post(f"/engines/{USER}/brain", content=exported.content,
+                          headers={"Content-Type": "application/x-tar"})
+    assert imported.status_code == 201, imported.text
+    assert imported.json()["files"] == 1
+    engine = other.post(f"/engines/{USER}/restore", json={"snapshot_id": imported.json()["id"]})
+    assert memory(engine.json()["url"], other_key, "GET", "colour").content == b"blue"
+
+
+HOSTILE = {
+    "garbage": b"not a tar archive at all" * 40,
+    "truncated": tar_of({"a": b"x" * 2000})[:1500],  # cut short inside a file
+    "dotdot": tar_of({"../escape": b"x"}),
+    "absolute": tar_of({"/etc/passwd": b"x"}),
+    "twice": tar_of({"a": b"x", "./a": b"y"}),
+    "symlink": tar_of({"a": b"x"}, link="l"),
+}
+
+
+def test_corrupt_or_hostile_archives_are_400_and_list_nothing(file_orch: Orchestrator) -> None:
+    api = file_orch.client("acme")
+    provision(api)
+    for name, archive in HOSTILE.items():
+        answer = api.post(f"/engines/{USER}/brain", content=archive)
+        assert answer.status_code == 400, (name, answer.text)
+        assert answer.json()["error"]["code"] == "INVALID_REQUEST", name
+    assert api.get(f"/engines/{USER}/snapshots").json()["snapshots"] == []
