@@ -325,14 +325,18 @@ def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_jobspec_render(settings: Settings, args: argparse.Namespace) -> int:
     from app.drivers.base import EngineSpec
-    from app.jobspec import render_job
+    from app.jobspec import render_checked
 
     problem = naming.user_id_problem(args.user)
     if problem:
         return _fail(f"--user: {problem}", USAGE)
     spec = EngineSpec(naming.engine_name(args.product, args.user), args.product, args.user,
                       args.version or settings.engine_image)
-    _show(args, render_job(settings, spec))
+    try:
+        job = render_checked(settings, spec)
+    except ValueError as exc:   # what the API would refuse: show nothing
+        return _fail(str(exc), USAGE)
+    _show(args, job)
     return OK
 
 

@@ -20,7 +20,7 @@ T = TypeVar("T")
 
 
 def _package_version() -> str:
-    # issue 8: the default image's tag is the package version (docker always pulls `latest`)
+    # The default image's tag is the package version (docker always pulls `latest`)
     try:
         return importlib.metadata.version("engine-orchestrator")
     except importlib.metadata.PackageNotFoundError:
@@ -31,6 +31,9 @@ ENGINE_IMAGE_DEFAULT = f"orch-refengine:{_package_version()}"
 
 SLEEP_MODES = ("pause", "stop")
 DRIVERS = ("local", "nomad")
+# nomad/structs Task.Validate: a KillTimeout above the update block's progress_deadline
+# (10 m by default, api/jobs.go) makes a service job invalid.
+PROGRESS_DEADLINE_S = 600.0
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -69,7 +72,7 @@ class Settings:
     nomad_region: str | None = None
     consul_addr: str = "http://127.0.0.1:8500"
     consul_token: str | None = None
-    # issue 8 (Nomad as it really is): images an engine_version may name, and who owns an
+    # Images an engine_version may name, and who owns an
     # engine's brain volume and key file on Nomad (the image's user).
     engine_images: tuple[str, ...] = ()   # repositories; () = only engine_image's
     nomad_volume_uid: int = 65534
@@ -93,6 +96,8 @@ class Settings:
     # Issue 11, Nomad half: follow Nomad's event stream and Consul's blocking queries ("on"),
     # or learn of ends from the scheduled health checks alone ("off": the bench's baseline).
     nomad_events: bool = True
+    # The Nomad clients' max_kill_timeout (Nomad's default 30 s): a longer stop grace is cut.
+    nomad_max_kill_timeout_s: float = 30.0
     # Issue 13 (rollouts): the platform key `orch rollout status --follow` shows the server's
     # event stream with (None: it follows the database instead).
     platform_key: str | None = None
@@ -108,7 +113,7 @@ class Settings:
         env = os.environ if env is None else env
         r = _Reader(env)
         state_dir = r.get("ORCH_STATE_DIR", Path, cls.state_dir)
-        return cls(
+        settings = cls(
             # The database lives in the state dir unless named: `make run`, `orch serve` and
             # every CLI command agree by construction.
             database_url=r.get("ORCH_DATABASE_URL", _database_url,
@@ -140,7 +145,6 @@ class Settings:
             nomad_region=r.get("NOMAD_REGION", _nonempty, None),
             consul_addr=r.get("CONSUL_HTTP_ADDR", _consul_addr, cls.consul_addr),
             consul_token=r.get("CONSUL_HTTP_TOKEN", _nonempty, None),
-            # issue 8
             engine_images=r.get("ORCH_ENGINE_IMAGES", _repositories, cls.engine_images),
             nomad_volume_uid=r.get("ORCH_NOMAD_VOLUME_UID", _non_negative_int, cls.nomad_volume_uid),
             nomad_volume_gid=r.get("ORCH_NOMAD_VOLUME_GID", _non_negative_int, cls.nomad_volume_gid),
@@ -159,6 +163,8 @@ class Settings:
             resync_s=r.get("ORCH_RESYNC_S", _positive, cls.resync_s),
             # Issue 11, Nomad half.
             nomad_events=r.get("ORCH_NOMAD_EVENTS", _choice(("on", "off")), "on") == "on",
+            nomad_max_kill_timeout_s=r.get("ORCH_NOMAD_MAX_KILL_TIMEOUT_S", _positive,
+                                           cls.nomad_max_kill_timeout_s),
             # Issue 13 (rollouts).
             platform_key=r.get("ORCH_PLATFORM_KEY", _nonempty, None),
             rollout_concurrency=r.get("ORCH_ROLLOUT_CONCURRENCY", _positive_int,
@@ -168,6 +174,22 @@ class Settings:
             snapshot_interval_s=r.get("ORCH_SNAPSHOT_INTERVAL_S", _non_negative,
                                       cls.snapshot_interval_s),
         )
+        problem = settings.kill_timeout_problem() if settings.driver == "nomad" else None
+        if problem:
+            raise ConfigError(problem)
+        return settings
+
+    def kill_timeout_problem(self) -> str | None:
+        """Why Nomad would not give engines ORCH_STOP_GRACE_S as their KillTimeout, or None."""
+        grace, cap = self.stop_grace_s, self.nomad_max_kill_timeout_s
+        if grace > PROGRESS_DEADLINE_S:
+            return (f"ORCH_STOP_GRACE_S={grace:g} is longer than Nomad's update "
+                    f"progress_deadline ({PROGRESS_DEADLINE_S:g}s): Nomad refuses the job")
+        if grace > cap:
+            return (f"ORCH_STOP_GRACE_S={grace:g} is longer than ORCH_NOMAD_MAX_KILL_TIMEOUT_S="
+                    f"{cap:g} (the Nomad clients' max_kill_timeout): Nomad would cut the "
+                    f"engines' stop grace to {cap:g}s")
+        return None
 
     @property
     def secret_key_file(self) -> Path:
@@ -233,7 +255,7 @@ def _non_negative_int(raw: str) -> int:
     return value
 
 
-def _positive_int(raw: str) -> int:  # issue 10
+def _positive_int(raw: str) -> int:
     value = _non_negative_int(raw)
     if value < 1:
         raise ValueError("must be 1 or more")
@@ -312,7 +334,6 @@ def _command(raw: str) -> tuple[str, ...]:
     return parts
 
 
-# issue 8
 def _repositories(raw: str) -> tuple[str, ...]:
     repos = tuple(r.strip() for r in raw.split(",") if r.strip())
     bad = [r for r in repos if ":" in r.rsplit("/", 1)[-1] or "@" in r or "$" in r]

@@ -121,8 +121,20 @@ def render_job(settings: Settings, spec: EngineSpec, volume_path: str | None = N
 
 
 def check(settings: Settings) -> None:
-    """Load the configured template now, so a broken one stops start-up, not a provision."""
+    """Load the configured template now, so a broken one stops start-up, not a provision;
+    and refuse a stop grace Nomad would cut or refuse as the engines' KillTimeout."""
     load_template(_resolve(settings.nomad_jobspec))
+    problem = settings.kill_timeout_problem()
+    if problem:
+        raise ConfigError(problem)
+
+
+def render_checked(settings: Settings, spec: EngineSpec) -> dict[str, Any]:
+    """The job the API would submit for `spec`, or a ConfigError or BadVersion
+    saying why the API would refuse it: what `orch jobspec render` shows."""
+    check(settings)
+    check_version(settings, spec.version)
+    return render_job(settings, spec)
 
 
 @lru_cache(maxsize=8)

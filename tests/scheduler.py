@@ -32,8 +32,10 @@ def scheduler_env(tmp: Path, port_range: tuple[int, int]) -> tuple[Any, dict[str
         return None, _real_agents_env()
     from tests.doubles.fixture import Hashistack
 
-    # three nodes, so volume placement, spreading and node loss are real
-    stack = Hashistack(tmp, port_range, nodes=NODES).start()  # it lives in tmp/hashistack
+    # three nodes, so volume placement, spreading and node loss are real; a -dev agent's
+    # timing unless a test asks for a production client's (5-10 s per new volume)
+    dev = os.environ.get("ORCH_TEST_DOUBLE_TIMING", "dev") == "dev"
+    stack = Hashistack(tmp, port_range, nodes=NODES, dev=dev).start()  # in tmp/hashistack
     return stack, {"ORCH_DRIVER": "nomad", "NOMAD_ADDR": stack.nomad, "CONSUL_HTTP_ADDR": stack.consul,
                    "ORCH_NOMAD_JOBSPEC": str(ROOT / "jobspecs" / "engine.docker.json")}
 

@@ -74,8 +74,13 @@ class NomadAPI:
 
     def register(self, job: dict[str, Any]) -> str:
         """Register (or re-register) a job; the ID of the evaluation that places it."""
-        answer = _call(lambda: self.nomad.job.register_job(job["ID"], {"Job": job}),
-                       need="namespace capability submit-job")
+        # Job.Register checks submit-job and then each host volume the job mounts
+        # (nomad/job_endpoint.go Register, "Validate Volume Permissions"): one 403 for both.
+        sources = sorted({v.get("Source") or "" for g in job.get("TaskGroups") or []
+                          for v in (g.get("Volumes") or {}).values() if v.get("Type") == "host"})
+        need = "namespace capability submit-job" + "".join(
+            f' and host_volume "{s}" capability mount-readwrite' for s in sources)
+        answer = _call(lambda: self.nomad.job.register_job(job["ID"], {"Job": job}), need=need)
         return str(answer["EvalID"])
 
     def validate(self, job: dict[str, Any]) -> list[str]:
@@ -128,7 +133,15 @@ class NomadAPI:
     # ---- nodes ----------------------------------------------------------------------------------
 
     def nodes(self) -> list[dict[str, Any]]:
-        return list(self._http("GET", "/v1/nodes", need="node read") or [])
+        """Node stubs with their NodeResources and ReservedResources (?resources=true)."""
+        return list(self._http("GET", "/v1/nodes", params={"resources": "true"},
+                               need="node read") or [])
+
+    def allocations_with_resources(self) -> list[dict[str, Any]]:
+        """Every allocation stub with its AllocatedResources (?resources=true): what each node
+        has left is its NodeResources less these."""
+        return list(self._http("GET", "/v1/allocations", params={"resources": "true"},
+                               need="namespace capability read-job") or [])
 
     def node(self, node_id: str) -> dict[str, Any] | None:
         return _maybe(self._http("GET", f"/v1/node/{node_id}", missing=None, need="node read"))

@@ -5,9 +5,13 @@ Nomad itself, given no NodeID, takes the first feasible node in node-ID order
 (nomad/host_volume_endpoint.go placeHostVolume), ready or not: every engine would land on one
 node, and nothing could be provisioned while that node is down. So the driver chooses: a node
 that is ready, eligible and not draining, in one of the job's datacenters and its node pool,
-that has the `mkdir` plugin (attribute plugins.host_volume.mkdir.version), holding the fewest
-engine volumes. Create looks the name up first (a retried provision finds its volume); delete
-treats "no such volume" (a 500, like every refusal of HostVolume.Delete) as done.
+that has the `mkdir` plugin (attribute plugins.host_volume.mkdir.version), with room for the
+job (its NodeResources, less its reserved resources and what its running allocations hold,
+covers the job's CPU and memory: the scheduler's BinPackIterator would place it), holding the
+fewest engine volumes. The volume then pins the job to that node (scheduler/feasible.go
+HostVolumeChecker), so a node that still turns out full is avoided on the next try (see
+nomad.py create). Create looks the name up first (a retried provision finds its volume);
+delete treats "no such volume" (a 500, like every refusal of HostVolume.Delete) as done.
 """
 
 from __future__ import annotations
@@ -24,6 +28,31 @@ from app.drivers.base import CapacityExhausted, SchedulerUnavailable
 ENGINE_VOLUME = re.compile(r"e-[a-z0-9-]+-[0-9a-f]{12}")
 MKDIR_ATTRIBUTE = "plugins.host_volume.mkdir.version"
 NODE_CACHE_S = 60.0  # a node's plugins change only when its agent restarts
+TERMINAL = ("complete", "failed", "lost")
+
+
+def job_needs(job: dict[str, Any]) -> tuple[int, int]:
+    """(CPU MHz, memory MB) the job's tasks ask for; api/resources.go's defaults (100, 300)
+    where unset."""
+    cpu = memory = 0
+    for group in job.get("TaskGroups") or []:
+        for task in group.get("Tasks") or []:
+            res = task.get("Resources") or {}
+            cpu += int(res.get("CPU") or 100) * int(group.get("Count") or 1)
+            memory += int(res.get("MemoryMB") or 300) * int(group.get("Count") or 1)
+    return cpu, memory
+
+
+def _room(node: dict[str, Any], held: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """(CPU, memory) the node has left: NodeResources less ReservedResources less `held`."""
+    total = node.get("NodeResources") or {}
+    reserved = node.get("ReservedResources") or {}
+    used = held.get(node["ID"], (0, 0))
+    cpu = int((total.get("Cpu") or {}).get("CpuShares") or 0) \
+        - int((reserved.get("Cpu") or {}).get("CpuShares") or 0) - used[0]
+    memory = int((total.get("Memory") or {}).get("MemoryMB") or 0) \
+        - int((reserved.get("Memory") or {}).get("MemoryMB") or 0) - used[1]
+    return cpu, memory
 
 
 class VolumeGone(Exception):
@@ -41,21 +70,24 @@ class Volumes:
     def find(self, name: str) -> list[dict[str, Any]]:
         return [v for v in self.api.volumes(prefix=name) if v.get("Name") == name]
 
-    def create(self, name: str, job: dict[str, Any]) -> dict[str, Any]:
-        """The engine's volume: the one it already has on a live node, else a new one on the
-        best node. Raises CapacityExhausted when no node fits."""
+    def create(self, name: str, job: dict[str, Any],
+               avoid: frozenset[str] = frozenset()) -> tuple[dict[str, Any], bool]:
+        """The engine's volume and whether it is new: the one it already has on a live node,
+        else a new one on the best node not in `avoid`. Raises CapacityExhausted when no node
+        fits."""
         nodes = {n["ID"]: n for n in self.api.nodes()}
         for volume in self.find(name):
             node = nodes.get(volume.get("NodeID") or "")
             if node is not None and node.get("Status") == "ready":
-                return volume
+                # a list stub carries no HostPath (nomad/structs HostVolumeStub): read it whole
+                return self.get(str(volume["ID"])), False
             raise CapacityExhausted(f"the brain of {name} is on node {volume.get('NodeID')}, "
                                     f"which is down: unavailable until the node returns")
-        tried: set[str] = set()
+        tried: set[str] = set(avoid)
         while True:
             node_id = self._choose(job, list(nodes.values()), tried)
             try:
-                return self.api.create_volume(name, node_id, self.parameters)
+                return self.api.create_volume(name, node_id, self.parameters), True
             except NomadError as exc:
                 # The node went down since we listed it: the client RPC fails. Another one.
                 if "No path to node" not in exc.text and "no node" not in exc.text.lower():
@@ -74,11 +106,32 @@ class Volumes:
         if not fit:
             raise CapacityExhausted(f"no ready, eligible node with the mkdir host volume plugin "
                                     f"in node pool {pool!r} and datacenters {datacenters}")
+        need_cpu, need_memory = job_needs(job)
+        free = self._free()
+        roomy = [n for n in fit if _room(n, free)[0] >= need_cpu and _room(n, free)[1] >= need_memory]
+        if not roomy:
+            raise CapacityExhausted(f"no node has room for {need_cpu} MHz of CPU and "
+                                    f"{need_memory} MB of memory ({len(fit)} nodes full)")
+        fit = roomy
         load: dict[str, int] = {}
         for volume in self.api.volumes():
             if ENGINE_VOLUME.fullmatch(volume.get("Name") or ""):
                 load[volume.get("NodeID") or ""] = load.get(volume.get("NodeID") or "", 0) + 1
         return str(min(fit, key=lambda n: (load.get(n["ID"], 0), n["ID"]))["ID"])
+
+    def _free(self) -> dict[str, tuple[int, int]]:
+        """node ID -> (CPU, memory) its live allocations hold."""
+        held: dict[str, tuple[int, int]] = {}
+        for alloc in self.api.allocations_with_resources():
+            if alloc.get("DesiredStatus") != "run" or alloc.get("ClientStatus") in TERMINAL:
+                continue
+            cpu = memory = 0
+            for task in ((alloc.get("AllocatedResources") or {}).get("Tasks") or {}).values():
+                cpu += int((task.get("Cpu") or {}).get("CpuShares") or 0)
+                memory += int((task.get("Memory") or {}).get("MemoryMB") or 0)
+            was = held.get(alloc.get("NodeID") or "", (0, 0))
+            held[alloc.get("NodeID") or ""] = (was[0] + cpu, was[1] + memory)
+        return held
 
     def _mkdir(self, node_id: str) -> bool:
         cached = self._has_mkdir.get(node_id)

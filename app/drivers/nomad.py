@@ -60,8 +60,9 @@ class NomadDriver(Driver):
         try:
             jobspec.check(settings)
         except ConfigError as exc:
-            raise ConfigError(f"ORCH_NOMAD_JOBSPEC={str(settings.nomad_jobspec)!r} is invalid: "
-                              f"{exc}") from None
+            problem = settings.kill_timeout_problem()
+            raise ConfigError(problem or f"ORCH_NOMAD_JOBSPEC={str(settings.nomad_jobspec)!r} "
+                                         f"is invalid: {exc}") from None
         self.settings = settings
         self.api = NomadAPI(settings)
         self.volumes = Volumes(self.api, settings)
@@ -70,7 +71,7 @@ class NomadDriver(Driver):
         # Blocking queries hold a thread each: a pool of our own, so they never starve others.
         self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="nomad")
         self.http = engine_http.client()
-        # Issue 11: Nomad's event stream and Consul's blocking queries report engines' ends,
+        # Nomad's event stream and Consul's blocking queries report engines' ends,
         # and answer the scheduled health checks while they are live.
         self.events = FleetEvents(settings, lambda: self._io(self.api.all_allocations))
         # A fleet snapshot at most once per reconciler pass, when the events cannot answer.
@@ -88,17 +89,33 @@ class NomadDriver(Driver):
         jobspec.check_version(self.settings, version)
 
     async def create(self, spec: EngineSpec, api_key: str) -> State:
-        state: State = {"job": spec.name}
-        try:
-            job = jobspec.render_job(self.settings, spec)
-            volume = await self._io(self.volumes.create, spec.name, job)
-            state.update(volume=volume["ID"], node=volume.get("NodeID"))
-            volume = await self._volume_ready(volume)
-            state["volume_path"] = volume.get("HostPath")
-            return await self.launch(spec, state, api_key)
-        except BaseException:
-            await self._quietly(self.destroy(spec, state))
-            raise
+        full: frozenset[str] = frozenset()   # nodes that refused the job for capacity
+        last: CapacityExhausted | None = None
+        while True:
+            state: State = {"job": spec.name}
+            new = False
+            try:
+                job = jobspec.render_job(self.settings, spec)
+                volume, new = await self._io(self.volumes.create, spec.name, job, full)
+                state.update(volume=volume["ID"], node=volume.get("NodeID"))
+                volume = await self._volume_ready(volume)
+                state["volume_path"] = volume.get("HostPath")
+                return await self.launch(spec, state, api_key)
+            except CapacityExhausted as exc:
+                await self._quietly(self.destroy(spec, state))
+                # The volume pinned the job to a node that is full after all (it filled up
+                # since we looked, or holds what we cannot see): a new, empty volume moves
+                # to another node. Volumes.create raises once no node is left.
+                if full and not new:   # no node left to move to: say why the last refused
+                    raise CapacityExhausted(f"{last} (and no other node fits: {exc})") from None
+                if not new or isinstance(exc, (NodeLost, PortExhaustion)) or not state.get("node"):
+                    raise
+                full, last = full | {state["node"]}, exc
+                log.info("%s: node %s is full, moving its new volume: %s",
+                         spec.name, state["node"], exc)
+            except BaseException:
+                await self._quietly(self.destroy(spec, state))
+                raise
 
     async def launch(self, spec: EngineSpec, state: State, api_key: str) -> State:
         await self._io(self.api.put_variable, jobspec.var_path(spec.name), {"api_key": api_key})

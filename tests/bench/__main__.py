@@ -9,10 +9,13 @@
     thundering herd   200 concurrent admits for one new user: time, engines created
     fleet             CPU at rest with BENCH_FLEET_N running engines, beside every
                       engine probed every tick; crash-to-failed p50/p99 (tests/bench/fleet.py)
-    nomad             the same on the Nomad driver (the double): CPU and queries at rest with
+    nomad             the Nomad driver (the double): CPU and queries at rest with
                       BENCH_NOMAD_REST_N running engines, beside no engine and the fleet
                       snapshot every pass (nomad_rest.py); crash-to-failed p50/p99 with the
                       event stream, beside no events and a probe every tick (nomad_fleet.py)
+    nomad_waits       what a product waits for on Nomad: first admit, start after stop, wake,
+                      rotate-key, p50/p90, on the double's production and -dev timings, beside
+                      the local driver in the same run (tests/bench/nomad_waits.py)
     rollout           BENCH_ROLLOUT_ENGINES (100) engines moved by one rollout in
                       batches of 10, beside the same engines upgraded one request after
                       another (tests/bench/rollout.py)
@@ -33,7 +36,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.bench import fleet, nomad_fleet, rollout
+from tests.bench import fleet, nomad_fleet, nomad_waits, rollout
 from tests.bench.loadgen import Target, run_in_process
 from tests.harness import ROOT, Orchestrator, free_port, wait_for
 
@@ -49,7 +52,7 @@ def main() -> None:
           f"ORCH_LOG_LEVEL={LOG_LEVEL}")
     benches = {"admit": bench_admit, "wake": bench_wake, "provision": bench_provision,
                "rows": bench_rows, "herd": bench_herd, "fleet": fleet.bench_fleet,
-               "nomad": nomad_fleet.bench_nomad,
+               "nomad": nomad_fleet.bench_nomad, "nomad_waits": nomad_waits.bench_nomad_waits,
                "rollout": rollout.bench_rollout}
     only = [name for name in os.environ.get("BENCH_ONLY", "").split(",") if name] or list(benches)
     results = {}
@@ -270,6 +273,8 @@ def report(r: dict) -> None:
         print("\n".join(fleet.lines(r["fleet"])))
     if "nomad" in r:
         print("\n".join(nomad_fleet.lines(r["nomad"])))
+    if "nomad_waits" in r:
+        print("\n".join(nomad_waits.lines(r["nomad_waits"])))
     if "rollout" in r:
         print("\n".join(rollout.lines(r["rollout"])))
 

@@ -19,7 +19,7 @@ from tests.doubles.consul_api import ConsulAPI
 from tests.doubles.control import Control, Listener
 from tests.doubles.nomad_api import NomadAPI
 from tests.doubles.scheduler import Cluster
-from tests.doubles.state import State
+from tests.doubles.state import NODE_CPU, NODE_MEMORY_MB, State
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -28,6 +28,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--port-range", default="31000-31009",
                         help="dynamic ports for allocations, inclusive: LOW-HIGH")
     parser.add_argument("--nodes", type=int, default=1, help="client nodes in the cluster")
+    parser.add_argument("--dev", action="store_true",
+                        help="a -dev agent's timing (1 s node updates, checks at once) instead "
+                             "of a production client's")
+    parser.add_argument("--node-cpu", type=int, default=NODE_CPU,
+                        help=f"each node's CPU in MHz (default {NODE_CPU})")
+    parser.add_argument("--node-memory", type=int, default=NODE_MEMORY_MB,
+                        help=f"each node's memory in MB (default {NODE_MEMORY_MB})")
     parser.add_argument("--nomad-port", type=int, default=0)
     parser.add_argument("--consul-port", type=int, default=0)
     parser.add_argument("--control-port", type=int, default=0)
@@ -42,7 +49,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 async def serve(args: argparse.Namespace) -> None:
     data_dir = args.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    state = State(data_dir, args.ports, nodes=max(1, args.nodes))
+    state = State(data_dir, args.ports, nodes=max(1, args.nodes),
+                  timing="dev" if args.dev else "production", cpu=args.node_cpu,
+                  memory_mb=args.node_memory)
     cluster = Cluster(state)
     nomad_api = NomadAPI(cluster)
     nomad = Listener(nomad_api.app(), args.nomad_port)
@@ -68,7 +77,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 def _watch_children_with_pidfds(loop: asyncio.AbstractEventLoop) -> None:
     """Task exits seen through a pidfd each on the loop (Python 3.12 does this by itself),
-    not 3.11's default of one thread blocked in waitpid per task: 1,000 engines (issue 11's
+    not 3.11's default of one thread blocked in waitpid per task: 1,000 engines (the fleet
     bench) would be 1,000 threads. Nomad has an executor process per task instead."""
     if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
         return

@@ -8,7 +8,10 @@ command/agent/http.go `wrap`); an unknown token gets 403 "ACL token not found"
 
 What each endpoint needs follows its RPC handler:
 - nomad/job_endpoint.go: Register/Deregister `submit-job`; GetJob, Allocations, Validate
-  `read-job`; List `list-jobs`;
+  `read-job`; List `list-jobs`; Register also checks each group host volume's `Source`
+  against the token's `host_volume` rules ("Validate Volume Permissions"): a read-write
+  mount needs `mount-readwrite`, a read-only one `mount-readonly` or `mount-readwrite`
+  (acl/acl.go AllowHostVolumeOperation: an exact name first, else the closest glob);
 - nomad/eval_endpoint.go GetEval, nomad/alloc_endpoint.go GetAlloc/List: `read-job`;
 - client/alloc_endpoint.go Signal: `alloc-lifecycle`; client/fs_endpoint.go Logs: `read-logs`;
 - nomad/host_volume_endpoint.go: Create `host-volume-create`, Get/List `host-volume-read`,
@@ -43,12 +46,24 @@ class Policy:
     namespace: set[str] = field(default_factory=set)          # namespace capabilities
     variables: dict[str, set[str]] = field(default_factory=dict)  # path glob -> capabilities
     node_read: bool = False
+    host_volumes: dict[str, set[str]] = field(default_factory=dict)  # name glob -> capabilities
 
     @classmethod
     def parse(cls, raw: dict[str, Any]) -> Policy:
         return cls(namespace=set(raw.get("namespace") or []),
                    variables={p: set(c) for p, c in (raw.get("variables") or {}).items()},
-                   node_read=raw.get("node") in ("read", "write"))
+                   node_read=raw.get("node") in ("read", "write"),
+                   host_volumes={n: set(c) for n, c in (raw.get("host_volume") or {}).items()})
+
+    def host_volume_allows(self, name: str, capability: str) -> bool:
+        # acl.go matchingHostVolumeCapabilitySet: the exact name, else the closest glob.
+        caps = self.host_volumes.get(name)
+        if caps is None:
+            globs = [g for g in self.host_volumes if "*" in g and fnmatch.fnmatchcase(name, g)]
+            if not globs:
+                return False
+            caps = self.host_volumes[max(globs, key=len)]
+        return "deny" not in caps and capability in caps
 
     def variable_allows(self, path: str, capability: str) -> bool:
         # acl.go AllowVariableOperation: the closest matching path spec wins (longest here).
@@ -87,6 +102,21 @@ class ACL:
         policy = self._policy(request)
         if policy is not None and capability not in policy.namespace:
             raise Forbidden(PERMISSION_DENIED)
+
+    def require_host_volumes(self, request: Request, job: dict[str, Any]) -> None:
+        """nomad/job_endpoint.go Register, "Validate Volume Permissions"."""
+        policy = self._policy(request)
+        if policy is None:
+            return
+        for group in job.get("TaskGroups") or []:
+            for vol in (group.get("Volumes") or {}).values():
+                if vol.get("Type") != "host":
+                    raise Forbidden(PERMISSION_DENIED)   # CSI: csi-mount-volume, not modelled
+                source = vol.get("Source") or ""
+                allowed = policy.host_volume_allows(source, "mount-readwrite") or (
+                    bool(vol.get("ReadOnly")) and policy.host_volume_allows(source, "mount-readonly"))
+                if not allowed:
+                    raise Forbidden(PERMISSION_DENIED)
 
     def require_variable(self, request: Request, path: str, capability: str) -> None:
         policy = self._policy(request)

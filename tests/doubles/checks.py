@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import random
 import time
 from typing import Any
 
@@ -67,8 +68,11 @@ class ServiceManager:
         service = ConsulService(
             id=sid, name=name,
             tags=[templates.interpolate(t, env, meta) for t in svc.get("Tags") or []],
-            meta={k: templates.interpolate(v, env, meta)
-                  for k, v in (svc.get("Meta") or {}).items()},
+            # command/agent/consul/service_client.go serviceRegs: the service's meta, then
+            # "external-source": "nomad", which marks it as Nomad's to other Consul users
+            meta={**{k: templates.interpolate(v, env, meta)
+                     for k, v in (svc.get("Meta") or {}).items()},
+                  "external-source": "nomad"},
             port=alloc.ports.get(label, 0), alloc_id=alloc.id, checks={},
             create_index=index, modify_index=index)
         for check in svc.get("Checks") or []:
@@ -106,8 +110,13 @@ class ServiceManager:
 
     async def _loop(self, service: ConsulService, check_id: str, check: dict[str, Any],
                     port: int) -> None:
-        interval = (check.get("Interval") or 10 * SECOND) / SECOND
-        timeout = (check.get("Timeout") or 2 * SECOND) / SECOND
+        # Register refuses a check without both (jobcheck.py), so they are set here.
+        interval, timeout = check["Interval"] / SECOND, check["Timeout"] / SECOND
+        if self.state.timing == "production":
+            # agent/checks/check.go CheckHTTP/CheckTCP run: the first check waits a random
+            # stagger within the interval (lib.RandomStagger), so a new service's first
+            # result comes up to one interval late. A dev-timing double checks at once.
+            await asyncio.sleep(random.uniform(0, interval))
         while True:
             status, output = await self._probe(service, check, port, timeout)
             self._update(service, check_id, status, output)
@@ -131,7 +140,7 @@ class ServiceManager:
         Accept unless the check's headers set them; 2xx passing, 429 warning, else critical;
         the output `HTTP <method> <url>: <status line> Output: <body>`. Written on asyncio
         streams rather than an HTTP client library: at 1,000 engines checked every second the
-        double must stay cheap (issue 11's at-rest bench)."""
+        double must stay cheap (the at-rest bench)."""
         path = check.get("Path") or "/"
         path = path if path.startswith("/") else "/" + path
         url = f"http://127.0.0.1:{port}{path}"

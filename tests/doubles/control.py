@@ -23,6 +23,7 @@ from tests.doubles.scheduler import Cluster
 from tests.doubles.state import Faults
 
 FAULT_TYPES = {name: type(value) for name, value in Faults().as_dict().items()}
+FAULT_TYPES["fingerprint_s"] = float   # or null: the client's node update timing
 
 
 class QuietServer(uvicorn.Server):
@@ -90,6 +91,8 @@ class Control:
             Route("/faults", self.set_faults, methods=["POST"]),
             Route("/node-lost", self.node_lost, methods=["POST"]),
             Route("/node-up", self.node_up, methods=["POST"]),
+            Route("/node-resources", self.node_resources, methods=["POST"]),
+            Route("/node-drain", self.node_drain, methods=["POST"]),
             Route("/event-stream/drop", self.drop_streams, methods=["POST"]),
             Route("/acl", self.set_acl, methods=["POST"]),
             Route("/rejections", self.rejections, methods=["GET"]),
@@ -114,7 +117,8 @@ class Control:
         if problem:
             return self._json({"error": problem}, 400)
         for name, value in body.items():
-            setattr(self.state.faults, name, float(value) if FAULT_TYPES[name] is float else value)
+            setattr(self.state.faults, name,
+                    float(value) if FAULT_TYPES[name] is float and value is not None else value)
         await self._apply_down(self.nomad, self.state.faults.nomad_down)
         await self._apply_down(self.consul, self.state.faults.consul_down)
         return self._json(self.state.faults.as_dict())
@@ -150,6 +154,40 @@ class Control:
             return nodes
         for node in nodes:
             self.cluster.node_up(node)
+        return self._json({"nodes": nodes})
+
+    async def node_resources(self, request: Request) -> Response:
+        """{"node": id (default: every node), "cpu": MHz, "memory_mb": MB, "node_class": str}:
+        the node's size and class."""
+        nodes = await self._nodes(request)
+        if isinstance(nodes, Response):
+            return nodes
+        body = json.loads(await request.body() or b"{}")
+        sizes = {k: body[k] for k in ("cpu", "memory_mb") if k in body}
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in sizes.values()):
+            return self._json({"error": "cpu and memory_mb must be integers >= 0"}, 400)
+        if not isinstance(body.get("node_class", ""), str):
+            return self._json({"error": "node_class must be a string"}, 400)
+        if "node_class" in body:
+            sizes["node_class"] = body["node_class"]
+        for node_id in nodes if body.get("node") else sorted(self.state.nodes):
+            node = self.state.nodes[node_id]
+            for key, value in sizes.items():
+                setattr(node, key, value)
+            node.modify_index = self.state.bump()
+        return self._json(self.state.summary()["node_resources"])
+
+    async def node_drain(self, request: Request) -> Response:
+        """{"node": id, "enable": bool}: a drain strategy set (the node ineligible) or not."""
+        nodes = await self._nodes(request)
+        if isinstance(nodes, Response):
+            return nodes
+        enable = bool(json.loads(await request.body() or b"{}").get("enable", True))
+        for node_id in nodes:
+            node = self.state.nodes[node_id]
+            # nomad/state UpdateNodeDrain: a drain makes the node ineligible
+            node.drain, node.eligibility = enable, "ineligible" if enable else "eligible"
+            node.modify_index = self.state.bump()
         return self._json({"nodes": nodes})
 
     async def drop_streams(self, request: Request) -> Response:
@@ -188,6 +226,8 @@ def _fault_problem(body: Any) -> str | None:
             return f"unknown fault {name!r} (known: {', '.join(sorted(FAULT_TYPES))})"
         if kind is bool and not isinstance(value, bool):
             return f"{name} must be true or false"
+        if name == "fingerprint_s" and value is None:
+            continue
         if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))
                               or value < 0):
             return f"{name} must be a number >= 0"

@@ -1,4 +1,4 @@
-"""Nomad's event stream in the double (issue 11): `GET /v1/event/stream`.
+"""Nomad's event stream in the double: `GET /v1/event/stream`.
 
 Follows Nomad v1.10.5:
 - nomad/state/events.go `eventsFromChanges`/`eventFromChange`: one frame per raft apply,

@@ -33,10 +33,15 @@ STOP_TIMEOUT_S = 10.0   # the double gives each task 2s, then SIGKILLs
 
 
 class Hashistack:
-    def __init__(self, tmp_dir: Path, port_range: tuple[int, int], nodes: int = 1):
+    def __init__(self, tmp_dir: Path, port_range: tuple[int, int], nodes: int = 1,
+                 dev: bool = False):
+        """`dev`: a `-dev` agent's timing (a new volume ready after 1 s, checks at once), for
+        tests about behaviour rather than timing: a production client's node updates add
+        5-10 s to every provision. Without it, the production timing, as a real cluster."""
         self.data_dir = Path(tmp_dir).resolve() / "hashistack"
         self.port_range = port_range
         self.nodes = nodes
+        self.dev = dev
         self.proc: subprocess.Popen[bytes] | None = None
         self.urls: dict[str, str] = {}
 
@@ -62,7 +67,8 @@ class Hashistack:
         with open(self.stderr_path, "ab") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "tests.doubles", "--data-dir", str(self.data_dir),
-                 "--port-range", f"{low}-{high}", "--nodes", str(self.nodes)],
+                 "--port-range", f"{low}-{high}", "--nodes", str(self.nodes),
+                 *(["--dev"] if self.dev else [])],
                 cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
         try:
             self.urls = json.loads(self._first_line())
@@ -122,8 +128,15 @@ class Hashistack:
     def node_up(self, node: str | None = None) -> None:
         self._control("POST", "/node-up", {"node": node} if node else {})
 
+    def node_resources(self, node: str | None = None, **sizes: int | str) -> dict[str, Any]:
+        """Resize a node (default: every node): cpu (MHz), memory_mb, node_class; all nodes'."""
+        return self._control("POST", "/node-resources", {**sizes, **({"node": node} if node else {})})
+
+    def node_drain(self, node: str, enable: bool = True) -> None:
+        self._control("POST", "/node-drain", {"node": node, "enable": enable})
+
     def drop_event_streams(self) -> int:
-        """Cut every open /v1/event/stream (issue 11); the index at that moment."""
+        """Cut every open /v1/event/stream; the index at that moment."""
         return int(self._control("POST", "/event-stream/drop")["index"])
 
     def acl(self, tokens: dict[str, dict[str, Any]] | None, enabled: bool = True) -> None:
@@ -182,10 +195,11 @@ class Hashistack:
 
 
 @contextmanager
-def served(tmp_dir: Path, port_range: tuple[int, int], nodes: int = 1) -> Iterator[Hashistack]:
+def served(tmp_dir: Path, port_range: tuple[int, int], nodes: int = 1,
+           dev: bool = False) -> Iterator[Hashistack]:
     """A started double for a test module: closed afterwards, with no task process left behind
     and no traceback in its stderr (no bug of the double hid behind a passing test)."""
-    stack = Hashistack(tmp_dir, port_range, nodes=nodes).start()
+    stack = Hashistack(tmp_dir, port_range, nodes=nodes, dev=dev).start()
     try:
         yield stack
     finally:

@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 SECOND = 1_000_000_000
+DEFAULT_PROGRESS_DEADLINE = 600 * SECOND   # api/jobs.go DefaultUpdateStrategy
 RFC1123 = re.compile(r"^(?!-)[a-zA-Z0-9-]{1,63}(?<!-)$")
 PLACEHOLDER = re.compile(r"\$\{[^}]*\}")
 CHANGE_MODES = ("noop", "restart", "signal", "script")
@@ -36,7 +37,55 @@ def check(job: dict[str, Any], url_id: str | None) -> list[str]:
         errors.append("Missing job task groups")
     for group in groups:
         _check_group(group, errors)
+        _check_kill_timeout(job, group, errors)
     return errors
+
+
+def go_duration(ns: int) -> str:
+    """Go's time.Duration String() for the values validation messages print."""
+    if ns == 0:
+        return "0s"
+    if ns < SECOND:
+        for unit, size in (("ms", 1_000_000), ("µs", 1_000), ("ns", 1)):
+            if ns >= size:
+                return f"{ns / size:g}{unit}"
+    hours, rest = divmod(ns, 3600 * SECOND)
+    minutes, rest = divmod(rest, 60 * SECOND)
+    seconds = f"{rest / SECOND:.9f}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{hours}h{minutes}m{seconds}"
+    return f"{minutes}m{seconds}" if minutes else seconds
+
+
+def _check_check_timing(check: dict[str, Any], where: str, errors: list[str]) -> None:
+    """nomad/structs/services.go ServiceCheck.validate: both are required, at least 1s."""
+    interval, timeout = check.get("Interval") or 0, check.get("Timeout") or 0
+    if interval == 0:
+        errors.append(f"{where}: missing required value interval. Interval cannot be less "
+                      f"than 1s")
+    elif interval < SECOND:
+        errors.append(f"{where}: interval ({go_duration(interval)}) cannot be lower than 1s")
+    if timeout == 0:
+        errors.append(f"{where}: missing required value timeout. Timeout cannot be less "
+                      f"than 1s")
+    elif timeout < SECOND:
+        errors.append(f"{where}: timeout ({go_duration(timeout)}) is lower than required "
+                      f"minimum timeout 1s")
+
+
+def _check_kill_timeout(job: dict[str, Any], group: dict[str, Any], errors: list[str]) -> None:
+    """nomad/structs/structs.go Task.Validate: a service task's KillTimeout may not exceed
+    its group's update ProgressDeadline; api/jobs.go canonicalisation gives every service
+    group an update block with ProgressDeadline 10m, and 0 turns the check off."""
+    update = {**(job.get("Update") or {}), **(group.get("Update") or {})}
+    deadline = update.get("ProgressDeadline")
+    deadline = DEFAULT_PROGRESS_DEADLINE if deadline is None else deadline
+    for task in group.get("Tasks") or []:
+        kill = task.get("KillTimeout") or 0
+        if deadline > 0 and kill > deadline:
+            errors.append(f'Task group "{group.get("Name") or ""}", Task '
+                          f'"{task.get("Name") or ""}": KillTimout ({go_duration(kill)}) longer '
+                          f"than the group's ProgressDeadline ({go_duration(deadline)})")
 
 
 def _check_group(group: dict[str, Any], errors: list[str]) -> None:
@@ -105,11 +154,7 @@ def _check_service(svc: dict[str, Any], labels: set[Any], where: str,
     for check in svc.get("Checks") or []:
         cwhere = f'{where}, service "{name}" check "{check.get("Name", "")}"'
         if check.get("Type") in ("http", "tcp", "grpc"):
-            if (check.get("Interval") or 0) < SECOND:
-                errors.append(f"{cwhere}: interval ({check.get('Interval')}) cannot be lower "
-                              f"than 1s")
-            if (check.get("Timeout") or 0) < SECOND:
-                errors.append(f"{cwhere}: timeout ({check.get('Timeout')}) is too low")
+            _check_check_timing(check, cwhere, errors)
         if check.get("Type") == "http" and not check.get("Path"):
             errors.append(f"{cwhere}: http type must have http path")
         plabel = check.get("PortLabel")

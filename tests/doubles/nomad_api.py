@@ -133,9 +133,13 @@ class NomadAPI:
         self.acl.require_node_read(request)
         await self.block(request)
         prefix = request.query_params.get("prefix", "")
-        return self.ok([views.node_stub(n) for n in sorted(self.state.nodes.values(),
-                                                            key=lambda n: n.id)
+        with_resources = request.query_params.get("resources") in _TRUE
+        return self.ok([views.node_stub(n, self._node_volumes(n.id), with_resources)
+                        for n in sorted(self.state.nodes.values(), key=lambda n: n.id)
                         if n.id.startswith(prefix)])
+
+    def _node_volumes(self, node_id: str) -> list[dict[str, Any]]:
+        return [v for v in self.state.volumes.values() if v["NodeID"] == node_id]
 
     async def get_node(self, request: Request) -> Response:
         self.acl.require_node_read(request)
@@ -143,8 +147,7 @@ class NomadAPI:
         node = self.state.nodes.get(request.path_params["node_id"])
         if node is None:
             raise NotFound("node not found")
-        volumes = [v for v in self.state.volumes.values() if v["NodeID"] == node.id]
-        return self.ok(views.node_view(node, volumes))
+        return self.ok(views.node_view(node, self._node_volumes(node.id)))
 
     # ---- jobs ----------------------------------------------------------------------------
 
@@ -157,9 +160,12 @@ class NomadAPI:
         job = body.get("Job")
         if not job:
             raise refuse(request, self.state, "Job must be specified")
+        if job.get("ID") is None:
+            raise refuse(request, self.state, "Job ID hasn't been provided")
         if url_id is not None and job.get("ID") != url_id:
             raise refuse(request, self.state, "Job ID does not match name")
         self.acl.require_namespace(request, "submit-job")
+        self.acl.require_host_volumes(request, job)
         errors = jobcheck.check(job, url_id)
         if errors:
             # nomad/job_endpoint.go Register returns the validation's multierror uncoded: 500.
@@ -201,14 +207,19 @@ class NomadAPI:
 
     async def deregister(self, request: Request) -> Response:
         self.acl.require_namespace(request, "submit-job")
-        purge = truthy(request, "purge")
+        purge = _parse_bool(request, "purge")
         return self.ok(self.cluster.deregister(request.path_params["job_id"], purge))
 
     async def job_allocs(self, request: Request) -> Response:
         self.acl.require_namespace(request, "read-job")
         await self.block(request)
         jid = request.path_params["job_id"]
-        return self.ok([views.alloc_stub(a, self.state) for a in self.state.job_allocs(jid)])
+        # nomad/state/state_store.go AllocsByJob: allocations of an earlier job with this ID
+        # (purged, then registered again: another CreateIndex) only with ?all=true
+        job = self.state.jobs.get(jid)
+        every = job is None or request.query_params.get("all") in _TRUE   # errors ignored
+        return self.ok([views.alloc_stub(a, self.state) for a in self.state.job_allocs(jid)
+                        if every or a.job.get("CreateIndex") == job["CreateIndex"]])
 
     async def job_evals(self, request: Request) -> Response:
         self.acl.require_namespace(request, "read-job")
@@ -222,8 +233,9 @@ class NomadAPI:
         self.acl.require_namespace(request, "read-job")
         await self.block(request)
         prefix = request.query_params.get("prefix", "")
-        return self.ok([views.alloc_stub(a, self.state) for a in self.state.allocs.values()
-                        if a.id.startswith(prefix)])
+        with_resources = request.query_params.get("resources") in _TRUE
+        return self.ok([views.alloc_stub(a, self.state, with_resources)
+                        for a in self.state.allocs.values() if a.id.startswith(prefix)])
 
     # ---- evaluations and allocations -----------------------------------------------------
 
@@ -291,6 +303,22 @@ class NomadAPI:
         else:
             data = data[offset:]
         return Response(data, headers=self.headers(), media_type="text/plain")
+
+
+_TRUE = ("1", "t", "T", "TRUE", "true", "True")   # strconv.ParseBool
+
+
+def _parse_bool(request: Request, name: str) -> bool:
+    """command/agent/job_endpoint.go jobDelete: strconv.ParseBool, its error uncoded (500)."""
+    raw = request.query_params.get(name, "")
+    if raw == "":
+        return False
+    if raw in _TRUE:
+        return True
+    if raw in ("0", "f", "F", "FALSE", "false", "False"):
+        return False
+    raise ServerError(f'Failed to parse value of "{name}" ({raw}) as a bool: strconv.ParseBool: '
+                      f'parsing "{raw}": invalid syntax')
 
 
 def _multierror(errors: list[str]) -> str:

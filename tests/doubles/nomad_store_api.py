@@ -70,8 +70,9 @@ class Variables:
         path = self._path(request)
         self.api.acl.require_variable(request, path, "write")
         body = await read_body(request, self.state, "nomad", "Variable")
-        if body.get("Path") not in (None, "", path):
-            raise refuse(request, self.state, "variable path in body does not match URL")
+        # command/agent/variable_endpoint.go variableUpsert: the URL's path is the one written,
+        # whatever the body says
+        body["Path"] = path
         if body.get("Namespace") not in (None, "", "default"):
             raise refuse(request, self.state, "the double has only the default namespace")
         if not body.get("Items"):

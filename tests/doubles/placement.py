@@ -3,10 +3,14 @@
 Follows scheduler/feasible.go and scheduler/stack.go at v1.10.5, for what the double models:
 nodes must be ready and eligible, in one of the job's datacenters (`*` globs) and its node
 pool; a host volume request is feasible only on the node holding a ready volume of that name
-(HostVolumeChecker, dynamic host volumes); then memory (a fault) and dynamic ports
-(structs/network.go: picked at random from the range, the precise scan only when random
-picks collide). Failures are reported per dimension in an AllocationMetric, as
-scheduler/context.go's metrics do.
+(HostVolumeChecker, dynamic host volumes); then each node's room: its CPU and memory less
+what its live allocations hold, against the group's tasks' Resources (scheduler/rank.go
+BinPackIterator; structs ComparableResources.Superset names the first short dimension, cpu
+then memory; AllocMetric.ExhaustedNode counts it per dimension, and per node class when the
+node has one); the `memory_exhausted` fault makes every node short of memory; then dynamic
+ports (structs/network.go: picked at random from the range, the precise scan only when
+random picks collide). Failures are reported in an AllocationMetric, as scheduler/context.go's
+metrics do.
 """
 
 from __future__ import annotations
@@ -35,9 +39,56 @@ def feasible_nodes(state: State, job: dict[str, Any], group: dict[str, Any],
     if not with_volumes:
         filtered = {VOLUME_FAIL: len(ready)} if ready else None
         return [], metric(state, len(in_pool), len(ready), constraint=filtered)
-    if state.faults.memory_exhausted:
-        return [], metric(state, len(in_pool), len(ready), dimension={"memory": len(with_volumes)})
-    return with_volumes, None
+    fit: list[Node] = []
+    dimension: dict[str, int] = {}
+    classes: dict[str, int] = {}
+    for node in with_volumes:
+        short = "memory" if state.faults.memory_exhausted else short_of(state, node, group)
+        if short is None:
+            fit.append(node)
+            continue
+        dimension[short] = dimension.get(short, 0) + 1
+        if node.node_class:
+            classes[node.node_class] = classes.get(node.node_class, 0) + 1
+    if not fit:
+        return [], metric(state, len(in_pool), len(ready), dimension=dimension,
+                          classes=classes or None)
+    return fit, None
+
+
+def group_needs(group: dict[str, Any]) -> tuple[int, int]:
+    """(CPU MHz, memory MB) of a group: its tasks' Resources, api/resources.go defaults
+    (CPU 100, MemoryMB 300) where unset."""
+    cpu = memory = 0
+    for task in group.get("Tasks") or []:
+        res = task.get("Resources") or {}
+        cpu += res.get("CPU") or 100
+        memory += res.get("MemoryMB") or 300
+    return cpu, memory
+
+
+def used(state: State, node: Node) -> tuple[int, int]:
+    """What the node's allocations meant to run hold (scheduler/context.go ProposedAllocs
+    leaves out those the plan stops)."""
+    cpu = memory = 0
+    for alloc in state.node_allocs(node.id):
+        if alloc.desired != "run":
+            continue
+        group = next(g for g in alloc.job["TaskGroups"] if g["Name"] == alloc.group)
+        need = group_needs(group)
+        cpu, memory = cpu + need[0], memory + need[1]
+    return cpu, memory
+
+
+def short_of(state: State, node: Node, group: dict[str, Any]) -> str | None:
+    """The first dimension the node lacks for the group (Superset's order), or None."""
+    cpu, memory = used(state, node)
+    need_cpu, need_memory = group_needs(group)
+    if cpu + need_cpu > node.cpu:
+        return "cpu"
+    if memory + need_memory > node.memory_mb:
+        return "memory"
+    return None
 
 
 def _has_volumes(state: State, node: Node, group: dict[str, Any]) -> bool:
@@ -90,7 +141,8 @@ def _free_port(state: State, held: set[int]) -> int | None:
 
 def metric(state: State, in_pool: int, evaluated: int,
            dimension: dict[str, int] | None = None,
-           constraint: dict[str, int] | None = None) -> dict[str, Any]:
+           constraint: dict[str, int] | None = None,
+           classes: dict[str, int] | None = None) -> dict[str, Any]:
     available: dict[str, int] = {}
     for node in state.nodes.values():
         if node.ready:
@@ -98,7 +150,7 @@ def metric(state: State, in_pool: int, evaluated: int,
     return {"NodesEvaluated": evaluated, "NodesFiltered": sum((constraint or {}).values()),
             "NodesInPool": in_pool, "NodePool": "default", "NodesAvailable": available,
             "ClassFiltered": None, "ConstraintFiltered": constraint,
-            "NodesExhausted": sum((dimension or {}).values()), "ClassExhausted": None,
+            "NodesExhausted": sum((dimension or {}).values()), "ClassExhausted": classes,
             "DimensionExhausted": dimension, "QuotaExhausted": None,
             "ResourcesExhausted": None, "Scores": None, "AllocationTime": 1000,
             "CoalescedFailures": 0, "ScoreMetaData": None}

@@ -10,9 +10,9 @@ node is down", and replaced whatever the reschedule policy), nomad/blocked_evals
 placement failure leaves a blocked eval, unblocked when a node comes back or a volume turns
 ready).
 
-With no eval_delay_s, an evaluation of a job with none in flight is processed before the
-register call answers (a test can read the eval at once); a replacement allocation waits for
-the allocation it replaces to stop.
+An evaluation is processed by a worker after the register call has answered (its reply's eval
+is `pending`), `eval_delay_s` later; a replacement allocation waits for the allocation it
+replaces to stop.
 """
 
 from __future__ import annotations
@@ -96,9 +96,8 @@ class Cluster:
         if jid in self.inflight:
             self.waiting.setdefault(jid, []).append(ev)
             return
-        if not self.state.faults.eval_delay_s:
-            self._process(ev)
-            return
+        # nomad/job_endpoint.go Register only commits the eval; scheduler workers dequeue
+        # it from the broker later, so the reply's eval is always still `pending`.
         self.inflight.add(jid)
         self.spawn(self._work(jid, ev))
 
@@ -330,7 +329,7 @@ class Cluster:
         # watches each template's dependencies (client/allocrunner/taskrunner/template
         # template.go hands it the templates; its watcher follows what each one reads), not
         # every variable. A task per runner for each write made 1,000 engines' provisioning
-        # quadratic (issue 11's bench).
+        # quadratic (the fleet bench).
         for alloc in self.state.live_allocs():
             for runner in self.runners.get(alloc.id, []):
                 if path in runner.reads:

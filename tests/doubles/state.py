@@ -21,6 +21,8 @@ DATACENTER = "dc1"
 REGION = "global"
 TERMINAL = ("complete", "failed", "lost")
 MKDIR_VERSION = "0.0.1"  # client/hostvolumemanager: HostVolumePluginMkdirVersion
+NODE_CPU = 4000          # MHz, a 4-core client
+NODE_MEMORY_MB = 8192
 
 
 def node_id(number: int) -> str:
@@ -51,13 +53,13 @@ class Faults:
     task_crash: bool = False
     slow_health_s: float = 0.0
     template_delay_s: float = 0.0
-    # How long a new host volume stays "pending": until the client's next fingerprint
-    # reports it (client/hostvolumemanager; nomad/state updates State on node update).
-    fingerprint_s: float = 0.2
+    # How long a new host volume stays "pending", fixed; unset (None), the client's node
+    # update timing decides it (volumes.py; client/client.go watchNodeUpdates, retryIntv).
+    fingerprint_s: float | None = None
     # Evaluations wait this long in the broker before a worker takes them (0: at once), so
     # tests can make evals of one job queue up and be canceled (nomad/eval_broker.go).
     eval_delay_s: float = 0.0
-    # Issue 11, the event stream (events.py): the heartbeat interval (Nomad: 30 s,
+    # The event stream (events.py): the heartbeat interval (Nomad: 30 s,
     # nomad/event_endpoint.go), and a count of frames to lose before they reach the buffer.
     event_heartbeat_s: float = 30.0
     lose_events: float = 0.0
@@ -78,6 +80,12 @@ class Node:
     eligibility: str = "eligible"
     create_index: int = 1
     modify_index: int = 1
+    # NodeResources, what allocations are counted against (scheduler/rank.go
+    # BinPackIterator, structs ComparableResources.Superset: cpu, then memory)
+    cpu: int = NODE_CPU
+    memory_mb: int = NODE_MEMORY_MB
+    node_class: str = ""
+    drain: bool = False   # a DrainStrategy is set (the stub's Drain is exactly that)
 
     @property
     def ready(self) -> bool:
@@ -126,8 +134,13 @@ class ConsulService:
 
 
 class State:
-    def __init__(self, data_dir: Path, port_range: tuple[int, int], nodes: int = 1):
+    def __init__(self, data_dir: Path, port_range: tuple[int, int], nodes: int = 1,
+                 timing: str = "production", cpu: int = NODE_CPU,
+                 memory_mb: int = NODE_MEMORY_MB):
         self.data_dir = data_dir
+        # "production": a client's node updates 5-10 s apart and Consul's staggered first
+        # check; "dev": a `-dev` agent's 1 s updates, checks at once (see README.md, Timing)
+        self.timing = timing
         self.port_range = port_range
         self.index = 1
         self.consul_index = 1  # Consul's own counter: bumps only when the catalog changes
@@ -135,7 +148,8 @@ class State:
         # (agent/consul/state/catalog.go maxIndexForService), not the catalog's.
         self.service_index: dict[str, int] = {}
         self.nodes: dict[str, Node] = {
-            node_id(i): Node(node_id(i), f"double-node-{i}") for i in range(1, nodes + 1)}
+            node_id(i): Node(node_id(i), f"double-node-{i}", cpu=cpu, memory_mb=memory_mb)
+            for i in range(1, nodes + 1)}
         self._changed = asyncio.Condition()
         self.jobs: dict[str, dict[str, Any]] = {}
         self.evals: dict[str, dict[str, Any]] = {}
@@ -212,6 +226,9 @@ class State:
                         "pids": dict(a.pids)}
                        for a in self.allocs.values()],
             "nodes": {n.id: n.status for n in self.nodes.values()},
+            "node_resources": {n.id: {"cpu": n.cpu, "memory_mb": n.memory_mb, "drain": n.drain,
+                                      "node_class": n.node_class}
+                               for n in self.nodes.values()},
             "volumes": [{"id": v["ID"], "name": v["Name"], "host_path": v["HostPath"],
                          "node": v["NodeID"], "state": v["State"]}
                         for v in self.volumes.values()],

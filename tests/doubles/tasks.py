@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 SECOND = 1_000_000_000
 DEFAULT_RESTART = {"Attempts": 2, "Interval": 1800 * SECOND, "Delay": 15 * SECOND, "Mode": "fail"}
 DEFAULT_KILL_TIMEOUT = 5 * SECOND
+# The client's max_kill_timeout (command/agent/config.go default "30s"): a task's KillTimeout
+# above it is cut to it (client/allocrunner/taskrunner NewDriverHandle; the Killing event's
+# SetKillTimeout reports the cut value).
+MAX_KILL_TIMEOUT = 30 * SECOND
 
 
 def parse_signal(name: str) -> signal.Signals:
@@ -355,7 +359,7 @@ class TaskRunner:
 
     def _kill_timeout_ns(self) -> int:
         value = self.task.get("KillTimeout")
-        return DEFAULT_KILL_TIMEOUT if value is None else value
+        return min(DEFAULT_KILL_TIMEOUT if value is None else value, MAX_KILL_TIMEOUT)
 
     async def _terminate(self, grace_cap: float | None = None) -> None:
         proc = self.proc

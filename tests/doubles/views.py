@@ -42,8 +42,16 @@ def task_states(alloc: Alloc) -> dict[str, Any]:
     return out
 
 
-def alloc_stub(alloc: Alloc, state: State) -> dict[str, Any]:
-    """AllocationListStub: no AllocatedResources (gotcha 5)."""
+def alloc_stub(alloc: Alloc, state: State, with_resources: bool = False) -> dict[str, Any]:
+    """AllocationListStub: AllocatedResources only with ?resources=true
+    (command/agent/alloc_endpoint.go AllocsRequest, structs AllocStubFields)."""
+    out = _stub(alloc, state)
+    if with_resources:
+        out["AllocatedResources"] = resources(alloc)
+    return out
+
+
+def _stub(alloc: Alloc, state: State) -> dict[str, Any]:
     return {"ID": alloc.id, "EvalID": alloc.eval_id, "Name": f"{alloc.job_id}.{alloc.group}[0]",
             "Namespace": alloc.job.get("Namespace", "default"), "NodeID": alloc.node_id,
             "NodeName": state.nodes[alloc.node_id].name, "JobID": alloc.job_id,
@@ -108,33 +116,56 @@ def variable_meta(var: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in var.items() if k != "Items"}
 
 
-def node_stub(node: Node) -> dict[str, Any]:
+def node_stub(node: Node, volumes: list[dict[str, Any]],
+              resources: bool = False) -> dict[str, Any]:
     """structs.NodeListStub (nomad/structs/structs.go Node.Stub): no Attributes unless
-    ?os=true, and then only os.name/os.version."""
+    ?os=true, and then only os.name/os.version; Drain is "a DrainStrategy is set";
+    HostVolumes as the node has them; NodeResources and ReservedResources only with
+    ?resources=true."""
     return {"Address": "127.0.0.1", "ID": node.id, "Attributes": None,
-            "Datacenter": node.datacenter, "Name": node.name, "NodeClass": "",
-            "NodePool": node.pool, "Version": "1.10.5", "Drain": False,
+            "Datacenter": node.datacenter, "Name": node.name, "NodeClass": node.node_class,
+            "NodePool": node.pool, "Version": "1.10.5", "Drain": node.drain,
             "SchedulingEligibility": node.eligibility, "Status": node.status,
-            "StatusDescription": "", "Drivers": _drivers(), "NodeResources": None,
-            "ReservedResources": None, "LastDrain": None,
+            "StatusDescription": "", "Drivers": _drivers(),
+            "HostVolumes": _host_volumes(volumes),
+            "NodeResources": node_resources(node) if resources else None,
+            "ReservedResources": _reserved() if resources else None, "LastDrain": None,
             "CreateIndex": node.create_index, "ModifyIndex": node.modify_index}
+
+
+def _host_volumes(volumes: list[dict[str, Any]]) -> dict[str, Any] | None:
+    # structs.ClientHostVolumeConfig per name: the node's ready (fingerprinted) volumes
+    return {v["Name"]: {"Name": v["Name"], "Path": v["HostPath"], "ReadOnly": False,
+                        "ID": v["ID"]}
+            for v in volumes if v["State"] == "ready"} or None
+
+
+def node_resources(node: Node) -> dict[str, Any]:
+    """structs.NodeResources, the parts the scheduler counts against."""
+    return {"Cpu": {"CpuShares": node.cpu, "TotalCpuCores": max(1, node.cpu // 1000),
+                    "ReservableCpuCores": None},
+            "Memory": {"MemoryMB": node.memory_mb}, "Disk": {"DiskMB": 100_000},
+            "Networks": None, "NodeNetworks": None, "Devices": None,
+            "MinDynamicPort": 20000, "MaxDynamicPort": 32000}
+
+
+def _reserved() -> dict[str, Any]:
+    return {"Cpu": {"CpuShares": 0}, "Memory": {"MemoryMB": 0}, "Disk": {"DiskMB": 0},
+            "Networks": {"ReservedHostPorts": ""}}
 
 
 def node_view(node: Node, volumes: list[dict[str, Any]]) -> dict[str, Any]:
     """structs.Node: Attributes carry the fingerprinted host volume plugins
     (plugins.host_volume.<id>.version, what placeHostVolume's constraint reads) and
     HostVolumes the node's ready volumes by name."""
-    out = node_stub(node)
+    out = node_stub(node, volumes, resources=True)
     out.pop("Address")
     out.update({"HTTPAddr": "127.0.0.1:4646", "TLSEnabled": False,
                 "Attributes": {"nomad.version": "1.10.5", "kernel.name": "linux",
                                "driver.docker": "1", "driver.raw_exec": "1",
                                "plugins.host_volume.mkdir.version": MKDIR_VERSION,
                                "unique.hostname": node.name},
-                "Meta": {}, "HostVolumes": {v["Name"]: {"Path": v["HostPath"], "ReadOnly": False,
-                                                        "ID": v["ID"]}
-                                            for v in volumes if v["State"] == "ready"} or None,
-                "Events": None, "HostNetworks": None})
+                "Meta": {}, "Events": None, "HostNetworks": None})
     return out
 
 

@@ -12,14 +12,19 @@ Follows, at v1.10.5:
 - client/hostvolumemanager/host_volume_plugin.go `HostVolumePluginMkdir.Create` and
   `decodeMkdirParams`: Parameters uid, gid, mode (octal); anything else is an error; the
   directory is owned by the client's user (root) unless uid/gid are given, mode 0700;
-- the volume is `pending` until the client's next fingerprint reports it, then `ready`
-  (nomad/structs/host_volumes.go HostVolumeStatePending/Ready).
+- the volume is `pending` until its client re-registers the node, then `ready`
+  (nomad/structs/host_volumes.go HostVolumeStatePending/Ready; nomad/state
+  state_store_host_volumes.go sets it from the node's HostVolumes). The client batches node
+  updates (client/client.go watchNodeUpdates): the first change arms a timer of
+  `retryIntv(nodeUpdateRetryIntv)`, 5 s plus a random stagger up to 5 s (helper.RandomStagger),
+  1 s on a `-dev` agent (devModeRetryIntv); changes until it fires ride on the same update.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import random
 import shutil
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +41,8 @@ if TYPE_CHECKING:
 CLIENT_UID = 0  # the Nomad client runs as root: an unset uid/gid leaves root's
 UMASK = 0o022   # the agent's umask, applied by os.MkdirAll
 MKDIR_PARAMS = ("uid", "gid", "mode")
+NODE_UPDATE_S = 5.0      # client/client.go nodeUpdateRetryIntv
+DEV_NODE_UPDATE_S = 1.0  # client/client.go devModeRetryIntv
 
 
 def volume_routes(api: NomadAPI) -> list[tuple[str, list[str], Any]]:
@@ -74,6 +81,7 @@ def owner_and_mode(vol: dict[str, Any]) -> tuple[int, int, int]:
 class Volumes:
     def __init__(self, api: NomadAPI):
         self.api, self.state = api, api.state
+        self.updating: set[str] = set()   # nodes with a node update armed
 
     async def create(self, request: Request) -> Response:
         body = await read_body(request, self.state, "nomad", "HostVolumeCreateRequest")
@@ -155,15 +163,33 @@ class Volumes:
                "CreateIndex": index, "CreateTime": now, "ModifyIndex": index,
                "ModifyTime": now, "Allocations": None}
         self.state.volumes[vid] = vol
-        self.api.cluster.spawn(self._fingerprinted(vid))
+        if node_id not in self.updating:   # else it rides on the update already armed
+            self.updating.add(node_id)
+            self.api.cluster.spawn(self._node_update(node_id))
         return dict(vol)
 
-    async def _fingerprinted(self, vid: str) -> None:
-        await asyncio.sleep(self.state.faults.fingerprint_s)
-        vol = self.state.volumes.get(vid)
-        if vol is not None and vol["State"] == "pending" \
-                and self.state.nodes[vol["NodeID"]].status == "ready":
-            vol["State"], vol["ModifyIndex"] = "ready", self.state.bump()
+    def _update_delay(self) -> float:
+        fixed = self.state.faults.fingerprint_s
+        if fixed is not None:
+            return fixed
+        if self.state.timing == "dev":
+            return DEV_NODE_UPDATE_S
+        return NODE_UPDATE_S + random.uniform(0, NODE_UPDATE_S)
+
+    async def _node_update(self, node_id: str) -> None:
+        """The client re-registers its node: every volume pending on it becomes ready."""
+        try:
+            await asyncio.sleep(self._update_delay())
+        finally:
+            self.updating.discard(node_id)
+        if self.state.nodes[node_id].status != "ready":
+            return
+        pending = [v for v in self.state.volumes.values()
+                   if v["NodeID"] == node_id and v["State"] == "pending"]
+        if pending:
+            index, now = self.state.bump(), now_ns()
+            for vol in pending:
+                vol.update(State="ready", ModifyIndex=index, ModifyTime=now)
             self.api.cluster.volume_ready()
 
     def _update(self, vol: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:

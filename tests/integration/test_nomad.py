@@ -33,6 +33,8 @@ def test_consul_service_names_its_owner_and_its_check_follows_the_engine(nomad_o
     assert "product-acme" in entry["Service"]["Tags"]
     assert entry["Service"]["Meta"]["user_id"] == "Alice Smith"
     assert entry["Service"]["Meta"]["product"] == "acme"
+    # Nomad marks what it registers (command/agent/consul/service_client.go)
+    assert entry["Service"]["Meta"]["external-source"] == "nomad"
     assert engine["url"] == f"http://{entry['Service']['Address']}:{entry['Service']['Port']}"
     assert all(c["Status"] == "passing" for c in entry["Checks"])
 
@@ -216,7 +218,7 @@ def test_docker_template_on_three_nodes_as_real_nomad_runs_it(tmp_path: Path) ->
         for bad in ("evil.example/miner:1", "orch-refengine:latest", "v${attr.x}"):
             refused = api.post("/engines/provision", json={"user_id": "d", "engine_version": bad})
             assert refused.status_code == 400, bad
-        assert_consistent(orch)   # reads the job list with meta=true (row 6)
+        assert_consistent(orch)   # reads the job list with meta=true
 
 
 @pytest.mark.parametrize("jobspec", ["engine.raw_exec.json"])
@@ -239,7 +241,7 @@ def test_raw_exec_template_runs_the_reference_engine(tmp_path: Path, jobspec: st
 
 
 def test_reconciler_checks_the_fleet_without_a_read_per_engine(nomad_orch: Orchestrator) -> None:
-    """Issue 11: with the event stream and Consul's blocking query live, a healthy engine's
+    """With the event stream and Consul's blocking query live, a healthy engine's
     scheduled check is answered from them: no read of its own, and no fleet listing per pass
     either (only the resync's audit lists the allocations, once per ORCH_RESYNC_S, 2 s here;
     before, every pass listed them). Without events, tests/unit/test_nomad_events.py."""

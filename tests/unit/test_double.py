@@ -76,7 +76,10 @@ def job_named(job_id: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hashistack]:
-    with served(tmp_path_factory.mktemp("double"), free_port_range(3)) as hs:
+    # dev timing: these tests are about behaviour, not waits (test_double_timing.py
+    # covers the production client's)
+    with served(tmp_path_factory.mktemp("double"), free_port_range(3),
+               dev=True) as hs:
         yield hs
 
 
@@ -310,7 +313,7 @@ def test_nomad_down_refuses_connections_then_returns(stack: Hashistack) -> None:
 # ---- placement failures ------------------------------------------------------------------
 
 def test_ports_exhausted_is_a_failed_placement(tmp_path: Path) -> None:
-    with Hashistack(tmp_path, free_port_range(1)) as hs:
+    with Hashistack(tmp_path, free_port_range(1), dev=True) as hs:
         client = nomad.Nomad(address=hs.nomad, timeout=5)
         for job_id in ("e-one-0123456789ab", "e-two-0123456789ab"):
             create_volume(hs, job_id)
@@ -330,7 +333,7 @@ def test_ports_exhausted_is_a_failed_placement(tmp_path: Path) -> None:
 
 
 def test_failures_faults_and_node_loss(tmp_path: Path) -> None:
-    with Hashistack(tmp_path, free_port_range(3)) as hs:
+    with Hashistack(tmp_path, free_port_range(3), dev=True) as hs:
         client = nomad.Nomad(address=hs.nomad, timeout=5)
         cons = consul.Consul(host="127.0.0.1", port=int(hs.consul.rsplit(":", 1)[1]))
 

@@ -1,8 +1,7 @@
 """The double's Consul http check (tests/doubles/checks.py), as Consul's CheckHTTP does it: a
 new connection per check that says `Connection: close`, Consul's User-Agent and Accept unless
 the check's Header sets them, 2xx passing / 429 warning / else critical, and the Output
-`HTTP <method> <url>: <status line> Output: <body>` (issue 11 made it cheaper; this keeps it
-what it was)."""
+`HTTP <method> <url>: <status line> Output: <body>`."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The double as Nomad v1.10.5 behaves (issue 8's table, rows 1-14): each test here would
-fail on the double as it was, which modelled the driver's assumptions instead of Nomad."""
+"""The double as Nomad v1.10.5 behaves where a double modelled on the driver's assumptions
+would not: host volumes for a non-root image, jobs, templates and kills, the eval broker,
+ACLs and the smaller answers."""
 
 from __future__ import annotations
 
@@ -35,7 +36,10 @@ NODES = [node_id(i) for i in (1, 2, 3)]
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hashistack]:
-    with served(tmp_path_factory.mktemp("cluster"), free_port_range(40), nodes=3) as hs:
+    # dev timing: these tests are about behaviour, not waits (test_double_timing.py
+    # covers the production client's)
+    with served(tmp_path_factory.mktemp("cluster"), free_port_range(40), nodes=3,
+               dev=True) as hs:
         yield hs
 
 
@@ -77,9 +81,9 @@ def purge(stack: Hashistack, job_id: str) -> None:
     client(stack).job.deregister_job(job_id, purge=True)
 
 
-# ---- rows 1-3: what a non-root image needs -------------------------------------------------
+# ---- what a non-root image needs --------- -------------------------------------------------
 
-def test_row1_volume_without_uid_is_not_writable_by_the_image(stack: Hashistack) -> None:
+def test_volume_without_uid_is_not_writable_by_the_image(stack: Hashistack) -> None:
     create_volume(stack, "e-row1-0123456789ab", params={})   # root's, 0700
     start(stack, "e-row1-0123456789ab", volume={})
     failed = one(stack, "e-row1-0123456789ab", "failed")
@@ -87,7 +91,7 @@ def test_row1_volume_without_uid_is_not_writable_by_the_image(stack: Hashistack)
     purge(stack, "e-row1-0123456789ab")
 
 
-def test_row2_key_template_without_uid_is_not_readable_by_the_image(stack: Hashistack) -> None:
+def test_key_template_without_uid_is_not_readable_by_the_image(stack: Hashistack) -> None:
     def root_owned(task: dict[str, Any]) -> None:
         for key in ("Uid", "Gid"):
             task["Templates"][0].pop(key)
@@ -97,7 +101,7 @@ def test_row2_key_template_without_uid_is_not_readable_by_the_image(stack: Hashi
     purge(stack, "e-row2-0123456789ab")
 
 
-def test_row3_latest_is_pulled_and_a_local_image_is_not_found(stack: Hashistack) -> None:
+def test_latest_is_pulled_and_a_local_image_is_not_found(stack: Hashistack) -> None:
     start(stack, "e-row3-0123456789ab", lambda t: t["Config"].update(image="orch-refengine:latest"))
     failed = one(stack, "e-row3-0123456789ab", "failed")
     [event] = [e for e in failed["TaskStates"]["engine"]["Events"] if e["DriverError"]]
@@ -105,9 +109,9 @@ def test_row3_latest_is_pulled_and_a_local_image_is_not_found(stack: Hashistack)
     purge(stack, "e-row3-0123456789ab")
 
 
-# ---- rows 4, 5, 7, 8: host volumes -----------------------------------------------------------
+# ---- host volumes ------------------ -----------------------------------------------------------
 
-def test_rows4_7_8_volumes_are_placed_in_node_order_never_upserted_and_start_pending(
+def test_volumes_are_placed_in_node_order_never_upserted_and_start_pending(
         stack: Hashistack) -> None:
     body = {"Volume": {"Name": "e-vol-0123456789ab", "PluginID": "mkdir",
                        "RequestedCapabilities": [{"AccessMode": "single-node-writer",
@@ -143,7 +147,7 @@ def test_rows4_7_8_volumes_are_placed_in_node_order_never_upserted_and_start_pen
     assert bad.status_code == 500 and 'unknown mkdir parameter: "owner"' in bad.text
 
 
-def test_row5_volume_delete_errors_are_500s(stack: Hashistack) -> None:
+def test_volume_delete_errors_are_500s(stack: Hashistack) -> None:
     missing = httpx.delete(f"{stack.nomad}/v1/volume/host/no-such-id", trust_env=False)
     assert missing.status_code == 500 and missing.text == "no such volume: no-such-id"
     volume = create_volume(stack, "e-row5-0123456789ab", node=NODES[1])
@@ -157,9 +161,9 @@ def test_row5_volume_delete_errors_are_500s(stack: Hashistack) -> None:
     assert gone.status_code == 200
 
 
-# ---- rows 6, 9: jobs -------------------------------------------------------------------------
+# ---- jobs ---------- -------------------------------------------------------------------------
 
-def test_row6_job_stubs_carry_meta_only_when_asked(stack: Hashistack) -> None:
+def test_job_stubs_carry_meta_only_when_asked(stack: Hashistack) -> None:
     start(stack, "e-row6-0123456789ab")
     plain = httpx.get(f"{stack.nomad}/v1/jobs", params={"prefix": "e-row6"}, trust_env=False).json()
     assert plain and "Meta" not in plain[0]
@@ -169,7 +173,7 @@ def test_row6_job_stubs_carry_meta_only_when_asked(stack: Hashistack) -> None:
     purge(stack, "e-row6-0123456789ab")
 
 
-def test_row9_validation_failures_are_500_and_validate_reports_them(stack: Hashistack) -> None:
+def test_validation_failures_are_500_and_validate_reports_them(stack: Hashistack) -> None:
     body = job_named("e-row9-0123456789ab")
     body["Job"]["TaskGroups"][0]["Services"][0]["Name"] = "bad_name"
     resp = put(f"{stack.nomad}/v1/job/e-row9-0123456789ab", body)
@@ -181,7 +185,7 @@ def test_row9_validation_failures_are_500_and_validate_reports_them(stack: Hashi
     assert good["ValidationErrors"] is None and good["DriverConfigValidated"]
 
 
-# ---- rows 10, 11: templates and kills --------------------------------------------------------
+# ---- templates and kills ------------- --------------------------------------------------------
 
 def _keycheck(port: int, key: str) -> int:
     try:
@@ -190,7 +194,7 @@ def _keycheck(port: int, key: str) -> int:
         return 0
 
 
-def test_row10_default_template_timing_is_wait_5s_plus_splay(stack: Hashistack) -> None:
+def test_default_template_timing_is_wait_5s_plus_splay(stack: Hashistack) -> None:
     def default_timing(task: dict[str, Any]) -> None:
         for key in ("Wait", "Splay"):
             task["Templates"][0].pop(key)
@@ -205,7 +209,7 @@ def test_row10_default_template_timing_is_wait_5s_plus_splay(stack: Hashistack) 
     purge(stack, "e-row10-0123456789ab")
 
 
-def test_row11_a_paused_task_gets_only_the_kill_signal_then_sigkill(stack: Hashistack) -> None:
+def test_a_paused_task_gets_only_the_kill_signal_then_sigkill(stack: Hashistack) -> None:
     start(stack, "e-row11-0123456789ab", lambda t: t.update(KillTimeout=1000 * MS))
     alloc = one(stack, "e-row11-0123456789ab", "running")
     client(stack).client.allocation.signal_allocation(alloc["ID"], "SIGSTOP", task="engine")
@@ -215,9 +219,9 @@ def test_row11_a_paused_task_gets_only_the_kill_signal_then_sigkill(stack: Hashi
     assert terminated[-1]["Signal"] == signal.SIGKILL   # SIGTERM never reached it
 
 
-# ---- row 12: the eval broker -----------------------------------------------------------------
+# ---- the eval broker -------- -----------------------------------------------------------------
 
-def test_row12_superseded_evals_are_canceled_and_the_newest_places(stack: Hashistack) -> None:
+def test_superseded_evals_are_canceled_and_the_newest_places(stack: Hashistack) -> None:
     create_volume(stack, "e-row12-0123456789ab")
     client(stack).variable.create_variable("nomad/jobs/e-row12-0123456789ab",
                                            {"Items": {"api_key": "k1"}})
@@ -247,9 +251,9 @@ def _done(stack: Hashistack, eval_id: str) -> dict[str, Any] | None:
     return ev if ev["Status"] in ("complete", "canceled", "failed") else None
 
 
-# ---- row 13: ACLs ----------------------------------------------------------------------------
+# ---- ACLs -------- ----------------------------------------------------------------------------
 
-def test_row13_acls_answer_403_per_capability(stack: Hashistack) -> None:
+def test_acls_answer_403_per_capability(stack: Hashistack) -> None:
     stack.acl({"writer": {"namespace": ["list-jobs"],
                           "variables": {"nomad/jobs/*": ["write", "read"]}}})
     try:
@@ -273,9 +277,9 @@ def test_row13_acls_answer_403_per_capability(stack: Hashistack) -> None:
     assert httpx.delete(f"{stack.nomad}/v1/var/nomad/jobs/acl", trust_env=False).status_code == 204
 
 
-# ---- row 14: the smaller ones ---------------------------------------------------------------
+# ---- the smaller ones -------- ---------------------------------------------------------------
 
-def test_row14_signal_unknown_task_is_500_and_variable_delete_is_204(stack: Hashistack) -> None:
+def test_signal_unknown_task_is_500_and_variable_delete_is_204(stack: Hashistack) -> None:
     start(stack, "e-row14-0123456789ab")
     alloc = one(stack, "e-row14-0123456789ab", "running")
     stack.clear_rejections()
@@ -288,7 +292,7 @@ def test_row14_signal_unknown_task_is_500_and_variable_delete_is_204(stack: Hash
     assert resp.status_code == 204 and resp.content == b""
 
 
-def test_row14_signals_reach_the_main_process_only(stack: Hashistack, tmp_path: Path) -> None:
+def test_signals_reach_the_main_process_only(stack: Hashistack, tmp_path: Path) -> None:
     script = tmp_path / "parent.py"
     script.write_text("import subprocess, sys, time\n"
                       "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
@@ -318,7 +322,7 @@ def _proc_state(pid: int) -> str:
         return "gone"
 
 
-def test_row14_lost_allocs_are_replaced_once_their_volume_is_back(stack: Hashistack) -> None:
+def test_lost_allocs_are_replaced_once_their_volume_is_back(stack: Hashistack) -> None:
     volume = create_volume(stack, "e-lost-0123456789ab", node=NODES[2])
     start(stack, "e-lost-0123456789ab", volume=volume)
     first = one(stack, "e-lost-0123456789ab", "running")
@@ -336,7 +340,7 @@ def test_row14_lost_allocs_are_replaced_once_their_volume_is_back(stack: Hashist
     purge(stack, "e-lost-0123456789ab")
 
 
-def test_row14_ports_are_random_and_consul_indexes_are_per_service(stack: Hashistack) -> None:
+def test_ports_are_random_and_consul_indexes_are_per_service(stack: Hashistack) -> None:
     cons = consul.Consul(host="127.0.0.1", port=int(stack.consul.rsplit(":", 1)[1]))
     ports = []
     for name in ("e-pa-0123456789ab", "e-pb-0123456789ab", "e-pc-0123456789ab"):

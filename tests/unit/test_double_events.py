@@ -1,4 +1,4 @@
-"""The double's Nomad event stream (issue 11) as Nomad v1.10.5 serves it: ndjson frames with
+"""The double's Nomad event stream as Nomad v1.10.5 serves it: ndjson frames with
 their index, a heartbeat, topic filters, resuming at an index, a cut stream, a lost frame."""
 
 from __future__ import annotations
@@ -70,7 +70,10 @@ class Stream:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hashistack]:
-    with served(tmp_path_factory.mktemp("events"), free_port_range(4), nodes=1) as hs:
+    # dev timing: these tests are about behaviour, not waits (test_double_timing.py
+    # covers the production client's)
+    with served(tmp_path_factory.mktemp("events"), free_port_range(4), nodes=1,
+               dev=True) as hs:
         yield hs
 
 

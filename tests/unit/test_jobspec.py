@@ -77,14 +77,42 @@ def test_a_bad_template_stops_start_up_with_one_line(tmp_path: Path) -> None:
     assert result.stderr.count("\n") == 1 and "ORCH_NOMAD_JOBSPEC" in result.stderr
 
 
+def _render(version: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "app.cli", "jobspec", "render", "--product",
+                           "acme", "--user", "bob", "--version", version], cwd=ROOT, text=True,
+                          capture_output=True, timeout=60, env={"PATH": "/usr/bin:/bin", **env})
+
+
 def test_cli_render_prints_the_job() -> None:
-    result = subprocess.run([sys.executable, "-m", "app.cli", "jobspec", "render", "--product", "acme",
-                             "--user", "bob", "--version", "img:2"], cwd=ROOT, text=True,
-                            capture_output=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    result = _render("img:2", ORCH_ENGINE_IMAGES="img")
     assert result.returncode == 0, result.stderr
     job = json.loads(result.stdout)
     assert job["TaskGroups"][0]["Tasks"][0]["Config"]["image"] == "img:2"
     assert validate(load("nomad"), "JobRegisterRequest", {"Job": job}) == []
+
+
+@pytest.mark.parametrize("version, env, why", [
+    ("img:2", {}, "ORCH_ENGINE_IMAGES"),                         # a repository not allowed
+    ("0.1.0", {"ORCH_STOP_GRACE_S": "45"}, "max_kill_timeout"),  # Nomad would cut it to 30 s
+])
+def test_cli_render_shows_nothing_the_api_would_refuse(version: str, env: dict[str, str],
+                                                        why: str) -> None:
+    result = _render(version, **env)
+    assert result.returncode == 2 and result.stdout == ""
+    assert why in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_a_stop_grace_nomad_would_cut_or_refuse_stops_start_up() -> None:
+    assert Settings.from_env({"ORCH_DRIVER": "nomad", "ORCH_STOP_GRACE_S": "30"})
+    assert Settings.from_env({"ORCH_STOP_GRACE_S": "45"})   # the local driver has no cap
+    with pytest.raises(ConfigError, match=r"ORCH_STOP_GRACE_S=45 is longer than "
+                                          r"ORCH_NOMAD_MAX_KILL_TIMEOUT_S=30"):
+        Settings.from_env({"ORCH_DRIVER": "nomad", "ORCH_STOP_GRACE_S": "45"})
+    assert Settings.from_env({"ORCH_DRIVER": "nomad", "ORCH_STOP_GRACE_S": "45",
+                              "ORCH_NOMAD_MAX_KILL_TIMEOUT_S": "60"})
+    with pytest.raises(ConfigError, match="progress_deadline"):
+        Settings.from_env({"ORCH_DRIVER": "nomad", "ORCH_STOP_GRACE_S": "700",
+                           "ORCH_NOMAD_MAX_KILL_TIMEOUT_S": "900"})
 
 
 # ---- images, versions, and what Nomad would interpolate ---------------------------

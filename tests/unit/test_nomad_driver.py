@@ -1,4 +1,4 @@
-"""The Nomad driver, in process, against a 3-node double: the parts of issue 8 the
+"""The Nomad driver, in process, against a 3-node double: the parts the
 orchestrator-level tests do not reach (ACLs, superseded evals, Nomad's validator, idempotent
 volume create/delete, the node choice, SIGCONT before destroy)."""
 
@@ -27,7 +27,10 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hashistack]:
-    with served(tmp_path_factory.mktemp("driver"), free_port_range(20), nodes=3) as hs:
+    # dev timing: these tests are about behaviour, not waits (test_double_timing.py
+    # covers the production client's)
+    with served(tmp_path_factory.mktemp("driver"), free_port_range(20), nodes=3,
+               dev=True) as hs:
         yield hs
 
 
@@ -59,15 +62,17 @@ def test_volumes_go_to_the_least_loaded_ready_node_and_create_is_idempotent(
         nodes = []
         for user in ("v1", "v2", "v3"):
             job = jobspec.render_job(driver.settings, spec(user))
-            volume = await driver._io(driver.volumes.create, spec(user).name, job)
+            volume, new = await driver._io(driver.volumes.create, spec(user).name, job)
             nodes.append(volume["NodeID"])
-            again = await driver._io(driver.volumes.create, spec(user).name, job)
+            again, new_again = await driver._io(driver.volumes.create, spec(user).name, job)
+            assert new and not new_again
             assert again["ID"] == volume["ID"]   # looked up by name, not made twice
+            assert again["HostPath"]             # read whole: a list stub has none
             assert volume["Parameters"] == {"uid": "65534", "gid": "65534", "mode": "0700"}
         stack.node_lost(node_id(1))
         try:
             job = jobspec.render_job(driver.settings, spec("v4"))
-            fourth = await driver._io(driver.volumes.create, spec("v4").name, job)
+            fourth, _ = await driver._io(driver.volumes.create, spec("v4").name, job)
             assert fourth["NodeID"] != node_id(1)   # never a down node
         finally:
             stack.node_up(node_id(1))
@@ -171,7 +176,8 @@ def test_destroy_thaws_a_paused_engine_so_it_exits_on_sigterm(stack: Hashistack)
 def test_a_missing_capability_is_named(stack: Hashistack) -> None:
     write_only = {"namespace": ["list-jobs", "read-job", "submit-job", "host-volume-create",
                                 "host-volume-read", "host-volume-delete", "alloc-lifecycle"],
-                  "variables": {"nomad/jobs/*": ["write", "read", "list"]}, "node": "read"}
+                  "variables": {"nomad/jobs/*": ["write", "read", "list"]}, "node": "read",
+                  "host_volume": {"e-*": ["mount-readwrite"]}}
     stack.acl({"orch": write_only})
     try:
         async def work(driver: NomadDriver) -> None:

@@ -1,12 +1,12 @@
-"""Issue 8: sides of rows 4, 6, 11, 13 and 15 the other tests left loose.
+"""Sides of the driver the other tests leave loose.
 
-Row 6: Nomad's job stubs carry `Meta` only with `?meta=true` (command/agent/job_endpoint.go),
+Nomad's job stubs carry `Meta` only with `?meta=true` (command/agent/job_endpoint.go),
 so a driver that lists jobs without it never recognises its own. The other tests did not
 notice: an engine's volume and variable carry its name too. Here a job is all that is left (its
 volume and variable already gone, as a crash mid-destroy leaves it), and the orphan sweep must
 still find it.
 
-Row 13: the ACL policy nomad/README.md gives (parsed from it, not copied) covers an engine's
+The ACL policy nomad/README.md gives (parsed from it, not copied) covers an engine's
 whole life; a capability dropped from it fails the life, naming what is missing."""
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ import asyncio
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from app import jobspec
 from app.config import Settings
+from app.drivers._nomad_api import PermissionDenied
 from app.drivers.base import EngineSpec
 from app.drivers.nomad import NomadDriver
 from tests.doubles.fixture import Hashistack, served
@@ -31,7 +33,10 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hashistack]:
-    with served(tmp_path_factory.mktemp("rows"), free_port_range(10), nodes=1) as hs:
+    # dev timing: these tests are about behaviour, not waits (test_double_timing.py
+    # covers the production client's)
+    with served(tmp_path_factory.mktemp("rows"), free_port_range(10), nodes=1,
+               dev=True) as hs:
         yield hs
 
 
@@ -63,7 +68,7 @@ def test_a_job_left_alone_is_listed_as_ours_and_a_foreign_one_is_not(stack: Hash
                      trust_env=False).json() == []
 
 
-# ---- row 13: the policy nomad/README.md gives is the one tested ------------------------------
+# ---- the policy nomad/README.md gives is the one tested ------- ------------------------------
 
 def readme_policy() -> dict[str, object]:
     """nomad/README.md's HCL policy, as the double's ACL table takes it."""
@@ -73,13 +78,16 @@ def readme_policy() -> dict[str, object]:
     namespace = re.findall(r'"([a-z-]+)"', hcl.split("capabilities = [", 1)[1].split("]", 1)[0])
     [(path, caps)] = re.findall(r'path "([^"]+)" \{\s*capabilities = \[([^\]]*)\]', hcl)
     [node] = re.findall(r'node \{\s*policy = "([a-z]+)"', hcl)
+    [(volume, volume_caps)] = re.findall(
+        r'host_volume "([^"]+)" \{\s*capabilities = \[([^\]]*)\]', hcl)
     return {"namespace": namespace, "variables": {path: re.findall(r'"([a-z]+)"', caps)},
-            "node": node}
+            "node": node, "host_volume": {volume: re.findall(r'"([a-z-]+)"', volume_caps)}}
 
 
 def test_the_readme_policy_covers_an_engines_whole_life(stack: Hashistack) -> None:
     policy = readme_policy()
     assert "list-jobs" in policy["namespace"] and policy["node"] == "read"   # parsed, not empty
+    assert policy["host_volume"] == {"e-*": ["mount-readwrite"]}
     settings = Settings(driver="nomad", nomad_addr=stack.nomad, consul_addr=stack.consul,
                         nomad_jobspec=ROOT / "jobspecs" / "engine.docker.json",
                         nomad_token="orch", stop_grace_s=2.0)
@@ -107,9 +115,37 @@ def test_the_readme_policy_covers_an_engines_whole_life(stack: Hashistack) -> No
     assert httpx.get(f"{stack.nomad}/v1/var/nomad/jobs/{spec.name}", trust_env=False).status_code == 404
 
 
-# ---- row 15, the double's side: what the driver must escape is really expanded --------------
+def test_without_the_host_volume_rule_a_provision_names_it(stack: Hashistack) -> None:
+    """Job.Register checks the mounted host volume's `mount-readwrite` after submit-job
+    (nomad/job_endpoint.go Register): the 403 must name the rule, not only submit-job."""
+    policy = {k: v for k, v in readme_policy().items() if k != "host_volume"}
+    settings = Settings(driver="nomad", nomad_addr=stack.nomad, consul_addr=stack.consul,
+                        nomad_jobspec=ROOT / "jobspecs" / "engine.docker.json",
+                        nomad_token="orch", stop_grace_s=2.0)
+    spec = EngineSpec("e-acme-novol-0123456789ab", "acme", "novol", "0.1.0")
+    stack.acl({"orch": policy})
+    try:
+        async def provision() -> str:
+            driver = NomadDriver(settings)
+            try:
+                with pytest.raises(PermissionDenied) as info:
+                    await driver.create(spec, "k1")
+                return str(info.value)
+            finally:
+                await driver.close()
+        message = asyncio.run(provision())
+    finally:
+        stack.acl(None)
+    assert "403 Permission denied" in message
+    assert f'host_volume "{spec.name}" capability mount-readwrite' in message
+    left = stack.state()   # everything the failed provision made is taken back
+    assert not [v for v in left["volumes"] if v["name"] == spec.name]
+    assert spec.name not in left["jobs"]
 
-def test_row15_the_double_expands_node_variables_in_env_as_nomad_does(stack: Hashistack) -> None:
+
+# ---- the double's side: what the driver must escape ------- is really expanded --------------
+
+def test_the_double_expands_node_variables_in_env_as_nomad_does(stack: Hashistack) -> None:
     """helper/args/args.go: `${node.unique.name}` in a task's Env is replaced at run time, with
     no escape. Without this, the driver's escaping (tests/unit/test_jobspec.py) and the end to
     end check that an engine gets its user id unexpanded would prove nothing."""
@@ -129,7 +165,7 @@ def test_row15_the_double_expands_node_variables_in_env_as_nomad_does(stack: Has
         purge(stack, job)
 
 
-# ---- row 11, the driver's side of stop (destroy's is in test_nomad_driver.py) ---------------
+# ---- the driver's side of stop ------- (destroy's is in test_nomad_driver.py) ---------------
 
 def test_stop_thaws_a_paused_engine_so_it_exits_on_sigterm(stack: Hashistack) -> None:
     """Nomad sends only the KillSignal, then SIGKILL after the KillTimeout: an engine paused
@@ -155,24 +191,24 @@ def test_stop_thaws_a_paused_engine_so_it_exits_on_sigterm(stack: Hashistack) ->
     assert terminated and terminated[-1]["Signal"] == 0   # a clean exit on SIGTERM
 
 
-# ---- row 4: a down node is never asked ------------------------------------------------------
+# ---- a down node is never asked ------- ------------------------------------------------------
 
 def test_a_down_node_is_never_asked_for_a_volume(tmp_path: Path) -> None:
     """The node the driver picks is ready: not one whose create fails and is retried elsewhere
     (which the end result alone, a volume on a live node, would not tell apart)."""
     from tests.doubles.state import node_id
 
-    with served(tmp_path, free_port_range(10), nodes=3) as stack:
+    with served(tmp_path, free_port_range(10), nodes=3, dev=True) as stack:   # no waits here
         settings = Settings(driver="nomad", nomad_addr=stack.nomad, consul_addr=stack.consul,
                             nomad_jobspec=ROOT / "jobspecs" / "engine.docker.json")
         stack.node_lost(node_id(1))   # the first in ID order, where Nomad itself would go
 
-        async def work() -> dict[str, object]:
+        async def work() -> dict[str, Any]:
             driver = NomadDriver(settings)
             try:
                 spec = EngineSpec("e-acme-down-0123456789ab", "acme", "down", "0.1.0")
                 job = jobspec.render_job(settings, spec)
-                volume: dict[str, object] = await driver._io(driver.volumes.create, spec.name, job)
+                volume, _ = await driver._io(driver.volumes.create, spec.name, job)
                 await driver.destroy(spec, None)
                 return volume
             finally:

@@ -1,4 +1,4 @@
-"""Issue 11, the Nomad driver: an engine's end comes from Nomad's event stream (resumed after
+"""The Nomad driver: an engine's end comes from Nomad's event stream (resumed after
 a drop), a check that stops passing from Consul's blocking queries, and an event lost on the
 way is caught by the resync's audit."""
 
@@ -24,7 +24,10 @@ WAIT_S = 15.0
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hashistack]:
-    with served(tmp_path_factory.mktemp("nomad-events"), free_port_range(10), nodes=1) as hs:
+    # dev timing: these tests are about behaviour, not waits (test_double_timing.py
+    # covers the production client's)
+    with served(tmp_path_factory.mktemp("nomad-events"), free_port_range(10), nodes=1,
+               dev=True) as hs:
         yield hs
 
 
@@ -171,7 +174,7 @@ def _probe_reads(stack: Hashistack) -> int:
 
 
 def test_a_scheduled_check_reads_nothing_while_the_events_are_live(stack: Hashistack) -> None:
-    """Issue 11 at rest: with the event stream and Consul's blocking query live, a healthy
+    """At rest: with the event stream and Consul's blocking query live, a healthy
     engine's check is answered from what they said (no call); after a drop, not until the
     audit has looked for the ends the gap may have hidden; with events off, from the fleet
     snapshot as before."""

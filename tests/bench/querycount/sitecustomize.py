@@ -1,4 +1,4 @@
-"""The bench's database query counter (issue 11: "database queries per second at rest").
+"""The bench's database query counter ("database queries per second at rest").
 
 On the orchestrator's PYTHONPATH only in the bench (tests/bench/fleet.py), never in the
 product: every SQLite connection the process opens (peewee's, the checkpoint's) reports each
