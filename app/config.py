@@ -78,27 +78,27 @@ class Settings:
     nomad_volume_uid: int = 65534
     nomad_volume_gid: int = 65534
     nomad_volume_mode: str = "0700"
-    # Issue 10 (the HTTP server): /metrics' bearer token, and uvicorn's guards.
+    # The HTTP server: /metrics' bearer token, and uvicorn's guards.
     metrics_token: str | None = None
     limit_concurrency: int = 1000
     head_timeout_s: float = 10.0
     # An idle keep-alive connection is closed after this long: longer than clients keep theirs
     # (httpx 5 s, aiohttp 15 s), so a client never reuses one the server is closing.
     keepalive_s: int = 30
-    # Issue 12 (hostile tenants): who engines run as and what they inherit.
+    # Hostile tenants: who engines run as and what they inherit.
     engine_user: str | None = None  # None: "nobody" when we are root, else ourselves
     engine_env: tuple[str, ...] = ()
     engine_gid_base: int = 200_000
-    # Issue 11 (a fleet of engines): each running engine is health-checked this often (with
+    # A fleet of engines: each running engine is health-checked this often (with
     # jitter), and every row is looked at again in a full resync this often.
     health_interval_s: float = 10.0
     resync_s: float = 60.0
-    # Issue 11, Nomad half: follow Nomad's event stream and Consul's blocking queries ("on"),
+    # On Nomad: follow Nomad's event stream and Consul's blocking queries ("on"),
     # or learn of ends from the scheduled health checks alone ("off": the bench's baseline).
     nomad_events: bool = True
     # The Nomad clients' max_kill_timeout (Nomad's default 30 s): a longer stop grace is cut.
     nomad_max_kill_timeout_s: float = 30.0
-    # Issue 13 (rollouts): the platform key `orch rollout status --follow` shows the server's
+    # Rollouts: the platform key `orch rollout status --follow` shows the server's
     # event stream with (None: it follows the database instead).
     platform_key: str | None = None
     rollout_concurrency: int = 4  # rollouts one replica drives side by side
@@ -149,23 +149,18 @@ class Settings:
             nomad_volume_uid=r.get("ORCH_NOMAD_VOLUME_UID", _non_negative_int, cls.nomad_volume_uid),
             nomad_volume_gid=r.get("ORCH_NOMAD_VOLUME_GID", _non_negative_int, cls.nomad_volume_gid),
             nomad_volume_mode=r.get("ORCH_NOMAD_VOLUME_MODE", _octal_mode, cls.nomad_volume_mode),
-            # Issue 10 (the HTTP server).
             metrics_token=r.get("ORCH_METRICS_TOKEN", _nonempty, None),
             limit_concurrency=r.get("ORCH_LIMIT_CONCURRENCY", _positive_int, cls.limit_concurrency),
             head_timeout_s=r.get("ORCH_HEAD_TIMEOUT_S", _positive, cls.head_timeout_s),
             keepalive_s=r.get("ORCH_KEEPALIVE_S", _positive_int, cls.keepalive_s),
-            # Issue 12 (hostile tenants).
             engine_user=r.get("ORCH_ENGINE_USER", _nonempty, None),
             engine_env=r.get("ORCH_ENGINE_ENV", _env_names, cls.engine_env),
             engine_gid_base=r.get("ORCH_ENGINE_GID_BASE", _gid_base, cls.engine_gid_base),
-            # Issue 11 (a fleet of engines).
             health_interval_s=r.get("ORCH_HEALTH_INTERVAL_S", _positive, cls.health_interval_s),
             resync_s=r.get("ORCH_RESYNC_S", _positive, cls.resync_s),
-            # Issue 11, Nomad half.
             nomad_events=r.get("ORCH_NOMAD_EVENTS", _choice(("on", "off")), "on") == "on",
             nomad_max_kill_timeout_s=r.get("ORCH_NOMAD_MAX_KILL_TIMEOUT_S", _positive,
                                            cls.nomad_max_kill_timeout_s),
-            # Issue 13 (rollouts).
             platform_key=r.get("ORCH_PLATFORM_KEY", _nonempty, None),
             rollout_concurrency=r.get("ORCH_ROLLOUT_CONCURRENCY", _positive_int,
                                       cls.rollout_concurrency),

@@ -16,6 +16,8 @@
     nomad_waits       what a product waits for on Nomad: first admit, start after stop, wake,
                       rotate-key, p50/p90, on the double's production and -dev timings, beside
                       the local driver in the same run (tests/bench/nomad_waits.py)
+    snapshot          a 100 MB brain snapshotted, again with 1% changed, and restored, on the
+                      directory store and S3, beside a plain tar (tests/bench/snapshot.py)
     rollout           BENCH_ROLLOUT_ENGINES (100) engines moved by one rollout in
                       batches of 10, beside the same engines upgraded one request after
                       another (tests/bench/rollout.py)
@@ -36,7 +38,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.bench import fleet, nomad_fleet, nomad_waits, rollout
+from tests.bench import fleet, nomad_fleet, nomad_waits, rollout, snapshot
 from tests.bench.loadgen import Target, run_in_process
 from tests.harness import ROOT, Orchestrator, free_port, wait_for
 
@@ -53,7 +55,7 @@ def main() -> None:
     benches = {"admit": bench_admit, "wake": bench_wake, "provision": bench_provision,
                "rows": bench_rows, "herd": bench_herd, "fleet": fleet.bench_fleet,
                "nomad": nomad_fleet.bench_nomad, "nomad_waits": nomad_waits.bench_nomad_waits,
-               "rollout": rollout.bench_rollout}
+               "rollout": rollout.bench_rollout, "snapshot": snapshot.bench_snapshot}
     only = [name for name in os.environ.get("BENCH_ONLY", "").split(",") if name] or list(benches)
     results = {}
     try:
@@ -277,6 +279,8 @@ def report(r: dict) -> None:
         print("\n".join(nomad_waits.lines(r["nomad_waits"])))
     if "rollout" in r:
         print("\n".join(rollout.lines(r["rollout"])))
+    if "snapshot" in r:
+        print("\n".join(snapshot.lines(r["snapshot"])))
 
 
 def _lines(r: dict) -> dict[str, list[str]]:

@@ -48,7 +48,9 @@ CHECKS = [status_code_conformance, content_type_conformance, response_headers_co
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orchestrator]:
     tmp: Path = tmp_path_factory.mktemp("fuzz")
-    with running(tmp, product=None, ports=4, env={"ORCH_BOOT_TIMEOUT_S": "5"}) as orch:
+    # A port for every engine the two quotas allow: the stateful run provisions its own while
+    # the fuzzing's engines may still run.
+    with running(tmp, product=None, ports=6, env={"ORCH_BOOT_TIMEOUT_S": "5"}) as orch:
         orch.product("fuzz", max_engines=3)
         orch.product("steps", max_engines=3)  # the stateful run's own product and quota
         yield orch
