@@ -314,3 +314,20 @@ def test_corrupt_or_hostile_archives_are_400_and_list_nothing(file_orch: Orchest
         assert answer.status_code == 400, (name, answer.text)
         assert answer.json()["error"]["code"] == "INVALID_REQUEST", name
     assert api.get(f"/engines/{USER}/snapshots").json()["snapshots"] == []
+
+
+def test_a_store_that_refuses_us_is_502_and_changes_nothing(
+        tmp_path: Path, s3: dict[str, str]) -> None:
+    env = {**s3, "AWS_SECRET_ACCESS_KEY": "not-the-secret", "ORCH_SNAPSHOT_INTERVAL_S": "0",
+           "ORCH_SNAPSHOT_STORE": f"s3://{BUCKET}/refused"}
+    with running(tmp_path, env=env) as orch:
+        api = orch.client("acme")
+        url, key = provision(api)
+        before = api.get(f"/engines/{USER}").json()
+        for answer in (api.post(f"/engines/{USER}/snapshots"), api.get(f"/engines/{USER}/snapshots"),
+                       api.post(f"/engines/{USER}/restore",
+                                json={"snapshot_id": "s-20000101000000000-00000000"})):
+            assert answer.status_code == 502, answer.text
+            assert answer.json()["error"]["code"] == "SNAPSHOT_STORE_FAILED"
+        assert api.get(f"/engines/{USER}").json() == before
+        assert memory(url, key, "PUT", "still", b"writable").is_success  # no checkpoint left held
