@@ -41,9 +41,13 @@ class SnapshotSchedule:
                 log.warning("scheduled snapshots: %s", exc)
             await asyncio.sleep(tick)
 
+    def _here(self, row: EngineRow) -> bool:
+        """The brain is a directory this process reaches (the local driver's)."""
+        return self.engines.driver.brain_dir(self.engines.bodies.spec(row)) is not None
+
     async def tick(self, now: float) -> list[str]:
         """Take the snapshots due; returns the ids taken."""
-        rows = {r.id: r for r in registry.engines_in(WITH_BRAIN) if self.mine(r)}
+        rows = {r.id: r for r in registry.engines_in(WITH_BRAIN) if self.mine(r) and self._here(r)}
         self.plan.replace(set(rows), now)
         taken = []
         for engine_id in self.plan.due(now):
