@@ -65,8 +65,8 @@ class FileStore(Store):
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            self._dirs(path.parent)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")  # 0600
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
@@ -76,6 +76,19 @@ class FileStore(Store):
                 raise
         except OSError as exc:
             raise _failed("write", key, exc) from exc
+
+    def _dirs(self, path: Path) -> None:
+        """Make `path` and its missing parents 0700: the brains of every user are in here."""
+        if path.is_dir():
+            return
+        if path == self.root:  # the operator's directory: its parents are theirs
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            return
+        self._dirs(path.parent)
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
 
     def get(self, key: str) -> bytes | None:
         try:

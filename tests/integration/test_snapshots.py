@@ -122,6 +122,9 @@ def test_retention_keeps_the_newest_and_collects_only_unreferenced_blobs(
     manifests = [json.loads(p.read_text()) for p in (engine_dir / "manifests").iterdir()]
     assert sorted(m["id"] for m in manifests) == ids[2:]
     referenced = {f[3] for m in manifests for f in m["files"]}
+    store = file_orch.state_dir / "snapshots"
+    assert {oct(p.stat().st_mode & 0o777) for p in [store, *store.rglob("*")] if p.is_dir()} == {"0o700"}
+    assert {oct(p.stat().st_mode & 0o777) for p in store.rglob("*") if p.is_file()} == {"0o600"}
     assert {p.name for p in (engine_dir / "blobs").iterdir()} == referenced
     assert api.delete(f"/engines/{USER}").status_code == 200
     assert not engine_dir.exists()  # destroy removes the user's data, copies included
