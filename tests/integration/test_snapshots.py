@@ -17,7 +17,14 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import Orchestrator, running, wait_for
+from tests.harness import (
+    SYSTEM_PYTHON,
+    Orchestrator,
+    passable_tmp,
+    reachable_refengine,
+    running,
+    wait_for,
+)
 from tests.s3server import BUCKET, s3_server
 
 USER = "ada"
@@ -334,3 +341,23 @@ def test_a_store_that_refuses_us_is_502_and_changes_nothing(
             assert answer.json()["error"]["code"] == "SNAPSHOT_STORE_FAILED"
         assert api.get(f"/engines/{USER}").json() == before
         assert memory(url, key, "PUT", "still", b"writable").is_success  # no checkpoint left held
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="engines run as nobody only under a root orchestrator")
+def test_a_restored_brain_is_the_nobody_engines_own() -> None:
+    """Run as root, engines run as nobody: the files a restore writes (as root) are handed to
+    the engine, which reads them back."""
+    with passable_tmp("orch-snap-nobody-") as base:
+        env = {"ORCH_ENGINE_USER": "", "ORCH_SNAPSHOT_INTERVAL_S": "0",
+               "ORCH_ENGINE_CMD": f"{SYSTEM_PYTHON} {reachable_refengine(base)}"}
+        with running(base, env=env) as orch:
+            api = orch.client("acme")
+            url, key = provision(api)
+            assert memory(url, key, "PUT", "colour", b"blue").is_success
+            snap = api.post(f"/engines/{USER}/snapshots").json()
+            assert memory(url, key, "PUT", "colour", b"red").is_success
+            engine = api.post(f"/engines/{USER}/restore", json={"snapshot_id": snap["id"]})
+            assert engine.status_code == 200, engine.text
+            url = engine.json()["url"]
+            assert memory(url, key, "GET", "colour").content == b"blue"
+            assert memory(url, key, "PUT", "colour", b"green").is_success  # and writes it
