@@ -16,7 +16,8 @@ ENGINE_PY := $(firstword $(wildcard /usr/bin/python3 /usr/local/bin/python3))
 PG_SUITES := tests/unit/test_registry_policy.py tests/unit/test_runner.py tests/unit/test_operations.py \
 	tests/unit/test_admitter.py tests/unit/test_reconciler.py tests/integration/test_concurrency.py \
 	tests/integration/test_replicas.py tests/integration/test_faults.py tests/integration/test_product_ids.py \
-	tests/integration/test_crash_mid_destroy.py tests/integration/test_errors.py::test_database_unavailable
+	tests/integration/test_crash_mid_destroy.py tests/integration/test_errors.py::test_database_unavailable \
+	tests/integration/test_pool.py::test_200_admits_for_50_new_users_on_two_replicas_take_exactly_the_pool
 
 # Most tests wait on processes (engines booting, orchestrators starting), not on the CPU: four
 # workers keep two cores busy. worksteal, because a few tests (the fuzz, the storms) take far

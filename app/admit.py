@@ -106,10 +106,12 @@ class Admitter:
         """wait: false: start what the engine needs, answer without waiting for any boot:
         engine_starting while it provisions or starts."""
         engines = self.engines
+        provisioned = False
         if engine is None or engine.status == states.DESTROYING:
             if not auto_provision:
                 return _denied("engine_not_found", engine.status if engine else None)
             engine = await self._begin_provision(product, user_id)
+            provisioned = True
         elif engine.status == states.SLEEPING:
             if not auto_wake:
                 return _denied("engine_sleeping", engine.status)
@@ -123,20 +125,21 @@ class Admitter:
             self._start(engines.run(Op.RESTART, engine.key))
             return _denied("engine_starting", states.STARTING)
         if engine is not None and engine.status == states.RUNNING:
-            return self._admitted(engine, time.time())
+            return self._admitted(engine, time.time(), provisioned)
         return _denied("engine_starting", engine.status if engine else states.PROVISIONING)
 
     async def _begin_provision(self, product: ProductRef, user_id: str) -> EngineRow | None:
-        """Start provisioning in the background; wait for its row, never for its boot. An
-        error before the row exists (quota, the driver's refusal) is the caller's."""
+        """Start provisioning in the background; wait for its row, never for its boot (a claim
+        from the warm pool is waited for: it takes milliseconds). An error before the row
+        exists (quota, the driver's refusal) is the caller's."""
         task = self._start(self.engines.run(Op.PROVISION, (product.id, user_id),
                                             product_name=product.name))
         deadline = time.monotonic() + INSERT_WAIT_S
         while not task.done() and time.monotonic() < deadline:
             found = registry.find_engine(product.id, user_id)
-            if found is not None:
+            if found is not None and found.claimed_at is None:  # a cold boot: not waited for
                 return found
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)  # none yet, or a claim from the warm pool (milliseconds)
         if task.done() and not task.cancelled():
             error = task.exception()
             if error is not None and not isinstance(error, errors.EngineAlreadyExists):
@@ -162,7 +165,7 @@ class Admitter:
         return {"admitted": True, "user_id": engine.user_id, "url": engine.url,
                 "api_key": self.engines.bodies.api_key(engine), "status": states.RUNNING,
                 "engine_version": engine.engine_version, "provisioned": provisioned,
-                "woken": woken}
+                "woken": woken, "from_pool": provisioned and engine.claimed_at is not None}
 
 
 def _denied(reason: str, status: str | None) -> dict[str, Any]:

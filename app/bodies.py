@@ -10,6 +10,7 @@ an operation whose owner died.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import IO, Literal
@@ -19,7 +20,7 @@ import httpx
 from app import crypto, engine_http, errors, metrics, registry, states
 from app.config import Settings
 from app.crypto import KeyBox
-from app.drivers.base import Driver, EngineSpec
+from app.drivers.base import Driver, EngineSpec, State
 from app.errors import BootTimeout, DriverError, EngineCrashed
 from app.registry import EngineRow
 from app.snapshots import bodies as snapshot_bodies
@@ -42,6 +43,10 @@ class Bodies:
         self.keys = keys
         self.http = http
         self._product_names: dict[int, str] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        # A pooled engine's connection is opened when it joins the pool and kept: its claim
+        # then costs one request, not a connection and a thread the engine starts for it.
+        self.pool_http = engine_http.client(keepalive_s=None)
         self.upgrader = Upgrader(settings, driver, self.spec, self.api_key)
         self.snapshots = Snapshots(settings)
 
@@ -97,6 +102,41 @@ class Bodies:
                               pending_key_enc=None)
         return row, new
 
+    async def claim(self, row: EngineRow, was: str) -> tuple[EngineRow, str] | None:
+        """A pooled engine just claimed (`starting`, leased): resumed if it waited paused,
+        told its user, then `ready`. None: it did not take it, and it is gone (the caller
+        provisions cold instead)."""
+        spec = self.spec(row)
+        resumed = was != states.SLEEPING or await self.driver.resume(spec, row.driver_state)
+        if resumed and await self.identify(row):
+            self.driver_claimed(spec, row.driver_state)
+            return registry.transition(row, "ready"), self.api_key(row)
+        log.info("claimed engine %s did not take its user; destroyed", row.name)
+        await self.driver.destroy(spec, row.driver_state)
+        registry.delete_engine(row, "destroyed", "claim_failed")
+        return None
+
+    async def identify(self, row: EngineRow) -> bool:
+        if row.url is None:
+            return False
+        # As long as a cold provision would be given: a busy machine slows both alike.
+        return await engine_http.tell_identity(self.pool_http, row.url, self.api_key(row), row.user_id,
+                                               self.settings.boot_timeout_s)
+
+    def driver_claimed(self, spec: EngineSpec, state: State) -> None:
+        """Let the backend name the user (Nomad: the job's meta and Consul service), off the
+        claim's path: the engine already knows, and the answer must not wait."""
+        task = asyncio.create_task(self.driver.claimed(spec, state))
+        self._background.add(task)
+        task.add_done_callback(self._shown)
+
+    def _shown(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # The engine is the user's and knows it; only the backend's display is behind,
+            # and the engine's next start renders its job for its user.
+            log.warning("could not name the user of a claimed engine: %s", task.exception())
+
     async def upgrade(self, row: EngineRow, version: str) -> EngineRow:
         return await self.upgrader.upgrade(row, version)
 
@@ -132,6 +172,8 @@ class Bodies:
     async def sleep(self, row: EngineRow) -> EngineRow:
         if row.status != states.RUNNING or self.settings.idle_sleep_s <= 0:
             return row
+        if row.in_pool and self.settings.sleep_mode != "pause":
+            return row  # a stopped pooled engine would be no quicker to claim than a new one
         if self.idle_for(row, time.time()) < self.settings.idle_sleep_s:
             return row
         row = registry.transition(row, "sleep", "idle")
@@ -198,7 +240,8 @@ class Bodies:
             return await self.upgrader.settle(row)
         if not row.driver_state:  # died before the driver reported anything: roll back
             return await self._abandon(row, spec, None)
-        if await self.driver.probe(spec, row.driver_state) == "healthy":
+        if await self.driver.probe(spec, row.driver_state) == "healthy" and \
+                (row.claimed_at is None or await self.identify(row)):  # a claim cut short
             return await self._boot(row, spec)
         state = await self.driver.stop(spec, row.driver_state, self._quick_stop())
         return registry.transition(row, "boot_failed", "interrupted", driver_state=state,
@@ -279,7 +322,9 @@ class Bodies:
     # ---- small helpers ---------------------------------------------------------------------
 
     def spec(self, row: EngineRow) -> EngineSpec:
-        return EngineSpec(row.name, self.product_name(row.product_id), row.user_id, row.engine_version)
+        # A pooled engine has no user yet: it is told one when claimed.
+        user_id = "" if row.in_pool else row.user_id
+        return EngineSpec(row.name, self.product_name(row.product_id), user_id, row.engine_version)
 
     def product_name(self, product_id: int) -> str:
         name = self._product_names.get(product_id)

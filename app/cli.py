@@ -169,6 +169,9 @@ def _limits(parser: argparse.ArgumentParser, engines: int | None, rpm: int | Non
     parser.add_argument("--rate-limit-rpm", type=_positive("rate_limit_rpm", 10**9), default=rpm,
                         help="admits per minute"
                         + (f" (default {rpm})" if rpm is not None else ""))
+    parser.add_argument("--warm-pool", type=_count("warm_pool"), default=0 if engines else None,
+                        help="engines kept booted for new users, counted in --max-engines"
+                        + (" (default 0)" if engines else ""))
 
 
 def _whole(raw: str, name: str) -> int:
@@ -240,7 +243,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_products_create(settings: Settings, args: argparse.Namespace) -> int:
     _db(settings, create=True)
-    product, key = products.create(args.name, args.max_engines, args.rate_limit_rpm)
+    product, key = products.create(args.name, args.max_engines, args.rate_limit_rpm, args.warm_pool)
     _show(args, {**products.as_json(product), "platform_key": key})
     return OK
 
@@ -269,11 +272,12 @@ def cmd_products_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_products_update(settings: Settings, args: argparse.Namespace) -> int:
-    if args.max_engines is None and args.rate_limit_rpm is None:
-        return _fail("nothing to change: give --max-engines N and/or --rate-limit-rpm R", USAGE)
+    if args.max_engines is None and args.rate_limit_rpm is None and args.warm_pool is None:
+        return _fail("nothing to change: give --max-engines N, --rate-limit-rpm R and/or "
+                     "--warm-pool N", USAGE)
     _db(settings)
     _show(args, products.as_json(products.update(args.name, args.max_engines,
-                                                 args.rate_limit_rpm)))
+                                                 args.rate_limit_rpm, args.warm_pool)))
     return OK
 
 

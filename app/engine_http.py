@@ -1,4 +1,5 @@
-"""Talking to engines over HTTP: health, and confirming which key an engine accepts.
+"""Talking to engines over HTTP: health, confirming which key an engine accepts, and telling
+a warm pool's engine its user.
 
 Every call has a deadline for the whole exchange (asyncio.wait_for), not only httpx's
 per-read timeout: an engine that dribbles its answer a byte at a time must not hold a
@@ -15,10 +16,13 @@ import httpx
 KEYCHECK_PATH = "/v1/keycheck"
 
 
-def client() -> httpx.AsyncClient:
+def client(keepalive_s: float | None = 5.0) -> httpx.AsyncClient:
+    """`keepalive_s`: how long an idle connection is kept (None: as long as the engine keeps
+    it; for the warm pool, whose engines wait long for the call that matters)."""
     # trust_env=False: engine traffic must never go through a proxy from the environment.
     return httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(2.0, connect=1.0),
-                             limits=httpx.Limits(max_keepalive_connections=64))
+                             limits=httpx.Limits(max_keepalive_connections=64,
+                                                 keepalive_expiry=keepalive_s))
 
 
 async def _get(http: httpx.AsyncClient, url: str, timeout: float,
@@ -57,3 +61,18 @@ async def confirm_key(http: httpx.AsyncClient, url: str, new: str, old: str | No
             return False
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.2)
+
+
+IDENTITY_PATH = "/v1/identity"
+
+
+async def tell_identity(http: httpx.AsyncClient, url: str, key: str, user_id: str,
+                        timeout: float) -> bool:
+    """Tell a warm pool's engine whose it is (app/CONTRACT.md); True once it says it knows."""
+    try:
+        response = await asyncio.wait_for(
+            http.put(url + IDENTITY_PATH, json={"user_id": user_id}, timeout=timeout,
+                     headers={"Authorization": f"Bearer {key}"}), timeout)
+    except (httpx.HTTPError, TimeoutError):
+        return False
+    return response.status_code == 200

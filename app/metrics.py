@@ -39,6 +39,14 @@ DRIVER_SECONDS = Histogram("orch_driver_call_seconds", "Driver calls", ["driver"
                            buckets=FAST + SLOW[5:], registry=REGISTRY)
 DRIVER_ERRORS = Counter("orch_driver_errors_total", "Driver calls that raised", ["driver", "call", "code"],
                         registry=REGISTRY)
+POOL_CLAIMS = Counter("orch_pool_claims_total", "New users served from the warm pool",
+                      ["product"], registry=REGISTRY)
+POOL_MISSES = Counter("orch_pool_misses_total",
+                      "Cold provisions of new users while the product had a warm pool",
+                      ["product"], registry=REGISTRY)
+POOL_REFILL_SECONDS = Histogram("orch_pool_refill_seconds",
+                                "A pooled engine: refill start to ready", buckets=SLOW,
+                                registry=REGISTRY)
 
 
 class PerRequest(Collector):
@@ -120,6 +128,16 @@ class EngineStates(Collector):
         for product, state, count in rows:
             family.add_metric([product, state], count)
         yield family
+        warm = GaugeMetricFamily("orch_pool_ready", "Warm pool engines ready to be claimed",
+                                 labels=["product"])
+        try:
+            names = {p.id: p.name for p in registry.pool.pool_products()}
+            counts = registry.pool.warm_counts()
+        except Exception:  # noqa: BLE001 - as above
+            names, counts = {}, {}
+        for product_id, name in names.items():
+            warm.add_metric([name], counts.get(product_id, 0))
+        yield warm
 
 
 REGISTRY.register(EngineStates())

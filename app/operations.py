@@ -18,7 +18,7 @@ from enum import StrEnum
 from functools import partial
 from typing import Any
 
-from app import crypto, engine_http, errors, naming, registry, states
+from app import crypto, engine_http, errors, metrics, naming, registry, states
 from app.bodies import Bodies
 from app.config import Settings
 from app.crypto import KeyBox
@@ -55,6 +55,7 @@ class Op(StrEnum):
     SNAPSHOT = "snapshot"
     RESTORE = "restore"
     IMPORT_BRAIN = "import_brain"
+    CLAIM = "claim"
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,9 @@ TABLE: dict[Op, Operation] = {o.op: o for o in [
     Operation(Op.RESTORE, Bodies.restore, Policy(flight_arg="snapshot_id")),
     # Each upload is its own run (`upload` is a fresh id): two uploads never share a result.
     Operation(Op.IMPORT_BRAIN, Bodies.import_brain, Policy(flight_arg="upload")),
+    # Runs inside a new user's provision, in its flight: a warm pool's engine taken in one
+    # compare-and-set (app.registry.pool.claim) comes leased; the body tells it its user.
+    Operation(Op.CLAIM, Bodies.claim, Policy(creates=True)),
 ]}
 
 
@@ -121,6 +125,7 @@ class Engines:
 
     async def close(self) -> None:
         await self.http.aclose()
+        await self.bodies.pool_http.aclose()
 
     async def run(self, op: Op, key: Key, **args: Any) -> Any:
         """Run operation `op` on the engine `key` (product id, user id) as TABLE says."""
@@ -143,21 +148,51 @@ class Engines:
                 raise
             raise policy.busy(key[1]) from None
 
-    async def _create(self, key: Key, product_name: str,
-                      engine_version: str | None = None) -> tuple[EngineRow, str]:
-        version = engine_version or self.settings.engine_image
-        self.driver.check_version(version)  # the driver refuses what it cannot run (SPEC "Additions")
+    async def _create(self, key: Key, product_name: str, engine_version: str | None = None,
+                      in_pool: bool = False) -> tuple[EngineRow, str]:
         product_id, user_id = key
+        version = engine_version or self.default_version(product_id)
+        self.driver.check_version(version)  # the driver refuses what it cannot run (SPEC "Additions")
         self.bodies.remember_product(product_id, product_name)
         api_key = crypto.new_engine_key()
 
         def insert() -> EngineRow:
             return registry.insert_engine(product_id, user_id, naming.engine_name(product_name, user_id),
                                           version, self.keys.encrypt(api_key), self.runner.owner,
-                                          self.settings.lease_s)
+                                          self.settings.lease_s, in_pool)
 
         body = partial(TABLE[Op.PROVISION].body, self.bodies, api_key=api_key)
-        return await self.runner.create(Op.PROVISION, key, insert, body)
+        claim = None if in_pool else partial(self._claim, key, version)
+        return await self.runner.create(Op.PROVISION, key, insert, body, claim)
+
+    def default_version(self, product_id: int) -> str:
+        """What a provision without `engine_version` gets, so what the warm pool runs: the
+        target of a rollout of the product's whole fleet, else the configured image."""
+        return registry.pool.fleet_version(product_id) or self.settings.engine_image
+
+    async def _claim(self, key: Key, version: str) -> tuple[EngineRow, str] | None:
+        """A ready engine of the product's warm pool, made the user's; None: none to take.
+        At the quota with pooled engines still booting, one of them is waited for, so that
+        the pool never makes a new user's provision fail."""
+        product_id, user_id = key
+        deadline = time.monotonic() + self.settings.boot_timeout_s
+        while True:
+            taken = registry.pool.claim(product_id, user_id, version, self.runner.owner,
+                                        self.settings.lease_s)
+            if taken is not None:
+                row, was = taken
+                async with self.runner.holding(row):
+                    claimed: tuple[EngineRow, str] | None = \
+                        await TABLE[Op.CLAIM].body(self.bodies, row, was)
+                if claimed is not None:
+                    metrics.POOL_CLAIMS.labels(self.bodies.product_name(product_id)).inc()
+                    return claimed
+                continue  # that one was broken (and is gone): another, or a cold provision
+            if time.monotonic() >= deadline or not registry.pool.booting_at_quota(product_id, version):
+                if registry.pool.target(product_id) > 0:
+                    metrics.POOL_MISSES.labels(self.bodies.product_name(product_id)).inc()
+                return None
+            await asyncio.sleep(POLL_S)
 
     async def wait_for(self, row: EngineRow, timeout: float) -> None:
         """Wait (at most `timeout`) for the operation in flight on `row`, here or on another

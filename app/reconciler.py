@@ -244,11 +244,15 @@ class Reconciler:
         # An engine falls idle as time passes, not by a write: looked for on a cadence that
         # is a hundredth of the idle period (9 s for the default 15 min), every tick at most.
         if idle > 0 and self._due("idle", min(idle / 100, 10.0), now):
+            # A pooled engine waits paused in pause mode; in stop mode it keeps running.
+            pooled_sleep = self.settings.sleep_mode == "pause"
             for engine in filter(self.mine, registry.idle_running(now - idle)):
-                self._spawn(self.engines.run(Op.SLEEP, engine.key))
+                if pooled_sleep or not engine.in_pool:
+                    self._spawn(self.engines.run(Op.SLEEP, engine.key))
         if changed:
             self._failed = [e for e in registry.restartable_failed(self.settings.max_restarts)
-                            if self.mine(e) and self.engines.bodies.restartable(e)]
+                            if self.mine(e) and self.engines.bodies.restartable(e)
+                            and not e.in_pool]  # the pool replaces its failed engines
         for engine in self._failed:
             if (engine.next_restart_at or 0) <= now:
                 self._spawn(self.engines.run(Op.RESTART, engine.key))

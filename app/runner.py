@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from app import errors, metrics, registry, states
 from app.config import Settings
@@ -74,10 +74,12 @@ class Runner:
         return await self.flights.run(key, flight or op, lambda: self._timed(op, key, leased))
 
     async def create(self, op: str, key: Key, insert: Callable[[], EngineRow],
-                     body: Callable[[EngineRow], Awaitable[T]]) -> T:
+                     body: Callable[[EngineRow], Awaitable[T]],
+                     claim: Callable[[], Awaitable[T | None]] | None = None) -> T:
         """Provision: insert the row (leased to us from the start), then run `body` on it. A
         row left `destroying` by a dead owner is finished first: its lease is taken over
-        when it runs out, its destroy completed, then the new row inserted."""
+        when it runs out, its destroy completed, then the new row inserted. `claim`, when
+        given, is tried first, in the same flight: what it returns (not None) is the answer."""
         async def leased() -> T:
             existing = registry.find_engine(*key)
             if existing is not None:
@@ -89,6 +91,8 @@ class Runner:
                             raise errors.already_exists(key[1])
                 except errors.EngineNotFound:
                     pass  # gone meanwhile: what we wanted
+            if claim is not None and (claimed := await claim()) is not None:
+                return claimed
             row = insert()
             async with self._renewing(row):
                 return await body(row)
@@ -123,6 +127,10 @@ class Runner:
             raise errors.engine_not_found(row.user_id)
         async with self._renewing(fresh):
             yield fresh
+
+    def holding(self, row: EngineRow) -> Any:
+        """Keep renewing the lease of a row taken leased (a claim), and give it back after."""
+        return self._renewing(row)
 
     @asynccontextmanager
     async def _renewing(self, row: EngineRow) -> AsyncIterator[None]:

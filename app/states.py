@@ -39,6 +39,9 @@ TABLE: dict[str, tuple[frozenset[str | None], str]] = {
     "upgrade": (frozenset({RUNNING}), STARTING),
     "upgraded": (frozenset({STARTING}), RUNNING),
     "upgrade_rolled_back": (frozenset({STARTING}), RUNNING),
+    # A warm pool's engine taken by a user: starting until it knows its user (and is resumed,
+    # if it waited paused), so a claimer that dies half-way leaves a row recovery settles.
+    "claimed": (frozenset({RUNNING, SLEEPING}), STARTING),
 }
 
 # States in which an operation is under way; one that sits here longer than the boot timeout

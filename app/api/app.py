@@ -31,6 +31,7 @@ from app.config import Settings
 from app.drivers import make_driver
 from app.logs import AccessLog
 from app.operations import Engines
+from app.pool import Refiller
 from app.reconciler import Reconciler
 from app.rollouts import RolloutRunner
 from app.snapshots.schedule import SnapshotSchedule
@@ -84,6 +85,7 @@ class OrchestratorApp:
             snapshots = SnapshotSchedule(engines, reconciler.mine)
             self._tasks.append(asyncio.create_task(snapshots.run_forever()))
             self._tasks.append(asyncio.create_task(RolloutRunner(engines).run_forever()))
+            self._tasks.append(asyncio.create_task(Refiller(engines).run_forever()))
 
     async def shutdown(self) -> None:
         # Engines keep running: an orchestrator restart adopts them.

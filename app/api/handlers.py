@@ -57,7 +57,8 @@ async def provision(svc: Services, call: Call) -> Any:
         raise errors.invalid("engine_version must be 1 to 256 printable characters")
     engine, api_key = await svc.engines.run(Op.PROVISION, (call.product.id, body.user_id),
                                             product_name=call.product.name, engine_version=version)
-    return with_key(engine, api_key)
+    return spec.Provisioned(**_engine_fields(engine), api_key=api_key,
+                            from_pool=engine.claimed_at is not None)
 
 
 async def get(svc: Services, call: Call) -> Any:

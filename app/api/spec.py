@@ -132,6 +132,10 @@ class EngineWithKey(Engine):
     api_key: str  # shown this one time
 
 
+class Provisioned(EngineWithKey):
+    from_pool: bool = False  # taken from the product's warm pool, booted before it was asked for
+
+
 class Destroyed(Struct):
     user_id: str
     destroyed: Literal[True]
@@ -148,6 +152,7 @@ class Admission(Struct, omit_defaults=True):
     engine_version: str | UnsetType = UNSET
     provisioned: bool | UnsetType = UNSET
     woken: bool | UnsetType = UNSET
+    from_pool: bool | UnsetType = UNSET
     reason: DenialReason | UnsetType = UNSET
 
 
@@ -268,7 +273,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              "Admit a user request: the engine's URL and key, or why not",
              Admission, ("RATE_LIMITED", "QUOTA_EXCEEDED", *BOOTING), body=AdmitBody),
     Endpoint("provision", "POST", "/engines/provision", "Create a user's engine and wait until it runs",
-             EngineWithKey, ("ENGINE_ALREADY_EXISTS", "QUOTA_EXCEEDED", *BOOTING), body=ProvisionBody),
+             Provisioned, ("ENGINE_ALREADY_EXISTS", "QUOTA_EXCEEDED", *BOOTING), body=ProvisionBody),
     Endpoint("list", "GET", "/engines", "List the product's engines, a page at a time",
              EnginePage, query=ListQuery),
     Endpoint("get", "GET", "/engines/{user_id}", "Look up a user's engine", Engine,

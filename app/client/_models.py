@@ -79,10 +79,12 @@ class ProvisionedEngine:
 
     engine: Engine
     api_key: str
+    from_pool: bool = False  # provision: the engine came booted from the warm pool
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ProvisionedEngine:
-        return cls(engine=Engine.from_json(data), api_key=data["api_key"])
+        return cls(engine=Engine.from_json(data), api_key=data["api_key"],
+                   from_pool=bool(data.get("from_pool", False)))
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ class Admission:
     engine_version: str | None = None
     provisioned: bool = False  # this admit created the engine (or waited on its creation)
     woken: bool = False  # this admit woke a sleeping engine (or waited on the wake)
+    from_pool: bool = False  # the engine it provisioned came booted from the warm pool
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], user_id: str) -> Admission:
@@ -113,6 +116,7 @@ class Admission:
             engine_version=data.get("engine_version"),
             provisioned=bool(data.get("provisioned", False)),
             woken=bool(data.get("woken", False)),
+            from_pool=bool(data.get("from_pool", False)),
         )
 
 

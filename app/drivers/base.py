@@ -107,6 +107,12 @@ class Driver(abc.ABC):
     async def list_names(self) -> set[str]:
         """Names of every engine this driver holds resources for (for the reconciler)."""
 
+    async def claimed(self, spec: EngineSpec, state: State) -> None:
+        """A warm pool's engine is now `spec.user_id`'s: show it where the backend shows
+        engines (Nomad: the job's meta and Consul service), without restarting it. The engine
+        itself was told already (app/CONTRACT.md). Default: nothing to show."""
+        return None
+
     def check_version(self, version: str) -> None:
         """Raise BadVersion for an engine_version this driver refuses (default: none)."""
         return None

@@ -78,6 +78,10 @@ class Instrumented(Driver):
         with self._measure("set_key"):
             await self.inner.set_key(spec, state, api_key)
 
+    async def claimed(self, spec: EngineSpec, state: State) -> None:
+        with self._measure("claimed"):
+            await self.inner.claimed(spec, state)
+
     async def destroy(self, spec: EngineSpec, state: State | None) -> None:
         with self._measure("destroy"):
             await self.inner.destroy(spec, state)

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from app import engine_http, jobspec
 from app.config import ConfigError, Settings
 from app.discovery import Discovery
+from app.drivers import _nomad_claim
 from app.drivers._nomad_api import NomadAPI, NomadError, SchedulerRejected, VariableConflict
 from app.drivers._nomad_events import FleetEvents
 from app.drivers._nomad_probe import Prober
@@ -194,6 +195,9 @@ class NomadDriver(Driver):
             except VariableConflict:
                 continue  # written meanwhile (a crashed rotation's roll-back): read again
         raise SchedulerUnavailable(f"variable {path} kept changing under us")
+
+    async def claimed(self, spec: EngineSpec, state: State) -> None:
+        await self._register(_nomad_claim.claimed_job(self.settings, spec, state))
 
     async def destroy(self, spec: EngineSpec, state: State | None) -> None:
         state = state or {}

@@ -8,7 +8,9 @@ Environment
   ENGINE_BRAIN_DIR     persistent directory (required; created with mode 0700 if missing)
   ENGINE_API_KEY_FILE  file holding the current key, whitespace stripped (required, not empty;
                        re-read on SIGHUP)
-  ENGINE_USER_ID       reported by /v1/info
+  ENGINE_USER_ID       reported by /v1/info; empty for a warm pool's engine, which learns its
+                       user from PUT /v1/identity and keeps it in ENGINE_BRAIN_DIR/identity
+                       (read at start, before ENGINE_USER_ID)
   ENGINE_VERSION       reported by /v1/info; may carry fault knobs (below)
 A missing or bad variable prints one line to stderr and exits 2; a port that cannot be bound
 exits 1.
@@ -18,6 +20,8 @@ Routes (JSON unless said otherwise)
   Everything else needs `Authorization: Bearer <key>`, else 401 {"error":"unauthorized"}:
   GET  /v1/keycheck          200 {"ok":true} (the orchestrator confirms key rotations with it)
   GET  /v1/info              200 {"user_id","version","pid","started_at" (ISO 8601 UTC)}
+  PUT  /v1/identity          {"user_id": str}: 200 {"user_id"} once recorded (again: the same
+                             user 200, another 409)
   PUT  /v1/memory/{key}      stores the raw body in the brain: 200 {"stored": <bytes>}
   GET  /v1/memory/{key}      200 the stored bytes (application/octet-stream), or 404
   DELETE /v1/memory/{key}    204, or 404
@@ -44,4 +48,5 @@ Fault knobs, for tests: `+`-separated tokens after the first `+` of ENGINE_VERSI
   boot-delay-<ms>         wait that long before listening (SIGTERM still ends it meanwhile)
   fault-crash-after-<ms>  become healthy, then exit 3 that long after listening
   hup-delay-<ms>          apply each SIGHUP's key reload that long later (a slow rotation)
+  identity-delay-<ms>     answer PUT /v1/identity that long later (a slow claim)
 """

@@ -12,6 +12,7 @@ import os
 import socket
 import time
 
+from app.refengine import identity
 from app.refengine.config import Config, ConfigError, complain, say
 from app.refengine.signals import Signals, after, crash
 from app.refengine.store import Brain, KeyStore
@@ -44,6 +45,7 @@ def main(env: dict[str, str] | None = None) -> int:
         config = Config.from_env(os.environ if env is None else env)
         keys = KeyStore(config.key_file)
         brain = Brain(config.brain_dir)
+        config.user_id = identity.load(config.brain_dir) or config.user_id
     except ConfigError as exc:
         complain(str(exc))
         return 2

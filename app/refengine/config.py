@@ -44,6 +44,7 @@ class Faults:
         "crash_after_ms",
         "hang_term",
         "hup_delay_ms",
+        "identity_delay_ms",
         "never_healthy",
     )
 
@@ -57,6 +58,7 @@ class Faults:
         self.boot_delay_ms = _millis(tokens, "boot-delay-") or 0
         self.crash_after_ms = _millis(tokens, "fault-crash-after-")
         self.hup_delay_ms = _millis(tokens, "hup-delay-") or 0
+        self.identity_delay_ms = _millis(tokens, "identity-delay-") or 0
 
 
 def _millis(tokens: set[str], prefix: str) -> int | None:

@@ -13,10 +13,12 @@ import selectors
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote_to_bytes
 
+from app.refengine import identity
 from app.refengine.config import Config, say
 from app.refengine.signals import Signals, after
 from app.refengine.store import MAX_KEY_CHARS, MAX_VALUE_BYTES, Brain, KeyStore
@@ -78,6 +80,7 @@ class EngineServer(ThreadingHTTPServer):
         self.healthy = True
         self.stopping = False
         self.inflight = InFlight()
+        self.identity_lock = threading.Lock()
 
     def handle_error(self, request: socket.socket | tuple[bytes, socket.socket],
                      client_address: object) -> None:
@@ -152,6 +155,26 @@ class Handler(BaseHTTPRequestHandler):
         config = self.server.config
         self._json(200, {"user_id": config.user_id, "version": config.version,
                          "pid": os.getpid(), "started_at": self.server.started_at})
+
+    def _identity(self, body: bytes) -> None:
+        data = self._json_object(body)
+        if data is None:
+            return
+        user_id = data.get("user_id")
+        if not isinstance(user_id, str) or not user_id:
+            return self._json(400, {"error": "user_id must be a non-empty string"})
+        server = self.server
+        if server.config.faults.identity_delay_ms:
+            time.sleep(server.config.faults.identity_delay_ms / 1000)
+        with server.identity_lock:
+            current = server.config.user_id
+            if current and current != user_id:
+                return self._json(409, {"error": "this engine has a user", "user_id": current})
+            if not current:
+                identity.save(server.config.brain_dir, user_id)
+                server.config.user_id = user_id
+                say(f"claimed by user {user_id!r}")
+        self._json(200, {"user_id": user_id})
 
     def _admin_exit(self, body: bytes) -> None:
         data = self._json_object(body)
@@ -279,6 +302,7 @@ class Handler(BaseHTTPRequestHandler):
 ROUTES: dict[str, tuple[str, Callable[[Handler, bytes], None]]] = {
     "/v1/keycheck": ("GET", Handler._keycheck),
     "/v1/info": ("GET", Handler._info),
+    "/v1/identity": ("PUT", Handler._identity),
     "/v1/admin/exit": ("POST", Handler._admin_exit),
     "/v1/admin/health": ("POST", Handler._admin_health),
 }

@@ -6,14 +6,15 @@ written here and nowhere else. Modules:
 - engines: the typed `EngineRow`, compare-and-set transitions, leases;
 - events: the audit log and the transitions published to subscribers (metrics, logs);
 - products, limits (rate-limit slots), ports (the local driver's port pool);
-- shards: the reconciler's work split across replicas, leased.
+- shards: the reconciler's work split across replicas, leased;
+- pool: the warm pool's claims, reads and refill lease.
 - leases: the lease compare-and-set that engines and rollouts share.
 """
 
 from __future__ import annotations
 
 from app.errors import Conflict, QuotaExceeded
-from app.registry import limits, ports, rollouts, shards
+from app.registry import limits, pool, ports, rollouts, shards
 from app.registry.db import (
     Changes,
     checkpoint,
@@ -81,7 +82,7 @@ __all__ = [
     "delete_engine", "delete_product", "engine_count", "engine_counts", "engine_named",
     "engines_by_ids", "engines_in", "entered_since", "events_after", "events_for", "events_page",
     "execute_hot", "find_engine", "find_engine_hot", "hot_sql", "idle_running", "insert_engine",
-    "is_sqlite", "known_names", "limits", "list_engines", "needing_recovery", "ports",
+    "is_sqlite", "known_names", "limits", "list_engines", "needing_recovery", "pool", "ports",
     "product_by_key_hash", "product_by_name", "product_name", "publish", "recent_events",
     "record_orphan_removed", "release_lease", "reload", "request_id_var", "restartable_failed",
     "rollouts", "set_product_key",

@@ -57,6 +57,12 @@ def _migrate(database: Any) -> None:
             database.execute_sql('ALTER TABLE "engine" RENAME COLUMN "version" TO "row_version"')
         if "previous_version" not in columns:  # upgrades' rollback target
             database.execute_sql('ALTER TABLE "engine" ADD COLUMN "previous_version" VARCHAR(256)')
+        if "in_pool" not in columns:  # the warm pool
+            database.execute_sql('ALTER TABLE "engine" ADD COLUMN "in_pool" BOOLEAN NOT NULL DEFAULT FALSE')
+            database.execute_sql('ALTER TABLE "engine" ADD COLUMN "claimed_at" DOUBLE PRECISION')
+    if "product" in database.get_tables() and \
+            "warm_pool" not in {c.name for c in database.get_columns("product")}:
+        database.execute_sql('ALTER TABLE "product" ADD COLUMN "warm_pool" INTEGER NOT NULL DEFAULT 0')
     if "event" in database.get_tables() and \
             "engine_id" not in {c.name for c in database.get_columns("event")}:
         database.execute_sql('ALTER TABLE "event" ADD COLUMN "engine_id" INTEGER')

@@ -48,6 +48,8 @@ class EngineRow:
     lease_owner: str | None
     lease_until: float | None
     previous_version: str | None  # an upgrade in flight: the version to go back to
+    in_pool: bool  # a warm pool's engine, waiting for a user
+    claimed_at: float | None  # taken from the pool by its user at this time
 
     @property
     def key(self) -> tuple[int, str]:
@@ -63,6 +65,7 @@ assert set(ENGINE_COLUMNS) == set(_FIELDS), "EngineRow and the engine table diff
 def _row(values: tuple[Any, ...]) -> EngineRow:
     data = dict(zip(ENGINE_COLUMNS, values))
     data["driver_state"] = json.loads(data["driver_state"] or "{}")
+    data["in_pool"] = bool(data["in_pool"])
     return EngineRow(**data)
 
 
@@ -109,7 +112,7 @@ def reload(row: EngineRow) -> EngineRow | None:
 
 
 def insert_engine(product_id: int, user_id: str, name: str, engine_version: str, key_enc: str,
-                  owner: str, lease_s: float) -> EngineRow:
+                  owner: str, lease_s: float, in_pool: bool = False) -> EngineRow:
     """Count the product's engines and insert the new one in one transaction (the quota).
     The new row is leased to `owner`: its provision is under way."""
     now = time.time()
@@ -128,7 +131,7 @@ def insert_engine(product_id: int, user_id: str, name: str, engine_version: str,
                     status=states.PROVISIONING,
                     engine_version=engine_version, key_enc=key_enc, created_at=now,
                     updated_at=now, status_since=now, lease_owner=owner,
-                    lease_until=now + lease_s).execute()
+                    lease_until=now + lease_s, in_pool=in_pool).execute()
         except pw.IntegrityError:
             raise errors.already_exists(user_id) from None
         row = find_engine(product_id, user_id)
@@ -222,7 +225,7 @@ def release_lease(row: EngineRow, owner: str) -> None:
 
 def list_engines(product_id: int | None = None, status: str | None = None,
                  after_id: int = 0, limit: int = 100) -> list[EngineRow]:
-    query = Engine.select().where(Engine.id > after_id)
+    query = Engine.select().where((Engine.id > after_id) & ~Engine.in_pool)  # users' engines
     if product_id is not None:
         query = query.where(Engine.product == product_id)
     if status is not None:

@@ -21,6 +21,7 @@ class Product(BaseModel):
     max_engines = pw.IntegerField()
     rate_limit_rpm = pw.IntegerField()
     created_at = pw.DoubleField()
+    warm_pool = pw.IntegerField(default=0)  # engines kept ready for new users (app.pool)
 
 
 class IdCounter(BaseModel):
@@ -60,13 +61,17 @@ class Engine(BaseModel):
     lease_until = pw.DoubleField(null=True)
     # An upgrade in flight: the version to go back to if it does not come up.
     previous_version = pw.CharField(max_length=256, null=True)
+    # A warm pool's engine waiting for a user (its user_id is POOL_PREFIX..., never a user's).
+    in_pool = pw.BooleanField(default=False)
+    claimed_at = pw.DoubleField(null=True)  # when a user claimed it from the pool
 
     class Meta:
         indexes = ((("product", "user_id"), True),
                    # The reconciler's range reads (engines started since its last
                    # look; idle engines), without reading every running row.
                    (("status", "status_since"), False),
-                   (("status", "last_admit_at"), False))
+                   (("status", "last_admit_at"), False),
+                   (("product", "in_pool", "status"), False))
 
 
 class Event(BaseModel):
@@ -115,6 +120,14 @@ class Replica(BaseModel):
 
 
 
+class PoolLease(BaseModel):
+    """Who refills a product's warm pool: one replica at a time."""
+
+    product_id = pw.IntegerField(primary_key=True)
+    lease_owner = pw.CharField(max_length=64, null=True)
+    lease_until = pw.DoubleField(null=True)
+
+
 class Rollout(BaseModel):
     """A product's fleet moving to `to_version`, batch by batch; run by the replica
     holding its lease."""
@@ -147,5 +160,5 @@ class RolloutTarget(BaseModel):
 
 
 MODELS = (Product, IdCounter, RateLimit, Engine, Event, PortLease, ShardLease, Replica, Rollout,
-          RolloutTarget)
+          RolloutTarget, PoolLease)
 ENGINE_COLUMNS = tuple(f.column_name for f in Engine._meta.sorted_fields)

@@ -21,19 +21,23 @@ class ProductInUse(Exception):
         self.engines = engines
 
 
-def create_product(name: str, key_hash: str, max_engines: int, rate_limit_rpm: int) -> Product:
+def create_product(name: str, key_hash: str, max_engines: int, rate_limit_rpm: int,
+                   warm_pool: int = 0) -> Product:
     with write_lock():
         product_id = next_id(Product)
         try:
             with Product._meta.database.atomic():
                 return Product.create(id=product_id, name=name, key_hash=key_hash,
                                       max_engines=max_engines, rate_limit_rpm=rate_limit_rpm,
-                                      created_at=time.time())
+                                      created_at=time.time(), warm_pool=warm_pool)
         except pw.IntegrityError:
             raise ProductExists(name) from None
 
 
-def update_product(product: Product, max_engines: int | None, rate_limit_rpm: int | None) -> Product:
+def update_product(product: Product, max_engines: int | None, rate_limit_rpm: int | None,
+                   warm_pool: int | None = None) -> Product:
+    if warm_pool is not None:
+        product.warm_pool = warm_pool
     if max_engines is not None:
         product.max_engines = max_engines
     if rate_limit_rpm is not None:

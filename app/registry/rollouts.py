@@ -25,7 +25,8 @@ def create_rollout(product_id: int, to_version: str, from_version: str | None, b
                                  from_version=from_version, batch_size=batch_size,
                                  max_failures=max_failures, created_at=now, updated_at=now)
         engines = Engine.select(Engine.user_id, Engine.engine_version).where(
-            (Engine.product == product_id) & (Engine.engine_version != to_version))
+            (Engine.product == product_id) & (Engine.engine_version != to_version)
+            & ~Engine.in_pool)  # the warm pool replaces its own engines (app.pool)
         if from_version is not None:
             engines = engines.where(Engine.engine_version == from_version)
         rows = [{"rollout_id": rollout.id, "user_id": e.user_id, "position": i,

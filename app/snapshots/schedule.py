@@ -47,7 +47,9 @@ class SnapshotSchedule:
 
     async def tick(self, now: float) -> list[str]:
         """Take the snapshots due; returns the ids taken."""
-        rows = {r.id: r for r in registry.engines_in(WITH_BRAIN) if self.mine(r) and self._here(r)}
+        # A warm pool's engines wait for a user: nothing of anyone's to keep yet.
+        rows = {r.id: r for r in registry.engines_in(WITH_BRAIN)
+                if not r.in_pool and self.mine(r) and self._here(r)}
         self.plan.replace(set(rows), now)
         taken = []
         for engine_id in self.plan.due(now):

@@ -16,6 +16,9 @@
     nomad_waits       what a product waits for on Nomad: first admit, start after stop, wake,
                       rotate-key, p50/p90, on the double's production and -dev timings, beside
                       the local driver in the same run (tests/bench/nomad_waits.py)
+    pool              a new user's first admit from a warm pool vs a cold provision, and a
+                      burst of 3N new users against a pool of N, on both drivers
+                      (tests/bench/pool.py)
     snapshot          a 100 MB brain snapshotted, again with 1% changed, and restored, on the
                       directory store and S3, beside a plain tar (tests/bench/snapshot.py)
     rollout           BENCH_ROLLOUT_ENGINES (100) engines moved by one rollout in
@@ -38,7 +41,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.bench import fleet, nomad_fleet, nomad_waits, rollout, snapshot
+from tests.bench import fleet, nomad_fleet, nomad_waits, pool, rollout, snapshot
 from tests.bench.loadgen import Target, run_in_process
 from tests.harness import ROOT, Orchestrator, free_port, wait_for
 
@@ -55,7 +58,8 @@ def main() -> None:
     benches = {"admit": bench_admit, "wake": bench_wake, "provision": bench_provision,
                "rows": bench_rows, "herd": bench_herd, "fleet": fleet.bench_fleet,
                "nomad": nomad_fleet.bench_nomad, "nomad_waits": nomad_waits.bench_nomad_waits,
-               "rollout": rollout.bench_rollout, "snapshot": snapshot.bench_snapshot}
+               "rollout": rollout.bench_rollout, "pool": pool.bench_pool,
+               "snapshot": snapshot.bench_snapshot}
     only = [name for name in os.environ.get("BENCH_ONLY", "").split(",") if name] or list(benches)
     results = {}
     try:
@@ -279,6 +283,8 @@ def report(r: dict) -> None:
         print("\n".join(nomad_waits.lines(r["nomad_waits"])))
     if "rollout" in r:
         print("\n".join(rollout.lines(r["rollout"])))
+    if "pool" in r:
+        print("\n".join(pool.lines(r["pool"])))
     if "snapshot" in r:
         print("\n".join(snapshot.lines(r["snapshot"])))
 

@@ -23,7 +23,7 @@ import signal
 import time
 from typing import Any
 
-from tests.doubles import jobcheck, placement, views
+from tests.doubles import inplace, jobcheck, placement, views
 from tests.doubles.checks import ServiceManager
 from tests.doubles.state import Alloc, State, new_id, now_ns
 from tests.doubles.tasks import TaskRunner
@@ -116,10 +116,21 @@ class Cluster:
 
     def _process(self, ev: dict[str, Any]) -> None:
         job = self.state.jobs.get(ev["JobID"])
-        if job is not None and self._needs_placement(job):
+        if job is not None and self._updated_in_place(job):
+            self._finish_eval(ev, {})
+        elif job is not None and self._needs_placement(job):
             self._evaluate(job, ev)
         else:
             self._finish_eval(ev, {})   # nothing to change: a no-op plan
+
+    def _updated_in_place(self, job: dict[str, Any]) -> bool:
+        live = [a for a in self.state.job_allocs(job["ID"]) if not a.terminal and a.desired == "run"]
+        if job["Stop"] or len(live) != 1 or live[0].job["Version"] == job["Version"] \
+                or not inplace.in_place(live[0].job["_submitted"], job["_submitted"]):
+            return False
+        inplace.update(self.state, live[0], job)
+        self.alloc_event(live[0], "AllocationUpdated")
+        return True
 
     def deregister(self, jid: str, purge: bool) -> dict[str, Any]:
         job = self.state.jobs.get(jid)

@@ -214,7 +214,7 @@ def test_tables_at_a_terminal_json_for_scripts(orch: Orchestrator) -> None:
         return b"".join(chunks).decode()
 
     table = at_terminal("products", "list").splitlines()
-    assert table[0].split() == ["NAME", "MAX_ENGINES", "RATE_LIMIT_RPM", "ENGINES"]
+    assert table[0].split() == ["NAME", "MAX_ENGINES", "RATE_LIMIT_RPM", "ENGINES", "WARM_POOL", "WARM"]
     assert table[1].split()[0] == "acme"
     assert json.loads(at_terminal("products", "list", "--json"))[0]["name"] == "acme"
     assert json.loads(orch.cli("products", "list").stdout)[0]["name"] == "acme"  # a pipe

@@ -165,6 +165,23 @@ def test_memory_round_trip_survives_a_restart(start: Callable[..., Engine], tmp_
     assert again.call("GET", "/v1/memory/gone").status_code == 404
 
 
+def test_a_pooled_engine_learns_its_user_once_and_keeps_it(start: Callable[..., Engine],
+                                                          tmp_path: Path) -> None:
+    engine = start(env={"ENGINE_USER_ID": ""})
+    assert engine.call("GET", "/v1/info").json()["user_id"] == ""
+    assert engine.http.put("/v1/identity", json={"user_id": "bob"}).status_code == 401
+    assert engine.call("PUT", "/v1/identity", json={"user_id": ""}).status_code == 400
+    told = engine.call("PUT", "/v1/identity", json={"user_id": "bob"})
+    assert told.status_code == 200 and told.json() == {"user_id": "bob"}
+    assert engine.call("PUT", "/v1/identity", json={"user_id": "bob"}).status_code == 200
+    assert engine.call("PUT", "/v1/identity", json={"user_id": "eve"}).status_code == 409
+    assert engine.call("GET", "/v1/info").json()["user_id"] == "bob"
+    engine.signal(signal.SIGTERM)
+    assert engine.wait_exit() == 0
+    again = start(brain=tmp_path / "brain", env={"ENGINE_USER_ID": ""})  # restarted as pooled
+    assert again.call("GET", "/v1/info").json()["user_id"] == "bob"
+
+
 def test_memory_limits(start: Callable[..., Engine]) -> None:
     engine = start()
     mib = 1024 * 1024

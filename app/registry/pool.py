@@ -1,0 +1,148 @@
+"""The warm pool's rows: claiming a pooled engine for a user, the pool's reads and its lease.
+
+A pooled engine is an ordinary engine row with `in_pool` set and a user id no user can have
+(POOL_PREFIX: user ids never contain '/'). A claim moves one such row to a user in one
+compare-and-set, so no engine goes to two users, on any number of replicas: the unique
+(product, user_id) index refuses a second engine for the same user, and the row's
+(row_version, status, in_pool) refuse a second claimer of the same engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import time
+from typing import Any
+
+import peewee as pw
+
+from app import errors, states
+from app.registry import leases
+from app.registry.db import is_sqlite, tuples, write_lock
+from app.registry.engines import EngineRow, _row
+from app.registry.events import audit, publish
+from app.registry.models import ENGINE_COLUMNS, Engine, PoolLease, Product, Rollout
+
+POOL_PREFIX = "/pool/"
+CLAIMABLE = (states.RUNNING, states.SLEEPING)
+BOOTING = (states.PROVISIONING, states.STARTING)
+
+
+def new_pool_user() -> str:
+    """The placeholder user id of a new pooled engine (its name is derived from it)."""
+    return POOL_PREFIX + secrets.token_hex(4)
+
+
+def claim(product_id: int, user_id: str, version: str, owner: str,
+          lease_s: float) -> tuple[EngineRow, str] | None:
+    """Give `user_id` a ready pooled engine on `version`: (the row, leased to `owner` and
+    `starting`, and the state it left), or None when the pool has none. Raises
+    EngineAlreadyExists when the user has an engine (made meanwhile by another replica)."""
+    now = time.time()
+    with write_lock():
+        found = _claimable(product_id, version, now)
+        if found is None:
+            return None
+        values: dict[str, Any] = {"user_id": user_id, "in_pool": False, "claimed_at": now,
+                  "status": states.next_state(found.status, "claimed"), "status_since": now,
+                  "lease_owner": owner, "lease_until": now + lease_s, "last_admit_at": None,
+                  "row_version": found.row_version + 1, "updated_at": now}
+        try:
+            with Engine._meta.database.atomic():
+                changed = (Engine.update(**values)
+                           .where((Engine.id == found.id) & (Engine.row_version == found.row_version)
+                                  & (Engine.status == found.status) & Engine.in_pool)
+                           .execute())
+        except pw.IntegrityError:
+            raise errors.already_exists(user_id) from None
+        if changed != 1:
+            return None  # taken meanwhile (PostgreSQL, whose SKIP LOCKED we did not beat)
+        change = audit(product_id, user_id, found.name, "claimed", found.status, states.STARTING,
+                       None, now, found.id)
+    publish(change)
+    return dataclasses.replace(found, **values), found.status
+
+
+def _claimable(product_id: int, version: str, now: float) -> EngineRow | None:
+    """A ready pooled engine nobody holds: running ones first (no resume to wait for)."""
+    query = (Engine.select(*[getattr(Engine, c if c != "product_id" else "product")
+                             for c in ENGINE_COLUMNS])
+             .where((Engine.product == product_id) & Engine.in_pool
+                    & Engine.status.in_(CLAIMABLE) & (Engine.engine_version == version)
+                    & (Engine.lease_owner.is_null() | (Engine.lease_until < now)))
+             .order_by(pw.Case(None, [(Engine.status == states.RUNNING, 0)], 1), Engine.id)
+             .limit(1))
+    if not is_sqlite():
+        query = query.for_update(skip_locked=True)  # a row another claimer holds is skipped
+    rows = tuples(query)
+    return _row(rows[0]) if rows else None
+
+
+def pooled(product_id: int) -> list[EngineRow]:
+    """The product's pooled engines, every state."""
+    query = Engine.select(*[getattr(Engine, c if c != "product_id" else "product")
+                            for c in ENGINE_COLUMNS]).where(
+        (Engine.product == product_id) & Engine.in_pool).order_by(Engine.id)
+    return [_row(values) for values in tuples(query)]
+
+
+def warm_counts() -> dict[int, int]:
+    """Ready (claimable) pooled engines per product id."""
+    query = (Engine.select(Engine.product, pw.fn.COUNT(Engine.id))
+             .where(Engine.in_pool & Engine.status.in_(CLAIMABLE)).group_by(Engine.product))
+    return {int(p): int(n) for p, n in tuples(query)}
+
+
+def booting_at_quota(product_id: int, version: str) -> bool:
+    """The product is at its quota and a pooled engine on `version` is still booting: a new
+    user waits for it rather than being refused because of the pool."""
+    product = Product.get_or_none(Product.id == product_id)
+    if product is None:
+        return False
+    total = Engine.select().where(Engine.product == product_id).count()
+    if total < product.max_engines:
+        return False
+    return bool(Engine.select().where(
+        (Engine.product == product_id) & Engine.in_pool & Engine.status.in_(BOOTING)
+        & (Engine.engine_version == version)).exists())
+
+
+def fleet_version(product_id: int) -> str | None:
+    """The `to_version` of the product's latest rollout of its whole fleet (no from_version)
+    that is under way or succeeded: new engines get it rather than the configured image."""
+    found = (Rollout.select(Rollout.to_version)
+             .where((Rollout.product_id == product_id) & Rollout.from_version.is_null()
+                    & Rollout.status.in_(("running", "paused", "succeeded")))
+             .order_by(Rollout.id.desc()).limit(1).scalar())
+    return None if found is None else str(found)
+
+
+def target(product_id: int) -> int:
+    """How many engines the product's pool keeps (0: no pool)."""
+    value = Product.select(Product.warm_pool).where(Product.id == product_id).scalar()
+    return int(value or 0)
+
+
+def pool_products() -> list[Product]:
+    """Products with a pool, or with pooled engines left over from one."""
+    with_rows = Engine.select(Engine.product).where(Engine.in_pool).distinct()
+    return list(Product.select().where((Product.warm_pool > 0) | Product.id.in_(with_rows))
+                .order_by(Product.id))
+
+
+def take_lease(product_id: int, owner: str, seconds: float) -> bool:
+    """Refill `product_id`'s pool: one replica at a time."""
+    PoolLease.insert(product_id=product_id).on_conflict_ignore().execute()
+    return leases.take(PoolLease, PoolLease.product_id == product_id, owner, seconds)
+
+
+def give_back_lease(product_id: int, owner: str) -> None:
+    leases.give_back(PoolLease, PoolLease.product_id == product_id, owner)
+
+
+def drop_lease(product_id: int) -> None:
+    PoolLease.delete().where(PoolLease.product_id == product_id).execute()
+
+
+__all__ = ["POOL_PREFIX", "booting_at_quota", "claim", "drop_lease", "fleet_version", "give_back_lease",
+           "new_pool_user", "pool_products", "pooled", "take_lease", "target", "warm_counts"]
