@@ -52,12 +52,17 @@ class Bodies:
 
     # ---- explicit operations -------------------------------------------------------------------
 
-    async def provision(self, row: EngineRow, api_key: str) -> tuple[EngineRow, str]:
+    async def provision(self, row: EngineRow, api_key: str,
+                        seed: tuple[str, Manifest] | None = None) -> tuple[EngineRow, str]:
         spec = self.spec(row)
         try:
+            if seed is not None:  # the brain is filled before the engine first runs
+                await snapshot_bodies.seed(self, row, *seed)
             state = await self.driver.create(spec, api_key)
-        except DriverError as exc:
-            # Nothing ran: leave nothing behind, not even the row.
+        except (DriverError, errors.SnapshotStoreFailed, errors.InvalidRequest) as exc:
+            # Nothing ran: leave nothing behind, not even the row (nor a seeded brain).
+            if seed is not None:
+                await self.driver.destroy(spec, None)
             registry.delete_engine(row, "provision_failed", exc.code.lower())
             raise
         row = registry.update(row, driver_state=state)

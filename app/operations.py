@@ -25,6 +25,7 @@ from app.crypto import KeyBox
 from app.drivers.base import Driver
 from app.registry import EngineRow
 from app.runner import Key, Runner
+from app.snapshots.service import Manifest
 
 POLL_S = 0.05
 
@@ -149,7 +150,8 @@ class Engines:
             raise policy.busy(key[1]) from None
 
     async def _create(self, key: Key, product_name: str, engine_version: str | None = None,
-                      in_pool: bool = False) -> tuple[EngineRow, str]:
+                      in_pool: bool = False,
+                      seed: tuple[str, Manifest] | None = None) -> tuple[EngineRow, str]:
         product_id, user_id = key
         version = engine_version or self.default_version(product_id)
         self.driver.check_version(version)  # the driver refuses what it cannot run (SPEC "Additions")
@@ -161,8 +163,9 @@ class Engines:
                                           version, self.keys.encrypt(api_key), self.runner.owner,
                                           self.settings.lease_s, in_pool)
 
-        body = partial(TABLE[Op.PROVISION].body, self.bodies, api_key=api_key)
-        claim = None if in_pool else partial(self._claim, key, version)
+        body = partial(TABLE[Op.PROVISION].body, self.bodies, api_key=api_key, seed=seed)
+        # A brain from a snapshot is a new brain: a pooled engine, with one of its own, is not.
+        claim = None if in_pool or seed else partial(self._claim, key, version)
         return await self.runner.create(Op.PROVISION, key, insert, body, claim)
 
     def default_version(self, product_id: int) -> str:

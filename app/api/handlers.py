@@ -55,8 +55,10 @@ async def provision(svc: Services, call: Call) -> Any:
     version = None if body.engine_version is UNSET else body.engine_version
     if version is not None and not version.isprintable():
         raise errors.invalid("engine_version must be 1 to 256 printable characters")
+    seed = None if body.from_snapshot is UNSET else await _seed(svc, call, body.from_snapshot)
     engine, api_key = await svc.engines.run(Op.PROVISION, (call.product.id, body.user_id),
-                                            product_name=call.product.name, engine_version=version)
+                                            product_name=call.product.name, engine_version=version,
+                                            seed=seed)
     return spec.Provisioned(**_engine_fields(engine), api_key=api_key,
                             from_pool=engine.claimed_at is not None)
 
@@ -170,6 +172,18 @@ async def import_brain(svc: Services, call: Call) -> Any:
     finally:
         call.body.close()
     return snapshot_struct(manifest)
+
+
+async def _seed(svc: Services, call: Call, ref: spec.SnapshotRef) -> tuple[str, Any]:
+    """The snapshot a new engine starts from, found before anything is created."""
+    check_user_id(ref.user_id)
+    source = registry.find_engine(call.product.id, ref.user_id)
+    if source is None:
+        raise errors.engine_not_found(ref.user_id)
+    manifest = await svc.engines.bodies.snapshots.get(source.name, ref.snapshot_id)
+    if manifest is None:
+        raise errors.snapshot_not_found(ref.user_id, ref.snapshot_id)
+    return source.name, manifest
 
 
 def _engine(call: Call) -> Any:

@@ -51,9 +51,15 @@ DenialReason = Literal["engine_not_found", "engine_sleeping", "engine_stopped",
 # ---- request bodies and queries ----------------------------------------------------------
 
 
+class SnapshotRef(Struct, forbid_unknown_fields=True):
+    user_id: UserId  # an engine of the same product
+    snapshot_id: SnapshotId
+
+
 class ProvisionBody(Struct, forbid_unknown_fields=True):
     user_id: UserId
     engine_version: EngineVersion | UnsetType = UNSET  # omitted: ORCH_ENGINE_IMAGE
+    from_snapshot: SnapshotRef | UnsetType = UNSET  # the new brain: a copy of this snapshot's
 
 
 class AdmitBody(Struct, forbid_unknown_fields=True):
@@ -273,7 +279,9 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              "Admit a user request: the engine's URL and key, or why not",
              Admission, ("RATE_LIMITED", "QUOTA_EXCEEDED", *BOOTING), body=AdmitBody),
     Endpoint("provision", "POST", "/engines/provision", "Create a user's engine and wait until it runs",
-             Provisioned, ("ENGINE_ALREADY_EXISTS", "QUOTA_EXCEEDED", *BOOTING), body=ProvisionBody),
+             Provisioned, ("ENGINE_ALREADY_EXISTS", "QUOTA_EXCEEDED", "ENGINE_NOT_FOUND",
+                           "SNAPSHOT_NOT_FOUND", "SNAPSHOT_STORE_FAILED", *BOOTING),
+             body=ProvisionBody),
     Endpoint("list", "GET", "/engines", "List the product's engines, a page at a time",
              EnginePage, query=ListQuery),
     Endpoint("get", "GET", "/engines/{user_id}", "Look up a user's engine", Engine,

@@ -103,11 +103,13 @@ def _present(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
-def provision(user_id: str, engine_version: str | None,
-              request_id: str | None) -> Call[ProvisionedEngine]:
-    # engine_version omitted: the server's ORCH_ENGINE_IMAGE
+def provision(user_id: str, engine_version: str | None, request_id: str | None,
+              from_snapshot: tuple[str, str] | None = None) -> Call[ProvisionedEngine]:
+    # engine_version omitted: the server's ORCH_ENGINE_IMAGE; from_snapshot: (user, snapshot id)
+    source = None if from_snapshot is None else \
+        {"user_id": from_snapshot[0], "snapshot_id": from_snapshot[1]}
     return _call("provision", lambda r: ProvisionedEngine.from_json(_json(r)),
-                 json=_present(user_id=user_id, engine_version=engine_version),
+                 json=_present(user_id=user_id, engine_version=engine_version, from_snapshot=source),
                  request_id=request_id)
 
 

@@ -64,9 +64,12 @@ class Client:
     # ---- engines ------------------------------------------------------------------------------
 
     def provision(self, user_id: str, engine_version: str | None = None, *,
-                  request_id: str | None = None) -> ProvisionedEngine:
-        """Create the user's engine and wait until it runs; the key is shown this once."""
-        return self._send(_calls.provision(user_id, engine_version, request_id))
+                  request_id: str | None = None,
+                  from_snapshot: tuple[str, str] | None = None) -> ProvisionedEngine:
+        """Create the user's engine and wait until it runs; the key is shown this once.
+        `from_snapshot` (user id, snapshot id): its brain starts as a copy of that snapshot,
+        of an engine of the same product."""
+        return self._send(_calls.provision(user_id, engine_version, request_id, from_snapshot))
 
     def get(self, user_id: str, *, request_id: str | None = None) -> Engine:
         return self._send(_calls.get(user_id, request_id))

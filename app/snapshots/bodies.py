@@ -78,6 +78,16 @@ async def import_brain(bodies: Bodies, row: EngineRow, archive: IO[bytes]) -> Ma
     return manifest
 
 
+async def seed(bodies: Bodies, row: EngineRow, source: str, manifest: Manifest) -> None:
+    """A new engine's brain: a copy of another engine's snapshot (`provision` from_snapshot)."""
+    brain = _brain(bodies, row)
+    staging = await bodies.snapshots.stage(source, manifest, brain)
+    try:
+        tree.replace(staging, brain)
+    finally:
+        tree.discard(staging)
+
+
 async def restore(bodies: Bodies, row: EngineRow, snapshot_id: str) -> EngineRow:
     """Stop the engine, make its brain the snapshot's, start it again. The snapshot is read
     and checked before the engine is touched, so a missing or damaged one changes nothing."""

@@ -361,3 +361,24 @@ def test_a_restored_brain_is_the_nobody_engines_own() -> None:
             url = engine.json()["url"]
             assert memory(url, key, "GET", "colour").content == b"blue"
             assert memory(url, key, "PUT", "colour", b"green").is_success  # and writes it
+
+
+def test_provision_from_a_snapshot_starts_with_its_brain(file_orch: Orchestrator) -> None:
+    api = file_orch.client("acme")
+    url, key = provision(api)
+    assert memory(url, key, "PUT", "colour", b"blue").is_success
+    snap = api.post(f"/engines/{USER}/snapshots").json()
+    for source, status, code in (({"user_id": "nobody-here", "snapshot_id": snap["id"]}, 404,
+                                  "ENGINE_NOT_FOUND"),
+                                 ({"user_id": USER, "snapshot_id": "s-20000101000000000-00000000"},
+                                  404, "SNAPSHOT_NOT_FOUND"),
+                                 ({"user_id": USER, "snapshot_id": "bad"}, 400, "INVALID_REQUEST")):
+        answer = api.post("/engines/provision", json={"user_id": "twin", "from_snapshot": source})
+        assert (answer.status_code, answer.json()["error"]["code"]) == (status, code), answer.text
+    assert api.get("/engines/twin").status_code == 404  # nothing was created
+    twin = api.post("/engines/provision", json={"user_id": "twin", "from_snapshot": {
+        "user_id": USER, "snapshot_id": snap["id"]}})
+    assert twin.status_code == 200, twin.text
+    assert memory(twin.json()["url"], twin.json()["api_key"], "GET", "colour").content == b"blue"
+    assert memory(url, key, "PUT", "colour", b"red").is_success  # two brains, not one
+    assert memory(twin.json()["url"], twin.json()["api_key"], "GET", "colour").content == b"blue"

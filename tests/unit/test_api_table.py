@@ -103,7 +103,7 @@ def _example(parameter: str) -> object:
             "status": "running", "limit": 5, "cursor": "ZToz", "request_id": None, "wait": False,
             "rollout_id": 7, "to_version": "v2", "from_version": "v1", "batch_size": 3,
             "max_failures": 1, "snapshot_id": "s-20261207142655123-0123abcd",
-            "archive": b"tar"}[parameter]
+            "archive": b"tar", "from_snapshot": ("golden", "s-20261207142655123-0123abcd")}[parameter]
 
 
 @pytest.mark.parametrize("answer,model", [
