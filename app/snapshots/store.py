@@ -46,9 +46,6 @@ class Store(abc.ABC):
     def delete(self, keys: list[str]) -> None:
         """Delete these objects; those already gone are no error."""
 
-    def exists(self, key: str) -> bool:
-        return self.get(key) is not None
-
     def delete_prefix(self, prefix: str) -> None:
         self.delete(list(self.keys(prefix)))
 
@@ -98,9 +95,6 @@ class FileStore(Store):
         except OSError as exc:
             raise _failed("read", key, exc) from exc
 
-    def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
-
     def keys(self, prefix: str) -> Iterator[str]:
         base = self._path(prefix)
         if not base.is_dir():
@@ -146,18 +140,6 @@ class S3Store(Store):
                 return None
             body: bytes = answer["Body"].read()
             return body
-
-    def exists(self, key: str) -> bool:
-        from botocore.exceptions import ClientError
-
-        with self._call("read", key):
-            try:
-                self.client.head_object(Bucket=self.bucket, Key=self.prefix + key)
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                    return False
-                raise
-            return True
 
     def keys(self, prefix: str) -> Iterator[str]:
         with self._call("list", prefix):
