@@ -82,6 +82,7 @@ class Settings:
     metrics_token: str | None = None
     limit_concurrency: int = 1000
     head_timeout_s: float = 10.0
+    body_timeout_s: float = 10.0  # a request body must be whole this long after its head
     # An idle keep-alive connection is closed after this long: longer than clients keep theirs
     # (httpx 5 s, aiohttp 15 s), so a client never reuses one the server is closing.
     keepalive_s: int = 30
@@ -93,7 +94,7 @@ class Settings:
     # jitter), and every row is looked at again in a full resync this often.
     health_interval_s: float = 10.0
     resync_s: float = 60.0
-    # On Nomad: follow Nomad's event stream and Consul's blocking queries ("on"),
+    # The fleet on Nomad: follow Nomad's event stream and Consul's blocking queries ("on"),
     # or learn of ends from the scheduled health checks alone ("off": the bench's baseline).
     nomad_events: bool = True
     # The Nomad clients' max_kill_timeout (Nomad's default 30 s): a longer stop grace is cut.
@@ -145,22 +146,29 @@ class Settings:
             nomad_region=r.get("NOMAD_REGION", _nonempty, None),
             consul_addr=r.get("CONSUL_HTTP_ADDR", _consul_addr, cls.consul_addr),
             consul_token=r.get("CONSUL_HTTP_TOKEN", _nonempty, None),
+            # Nomad
             engine_images=r.get("ORCH_ENGINE_IMAGES", _repositories, cls.engine_images),
             nomad_volume_uid=r.get("ORCH_NOMAD_VOLUME_UID", _non_negative_int, cls.nomad_volume_uid),
             nomad_volume_gid=r.get("ORCH_NOMAD_VOLUME_GID", _non_negative_int, cls.nomad_volume_gid),
             nomad_volume_mode=r.get("ORCH_NOMAD_VOLUME_MODE", _octal_mode, cls.nomad_volume_mode),
+            # The HTTP server.
             metrics_token=r.get("ORCH_METRICS_TOKEN", _nonempty, None),
             limit_concurrency=r.get("ORCH_LIMIT_CONCURRENCY", _positive_int, cls.limit_concurrency),
             head_timeout_s=r.get("ORCH_HEAD_TIMEOUT_S", _positive, cls.head_timeout_s),
+            body_timeout_s=r.get("ORCH_BODY_TIMEOUT_S", _positive, cls.body_timeout_s),
             keepalive_s=r.get("ORCH_KEEPALIVE_S", _positive_int, cls.keepalive_s),
+            # Hostile tenants.
             engine_user=r.get("ORCH_ENGINE_USER", _nonempty, None),
             engine_env=r.get("ORCH_ENGINE_ENV", _env_names, cls.engine_env),
             engine_gid_base=r.get("ORCH_ENGINE_GID_BASE", _gid_base, cls.engine_gid_base),
+            # A fleet of engines.
             health_interval_s=r.get("ORCH_HEALTH_INTERVAL_S", _positive, cls.health_interval_s),
             resync_s=r.get("ORCH_RESYNC_S", _positive, cls.resync_s),
+            # The fleet on Nomad.
             nomad_events=r.get("ORCH_NOMAD_EVENTS", _choice(("on", "off")), "on") == "on",
             nomad_max_kill_timeout_s=r.get("ORCH_NOMAD_MAX_KILL_TIMEOUT_S", _positive,
                                            cls.nomad_max_kill_timeout_s),
+            # Rollouts.
             platform_key=r.get("ORCH_PLATFORM_KEY", _nonempty, None),
             rollout_concurrency=r.get("ORCH_ROLLOUT_CONCURRENCY", _positive_int,
                                       cls.rollout_concurrency),

@@ -1,4 +1,4 @@
-"""`events?follow=true` (an engine's, a rollout's): audit events as Server-Sent Events (issue 13).
+"""`events?follow=true` (an engine's, a rollout's): audit events as Server-Sent Events.
 
 First the latest events (oldest first), then each new one as it is written, one `data:` line
 of the event's JSON each, with the event id as the SSE `id`. New events are read from the

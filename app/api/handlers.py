@@ -20,7 +20,6 @@ from app import errors, naming, registry
 from app.admit import Admitter
 from app.api import follow, spec
 from app.operations import Engines, Op, ProductRef
-from app.snapshots.service import valid_id as valid_snapshot_id
 
 CURSOR_MAX = 2**62  # below SQLite's and PostgreSQL's largest integer
 
@@ -133,11 +132,11 @@ async def snapshot(svc: Services, call: Call) -> Any:
 
 async def snapshots(svc: Services, call: Call) -> Any:
     query: spec.SnapshotsQuery = call.query
-    after = None if query.cursor is UNSET else decode_snapshot_cursor(query.cursor)
+    after = None if query.cursor is UNSET else query.cursor
     found = await svc.engines.bodies.snapshots.list(_engine(call).name, after, query.limit + 1)
     more = len(found) > query.limit
     found = found[:query.limit]
-    cursor = encode_snapshot_cursor(found[-1]["id"]) if more else None
+    cursor = found[-1]["id"] if more else None
     return spec.SnapshotPage([snapshot_struct(m) for m in found], cursor)
 
 
@@ -243,21 +242,6 @@ def snapshot_json(manifest: dict[str, Any]) -> dict[str, Any]:
     """A snapshot as the API shows it, as a dict (for the CLI's JSON output)."""
     shown: dict[str, Any] = msgspec.to_builtins(snapshot_struct(manifest))
     return shown
-
-
-def encode_snapshot_cursor(snapshot_id: str) -> str:
-    return base64.urlsafe_b64encode(f"s:{snapshot_id}".encode()).decode().rstrip("=")
-
-
-def decode_snapshot_cursor(raw: str) -> str:
-    try:
-        text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode("ascii")
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise errors.invalid("cursor is not one this API gave out") from None
-    prefix, _, value = text.partition(":")
-    if prefix != "s" or not valid_snapshot_id(value):
-        raise errors.invalid("cursor is not one this API gave out")
-    return value
 
 
 def check_user_id(user_id: str) -> str:

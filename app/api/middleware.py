@@ -65,6 +65,10 @@ _ids = itertools.count(10**12)
 _ID_PREFIX = uuid.uuid4().hex[:12]
 
 
+def new_request_id() -> str:
+    return _ID_PREFIX + str(next(_ids))
+
+
 def request_id(sent: bytes | None) -> str:
     if sent is not None and len(sent) <= 128:
         text = sent.decode("latin-1")

@@ -1,8 +1,14 @@
 """The OpenAPI 3.1 document, derived from the endpoint table (app/api/spec.py): paths,
-parameters, bodies, answers and every status each operation can answer."""
+parameters, bodies, answers and every status each operation can answer.
+
+Its patterns are Python regular expressions (as msgspec and schemathesis read them), and they
+refuse exactly what the server refuses: where the server calls str.isprintable(), the pattern
+names every code point it refuses (`printable_patterns`)."""
 
 from __future__ import annotations
 
+import functools
+import re
 from typing import Any
 
 import msgspec
@@ -12,6 +18,7 @@ from app.api.spec import (
     STATUS_BY_CODE,
     USER_ID_PATTERN,
     USER_ID_RULE,
+    VERSION_PATTERN,
     Archive,
     Document,
     Endpoint,
@@ -29,6 +36,9 @@ def document() -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for endpoint in ENDPOINTS:
         paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = _operation(endpoint, by_type)
+    _exact_patterns(schemas)
+    _exact_patterns(paths)
+    schemas.update(_exact_schemas())
     return {
         "openapi": "3.1.0",
         "info": {"title": "Engine orchestrator", "version": "1.0.0",
@@ -44,6 +54,51 @@ def document() -> dict[str, Any]:
 
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
+
+
+@functools.cache
+def printable_patterns() -> dict[str, tuple[str, str, int]]:
+    """The table's cheap patterns -> (the exact one; the schema named for it; its longest
+    length). Exact: the code points str.isprintable() accepts, named range by range (as a
+    class of what is allowed, not of what is refused: generators draw from it far faster)."""
+    flags = bytes(map(str.isprintable, map(chr, range(0x110000))))
+
+    def printable(but: str = "") -> str:
+        allowed = bytearray(flags)
+        for char in but:
+            allowed[ord(char)] = 0
+        return "".join(_range(m.start(), m.end() - 1) for m in re.finditer(b"\x01+", allowed))
+
+    # A version: spaces, then a printable non-space, then anything printable.
+    return {USER_ID_PATTERN: (f"^[{printable('/')}]{{1,128}}$", "UserId", 128),
+            VERSION_PATTERN: (f"^ *[{printable(' ')}][{printable()}]*$", "EngineVersion", 256)}
+
+
+def _range(first: int, last: int) -> str:
+    def escape(point: int) -> str:
+        return f"\\u{point:04x}" if point < 0x10000 else f"\\U{point:08x}"
+    return escape(first) if first == last else f"{escape(first)}-{escape(last)}"
+
+
+def _exact_patterns(node: Any) -> None:
+    """Each string schema with a cheap pattern refers to its exact schema instead (one copy
+    of each long pattern in the document)."""
+    if isinstance(node, dict):
+        pattern = node.get("pattern")
+        if isinstance(pattern, str) and pattern in printable_patterns():
+            for keyword in ("type", "pattern", "minLength", "maxLength"):
+                node.pop(keyword, None)
+            node["$ref"] = REF.format(name=printable_patterns()[pattern][1])
+        for value in node.values():
+            _exact_patterns(value)
+    elif isinstance(node, list):
+        for value in node:
+            _exact_patterns(value)
+
+
+def _exact_schemas() -> dict[str, Any]:
+    return {name: {"type": "string", "minLength": 1, "maxLength": longest, "pattern": exact}
+            for exact, name, longest in printable_patterns().values()}
 
 
 def _types(endpoint: Endpoint) -> list[type[Any]]:

@@ -11,6 +11,7 @@ library only), so the client can import it.
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -24,24 +25,54 @@ from app.errors import STATUS_BY_CODE as STATUS_BY_CODE  # the statuses, for the
 # Every authenticated call can meet these: bad input, a bad key, and the database (or, for
 # the calls that reach it, the scheduler) being out of reach.
 COMMON_ERRORS = ("INVALID_REQUEST", "UNAUTHORIZED", "SCHEDULER_UNAVAILABLE")
+# Every call, with a key or not, can meet the HTTP edge's refusals (app/api/edge.py).
+EDGE_ERRORS = ("REQUEST_TIMEOUT", "HEADERS_TOO_LARGE", "SERVER_BUSY", "HTTP_VERSION_NOT_SUPPORTED")
+
+def cursor_pattern() -> str:
+    """Exactly the cursors the API gives out: the id of a page's last row, 1 to 18 digits
+    after "e:", base64url without padding (handlers.encode_cursor). Base64 turns 3 bytes into
+    4 characters, and a digit's byte (0x30-0x39) into characters that depend on that digit
+    alone, so a run of digits is a run of 3-digit blocks, each 4 characters from fixed sets."""
+    def b64(text: str) -> str:
+        return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+    digits = "0123456789"
+    first2 = "|".join(sorted({b64(a + "00")[:2] for a in digits}))  # a block's 1st digit
+    third = "".join(sorted({b64("0" + b + "0")[2] for b in digits}))  # its 2nd digit
+    fourth = "".join(sorted({b64("00" + c)[3] for c in digits}))  # its 3rd digit
+    one = "|".join(sorted({b64(a) for a in digits}))  # a last lone digit
+    head = b64("e:0")[:3]  # "e:" and the first digit make the first block
+    return (f"^{head}[{fourth}](?:(?:{first2})[{third}][{fourth}]){{0,5}}"
+            f"(?:{one}|(?:{first2})[{third}])?$")
+
 
 # ---- field types ------------------------------------------------------------------------------
 
-# The server also refuses what str.isprintable() refuses (format, separator, unassigned and
-# private-use characters); the pattern names the control characters and '/'.
+# "Printable" is str.isprintable(), for the server (app/naming.py, the handlers) and for the
+# document alike. The server's checks call it; the document's patterns are the exact set of
+# code points it refuses (app/api/openapi.py: `printable_patterns`, built from it when the
+# document is built). The patterns below, checked by msgspec as bodies and queries are
+# decoded, are their cheap part: control characters and '/' for user ids, a non-space
+# character for versions (a version of spaces alone names nothing).
 USER_ID_PATTERN = "^[^\\u0000-\\u001f\\u007f-\\u009f/]{1,128}$"
-USER_ID_RULE = "1 to 128 printable characters, no '/', no control characters; URL-encoded in paths"
+USER_ID_RULE = "1 to 128 printable characters, no '/'; URL-encoded in paths"
 UserId = Annotated[str, Meta(min_length=1, max_length=128, pattern=USER_ID_PATTERN,
                              description=USER_ID_RULE)]
-EngineVersion = Annotated[str, Meta(min_length=1, max_length=256,
-                                    description="1 to 256 printable characters")]
+VERSION_PATTERN = "[^ ]"  # searched: somewhere, a character other than a space
+VERSION_RULE = "1 to 256 printable characters, not all spaces"
+EngineVersion = Annotated[str, Meta(min_length=1, max_length=256, pattern=VERSION_PATTERN,
+                                    description=VERSION_RULE)]
 Timestamp = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]
 Limit = Annotated[int, Meta(ge=1, le=1000, description="page size")]
-Cursor = Annotated[str, Meta(min_length=1, max_length=64,
-                             description="next_cursor of the previous page, as given")]
+Cursor = Annotated[str, Meta(min_length=1, max_length=64, pattern=cursor_pattern(),
+                             description="opaque: the next_cursor of the previous page, as the "
+                                         "API gave it out; not with follow=true")]
 SNAPSHOT_ID_PATTERN = "^s-[0-9]{17}-[0-9a-f]{8}$"  # app.snapshots.service.ID_PATTERN
 SnapshotId = Annotated[str, Meta(pattern=SNAPSHOT_ID_PATTERN,
                                  description="a snapshot's id, as the API gave it")]
+# A page of snapshots ends at a snapshot: the next one starts after its id.
+SnapshotCursor = Annotated[str, Meta(pattern=SNAPSHOT_ID_PATTERN,
+                                     description="the next_cursor of the previous page, as given")]
 EngineStatus = Literal["provisioning", "starting", "running", "stopping", "stopped",
                        "sleeping", "failed", "destroying"]
 DenialReason = Literal["engine_not_found", "engine_sleeping", "engine_stopped",
@@ -88,8 +119,8 @@ class ListQuery(Struct, forbid_unknown_fields=True):
 class EventsQuery(Struct, forbid_unknown_fields=True):
     limit: Limit = 100
     cursor: Cursor | UnsetType = UNSET
-    # true: text/event-stream, the latest `limit` events then each new one
-    follow: bool = False
+    follow: Annotated[bool, Meta(description="true: text/event-stream, the latest `limit` events "
+                                             "then each new one; not with cursor")] = False
 
 
 class RestoreBody(Struct, forbid_unknown_fields=True):
@@ -102,7 +133,7 @@ class BrainQuery(Struct, forbid_unknown_fields=True):
 
 class SnapshotsQuery(Struct, forbid_unknown_fields=True):
     limit: Limit = 100
-    cursor: Cursor | UnsetType = UNSET
+    cursor: SnapshotCursor | UnsetType = UNSET
 
 
 # ---- answers ------------------------------------------------------------------------------
@@ -261,7 +292,8 @@ class Endpoint:
 
     @property
     def codes(self) -> tuple[str, ...]:
-        return (*COMMON_ERRORS, *self.errors) if self.auth else self.errors
+        own = (*COMMON_ERRORS, *self.errors) if self.auth else self.errors
+        return (*own, *EDGE_ERRORS)
 
     @property
     def body_required(self) -> bool:

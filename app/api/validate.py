@@ -1,9 +1,11 @@
 """Request checks derived from the endpoint table: the body (size-capped, decoded by msgspec
-into the endpoint's Struct: unknown fields, wrong types and nulls refused), the query string
-(strict: unknown or repeated parameters refused) and the platform key header (exactly one)."""
+into the endpoint's Struct: unknown fields, wrong types, nulls and repeated keys refused), the
+query string (strict: unknown or repeated parameters refused) and the platform key header
+(exactly one)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -33,8 +35,8 @@ class Checks:
             self.empty_body = endpoint.body()
         fields = msgspec.structs.fields(endpoint.query) if endpoint.query else ()
         self.query_fields = {f.encode_name for f in fields}
-        self.int_params = {f.encode_name for f in fields if _is_int(f.type)}
-        self.bool_params = {f.encode_name for f in fields if f.type is bool}
+        self.int_params = {f.encode_name for f in fields if _is(f.type, msgspec.inspect.IntType)}
+        self.bool_params = {f.encode_name for f in fields if _is(f.type, msgspec.inspect.BoolType)}
 
     def body(self, raw: bytes) -> Any:
         if self.body_decoder is None:
@@ -50,11 +52,30 @@ class Checks:
     def _decode(self, raw: bytes) -> Any:
         assert self.body_decoder is not None
         try:
-            return self.body_decoder.decode(raw)
+            body = self.body_decoder.decode(raw)
         except msgspec.ValidationError as exc:
-            raise errors.invalid(f"body: {exc}") from None
+            body = self._whole_floats(raw, exc)
         except msgspec.DecodeError:
             raise errors.invalid("body is not valid JSON") from None
+        # msgspec keeps the last of repeated keys; a client meaning the first would be
+        # silently overruled, so a repeated key is refused.
+        json.loads(raw, object_pairs_hook=_once_each)
+        return body
+
+    def _whole_floats(self, raw: bytes, exc: msgspec.ValidationError) -> Any:
+        """JSON has one number type: 5.0 is the integer 5 (as JSON Schema says too). msgspec
+        refuses a float for an int; the body's whole floats are made ints and it is tried
+        again (our bodies are flat objects)."""
+        assert self.endpoint.body is not None
+        found = msgspec.json.decode(raw)
+        if not isinstance(found, dict) or not any(isinstance(v, float) for v in found.values()):
+            raise errors.invalid(f"body: {exc}") from None
+        whole = {k: int(v) if isinstance(v, float) and v.is_integer() else v
+                 for k, v in found.items()}
+        try:
+            return msgspec.convert(whole, self.endpoint.body)
+        except msgspec.ValidationError as again:
+            raise errors.invalid(f"body: {again}") from None
 
     def query(self, raw: bytes) -> Any:
         pairs = _pairs(raw)
@@ -78,6 +99,14 @@ class Checks:
             return msgspec.convert(found, self.endpoint.query)
         except msgspec.ValidationError as exc:
             raise errors.invalid(f"query: {exc}") from None
+
+
+def _once_each(pairs: list[tuple[str, Any]]) -> None:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise errors.invalid(f"body: key {key!r} given twice")
+        seen.add(key)
 
 
 def _pairs(raw: bytes) -> list[tuple[str, str]]:
@@ -104,8 +133,9 @@ def _bool(name: str, value: str) -> bool:
     return value == "true"
 
 
-def _is_int(annotation: Any) -> bool:
+def _is(annotation: Any, kind: type[msgspec.inspect.Type]) -> bool:
+    """Whether `annotation` is `kind`, or a union with it, annotated or not."""
     info = msgspec.inspect.type_info(annotation)
     kinds = info.types if isinstance(info, msgspec.inspect.UnionType) else (info,)
-    return any(isinstance(k.type if isinstance(k, msgspec.inspect.Metadata) else k,
-                          msgspec.inspect.IntType) for k in kinds)
+    return any(isinstance(k.type if isinstance(k, msgspec.inspect.Metadata) else k, kind)
+               for k in kinds)

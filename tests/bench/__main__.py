@@ -19,11 +19,15 @@
     pool              a new user's first admit from a warm pool vs a cold provision, and a
                       burst of 3N new users against a pool of N, on both drivers
                       (tests/bench/pool.py)
+    edge              1,000 slow clients held open against the default limits, /healthz probed
+                      throughout (tests/bench/edge.py)
     snapshot          a 100 MB brain snapshotted, again with 1% changed, and restored, on the
                       directory store and S3, beside a plain tar (tests/bench/snapshot.py)
     rollout           BENCH_ROLLOUT_ENGINES (100) engines moved by one rollout in
                       batches of 10, beside the same engines upgraded one request after
                       another (tests/bench/rollout.py)
+    edge              BENCH_EDGE_SLOW (1000) slow clients at the default limits, /healthz
+                      probed throughout, beside probed alone (tests/bench/edge.py)
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.bench import fleet, nomad_fleet, nomad_waits, pool, rollout, snapshot
+from tests.bench import edge, fleet, nomad_fleet, nomad_waits, pool, rollout, snapshot
 from tests.bench.loadgen import Target, run_in_process
 from tests.harness import ROOT, Orchestrator, free_port, wait_for
 
@@ -58,7 +62,7 @@ def main() -> None:
     benches = {"admit": bench_admit, "wake": bench_wake, "provision": bench_provision,
                "rows": bench_rows, "herd": bench_herd, "fleet": fleet.bench_fleet,
                "nomad": nomad_fleet.bench_nomad, "nomad_waits": nomad_waits.bench_nomad_waits,
-               "rollout": rollout.bench_rollout, "pool": pool.bench_pool,
+               "rollout": rollout.bench_rollout, "pool": pool.bench_pool, "edge": edge.bench_edge,
                "snapshot": snapshot.bench_snapshot}
     only = [name for name in os.environ.get("BENCH_ONLY", "").split(",") if name] or list(benches)
     results = {}
@@ -285,6 +289,8 @@ def report(r: dict) -> None:
         print("\n".join(rollout.lines(r["rollout"])))
     if "pool" in r:
         print("\n".join(pool.lines(r["pool"])))
+    if "edge" in r:
+        print("\n".join(edge.lines(r["edge"])))
     if "snapshot" in r:
         print("\n".join(snapshot.lines(r["snapshot"])))
 

@@ -373,15 +373,3 @@ def test_a_connection_without_a_whole_head_is_closed(tmp_path: Path) -> None:
             assert read_until_closed(sock).startswith(b"HTTP/1.1 401 ")
     finally:
         orch.close()
-
-
-def test_concurrency_is_limited_from_configuration(tmp_path: Path) -> None:
-    orch = Orchestrator(tmp_path, env={"ORCH_LIMIT_CONCURRENCY": "2"}).start()
-    try:
-        with socket.create_connection(("127.0.0.1", orch.port), timeout=10):
-            with socket.create_connection(("127.0.0.1", orch.port), timeout=10):
-                answer = raw_request(orch, b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
-        assert answer.startswith(b"HTTP/1.1 503 "), answer[:100]
-        assert httpx.get(orch.url + "/healthz", trust_env=False).status_code == 200
-    finally:
-        orch.close()

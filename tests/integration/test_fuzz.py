@@ -7,10 +7,13 @@ so the lifecycle is reached (engines really start, stop and go). Each answer mus
   named for provision, a 500 never is);
 - match the document's schema and content type;
 - reject invalid input with a 4xx.
+- accept every request the document calls valid: no "schema-valid request rejected" (the
+  document's one rule in words, cursor not with follow=true, is taught in fuzz_hooks.py);
+- never be a 5xx: the product's quota (429) is met before the ports run out.
 Then stateful sequences follow the document's links (and the links schemathesis infers), so
 calls meet engines that exist: rotate-key, stop and start answer 200 too.
-Bounded: FUZZ_EXAMPLES examples per operation (default 40) and FUZZ_STATEFUL_EXAMPLES
-(default 30) for the stateful run: about 40 s here.
+Bounded and repeatable: FUZZ_EXAMPLES examples per operation (default 40), FUZZ_STATEFUL_EXAMPLES
+(default 30) for the stateful run, a fixed seed for both.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ from pathlib import Path
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import HealthCheck, Phase, assume, seed, settings
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     negative_data_rejection,
+    positive_data_acceptance,
     response_headers_conformance,
     response_schema_conformance,
     status_code_conformance,
@@ -35,6 +39,7 @@ from schemathesis.specs.openapi.checks import (
 
 from app.api.openapi import document
 from tests.harness import Orchestrator, running
+from tests.integration import fuzz_hooks
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "40"))
 # The operations fuzzed against this process's `live` orchestrator (pytest-xdist may run some
@@ -42,15 +47,15 @@ EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "40"))
 FUZZED: set[str] = set()
 STATEFUL_EXAMPLES = int(os.environ.get("FUZZ_STATEFUL_EXAMPLES", "30"))
 CHECKS = [status_code_conformance, content_type_conformance, response_headers_conformance,
-          response_schema_conformance, negative_data_rejection]
+          response_schema_conformance, negative_data_rejection, positive_data_acceptance]
 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orchestrator]:
     tmp: Path = tmp_path_factory.mktemp("fuzz")
-    # A port for every engine the two quotas allow: the stateful run provisions its own while
-    # the fuzzing's engines may still run.
-    with running(tmp, product=None, ports=6, env={"ORCH_BOOT_TIMEOUT_S": "5"}) as orch:
+    # Ports for every engine the two quotas allow, and a boot timeout no loaded machine
+    # reaches: a 5xx here is a finding, never the test's own setting.
+    with running(tmp, product=None, ports=7, env={"ORCH_BOOT_TIMEOUT_S": "30"}) as orch:
         orch.product("fuzz", max_engines=3)
         orch.product("steps", max_engines=3)  # the stateful run's own product and quota
         yield orch
@@ -74,14 +79,15 @@ def test_the_server_serves_the_document_fuzzed_here(live: Orchestrator) -> None:
 @schema.parametrize()
 @settings(max_examples=EXAMPLES, deadline=None, phases=[Phase.explicit, Phase.generate],
           suppress_health_check=list(HealthCheck))
+@seed(19)
 def test_every_operation_conforms(case: schemathesis.Case, live: Orchestrator) -> None:
     headers = {"X-Platform-Key": live.keys["fuzz"]}
     FUZZED.add(case.operation.label)
+    assume(fuzz_hooks.filter_query(None, case.query))  # explicit examples skip the hook
     response = case.call_and_validate(base_url=live.url, headers=headers, checks=CHECKS,
                                       timeout=30)
-    documented = case.operation.definition.raw["responses"]
-    assert response.status_code < 500 or str(response.status_code) in documented, \
-        f"{case.operation.label}: {response.status_code} is not named for this call: {response.text[:300]}"
+    assert response.status_code < 500, \
+        f"{case.operation.label}: {response.status_code}: {response.text[:300]}"
     assert response.headers.get("x-request-id"), "every answer has X-Request-ID"
 
 
@@ -97,7 +103,7 @@ def test_stateful_sequences_follow_the_links(live: Orchestrator, tmp_path: Path)
     command = [str(Path(sys.executable).with_name("schemathesis")), "run", live.url + "/openapi.json",
                "--phases", "stateful", "--seed", "1", "--workers", "1", "--no-color",
                "-n", str(STATEFUL_EXAMPLES), "-H", f"X-Platform-Key: {live.keys['steps']}",
-               "-c", ",".join(check.__name__ for check in CHECKS),
+               "-c", ",".join(check.__name__ for check in CHECKS) + ",not_a_server_error",
                # Rollouts act on the product's whole fleet in the background: in these
                # sequences they would only upgrade the engines under them. They are fuzzed
                # operation by operation above, and tested in test_rollouts.py. A brain archive
@@ -105,7 +111,8 @@ def test_stateful_sequences_follow_the_links(live: Orchestrator, tmp_path: Path)
                # the CLI run does not have: /brain is fuzzed above, operation by operation.
                "--exclude-path-regex", "^/rollouts|/brain$"]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "NO_PROXY": "*"})
+                            env={**os.environ, "NO_PROXY": "*",
+                                 "SCHEMATHESIS_HOOKS": fuzz_hooks.__file__})
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert "No issues found" in result.stdout
     text = httpx.get(live.url + "/metrics", trust_env=False).text

@@ -122,6 +122,11 @@ def test_retention_keeps_the_newest_and_collects_only_unreferenced_blobs(
         ids.append(api.post(f"/engines/{USER}/snapshots").json()["id"])
     listed = api.get(f"/engines/{USER}/snapshots").json()["snapshots"]
     assert [s["id"] for s in listed] == ids[:0:-1]  # the newest two, newest first
+    page = api.get(f"/engines/{USER}/snapshots", params={"limit": 1}).json()
+    assert [s["id"] for s in page["snapshots"]] == [ids[2]] and page["next_cursor"]
+    page = api.get(f"/engines/{USER}/snapshots", params={"limit": 1, "cursor": page["next_cursor"]})
+    assert [s["id"] for s in page.json()["snapshots"]] == [ids[1]]
+    assert page.json()["next_cursor"] is None
     engine_dir = next((file_orch.state_dir / "snapshots" / "engines").iterdir())
     # A blob that a snapshot cut short left behind: no manifest names it.
     (engine_dir / "blobs" / ("0" * 64)).write_bytes(b"orphan")

@@ -11,6 +11,7 @@ from app.config import Settings
 def test_defaults_are_the_specs_limits() -> None:
     settings = Settings.from_env({})
     assert settings.head_timeout_s == 10 and settings.limit_concurrency == 1000
+    assert settings.body_timeout_s == 10
     assert settings.metrics_token is None
     assert settings.keepalive_s == 30
     assert server.MAX_HEAD == 64 * 1024
@@ -18,12 +19,13 @@ def test_defaults_are_the_specs_limits() -> None:
 
 def test_the_server_is_built_from_settings() -> None:
     settings = Settings.from_env({"ORCH_LIMIT_CONCURRENCY": "7", "ORCH_HEAD_TIMEOUT_S": "2.5",
+                                  "ORCH_BODY_TIMEOUT_S": "3.5",
                                   "ORCH_HOST": "127.0.0.2", "ORCH_PORT": "9999", "ORCH_KEEPALIVE_S": "12"})
     config = server.config(object(), settings)
     assert (config.host, config.port, config.limit_concurrency) == ("127.0.0.2", 9999, 7)
     assert issubclass(config.http, server.GuardedHttpToolsProtocol)
     assert issubclass(config.http, HttpToolsProtocol)  # uvicorn's own, extended, not a fork
-    assert config.http.head_timeout_s == 2.5
+    assert config.http.head_timeout_s == 2.5 and config.http.body_timeout_s == 3.5
     assert config.timeout_keep_alive == 12
     assert (config.access_log, config.lifespan) == (False, "on")
     assert server.config(object(), settings, "0.0.0.0", 0).port == 0
@@ -35,7 +37,8 @@ def test_bad_values_stop_start_up_naming_the_variable() -> None:
     from app.config import ConfigError
 
     for name, raw in (("ORCH_LIMIT_CONCURRENCY", "0"), ("ORCH_LIMIT_CONCURRENCY", "many"),
-                      ("ORCH_HEAD_TIMEOUT_S", "-1"), ("ORCH_METRICS_TOKEN", "  "),
+                      ("ORCH_HEAD_TIMEOUT_S", "-1"), ("ORCH_BODY_TIMEOUT_S", "0"),
+                      ("ORCH_METRICS_TOKEN", "  "),
                       ("ORCH_KEEPALIVE_S", "0"), ("ORCH_KEEPALIVE_S", "2.5")):
         with pytest.raises(ConfigError, match=name):
             Settings.from_env({name: raw})

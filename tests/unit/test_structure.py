@@ -262,6 +262,7 @@ NOT_ANSWERED = {
     "app.drivers._health._Closed": "the health checker's own signal, caught inside it",
     "app.upgrades._NotUp": "carries a DriverError out of a helper; answered as UpgradeFailed",
     "app.cli_down._Stopped": "a stop signal ending `orch serve` quietly, caught around it",
+    "app.api.edge._Stop": "stops the HTTP parser from its callback once the edge has refused the request",
 }
 
 
