@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Literal
+from typing import IO, Literal
 
 import httpx
 
@@ -23,6 +23,8 @@ from app.crypto import KeyBox
 from app.drivers.base import Driver, EngineSpec, State
 from app.errors import BootTimeout, DriverError, EngineCrashed
 from app.registry import EngineRow
+from app.snapshots import bodies as snapshot_bodies
+from app.snapshots.service import Manifest, Snapshots
 from app.upgrades import Upgrader
 
 BringUp = Literal["start", "wake", "restart"]
@@ -46,15 +48,21 @@ class Bodies:
         # then costs one request, not a connection and a thread the engine starts for it.
         self.pool_http = engine_http.client(keepalive_s=None)
         self.upgrader = Upgrader(settings, driver, self.spec, self.api_key)
+        self.snapshots = Snapshots(settings)
 
     # ---- explicit operations -------------------------------------------------------------------
 
-    async def provision(self, row: EngineRow, api_key: str) -> tuple[EngineRow, str]:
+    async def provision(self, row: EngineRow, api_key: str,
+                        seed: tuple[str, Manifest] | None = None) -> tuple[EngineRow, str]:
         spec = self.spec(row)
         try:
+            if seed is not None:  # the brain is filled before the engine first runs
+                await snapshot_bodies.seed(self, row, *seed)
             state = await self.driver.create(spec, api_key)
-        except DriverError as exc:
-            # Nothing ran: leave nothing behind, not even the row.
+        except (DriverError, errors.SnapshotStoreFailed, errors.InvalidRequest) as exc:
+            # Nothing ran: leave nothing behind, not even the row (nor a seeded brain).
+            if seed is not None:
+                await self.driver.destroy(spec, None)
             registry.delete_engine(row, "provision_failed", exc.code.lower())
             raise
         row = registry.update(row, driver_state=state)
@@ -137,11 +145,21 @@ class Bodies:
     async def upgrade(self, row: EngineRow, version: str) -> EngineRow:
         return await self.upgrader.upgrade(row, version)
 
+    async def snapshot(self, row: EngineRow, scheduled: bool = False) -> Manifest | None:
+        return await snapshot_bodies.snapshot(self, row, scheduled)
+
+    async def import_brain(self, row: EngineRow, archive: IO[bytes], upload: str) -> Manifest:
+        return await snapshot_bodies.import_brain(self, row, archive)
+
+    async def restore(self, row: EngineRow, snapshot_id: str) -> EngineRow:
+        return await snapshot_bodies.restore(self, row, snapshot_id)
+
     async def destroy(self, row: EngineRow) -> None:
         await self.driver.ping()
         if row.status != states.DESTROYING:
             row = registry.transition(row, "destroy", "destroy")
         await self.driver.destroy(self.spec(row), row.driver_state)
+        await self.snapshots.delete_all(row.name)  # destroy removes the user's data, copies too
         registry.delete_engine(row)
 
     # ---- what the admit path and the reconciler start ----------------------------------------
@@ -215,6 +233,7 @@ class Bodies:
             row = await self._settle_rotation(row, spec)
         if row.status == states.DESTROYING:
             await self.driver.destroy(spec, row.driver_state)
+            await self.snapshots.delete_all(row.name)
             registry.delete_engine(row, "destroyed", "recovered")
             return None
         if row.status == states.STOPPING:
@@ -258,6 +277,10 @@ class Bodies:
         return None
 
     # ---- booting ---------------------------------------------------------------------------
+
+    async def bring_up(self, row: EngineRow, how: BringUp) -> EngineRow:
+        """sleeping/stopped/failed -> running (for bodies outside this class)."""
+        return await self._bring_up(row, how)
 
     async def _bring_up(self, row: EngineRow, how: BringUp) -> EngineRow:
         """sleeping/stopped/failed -> starting -> running: resume when paused, else cold start."""

@@ -57,7 +57,7 @@ def body(endpoint: str, fields: dict[str, Any]) -> Any:
 
 
 def run(settings: Settings, endpoint: str, product: str | None, user_id: str = "",
-        request: Any = None, rollout_id: int = 0) -> Any:
+        request: Any = None, rollout_id: int = 0, query: Any = None) -> Any:
     """Run the handler of `endpoint` as the API would, for the product named (None: the
     rollout's own); its answer as JSON-ready builtins."""
     from app.api import handlers, rollouts
@@ -67,7 +67,7 @@ def run(settings: Settings, endpoint: str, product: str | None, user_id: str = "
 
     async def once(svc: Any) -> Any:
         ref = product_ref(product) if product is not None else product_of_rollout(rollout_id)
-        return await handler(svc, Call(ref, user_id, request, None, rollout_id))
+        return await handler(svc, Call(ref, user_id, request, query, rollout_id))
 
     return msgspec.to_builtins(with_services(settings, once))
 

@@ -103,6 +103,11 @@ class Settings:
     # event stream with (None: it follows the database instead).
     platform_key: str | None = None
     rollout_concurrency: int = 4  # rollouts one replica drives side by side
+    # Snapshots of brains: where ("": file under state_dir/snapshots), how many kept per
+    # engine, how often the changed ones are taken (0: only on demand).
+    snapshot_store: str = ""
+    snapshot_keep: int = 24
+    snapshot_interval_s: float = 900.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -167,6 +172,10 @@ class Settings:
             platform_key=r.get("ORCH_PLATFORM_KEY", _nonempty, None),
             rollout_concurrency=r.get("ORCH_ROLLOUT_CONCURRENCY", _positive_int,
                                       cls.rollout_concurrency),
+            snapshot_store=r.get("ORCH_SNAPSHOT_STORE", _snapshot_store, ""),
+            snapshot_keep=r.get("ORCH_SNAPSHOT_KEEP", _positive_int, cls.snapshot_keep),
+            snapshot_interval_s=r.get("ORCH_SNAPSHOT_INTERVAL_S", _non_negative,
+                                      cls.snapshot_interval_s),
         )
         problem = settings.kill_timeout_problem() if settings.driver == "nomad" else None
         if problem:
@@ -334,6 +343,15 @@ def _repositories(raw: str) -> tuple[str, ...]:
     if bad:
         raise ValueError(f"list repositories without a tag or digest: {bad[0]!r}")
     return repos
+
+
+def _snapshot_store(raw: str) -> str:
+    scheme, _, rest = raw.partition("://")
+    if scheme == "file" and rest.startswith("/"):
+        return raw
+    if scheme == "s3" and rest.split("/", 1)[0]:
+        return raw
+    raise ValueError("file:///absolute/path or s3://bucket/prefix")
 
 
 def _octal_mode(raw: str) -> str:

@@ -16,6 +16,7 @@ This module imports nothing but the standard library: the client imports it.
     ├── EngineBusy, RolloutFinished, QuotaExceeded, RateLimited
     ├── Busy, Conflict               (SCHEDULER_UNAVAILABLE: nothing was changed; try again)
     ├── KeyNotConfirmed, UpgradeFailed
+    ├── SnapshotNotFound, SnapshotStoreFailed
     ├── DriverError                  raised by drivers; carries what was left running (`state`)
     │   ├── SchedulerUnavailable, PortExhaustion, CapacityExhausted ── NodeLost
     │   ├── BootTimeout, EngineCrashed   (BOOT_TIMEOUT)
@@ -47,6 +48,7 @@ CODES: tuple[Code, ...] = (
     Code("UNAUTHORIZED", 401, False, "missing or unknown platform key"),
     Code("ENGINE_NOT_FOUND", 404, False, "no such engine in this product"),
     Code("NOT_FOUND", 404, False, "no such route, or no such rollout"),
+    Code("SNAPSHOT_NOT_FOUND", 404, False, "no such snapshot of this engine"),
     Code("METHOD_NOT_ALLOWED", 405, False, "the route does not take this method"),
     Code("REQUEST_TIMEOUT", 408, True, "the request's body did not arrive in time"),
     Code("ENGINE_ALREADY_EXISTS", 409, False, "the user already has an engine"),
@@ -66,6 +68,8 @@ CODES: tuple[Code, ...] = (
          "the driver failed unexpectedly (an OS error or a bug); the engine's state is unknown"),
     Code("UPGRADE_FAILED", 502, False,
          "the new version did not come up; the engine runs its previous one"),
+    Code("SNAPSHOT_STORE_FAILED", 502, True,
+         "the snapshot store could not be read or written; no snapshot was listed or restored"),
     Code("PORT_EXHAUSTION", 503, True, "no free port"),
     Code("CAPACITY_EXHAUSTED", 503, True, "the scheduler cannot place the engine otherwise"),
     Code("SCHEDULER_UNAVAILABLE", 503, True,
@@ -248,6 +252,17 @@ class DriverFailed(DriverError):
     reason = "driver_failed"
 
 
+class SnapshotNotFound(DomainError):
+    code = "SNAPSHOT_NOT_FOUND"
+
+
+class SnapshotStoreFailed(DomainError):
+    """The store (a directory or an S3 bucket) failed; a snapshot cut short is never listed,
+    and a restore that could not read the snapshot leaves the brain as it was."""
+
+    code = "SNAPSHOT_STORE_FAILED"
+
+
 # ---- the HTTP edge ------------------------------------------------------------------------------
 
 
@@ -310,6 +325,10 @@ def busy(user_id: str) -> Busy:
 def engine_busy(user_id: str) -> EngineBusy:
     return EngineBusy(f"the engine of user {user_id!r} is held by another operation past the "
                       f"wait; try again")
+
+
+def snapshot_not_found(user_id: str, snapshot_id: str) -> SnapshotNotFound:
+    return SnapshotNotFound(f"the engine of user {user_id!r} has no snapshot {snapshot_id!r}")
 
 
 def boot_timeout(message: str) -> BootTimeout:

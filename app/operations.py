@@ -25,6 +25,7 @@ from app.crypto import KeyBox
 from app.drivers.base import Driver
 from app.registry import EngineRow
 from app.runner import Key, Runner
+from app.snapshots.service import Manifest
 
 POLL_S = 0.05
 
@@ -52,6 +53,9 @@ class Op(StrEnum):
     RESET_RESTARTS = "reset_restarts"
     RECOVER = "recover"
     REMOVE_ORPHAN = "remove_orphan"
+    SNAPSHOT = "snapshot"
+    RESTORE = "restore"
+    IMPORT_BRAIN = "import_brain"
     CLAIM = "claim"
 
 
@@ -98,6 +102,11 @@ TABLE: dict[Op, Operation] = {o.op: o for o in [
     Operation(Op.RESET_RESTARTS, Bodies.reset_restarts, Policy(wait=False)),
     Operation(Op.RECOVER, Bodies.recover),  # the settling before it is the whole work
     Operation(Op.REMOVE_ORPHAN, Bodies.remove_orphan, Policy(row=False)),
+    # A scheduled snapshot may skip an unchanged brain: it is not the same run as one asked for.
+    Operation(Op.SNAPSHOT, Bodies.snapshot, Policy(flight_arg="scheduled")),
+    Operation(Op.RESTORE, Bodies.restore, Policy(flight_arg="snapshot_id")),
+    # Each upload is its own run (`upload` is a fresh id): two uploads never share a result.
+    Operation(Op.IMPORT_BRAIN, Bodies.import_brain, Policy(flight_arg="upload")),
     # Runs inside a new user's provision, in its flight: a warm pool's engine taken in one
     # compare-and-set (app.registry.pool.claim) comes leased; the body tells it its user.
     Operation(Op.CLAIM, Bodies.claim, Policy(creates=True)),
@@ -141,7 +150,8 @@ class Engines:
             raise policy.busy(key[1]) from None
 
     async def _create(self, key: Key, product_name: str, engine_version: str | None = None,
-                      in_pool: bool = False) -> tuple[EngineRow, str]:
+                      in_pool: bool = False,
+                      seed: tuple[str, Manifest] | None = None) -> tuple[EngineRow, str]:
         product_id, user_id = key
         version = engine_version or self.default_version(product_id)
         self.driver.check_version(version)  # the driver refuses what it cannot run (SPEC "Additions")
@@ -153,8 +163,9 @@ class Engines:
                                           version, self.keys.encrypt(api_key), self.runner.owner,
                                           self.settings.lease_s, in_pool)
 
-        body = partial(TABLE[Op.PROVISION].body, self.bodies, api_key=api_key)
-        claim = None if in_pool else partial(self._claim, key, version)
+        body = partial(TABLE[Op.PROVISION].body, self.bodies, api_key=api_key, seed=seed)
+        # A brain from a snapshot is a new brain: a pooled engine, with one of its own, is not.
+        claim = None if in_pool or seed else partial(self._claim, key, version)
         return await self.runner.create(Op.PROVISION, key, insert, body, claim)
 
     def default_version(self, product_id: int) -> str:

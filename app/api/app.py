@@ -34,6 +34,7 @@ from app.operations import Engines
 from app.pool import Refiller
 from app.reconciler import Reconciler
 from app.rollouts import RolloutRunner
+from app.snapshots.schedule import SnapshotSchedule
 
 
 class OrchestratorApp:
@@ -79,7 +80,10 @@ class OrchestratorApp:
         engines = Engines(self.settings, driver, crypto.load_keybox(self.settings))
         self.services = Services(engines, Admitter(engines))
         if self.run_reconciler:
-            self._tasks.append(asyncio.create_task(Reconciler(engines).run_forever()))
+            reconciler = Reconciler(engines)
+            self._tasks.append(asyncio.create_task(reconciler.run_forever()))
+            snapshots = SnapshotSchedule(engines, reconciler.mine)
+            self._tasks.append(asyncio.create_task(snapshots.run_forever()))
             self._tasks.append(asyncio.create_task(RolloutRunner(engines).run_forever()))
             self._tasks.append(asyncio.create_task(Refiller(engines).run_forever()))
 

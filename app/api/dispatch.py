@@ -4,7 +4,8 @@ method, authenticates, checks the request against the endpoint's types, calls it
 
 from __future__ import annotations
 
-from typing import Any
+import tempfile
+from typing import IO, Any
 
 import msgspec
 from starlette.responses import Response
@@ -18,6 +19,7 @@ from app.api.spec import Endpoint
 from app.api.validate import MAX_BODY, Checks
 from app.naming import USER_ID_MAX
 
+UPLOAD_MAX = 2**30  # a brain archive: 1 GiB
 _encode = msgspec.json.Encoder().encode
 _JSON = (b"content-type", b"application/json")
 
@@ -48,7 +50,10 @@ class Dispatcher:
             info.user_id = user_id if _plainly_valid(user_id) else check_user_id(user_id)
         raw_query = scope["query_string"]
         query = None if not raw_query and endpoint.query is None else checks.query(raw_query)
-        body = checks.body(await _read_body(receive, info.length))
+        if endpoint.upload:
+            body = await _upload(receive, info.length)
+        else:
+            body = checks.body(await _read_body(receive, info.length))
         if user_id is None:  # provision names its user in the body
             info.user_id = getattr(body, "user_id", None)
         raw_rollout = path_params.get("rollout_id")
@@ -98,6 +103,28 @@ async def _read_body(receive: Receive, length: bytes | None) -> bytes:
             raise errors.invalid(f"body over {MAX_BODY // 1024} KiB")
         return body
     return await _read_rest(receive, message)
+
+
+async def _upload(receive: Receive, length: bytes | None) -> IO[bytes]:
+    """A large body (a tar archive) into a temporary file, spilled to disk past 8 MiB."""
+    if length is not None and length.isdigit() and int(length) > UPLOAD_MAX:
+        raise errors.invalid(f"body over {UPLOAD_MAX // 2**20} MiB")
+    spool = tempfile.SpooledTemporaryFile(max_size=8 * 2**20)  # noqa: SIM115 - the caller's
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            spool.close()
+            raise errors.invalid("the request ended before its body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > UPLOAD_MAX:
+            spool.close()
+            raise errors.invalid(f"body over {UPLOAD_MAX // 2**20} MiB")
+        spool.write(chunk)
+        if not message.get("more_body", False):
+            spool.seek(0)
+            return spool
 
 
 async def _read_rest(receive: Receive, message: Message) -> bytes:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -13,6 +14,7 @@ from typing import Any
 
 import msgspec
 from msgspec import UNSET
+from starlette.responses import StreamingResponse
 
 from app import errors, naming, registry
 from app.admit import Admitter
@@ -52,8 +54,10 @@ async def provision(svc: Services, call: Call) -> Any:
     version = None if body.engine_version is UNSET else body.engine_version
     if version is not None and not version.isprintable():
         raise errors.invalid("engine_version must be 1 to 256 printable characters")
+    seed = None if body.from_snapshot is UNSET else await _seed(svc, call, body.from_snapshot)
     engine, api_key = await svc.engines.run(Op.PROVISION, (call.product.id, body.user_id),
-                                            product_name=call.product.name, engine_version=version)
+                                            product_name=call.product.name, engine_version=version,
+                                            seed=seed)
     return spec.Provisioned(**_engine_fields(engine), api_key=api_key,
                             from_pool=engine.claimed_at is not None)
 
@@ -120,10 +124,79 @@ async def events(svc: Services, call: Call) -> Any:
     return spec.EventPage([event_struct(e) for e in rows], _next_cursor(rows, more))
 
 
+async def snapshot(svc: Services, call: Call) -> Any:
+    _engine(call)
+    manifest = await svc.engines.run(Op.SNAPSHOT, call.key, scheduled=False)
+    return snapshot_struct(manifest)
+
+
+async def snapshots(svc: Services, call: Call) -> Any:
+    query: spec.SnapshotsQuery = call.query
+    after = None if query.cursor is UNSET else query.cursor
+    found = await svc.engines.bodies.snapshots.list(_engine(call).name, after, query.limit + 1)
+    more = len(found) > query.limit
+    found = found[:query.limit]
+    cursor = found[-1]["id"] if more else None
+    return spec.SnapshotPage([snapshot_struct(m) for m in found], cursor)
+
+
+async def restore(svc: Services, call: Call) -> Any:
+    body: spec.RestoreBody = call.body
+    _engine(call)
+    return engine_struct(await svc.engines.run(Op.RESTORE, call.key, snapshot_id=body.snapshot_id))
+
+
+async def export_brain(svc: Services, call: Call) -> Any:
+    query: spec.BrainQuery = call.query
+    row = _engine(call)
+    snaps = svc.engines.bodies.snapshots
+    if query.snapshot_id is UNSET:
+        newest = await snaps.list(row.name, limit=1)
+        manifest = newest[0] if newest else None
+    else:
+        manifest = await snaps.get(row.name, query.snapshot_id)
+    if manifest is None:
+        wanted = "(the newest)" if query.snapshot_id is UNSET else query.snapshot_id
+        raise errors.snapshot_not_found(call.user_id, wanted)
+    filename = f"{row.name}-{manifest['id']}.tar"
+    return StreamingResponse(snaps.export(row.name, manifest), media_type="application/x-tar",
+                             headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+
+
+async def import_brain(svc: Services, call: Call) -> Any:
+    _engine(call)
+    try:
+        manifest = await svc.engines.run(Op.IMPORT_BRAIN, call.key, archive=call.body,
+                                         upload=uuid.uuid4().hex)
+    finally:
+        call.body.close()
+    return snapshot_struct(manifest)
+
+
+async def _seed(svc: Services, call: Call, ref: spec.SnapshotRef) -> tuple[str, Any]:
+    """The snapshot a new engine starts from, found before anything is created."""
+    check_user_id(ref.user_id)
+    source = registry.find_engine(call.product.id, ref.user_id)
+    if source is None:
+        raise errors.engine_not_found(ref.user_id)
+    manifest = await svc.engines.bodies.snapshots.get(source.name, ref.snapshot_id)
+    if manifest is None:
+        raise errors.snapshot_not_found(ref.user_id, ref.snapshot_id)
+    return source.name, manifest
+
+
+def _engine(call: Call) -> Any:
+    row = registry.find_engine(*call.key)
+    if row is None:
+        raise errors.engine_not_found(call.user_id)
+    return row
+
+
 HANDLERS: dict[str, Handler] = {
     "provision": provision, "list": list_engines, "get": get, "destroy": destroy,
     "start": start, "stop": stop, "rotate_key": rotate_key, "admit": admit, "events": events,
-    "upgrade": upgrade,
+    "upgrade": upgrade, "snapshot": snapshot, "snapshots": snapshots, "restore": restore,
+    "export_brain": export_brain, "import_brain": import_brain,
 }
 
 
@@ -158,6 +231,17 @@ def with_key(engine: Any, api_key: str) -> spec.EngineWithKey:
 def event_struct(event: Any) -> spec.Event:
     return spec.Event(event.id, iso(event.at), event.engine_name, event.engine_id, event.event,
                       event.from_status, event.to_status, event.reason, event.request_id)
+
+
+def snapshot_struct(manifest: dict[str, Any]) -> spec.Snapshot:
+    return spec.Snapshot(manifest["id"], iso(manifest["created_at"]), manifest["size_bytes"],
+                         len(manifest["files"]), manifest["engine_version"], manifest["consistent"])
+
+
+def snapshot_json(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A snapshot as the API shows it, as a dict (for the CLI's JSON output)."""
+    shown: dict[str, Any] = msgspec.to_builtins(snapshot_struct(manifest))
+    return shown
 
 
 def check_user_id(user_id: str) -> str:

@@ -19,6 +19,7 @@ from app.api.spec import (
     USER_ID_PATTERN,
     USER_ID_RULE,
     VERSION_PATTERN,
+    Archive,
     Document,
     Endpoint,
     ErrorAnswer,
@@ -50,6 +51,9 @@ def document() -> dict[str, Any]:
                                                 "name": "X-Platform-Key"}},
         },
     }
+
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
 
 
 @functools.cache
@@ -99,7 +103,7 @@ def _exact_schemas() -> dict[str, Any]:
 
 def _types(endpoint: Endpoint) -> list[type[Any]]:
     found = [t for t in (endpoint.body, endpoint.answer) if t is not None]
-    return [t for t in found if t not in (Text, Document)]
+    return [t for t in found if t not in (Text, Document, Archive)]
 
 
 def _operation(endpoint: Endpoint, refs: dict[type[Any], Any]) -> dict[str, Any]:
@@ -108,6 +112,8 @@ def _operation(endpoint: Endpoint, refs: dict[type[Any], Any]) -> dict[str, Any]
                           "responses": _responses(endpoint, refs)}
     if endpoint.auth:
         op["security"] = [{"platformKey": []}]
+    if endpoint.upload:
+        op["requestBody"] = {"required": True, "content": {"application/x-tar": _BINARY}}
     if endpoint.body is not None:
         op["requestBody"] = {"required": endpoint.body_required,
                              "content": {"application/json": {"schema": refs[endpoint.body]}}}
@@ -170,6 +176,8 @@ def _user_links() -> dict[str, Any]:
 def _answer(endpoint: Endpoint, refs: dict[type[Any], Any]) -> dict[str, Any]:
     if endpoint.answer is Text:
         return {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}
+    if endpoint.answer is Archive:
+        return {"description": "OK", "content": {"application/x-tar": _BINARY}}
     if endpoint.answer is Document:
         return {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
     content: dict[str, Any] = {"application/json": {"schema": refs[endpoint.answer]}}

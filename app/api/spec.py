@@ -67,6 +67,12 @@ Limit = Annotated[int, Meta(ge=1, le=1000, description="page size")]
 Cursor = Annotated[str, Meta(min_length=1, max_length=64, pattern=cursor_pattern(),
                              description="opaque: the next_cursor of the previous page, as the "
                                          "API gave it out; not with follow=true")]
+SNAPSHOT_ID_PATTERN = "^s-[0-9]{17}-[0-9a-f]{8}$"  # app.snapshots.service.ID_PATTERN
+SnapshotId = Annotated[str, Meta(pattern=SNAPSHOT_ID_PATTERN,
+                                 description="a snapshot's id, as the API gave it")]
+# A page of snapshots ends at a snapshot: the next one starts after its id.
+SnapshotCursor = Annotated[str, Meta(pattern=SNAPSHOT_ID_PATTERN,
+                                     description="the next_cursor of the previous page, as given")]
 EngineStatus = Literal["provisioning", "starting", "running", "stopping", "stopped",
                        "sleeping", "failed", "destroying"]
 DenialReason = Literal["engine_not_found", "engine_sleeping", "engine_stopped",
@@ -76,9 +82,15 @@ DenialReason = Literal["engine_not_found", "engine_sleeping", "engine_stopped",
 # ---- request bodies and queries ----------------------------------------------------------
 
 
+class SnapshotRef(Struct, forbid_unknown_fields=True):
+    user_id: UserId  # an engine of the same product
+    snapshot_id: SnapshotId
+
+
 class ProvisionBody(Struct, forbid_unknown_fields=True):
     user_id: UserId
     engine_version: EngineVersion | UnsetType = UNSET  # omitted: ORCH_ENGINE_IMAGE
+    from_snapshot: SnapshotRef | UnsetType = UNSET  # the new brain: a copy of this snapshot's
 
 
 class AdmitBody(Struct, forbid_unknown_fields=True):
@@ -111,6 +123,19 @@ class EventsQuery(Struct, forbid_unknown_fields=True):
                                              "then each new one; not with cursor")] = False
 
 
+class RestoreBody(Struct, forbid_unknown_fields=True):
+    snapshot_id: SnapshotId
+
+
+class BrainQuery(Struct, forbid_unknown_fields=True):
+    snapshot_id: SnapshotId | UnsetType = UNSET  # omitted: the newest
+
+
+class SnapshotsQuery(Struct, forbid_unknown_fields=True):
+    limit: Limit = 100
+    cursor: SnapshotCursor | UnsetType = UNSET
+
+
 # ---- answers ------------------------------------------------------------------------------
 
 
@@ -124,6 +149,20 @@ class Engine(Struct):
     last_admit_at: Timestamp | None
     restarts: Annotated[int, Meta(ge=0)]
     failure_reason: str | None
+
+
+class Snapshot(Struct):
+    id: str
+    created_at: Timestamp
+    size_bytes: Annotated[int, Meta(ge=0)]  # the brain's files, whole
+    files: Annotated[int, Meta(ge=0)]
+    engine_version: str  # the version that wrote the brain
+    consistent: bool  # false: copied while the engine ran without a checkpoint (crash-consistent)
+
+
+class SnapshotPage(Struct):
+    snapshots: list[Snapshot]  # newest first
+    next_cursor: str | None
 
 
 class EngineWithKey(Engine):
@@ -224,6 +263,10 @@ class Text(Struct):
     """Marks a plain-text answer (the Prometheus exposition) in the table."""
 
 
+class Archive(Struct):
+    """Marks an answer (or, with `upload`, a request body) that is a tar archive."""
+
+
 class Document(Struct):
     """Marks an answer that is a JSON document of its own (the OpenAPI document)."""
 
@@ -245,6 +288,7 @@ class Endpoint:
     also_ok: tuple[int, ...] = ()  # statuses answered with `answer`, not an error (readyz's 503)
     streams: bool = False  # may answer text/event-stream instead (events?follow=true)
     ok: int = 200  # the success status (202 for a rollout started)
+    upload: bool = False  # the body is a tar archive (up to UPLOAD_MAX bytes), not JSON
 
     @property
     def codes(self) -> tuple[str, ...]:
@@ -267,13 +311,16 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              "Admit a user request: the engine's URL and key, or why not",
              Admission, ("RATE_LIMITED", "QUOTA_EXCEEDED", *BOOTING), body=AdmitBody),
     Endpoint("provision", "POST", "/engines/provision", "Create a user's engine and wait until it runs",
-             Provisioned, ("ENGINE_ALREADY_EXISTS", "QUOTA_EXCEEDED", *BOOTING), body=ProvisionBody),
+             Provisioned, ("ENGINE_ALREADY_EXISTS", "QUOTA_EXCEEDED", "ENGINE_NOT_FOUND",
+                           "SNAPSHOT_NOT_FOUND", "SNAPSHOT_STORE_FAILED", *BOOTING),
+             body=ProvisionBody),
     Endpoint("list", "GET", "/engines", "List the product's engines, a page at a time",
              EnginePage, query=ListQuery),
     Endpoint("get", "GET", "/engines/{user_id}", "Look up a user's engine", Engine,
              ("ENGINE_NOT_FOUND",)),
-    Endpoint("destroy", "DELETE", "/engines/{user_id}", "Destroy a user's engine and its brain",
-             Destroyed, ("ENGINE_NOT_FOUND", *CHANGING)),
+    Endpoint("destroy", "DELETE", "/engines/{user_id}",
+             "Destroy a user's engine, its brain and its snapshots",
+             Destroyed, ("ENGINE_NOT_FOUND", "SNAPSHOT_STORE_FAILED", *CHANGING)),
     Endpoint("start", "POST", "/engines/{user_id}/start", "Start a stopped, sleeping or failed engine",
              Engine, ("ENGINE_NOT_FOUND", "ENGINE_ALREADY_RUNNING", *BOOTING)),
     Endpoint("stop", "POST", "/engines/{user_id}/stop", "Stop an engine; its brain is kept",
@@ -293,6 +340,26 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              "with follow=true a Server-Sent Events stream: the latest events, oldest first, "
              "then each new one, and a comment line every 15 s",
              EventPage, query=EventsQuery, streams=True),
+    Endpoint("snapshot", "POST", "/engines/{user_id}/snapshots",
+             "Copy the engine's brain into the snapshot store (a running engine is asked to "
+             "checkpoint first); the oldest past ORCH_SNAPSHOT_KEEP are deleted",
+             Snapshot, ("ENGINE_NOT_FOUND", "SNAPSHOT_STORE_FAILED", *CHANGING), ok=201),
+    Endpoint("snapshots", "GET", "/engines/{user_id}/snapshots",
+             "The engine's snapshots, newest first, a page at a time",
+             SnapshotPage, ("ENGINE_NOT_FOUND", "SNAPSHOT_STORE_FAILED"), query=SnapshotsQuery),
+    Endpoint("restore", "POST", "/engines/{user_id}/restore",
+             "Stop the engine, replace its brain with the snapshot's and start it again; a "
+             "missing or damaged snapshot changes nothing",
+             Engine, ("ENGINE_NOT_FOUND", "SNAPSHOT_NOT_FOUND", "SNAPSHOT_STORE_FAILED", *BOOTING),
+             body=RestoreBody),
+    Endpoint("export_brain", "GET", "/engines/{user_id}/brain",
+             "A snapshot (the newest unless snapshot_id is given) as a tar archive",
+             Archive, ("ENGINE_NOT_FOUND", "SNAPSHOT_NOT_FOUND", "SNAPSHOT_STORE_FAILED"),
+             query=BrainQuery),
+    Endpoint("import_brain", "POST", "/engines/{user_id}/brain",
+             "Store a tar archive of files (application/x-tar, optionally gzipped) as the "
+             "engine's newest snapshot; restore applies it",
+             Snapshot, ("ENGINE_NOT_FOUND", "SNAPSHOT_STORE_FAILED", *CHANGING), upload=True, ok=201),
     Endpoint("start_rollout", "POST", "/rollouts",
              "Start moving the product's engines (those on from_version, when given) to "
              "to_version, batch_size at a time; more than max_failures failures roll it back",

@@ -36,6 +36,8 @@ from app.client._errors import (
     RolloutFinished,
     SchedulerUnavailable,
     ServerBusy,
+    SnapshotNotFound,
+    SnapshotStoreFailed,
     Unauthorized,
     UnexpectedResponse,
     UpgradeFailed,
@@ -51,6 +53,8 @@ from app.client._models import (
     Health,
     ProvisionedEngine,
     Rollout,
+    Snapshot,
+    SnapshotPage,
 )
 from app.client._sync import Client
 
@@ -90,6 +94,10 @@ __all__ = [
     "RolloutFinished",
     "SchedulerUnavailable",
     "ServerBusy",
+    "Snapshot",
+    "SnapshotNotFound",
+    "SnapshotPage",
+    "SnapshotStoreFailed",
     "Unauthorized",
     "UnexpectedResponse",
     "UpgradeFailed",

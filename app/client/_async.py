@@ -20,6 +20,8 @@ from app.client._models import (
     Health,
     ProvisionedEngine,
     Rollout,
+    Snapshot,
+    SnapshotPage,
 )
 
 T = TypeVar("T")
@@ -56,15 +58,19 @@ class AsyncClient:
 
     async def _send(self, call: _calls.Call[T]) -> T:
         response = await self._http.request(call.method, call.path, json=call.json,
-                                            params=call.params, headers=call.headers)
+                                            content=call.content, params=call.params,
+                                            headers=call.headers)
         return _calls.finish(call, response)
 
     # ---- engines ------------------------------------------------------------------------------
 
     async def provision(self, user_id: str, engine_version: str | None = None, *,
-                        request_id: str | None = None) -> ProvisionedEngine:
-        """Create the user's engine and wait until it runs; the key is shown this once."""
-        return await self._send(_calls.provision(user_id, engine_version, request_id))
+                        request_id: str | None = None,
+                        from_snapshot: tuple[str, str] | None = None) -> ProvisionedEngine:
+        """Create the user's engine and wait until it runs; the key is shown this once.
+        `from_snapshot` (user id, snapshot id): its brain starts as a copy of that snapshot,
+        of an engine of the same product."""
+        return await self._send(_calls.provision(user_id, engine_version, request_id, from_snapshot))
 
     async def get(self, user_id: str, *, request_id: str | None = None) -> Engine:
         return await self._send(_calls.get(user_id, request_id))
@@ -91,6 +97,30 @@ class AsyncClient:
         """Move the engine to `engine_version`, brain kept. A running engine restarts on it;
         UpgradeFailed when it was not healthy in time (the engine is back on its old one)."""
         return await self._send(_calls.upgrade(user_id, engine_version, request_id))
+
+    async def snapshot(self, user_id: str, *, request_id: str | None = None) -> Snapshot:
+        """Copy the engine's brain into the snapshot store now."""
+        return await self._send(_calls.snapshot(user_id, request_id))
+
+    async def snapshots(self, user_id: str, limit: int | None = None, cursor: str | None = None, *,
+                  request_id: str | None = None) -> SnapshotPage:
+        """One page of the engine's snapshots, newest first."""
+        return await self._send(_calls.snapshots(user_id, limit, cursor, request_id))
+
+    async def restore(self, user_id: str, snapshot_id: str, *,
+                request_id: str | None = None) -> Engine:
+        """Stop the engine, make its brain the snapshot's, start it again."""
+        return await self._send(_calls.restore(user_id, snapshot_id, request_id))
+
+    async def export_brain(self, user_id: str, snapshot_id: str | None = None, *,
+                     request_id: str | None = None) -> bytes:
+        """A snapshot (the newest unless named) as a tar archive."""
+        return await self._send(_calls.export_brain(user_id, snapshot_id, request_id))
+
+    async def import_brain(self, user_id: str, archive: bytes, *,
+                     request_id: str | None = None) -> Snapshot:
+        """Store a tar archive as the engine's newest snapshot; `restore` applies it."""
+        return await self._send(_calls.import_brain(user_id, archive, request_id))
 
     async def destroy(self, user_id: str, *, request_id: str | None = None) -> None:
         """Remove the engine and its brain for good (the audit events are kept)."""

@@ -25,6 +25,8 @@ from app.client._models import (
     Health,
     ProvisionedEngine,
     Rollout,
+    Snapshot,
+    SnapshotPage,
 )
 from app.client._routes import BY_NAME
 
@@ -37,6 +39,7 @@ class Call(Generic[T]):
     path: str  # relative to the client's base_url; user ids already percent-encoded
     read: Callable[[httpx.Response], T]
     json: dict[str, Any] | None = None
+    content: bytes | None = None  # a raw body (a tar archive)
     params: dict[str, str | int] | None = None
     headers: dict[str, str] = field(default_factory=dict)
     also_ok: tuple[int, ...] = ()  # error statuses that are answers here (readyz's 503)
@@ -81,26 +84,32 @@ def _json(response: httpx.Response) -> dict[str, Any]:
 
 def _call(name: str, read: Callable[[httpx.Response], T], user_id: str | None = None, *,
           json: dict[str, Any] | None = None, params: dict[str, str | int] | None = None,
-          request_id: str | None = None, rollout_id: int | None = None) -> Call[T]:
+          request_id: str | None = None, rollout_id: int | None = None,
+          content: bytes | None = None) -> Call[T]:
     endpoint = BY_NAME[name]
     path = endpoint.path
     if user_id is not None:
         path = path.replace("{user_id}", _segment(user_id))
     if rollout_id is not None:
         path = path.replace("{rollout_id}", str(int(rollout_id)))
-    return Call(endpoint.method, path, read, json=json, params=params or None,
-                headers=_headers(request_id), also_ok=endpoint.also_ok)
+    headers = _headers(request_id)
+    if content is not None:
+        headers["Content-Type"] = "application/x-tar"
+    return Call(endpoint.method, path, read, json=json, content=content, params=params or None,
+                headers=headers, also_ok=endpoint.also_ok)
 
 
 def _present(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
-def provision(user_id: str, engine_version: str | None,
-              request_id: str | None) -> Call[ProvisionedEngine]:
-    # engine_version omitted: the server's ORCH_ENGINE_IMAGE
+def provision(user_id: str, engine_version: str | None, request_id: str | None,
+              from_snapshot: tuple[str, str] | None = None) -> Call[ProvisionedEngine]:
+    # engine_version omitted: the server's ORCH_ENGINE_IMAGE; from_snapshot: (user, snapshot id)
+    source = None if from_snapshot is None else \
+        {"user_id": from_snapshot[0], "snapshot_id": from_snapshot[1]}
     return _call("provision", lambda r: ProvisionedEngine.from_json(_json(r)),
-                 json=_present(user_id=user_id, engine_version=engine_version),
+                 json=_present(user_id=user_id, engine_version=engine_version, from_snapshot=source),
                  request_id=request_id)
 
 
@@ -133,6 +142,31 @@ def rotate_key(user_id: str, request_id: str | None) -> Call[ProvisionedEngine]:
 def upgrade(user_id: str, engine_version: str, request_id: str | None) -> Call[Engine]:
     return _call("upgrade", lambda r: Engine.from_json(_json(r)), user_id,
                  json={"engine_version": engine_version}, request_id=request_id)
+
+
+def snapshot(user_id: str, request_id: str | None) -> Call[Snapshot]:
+    return _call("snapshot", lambda r: Snapshot.from_json(_json(r)), user_id, request_id=request_id)
+
+
+def snapshots(user_id: str, limit: int | None, cursor: str | None,
+              request_id: str | None) -> Call[SnapshotPage]:
+    return _call("snapshots", lambda r: SnapshotPage.from_json(_json(r)), user_id,
+                 params=_present(limit=limit, cursor=cursor), request_id=request_id)
+
+
+def restore(user_id: str, snapshot_id: str, request_id: str | None) -> Call[Engine]:
+    return _call("restore", lambda r: Engine.from_json(_json(r)), user_id,
+                 json={"snapshot_id": snapshot_id}, request_id=request_id)
+
+
+def export_brain(user_id: str, snapshot_id: str | None, request_id: str | None) -> Call[bytes]:
+    return _call("export_brain", lambda r: r.content, user_id,
+                 params=_present(snapshot_id=snapshot_id), request_id=request_id)
+
+
+def import_brain(user_id: str, archive: bytes, request_id: str | None) -> Call[Snapshot]:
+    return _call("import_brain", lambda r: Snapshot.from_json(_json(r)), user_id,
+                 content=archive, request_id=request_id)
 
 
 def destroy(user_id: str, request_id: str | None) -> Call[None]:
@@ -230,7 +264,9 @@ def openapi() -> Call[dict[str, Any]]:
 BUILDERS: dict[str, Callable[..., Call[Any]]] = {
     "provision": provision, "list": list_engines, "get": get, "destroy": destroy,
     "start": start, "stop": stop, "rotate_key": rotate_key, "admit": admit, "events": events,
-    "upgrade": upgrade, "start_rollout": start_rollout, "rollouts": rollouts,
+    "upgrade": upgrade, "snapshot": snapshot, "snapshots": snapshots, "restore": restore,
+    "export_brain": export_brain, "import_brain": import_brain,
+    "start_rollout": start_rollout, "rollouts": rollouts,
     "rollout": rollout, "pause_rollout": pause_rollout, "resume_rollout": resume_rollout,
     "abort_rollout": abort_rollout, "rollout_events": rollout_events,
     "healthz": healthz, "readyz": readyz, "metrics": metrics, "openapi": openapi,

@@ -141,6 +141,14 @@ class UpgradeFailed(OrchestratorError):
     CODE = "UPGRADE_FAILED"
 
 
+class SnapshotNotFound(OrchestratorError):
+    CODE = "SNAPSHOT_NOT_FOUND"
+
+
+class SnapshotStoreFailed(OrchestratorError):
+    CODE = "SNAPSHOT_STORE_FAILED"
+
+
 class PortExhaustion(OrchestratorError):
     CODE = "PORT_EXHAUSTION"
 

@@ -46,6 +46,34 @@ class Engine:
 
 
 @dataclass(frozen=True)
+class Snapshot:
+    """A copy of an engine's brain in the snapshot store."""
+
+    id: str
+    created_at: datetime
+    size_bytes: int
+    files: int
+    engine_version: str
+    consistent: bool  # False: copied while the engine ran without a checkpoint
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Snapshot:
+        return cls(id=data["id"], created_at=parse_time(data["created_at"]),
+                   size_bytes=int(data["size_bytes"]), files=int(data["files"]),
+                   engine_version=data["engine_version"], consistent=bool(data["consistent"]))
+
+
+@dataclass(frozen=True)
+class SnapshotPage:
+    snapshots: tuple[Snapshot, ...]  # newest first
+    next_cursor: str | None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SnapshotPage:
+        return cls(tuple(Snapshot.from_json(s) for s in data["snapshots"]), data.get("next_cursor"))
+
+
+@dataclass(frozen=True)
 class ProvisionedEngine:
     """The answer of provision and rotate-key: the engine and its key, shown this one time."""
 

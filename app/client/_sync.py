@@ -19,6 +19,8 @@ from app.client._models import (
     Health,
     ProvisionedEngine,
     Rollout,
+    Snapshot,
+    SnapshotPage,
 )
 
 T = TypeVar("T")
@@ -55,15 +57,19 @@ class Client:
 
     def _send(self, call: _calls.Call[T]) -> T:
         response = self._http.request(call.method, call.path, json=call.json,
-                                      params=call.params, headers=call.headers)
+                                      content=call.content, params=call.params,
+                                      headers=call.headers)
         return _calls.finish(call, response)
 
     # ---- engines ------------------------------------------------------------------------------
 
     def provision(self, user_id: str, engine_version: str | None = None, *,
-                  request_id: str | None = None) -> ProvisionedEngine:
-        """Create the user's engine and wait until it runs; the key is shown this once."""
-        return self._send(_calls.provision(user_id, engine_version, request_id))
+                  request_id: str | None = None,
+                  from_snapshot: tuple[str, str] | None = None) -> ProvisionedEngine:
+        """Create the user's engine and wait until it runs; the key is shown this once.
+        `from_snapshot` (user id, snapshot id): its brain starts as a copy of that snapshot,
+        of an engine of the same product."""
+        return self._send(_calls.provision(user_id, engine_version, request_id, from_snapshot))
 
     def get(self, user_id: str, *, request_id: str | None = None) -> Engine:
         return self._send(_calls.get(user_id, request_id))
@@ -89,6 +95,30 @@ class Client:
         """Move the engine to `engine_version`, brain kept. A running engine restarts on it;
         UpgradeFailed when it was not healthy in time (the engine is back on its old one)."""
         return self._send(_calls.upgrade(user_id, engine_version, request_id))
+
+    def snapshot(self, user_id: str, *, request_id: str | None = None) -> Snapshot:
+        """Copy the engine's brain into the snapshot store now."""
+        return self._send(_calls.snapshot(user_id, request_id))
+
+    def snapshots(self, user_id: str, limit: int | None = None, cursor: str | None = None, *,
+                  request_id: str | None = None) -> SnapshotPage:
+        """One page of the engine's snapshots, newest first."""
+        return self._send(_calls.snapshots(user_id, limit, cursor, request_id))
+
+    def restore(self, user_id: str, snapshot_id: str, *,
+                request_id: str | None = None) -> Engine:
+        """Stop the engine, make its brain the snapshot's, start it again."""
+        return self._send(_calls.restore(user_id, snapshot_id, request_id))
+
+    def export_brain(self, user_id: str, snapshot_id: str | None = None, *,
+                     request_id: str | None = None) -> bytes:
+        """A snapshot (the newest unless named) as a tar archive."""
+        return self._send(_calls.export_brain(user_id, snapshot_id, request_id))
+
+    def import_brain(self, user_id: str, archive: bytes, *,
+                     request_id: str | None = None) -> Snapshot:
+        """Store a tar archive as the engine's newest snapshot; `restore` applies it."""
+        return self._send(_calls.import_brain(user_id, archive, request_id))
 
     def destroy(self, user_id: str, *, request_id: str | None = None) -> None:
         """Remove the engine and its brain for good (the audit events are kept)."""

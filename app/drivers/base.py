@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 # Drivers raise domain errors (app.errors), re-exported here under the names drivers use. Any
@@ -53,6 +54,11 @@ class EngineSpec:
 
 class Driver(abc.ABC):
     name: str
+
+    def brain_dir(self, spec: EngineSpec) -> Path | None:
+        """The engine's brain as a directory this process can read and write (the local
+        driver's), or None where the brain lives elsewhere."""
+        return None
 
     @abc.abstractmethod
     async def create(self, spec: EngineSpec, api_key: str) -> State:

@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from app import metrics
 from app.drivers.base import Driver, DriverError, DriverFailed, EngineSpec, Probe, State
@@ -45,6 +46,9 @@ class Instrumented(Driver):
             raise
         except Exception as exc:
             raise _wrapped(self.name, call, exc) from exc
+
+    def brain_dir(self, spec: EngineSpec) -> Path | None:
+        return self.inner.brain_dir(spec)
 
     async def create(self, spec: EngineSpec, api_key: str) -> State:
         with self._measure("create"):

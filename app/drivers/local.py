@@ -63,6 +63,9 @@ class LocalDriver(Driver):
 
     # ---- Driver interface ----------------------------------------------------------------
 
+    def brain_dir(self, spec: EngineSpec) -> Path | None:
+        return self._dirs(spec)[0]
+
     async def create(self, spec: EngineSpec, api_key: str) -> State:
         port = self._reserve_port(spec.name)
         try:
@@ -161,7 +164,9 @@ class LocalDriver(Driver):
         return "dead" if status == "dead" else "paused" if status == "paused" else "unhealthy"
 
     async def list_names(self) -> set[str]:
-        names = {p.name for p in self.brain_root.iterdir()} if self.brain_root.exists() else set()
+        # Dot names are a restore's staging (app.snapshots.tree), never an engine's brain.
+        names = {p.name for p in self.brain_root.iterdir() if not p.name.startswith(".")} \
+            if self.brain_root.exists() else set()
         names |= self.ports.holders()
         # Reading every process's environ is a scan of /proc: off the event loop, which keeps
         # answering admits meanwhile.

@@ -25,6 +25,9 @@ Routes (JSON unless said otherwise)
   PUT  /v1/memory/{key}      stores the raw body in the brain: 200 {"stored": <bytes>}
   GET  /v1/memory/{key}      200 the stored bytes (application/octet-stream), or 404
   DELETE /v1/memory/{key}    204, or 404
+  POST /v1/checkpoint        {"hold_s": seconds, default 60}: 200 once every write in progress
+                             is on disk; writes then wait until DELETE or hold_s passes
+  DELETE /v1/checkpoint      200 {"released": true}; 409 when the hold had run out already
   POST /v1/admin/exit        {"code": 0..255}: 202, then the process exits with that code
   POST /v1/admin/health      {"healthy": bool}: 200, and /health answers accordingly
   Unknown route 404, wrong method 405, bad JSON or field 400, body over 1 MiB 413. A memory

@@ -27,6 +27,9 @@ MEMORY_PREFIX = "/v1/memory/"
 DISCARD_MAX = 8 * MAX_VALUE_BYTES  # bodies we read and drop so the client sees our answer
 DRAIN_S = 3.0  # how long a stop waits for in-flight requests
 EXIT_DELAY_S = 0.05  # admin/exit: time for the 202 to leave before the process does
+CHECKPOINT_HOLD_S = 60.0  # how long a checkpoint holds writes unless told otherwise
+CHECKPOINT_HOLD_MAX_S = 600.0
+CHECKPOINT_WAIT_S = 10.0  # for the writes in progress to finish
 
 
 class InFlight:
@@ -130,6 +133,8 @@ class Handler(BaseHTTPRequestHandler):
             return None
         if path.startswith(MEMORY_PREFIX):
             return self._memory(method, path[len(MEMORY_PREFIX):], body)
+        if path == "/v1/checkpoint":
+            return self._checkpoint(method, body)
         route = ROUTES.get(path)
         if route is None:
             return self._json(404, {"error": "not found"})
@@ -193,6 +198,28 @@ class Handler(BaseHTTPRequestHandler):
         say(f"health set to {'healthy' if healthy else 'unhealthy'} (admin/health)")
         self._json(200, {"healthy": healthy and not self.server.config.faults.never_healthy})
 
+    def _checkpoint(self, method: str, body: bytes) -> None:
+        gate = self.server.brain.gate
+        if method == "DELETE":
+            if gate.release():
+                return self._json(200, {"released": True})
+            return self._json(409, {"error": "no checkpoint is held (its hold ran out)"})
+        if method != "POST":
+            return self._json(405, {"error": "method not allowed"}, [("Allow", "POST, DELETE")])
+        data = self._json_object(body)
+        if data is None:
+            return None
+        hold = data.get("hold_s", CHECKPOINT_HOLD_S)
+        if not isinstance(hold, (int, float)) or isinstance(hold, bool) \
+                or not 0 < hold <= CHECKPOINT_HOLD_MAX_S:
+            return self._json(400, {"error": f"hold_s must be a number of seconds up to "
+                                             f"{CHECKPOINT_HOLD_MAX_S:g}"})
+        # Every value is written by rename (app.refengine.store), so once the writes in
+        # progress are done the directory holds whole values only: nothing else to flush.
+        if not gate.hold(float(hold), CHECKPOINT_WAIT_S):
+            return self._json(503, {"error": "writes did not finish in time"})
+        return self._json(200, {"held_s": hold})
+
     def _memory(self, method: str, raw_key: str, body: bytes) -> None:
         key = _memory_key(raw_key)
         if key is None:
@@ -201,7 +228,8 @@ class Handler(BaseHTTPRequestHandler):
         brain = self.server.brain
         try:
             if method == "PUT":
-                brain.put(key, body)
+                with brain.gate:
+                    brain.put(key, body)
                 return self._json(200, {"stored": len(body)})
             if method == "GET":
                 value = brain.get(key)
@@ -209,7 +237,9 @@ class Handler(BaseHTTPRequestHandler):
                     return self._json(404, {"error": "no such key"})
                 return self._send(200, value, "application/octet-stream")
             if method == "DELETE":
-                if not brain.delete(key):
+                with brain.gate:
+                    deleted = brain.delete(key)
+                if not deleted:
                     return self._json(404, {"error": "no such key"})
                 return self._send(204, b"", None)
         except OSError as exc:  # a full or read-only disk: say so rather than drop the connection

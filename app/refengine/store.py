@@ -63,6 +63,55 @@ class KeyStore:
         return compare_digest(token.strip().encode("latin-1", "replace"), self._key)
 
 
+class WriteGate:
+    """Writes to the brain pass one at a time; a checkpoint holds them all (`hold`) until it
+    is let go (`release`) or its hold runs out, so an orchestrator that dies mid-snapshot never
+    leaves the engine frozen."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # held by each write, and by a checkpoint
+        self._meta = threading.Lock()
+        self._held: int | None = None  # the generation of the checkpoint holding the gate
+        self._generation = 0
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    def hold(self, seconds: float, wait: float) -> bool:
+        """Wait (at most `wait`) for the writes in progress, then hold the next ones."""
+        with self._meta:
+            if self._held is not None:
+                return True  # already held: the same checkpoint asked again
+        if not self._lock.acquire(timeout=wait):
+            return False
+        with self._meta:
+            self._generation += 1
+            self._held = generation = self._generation
+        timer = threading.Timer(seconds, self._expire, (generation,))
+        timer.daemon = True
+        timer.start()
+        return True
+
+    def release(self) -> bool:
+        """False: nothing was held (the hold had run out)."""
+        with self._meta:
+            if self._held is None:
+                return False
+            self._held = None
+            self._lock.release()
+            return True
+
+    def _expire(self, generation: int) -> None:
+        with self._meta:
+            if self._held == generation:
+                self._held = None
+                self._lock.release()
+                say("checkpoint hold ran out; writing again")
+
+
 class Brain:
     """Memory values as files in the brain directory, written atomically (a temporary file,
     then os.replace), so a crash leaves the old value or the new one, never half of one. There
@@ -70,6 +119,7 @@ class Brain:
 
     def __init__(self, root: str):
         self.root = root
+        self.gate = WriteGate()
         try:
             if not os.path.isdir(root):
                 os.makedirs(root, mode=0o700, exist_ok=True)

@@ -21,6 +21,8 @@
                       (tests/bench/pool.py)
     edge              1,000 slow clients held open against the default limits, /healthz probed
                       throughout (tests/bench/edge.py)
+    snapshot          a 100 MB brain snapshotted, again with 1% changed, and restored, on the
+                      directory store and S3, beside a plain tar (tests/bench/snapshot.py)
     rollout           BENCH_ROLLOUT_ENGINES (100) engines moved by one rollout in
                       batches of 10, beside the same engines upgraded one request after
                       another (tests/bench/rollout.py)
@@ -43,7 +45,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.bench import edge, fleet, nomad_fleet, nomad_waits, pool, rollout
+from tests.bench import edge, fleet, nomad_fleet, nomad_waits, pool, rollout, snapshot
 from tests.bench.loadgen import Target, run_in_process
 from tests.harness import ROOT, Orchestrator, free_port, wait_for
 
@@ -60,7 +62,8 @@ def main() -> None:
     benches = {"admit": bench_admit, "wake": bench_wake, "provision": bench_provision,
                "rows": bench_rows, "herd": bench_herd, "fleet": fleet.bench_fleet,
                "nomad": nomad_fleet.bench_nomad, "nomad_waits": nomad_waits.bench_nomad_waits,
-               "rollout": rollout.bench_rollout, "pool": pool.bench_pool, "edge": edge.bench_edge}
+               "rollout": rollout.bench_rollout, "pool": pool.bench_pool, "edge": edge.bench_edge,
+               "snapshot": snapshot.bench_snapshot}
     only = [name for name in os.environ.get("BENCH_ONLY", "").split(",") if name] or list(benches)
     results = {}
     try:
@@ -288,6 +291,8 @@ def report(r: dict) -> None:
         print("\n".join(pool.lines(r["pool"])))
     if "edge" in r:
         print("\n".join(edge.lines(r["edge"])))
+    if "snapshot" in r:
+        print("\n".join(snapshot.lines(r["snapshot"])))
 
 
 def _lines(r: dict) -> dict[str, list[str]]:

@@ -61,7 +61,7 @@ def test_the_openapi_document_is_the_table() -> None:
         query = {f.encode_name for f in msgspec.structs.fields(endpoint.query)} if endpoint.query else set()
         in_path = {p for p in ("user_id", "rollout_id") if "{" + p + "}" in endpoint.path}
         assert params == query | in_path
-        assert ("requestBody" in op) == (endpoint.body is not None)
+        assert ("requestBody" in op) == (endpoint.body is not None or endpoint.upload)
         assert ("security" in op) == endpoint.auth
 
 
@@ -103,13 +103,15 @@ def _example(parameter: str) -> object:
     return {"user_id": "u v", "engine_version": "v1", "auto_provision": True, "auto_wake": False,
             "status": "running", "limit": 5, "cursor": "ZToz", "request_id": None, "wait": False,
             "rollout_id": 7, "to_version": "v2", "from_version": "v1", "batch_size": 3,
-            "max_failures": 1}[parameter]
+            "max_failures": 1, "snapshot_id": "s-20261207142655123-0123abcd",
+            "archive": b"tar", "from_snapshot": ("golden", "s-20261207142655123-0123abcd")}[parameter]
 
 
 @pytest.mark.parametrize("answer,model", [
     (spec.Engine, _models.Engine), (spec.EnginePage, _models.EnginePage),
     (spec.Event, _models.Event), (spec.EventPage, _models.EventPage),
-    (spec.Admission, _models.Admission)])
+    (spec.Admission, _models.Admission), (spec.Snapshot, _models.Snapshot),
+    (spec.SnapshotPage, _models.SnapshotPage)])
 def test_the_client_models_read_every_field_the_server_sends(answer: type, model: type) -> None:
     sent = {f.encode_name for f in msgspec.structs.fields(answer)}
     renamed = {"from_status": "from", "to_status": "to"}

@@ -395,3 +395,25 @@ def test_port_in_use_exits_1(tmp_path: Path) -> None:
                             "ENGINE_API_KEY_FILE": str(tmp_path / "key")})
     assert done.returncode == 1 and "cannot listen" in done.stderr
     assert json.dumps(KEY) not in done.stderr
+
+
+def test_checkpoint_holds_writes_until_released_or_its_hold_runs_out(
+        start: Callable[..., Engine]) -> None:
+    engine = start()
+    assert engine.call("POST", "/v1/checkpoint", json={"hold_s": 30}).status_code == 200
+    done: list[int] = []
+    writer = threading.Thread(target=lambda: done.append(
+        engine.call("PUT", "/v1/memory/k", content=b"v").status_code))
+    writer.start()
+    time.sleep(0.3)
+    assert done == []  # held
+    assert engine.call("GET", "/v1/memory/k").status_code == 404  # reads go on
+    assert engine.call("DELETE", "/v1/checkpoint").json() == {"released": True}
+    writer.join(timeout=5)
+    assert done == [200]
+    assert engine.call("POST", "/v1/checkpoint", json={"hold_s": 0.2}).status_code == 200
+    wait_until(lambda: engine.call("PUT", "/v1/memory/k", content=b"w").status_code == 200)
+    assert engine.call("DELETE", "/v1/checkpoint").status_code == 409  # it had run out
+    for bad in ({"hold_s": 0}, {"hold_s": True}, {"hold_s": "1"}, {"hold_s": 601}):
+        assert engine.call("POST", "/v1/checkpoint", json=bad).status_code == 400
+    assert engine.call("PUT", "/v1/checkpoint").status_code == 405

@@ -1,0 +1,157 @@
+"""What the snapshot operations do (Bodies.snapshot and Bodies.restore, rows of
+app.operations' TABLE), run like every other
+operation under the engine's flight and lease: a snapshot never runs beside a stop, a restore
+or a destroy of the same engine, nor beside another snapshot.
+
+A running engine is asked to checkpoint first (`POST /v1/checkpoint`, app/CONTRACT.md): it
+flushes and holds its writes until the copy is done (`DELETE /v1/checkpoint`), and the snapshot
+is `consistent`. An engine without the call is copied as it runs: crash-consistent, and said so.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import IO, Any, Literal, Protocol
+
+import httpx
+
+from app import errors, registry, states
+from app.config import Settings
+from app.drivers.base import Driver, EngineSpec
+from app.registry import EngineRow
+from app.snapshots import tree
+from app.snapshots.service import Manifest, Snapshots
+
+log = logging.getLogger("orch.snapshots")
+
+class Bodies(Protocol):
+    """What these bodies use of app.bodies.Bodies (which calls them)."""
+
+    settings: Settings
+    driver: Driver
+    http: httpx.AsyncClient
+    snapshots: Snapshots
+
+    def spec(self, row: EngineRow) -> EngineSpec: ...
+
+    def api_key(self, row: EngineRow) -> str: ...
+
+    async def bring_up(self, row: EngineRow, how: Literal["start"]) -> EngineRow: ...
+
+
+HOLD_S = 60.0  # the longest an engine holds its writes for us, should we never come back
+CHECKPOINT_TIMEOUT_S = 10.0
+
+
+async def snapshot(bodies: Bodies, row: EngineRow, scheduled: bool = False) -> Manifest | None:
+    """Copy the engine's brain into the store. Scheduled: only when it changed since the
+    latest snapshot (None when it did not)."""
+    brain = _brain(bodies, row)
+    snaps = bodies.snapshots
+    if scheduled and not await snaps.changed(row.name, brain):
+        return None
+    held = await _checkpoint(bodies, row)
+    try:
+        manifest = await snaps.take(row.name, brain, engine_version=row.engine_version,
+                                    consistent=held or _quiet(bodies, row))
+    finally:
+        kept = held and await _resume(bodies, row)
+    if held and not kept:
+        log.warning("engine %s let its checkpoint go before the copy ended", row.name)
+        manifest["consistent"] = False
+    await snaps.commit(row.name, manifest)
+    registry.update(row, audit_event="snapshot", reason=manifest["id"])
+    await snaps.prune(row.name)
+    return manifest
+
+
+async def import_brain(bodies: Bodies, row: EngineRow, archive: IO[bytes]) -> Manifest:
+    """An uploaded tar archive becomes the engine's newest snapshot (restore applies it)."""
+    snaps = bodies.snapshots
+    manifest = await snaps.import_archive(row.name, archive, engine_version=row.engine_version)
+    await snaps.commit(row.name, manifest)
+    snaps.forget(row.name)  # not a copy of the brain as it is: the schedule must not skip
+    registry.update(row, audit_event="snapshot_imported", reason=manifest["id"])
+    await snaps.prune(row.name)
+    return manifest
+
+
+async def seed(bodies: Bodies, row: EngineRow, source: str, manifest: Manifest) -> None:
+    """A new engine's brain: a copy of another engine's snapshot (`provision` from_snapshot)."""
+    brain = _brain(bodies, row)
+    staging = await bodies.snapshots.stage(source, manifest, brain)
+    try:
+        tree.replace(staging, brain)
+    finally:
+        tree.discard(staging)
+
+
+async def restore(bodies: Bodies, row: EngineRow, snapshot_id: str) -> EngineRow:
+    """Stop the engine, make its brain the snapshot's, start it again. The snapshot is read
+    and checked before the engine is touched, so a missing or damaged one changes nothing."""
+    brain = _brain(bodies, row)
+    snaps = bodies.snapshots
+    manifest = await snaps.get(row.name, snapshot_id)
+    if manifest is None:
+        raise errors.snapshot_not_found(row.user_id, snapshot_id)
+    staging = await snaps.stage(row.name, manifest, brain)
+    try:
+        await bodies.driver.ping()
+        row = await _stop(bodies, row)
+        tree.replace(staging, brain)
+    finally:
+        tree.discard(staging)
+    snaps.forget(row.name)
+    age = max(0, int(time.time() - manifest["created_at"]))
+    row = registry.update(row, audit_event="restored", reason=f"{snapshot_id} data_age_s={age}")
+    return await bodies.bring_up(row, "start")
+
+
+async def _stop(bodies: Bodies, row: EngineRow) -> EngineRow:
+    if row.status == states.STOPPED:
+        return row
+    row = registry.transition(row, "stop", "restore")
+    state = await bodies.driver.stop(bodies.spec(row), row.driver_state, bodies.settings.stop_grace_s)
+    return registry.transition(row, "stopped", "restore", driver_state=state, url=None)
+
+
+def _brain(bodies: Bodies, row: EngineRow) -> Path:
+    brain = bodies.driver.brain_dir(bodies.spec(row))
+    if brain is None:
+        raise errors.invalid(f"the {bodies.driver.name} driver does not take snapshots")
+    return brain
+
+
+def _quiet(bodies: Bodies, row: EngineRow) -> bool:
+    """No process can be writing: the copy is consistent without a checkpoint."""
+    return row.status in (states.STOPPED, states.FAILED) or \
+        (row.status == states.SLEEPING and bodies.settings.sleep_mode == "stop")
+
+
+async def _checkpoint(bodies: Bodies, row: EngineRow) -> bool:
+    if row.status != states.RUNNING or not row.url:
+        return False
+    try:
+        answer = await bodies.http.post(f"{row.url}/v1/checkpoint", json={"hold_s": HOLD_S},
+                                        headers=_auth(bodies, row), timeout=CHECKPOINT_TIMEOUT_S)
+    except httpx.HTTPError as exc:
+        log.info("engine %s did not checkpoint (%s): a crash-consistent copy", row.name, exc)
+        return False
+    return answer.status_code == 200
+
+
+async def _resume(bodies: Bodies, row: EngineRow) -> bool:
+    """Let the engine write again; False when it had already let go (its hold ran out)."""
+    assert row.url
+    try:
+        answer = await bodies.http.delete(f"{row.url}/v1/checkpoint", headers=_auth(bodies, row),
+                                          timeout=CHECKPOINT_TIMEOUT_S)
+    except httpx.HTTPError:
+        return False
+    return answer.status_code == 200
+
+
+def _auth(bodies: Bodies, row: EngineRow) -> dict[str, Any]:
+    return {"Authorization": f"Bearer {bodies.api_key(row)}"}

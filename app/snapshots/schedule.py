@@ -1,0 +1,64 @@
+"""Scheduled snapshots: every engine with a brain is looked at once per
+ORCH_SNAPSHOT_INTERVAL_S, each at its own time (spread over the interval like health checks,
+app.health_schedule), and copied only when its brain changed since its latest snapshot. A
+replica snapshots the engines of its own shards (the reconciler's), so replicas share the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from app import errors, registry, states
+from app.health_schedule import HealthSchedule
+from app.operations import Engines, Op
+from app.registry import EngineRow
+
+log = logging.getLogger("orch.snapshots")
+
+# Engines whose brain is at rest or in use; transient states are left to their operation.
+WITH_BRAIN = (states.RUNNING, states.SLEEPING, states.STOPPED, states.FAILED)
+MAX_TICK_S = 5.0
+
+
+class SnapshotSchedule:
+    def __init__(self, engines: Engines, mine: Callable[[EngineRow], bool]):
+        self.engines = engines
+        self.mine = mine
+        self.interval = engines.settings.snapshot_interval_s
+        self.plan = HealthSchedule(self.interval)
+
+    async def run_forever(self) -> None:
+        if self.interval <= 0:
+            return
+        tick = min(MAX_TICK_S, self.interval / 10)
+        while True:
+            try:
+                await self.tick(time.time())
+            except errors.DomainError as exc:  # the database or the store out of reach
+                log.warning("scheduled snapshots: %s", exc)
+            await asyncio.sleep(tick)
+
+    def _here(self, row: EngineRow) -> bool:
+        """The brain is a directory this process reaches (the local driver's)."""
+        return self.engines.driver.brain_dir(self.engines.bodies.spec(row)) is not None
+
+    async def tick(self, now: float) -> list[str]:
+        """Take the snapshots due; returns the ids taken."""
+        # A warm pool's engines wait for a user: nothing of anyone's to keep yet.
+        rows = {r.id: r for r in registry.engines_in(WITH_BRAIN)
+                if not r.in_pool and self.mine(r) and self._here(r)}
+        self.plan.replace(set(rows), now)
+        taken = []
+        for engine_id in self.plan.due(now):
+            row = rows[engine_id]
+            try:
+                manifest = await self.engines.run(Op.SNAPSHOT, row.key, scheduled=True)
+            except errors.DomainError as exc:  # busy, gone, the store down: next interval
+                log.info("scheduled snapshot of %s skipped: %s", row.name, exc)
+                continue
+            if manifest is not None:
+                taken.append(manifest["id"])
+        return taken
