@@ -115,7 +115,7 @@ class Bodies:
         resumed = was != states.SLEEPING or await self.driver.resume(spec, row.driver_state)
         if resumed and await self.identify(row):
             self.driver_claimed(spec, row.driver_state)
-            return registry.transition(row, "ready"), self.api_key(row)
+            return registry.pool.ready(row), self.api_key(row)
         log.info("claimed engine %s did not take its user; destroyed", row.name)
         await self.driver.destroy(spec, row.driver_state)
         registry.delete_engine(row, "destroyed", "claim_failed")

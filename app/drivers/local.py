@@ -84,8 +84,11 @@ class LocalDriver(Driver):
         key_file = run / "api_key"
         self._write_key(key_file, api_key, port)
         env = self._env(spec, port, brain, key_file)
-        proc = _process.launch(list(self.settings.engine_cmd), env, run, run / "engine.log",
-                               self.isolation.popen_kwargs(port))
+        # In a thread: a fork and the wait for its exec take 10-20 ms on a busy machine, and
+        # a burst of cold boots on the event loop would hold up every answer meanwhile (a warm
+        # pool's claims among them).
+        proc = await asyncio.to_thread(_process.launch, list(self.settings.engine_cmd), env, run,
+                                       run / "engine.log", self.isolation.popen_kwargs(port))
         started = _process.start_time(proc.pid)
         self.exits.watch(spec.name, proc.pid, started)
         return {"port": port, "pid": proc.pid, "started": started}

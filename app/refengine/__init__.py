@@ -49,4 +49,7 @@ Fault knobs, for tests: `+`-separated tokens after the first `+` of ENGINE_VERSI
   fault-crash-after-<ms>  become healthy, then exit 3 that long after listening
   hup-delay-<ms>          apply each SIGHUP's key reload that long later (a slow rotation)
   identity-delay-<ms>     answer PUT /v1/identity that long later (a slow claim)
+  identity-drop-unheard   forget a PUT /v1/identity whose client closed the connection before
+                          the answer (with identity-delay: a claimer that died mid-call), so
+                          the engine learns its user only from a call that is heard out
 """

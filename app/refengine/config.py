@@ -45,6 +45,7 @@ class Faults:
         "hang_term",
         "hup_delay_ms",
         "identity_delay_ms",
+        "identity_drop_unheard",
         "never_healthy",
     )
 
@@ -59,6 +60,7 @@ class Faults:
         self.crash_after_ms = _millis(tokens, "fault-crash-after-")
         self.hup_delay_ms = _millis(tokens, "hup-delay-") or 0
         self.identity_delay_ms = _millis(tokens, "identity-delay-") or 0
+        self.identity_drop_unheard = "identity-drop-unheard" in tokens
 
 
 def _millis(tokens: set[str], prefix: str) -> int | None:

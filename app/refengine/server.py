@@ -165,7 +165,12 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(400, {"error": "user_id must be a non-empty string"})
         server = self.server
         if server.config.faults.identity_delay_ms:
+            say(f"holding an identity call for {user_id!r}")  # so a test knows it arrived
             time.sleep(server.config.faults.identity_delay_ms / 1000)
+        if server.config.faults.identity_drop_unheard and self._client_gone():
+            say(f"dropped an identity call for {user_id!r}: its client left")
+            self.close_connection = True
+            return None
         with server.identity_lock:
             current = server.config.user_id
             if current and current != user_id:
@@ -175,6 +180,16 @@ class Handler(BaseHTTPRequestHandler):
                 server.config.user_id = user_id
                 say(f"claimed by user {user_id!r}")
         self._json(200, {"user_id": user_id})
+
+    def _client_gone(self) -> bool:
+        """The client closed its side: a peek finds the end of the stream, not a wait."""
+        try:
+            peeked: bytes = self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True  # reset: gone too
+        return peeked == b""
 
     def _admin_exit(self, body: bytes) -> None:
         data = self._json_object(body)

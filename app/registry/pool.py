@@ -18,7 +18,7 @@ import peewee as pw
 
 from app import errors, states
 from app.registry import leases
-from app.registry.db import is_sqlite, tuples, write_lock
+from app.registry.db import execute_hot, hot_sql, is_sqlite, tuples, write_lock
 from app.registry.engines import EngineRow, _row
 from app.registry.events import audit, publish
 from app.registry.models import ENGINE_COLUMNS, Engine, PoolLease, Product, Rollout
@@ -49,10 +49,9 @@ def claim(product_id: int, user_id: str, version: str, owner: str,
                   "row_version": found.row_version + 1, "updated_at": now}
         try:
             with Engine._meta.database.atomic():
-                changed = (Engine.update(**values)
-                           .where((Engine.id == found.id) & (Engine.row_version == found.row_version)
-                                  & (Engine.status == found.status) & Engine.in_pool)
-                           .execute())
+                changed = execute_hot(hot_sql("pool_claim", _claim_sql), (
+                    user_id, False, now, values["status"], now, owner, now + lease_s,
+                    values["row_version"], now, found.id, found.row_version, found.status)).rowcount
         except pw.IntegrityError:
             raise errors.already_exists(user_id) from None
         if changed != 1:
@@ -63,19 +62,49 @@ def claim(product_id: int, user_id: str, version: str, owner: str,
     return dataclasses.replace(found, **values), found.status
 
 
+def ready(row: EngineRow) -> EngineRow:
+    """A claimed engine that knows its user: `running`, in one compare-and-set (as
+    registry.transition, in SQL written once: the claim's answer waits for it)."""
+    now = time.time()
+    target = states.next_state(row.status, "ready")
+    with write_lock():
+        changed = execute_hot(hot_sql("pool_ready", _ready_sql), (
+            target, now, row.row_version + 1, now,
+            row.id, row.created_at, row.row_version, row.status)).rowcount
+        if changed != 1:
+            raise errors.Conflict(f"the engine of user {row.user_id!r} changed meanwhile; try again")
+        change = audit(row.product_id, row.user_id, row.name, "ready", row.status, target, None,
+                       now, row.id)
+    publish(change)
+    return dataclasses.replace(row, status=target, status_since=now,
+                               row_version=row.row_version + 1, updated_at=now)
+
+
+def _claim_sql(p: str) -> str:
+    return (f'UPDATE "engine" SET "user_id" = {p}, "in_pool" = {p}, "claimed_at" = {p}, '
+            f'"status" = {p}, "status_since" = {p}, "lease_owner" = {p}, "lease_until" = {p}, '
+            f'"last_admit_at" = NULL, "row_version" = {p}, "updated_at" = {p} '
+            f'WHERE "id" = {p} AND "row_version" = {p} AND "status" = {p} AND "in_pool"')
+
+
+def _ready_sql(p: str) -> str:
+    return (f'UPDATE "engine" SET "status" = {p}, "status_since" = {p}, "row_version" = {p}, '
+            f'"updated_at" = {p} WHERE "id" = {p} AND "created_at" = {p} '
+            f'AND "row_version" = {p} AND "status" = {p}')
+
+
+_SELECT = 'SELECT {} FROM "engine"'.format(", ".join(f'"{c}"' for c in ENGINE_COLUMNS))
+
+
 def _claimable(product_id: int, version: str, now: float) -> EngineRow | None:
     """A ready pooled engine nobody holds: running ones first (no resume to wait for)."""
-    query = (Engine.select(*[getattr(Engine, c if c != "product_id" else "product")
-                             for c in ENGINE_COLUMNS])
-             .where((Engine.product == product_id) & Engine.in_pool
-                    & Engine.status.in_(CLAIMABLE) & (Engine.engine_version == version)
-                    & (Engine.lease_owner.is_null() | (Engine.lease_until < now)))
-             .order_by(pw.Case(None, [(Engine.status == states.RUNNING, 0)], 1), Engine.id)
-             .limit(1))
-    if not is_sqlite():
-        query = query.for_update(skip_locked=True)  # a row another claimer holds is skipped
-    rows = tuples(query)
-    return _row(rows[0]) if rows else None
+    lock = "" if is_sqlite() else " FOR UPDATE SKIP LOCKED"  # a row another claimer holds is skipped
+    sql = hot_sql("pool_claimable", lambda p: (
+        f'{_SELECT} WHERE "product_id" = {p} AND "in_pool" AND "status" IN ({p}, {p}) '
+        f'AND "engine_version" = {p} AND ("lease_owner" IS NULL OR "lease_until" < {p}) '
+        f'ORDER BY CASE WHEN "status" = {p} THEN 0 ELSE 1 END, "id" LIMIT 1{lock}'))
+    values = execute_hot(sql, (product_id, *CLAIMABLE, version, now, states.RUNNING)).fetchone()
+    return None if values is None else _row(tuple(values))
 
 
 def pooled(product_id: int) -> list[EngineRow]:
@@ -145,4 +174,5 @@ def drop_lease(product_id: int) -> None:
 
 
 __all__ = ["POOL_PREFIX", "booting_at_quota", "claim", "drop_lease", "fleet_version", "give_back_lease",
-           "new_pool_user", "pool_products", "pooled", "take_lease", "target", "warm_counts"]
+           "new_pool_user", "pool_products", "pooled", "ready", "take_lease", "target",
+           "warm_counts"]

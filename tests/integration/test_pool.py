@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 
+from tests.engines import engine_log
 from tests.harness import Orchestrator, running, wait_for
 from tests.scheduler import service
 
@@ -157,22 +158,27 @@ def test_200_admits_for_50_new_users_on_two_replicas_take_exactly_the_pool(tmp_p
 
 
 def test_a_sigkill_mid_claim_leaves_the_claim_settled_and_the_pool_whole(tmp_path: Path) -> None:
-    # The engines take 1.5 s to say they know their user: the claim is cut there.
-    env = {"ORCH_LEASE_S": "2", "ORCH_ENGINE_IMAGE": "ref+identity-delay-1500"}
+    # The engines take 1.5 s to say they know their user, so the claim is cut there; and they
+    # forget a call whose caller left, so alice's engine knows her only if recovery tells it.
+    env = {"ORCH_LEASE_S": "2",
+           "ORCH_ENGINE_IMAGE": "ref+identity-delay-1500+identity-drop-unheard"}
     with running(tmp_path, "local", product=None, env=env) as orch:
         pool_product(orch, 2)
         wait_for(lambda: warm(orch) == 2, timeout=30, what="the pool to fill")
         client = orch.client("acme", timeout=10)
         admit = threading.Thread(target=_swallow, args=(client, "/engines/alice/admit"))
         admit.start()
-        wait_for(lambda: (orch.engine_row("alice") or {}).get("status") == "starting",
-                 timeout=10, what="the claim to begin")
+        wait_for(lambda: _logged(orch, "alice", "holding an identity call for 'alice'"),
+                 timeout=10, what="the claim's identity call to reach the engine")
         orch.kill()
         admit.join()
         client.close()
+        wait_for(lambda: _logged(orch, "alice", "dropped an identity call for 'alice'"),
+                 timeout=10, what="the engine to drop the cut claim's call")
         orch.start()
         wait_for(lambda: (orch.engine_row("alice") or {}).get("status") == "running",
                  timeout=30, what="the cut claim to be settled")
+        assert "claimed by user 'alice'" in engine_log(orch, "alice")
         with orch.client("acme") as client:
             answer = client.post("/engines/alice/admit", json={}).json()
             assert answer["admitted"]
@@ -195,6 +201,10 @@ def test_a_sigkill_mid_refill_leaves_no_engine_behind_and_the_pool_recovers(tmp_
         assert_whole(orch)
         with orch.client("acme") as client:
             assert client.post("/engines/bob/admit", json={"auto_provision": True}).json()["from_pool"]
+
+
+def _logged(orch: Orchestrator, user_id: str, line: str) -> bool:
+    return orch.engine_row(user_id) is not None and line in engine_log(orch, user_id)
 
 
 def _swallow(client: httpx.Client, path: str) -> None:

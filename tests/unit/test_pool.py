@@ -1,12 +1,19 @@
-"""What the warm pool's refiller decides to remove and boot (app.pool.needs)."""
+"""What the warm pool's refiller decides to remove and boot (app.pool.needs), and the claim's
+compare-and-sets on a real registry (app.registry.pool)."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from app import states
+import pytest
+
+from app import errors, products, registry, states
 from app.pool import needs
+from app.registry import EngineRow
 
 
 def row(i: int, status: str = states.RUNNING, version: str = "v1") -> Any:
@@ -33,3 +40,51 @@ def test_a_smaller_target_removes_the_newest_and_a_full_pool_needs_nothing() -> 
     assert needs(product(1), rows, "v1").remove == rows[1:]
     assert not needs(product(3), rows, "v1").any
     assert not needs(product(0), [row(4, states.DESTROYING)], "v1").any  # already going
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Any]:
+    """The registry on SQLite, or on a fresh PostgreSQL database with ORCH_TEST_DB=postgres."""
+    from tests.harness import _drop_postgres_database, _fresh_postgres_database
+
+    postgres = os.environ.get("ORCH_TEST_DB") == "postgres"
+    url = _fresh_postgres_database() if postgres else f"sqlite:///{tmp_path / 'orch.db'}"
+    database = registry.connect(url)
+    yield database
+    database.close()
+    if postgres:
+        _drop_postgres_database(url)
+
+
+def pooled(product_id: int, version: str = "v1", status: str = states.RUNNING) -> EngineRow:
+    user = registry.pool.new_pool_user()
+    row = registry.insert_engine(product_id, user, "e" + user.replace("/", "-"), version, "enc",
+                                 "filler", 10, in_pool=True)
+    row = registry.transition(row, "ready", url="http://127.0.0.1:1")
+    if status == states.SLEEPING:
+        row = registry.transition(row, "sleep")
+    registry.release_lease(row, "filler")
+    return row
+
+
+def test_a_claim_takes_a_running_engine_of_its_version_once_and_ready_is_compare_and_set(db: Any) -> None:
+    product, _ = products.create("p", max_engines=10, warm_pool=3)
+    sleeping, _old, running = (pooled(product.id, status=states.SLEEPING),
+                               pooled(product.id, "v0"), pooled(product.id))
+    taken = registry.pool.claim(product.id, "alice", "v1", "me", 10)
+    assert taken is not None
+    row, was = taken
+    assert (row.id, was, row.status, row.user_id, row.in_pool) == \
+        (running.id, states.RUNNING, states.STARTING, "alice", False)
+    assert registry.reload(row) == row  # what the claim returns is what it wrote
+    with pytest.raises(errors.EngineAlreadyExists):
+        registry.pool.claim(product.id, "alice", "v1", "me", 10)
+    second = registry.pool.claim(product.id, "bob", "v1", "me", 10)
+    assert second is not None and second[0].id == sleeping.id and second[1] == states.SLEEPING
+    assert registry.pool.claim(product.id, "carol", "v1", "me", 10) is None  # only v0 is left
+    ready = registry.pool.ready(row)
+    assert ready.status == states.RUNNING and registry.reload(row) == ready
+    with pytest.raises(errors.Conflict):
+        registry.pool.ready(row)  # read before the change: loses
+    events = [e.event for e in registry.events_for(product.id, "alice")]
+    assert events[:2] == ["ready", "claimed"]
