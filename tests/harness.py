@@ -340,3 +340,14 @@ def running(tmp: Path, driver: str = "local", product: str | None = "acme",
             assert orchestrator.stack.rejections() == [], "the double refused a driver request"
     finally:
         orchestrator.close()
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything a raw-socket client receives until the server closes the connection."""
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks)

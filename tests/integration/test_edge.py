@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import Orchestrator, running
+from tests.harness import Orchestrator, read_until_closed, running
 
 TIMEOUT = "1"  # ORCH_HEAD_TIMEOUT_S and ORCH_BODY_TIMEOUT_S here: short, so tests are quick
 WAIT = 10.0  # a bound on every read: well past the timeouts above, far below the 30 s keep-alive
@@ -30,16 +30,6 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orchestrator]:
 
 def connect(orch: Orchestrator) -> socket.socket:
     return socket.create_connection(("127.0.0.1", orch.port), timeout=WAIT)
-
-
-def until_closed(sock: socket.socket) -> bytes:
-    chunks = []
-    try:
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    except ConnectionResetError:
-        pass
-    return b"".join(chunks)
 
 
 def answers(data: bytes) -> list[tuple[int, dict[bytes, list[bytes]], bytes]]:
@@ -86,8 +76,8 @@ def test_a_body_that_does_not_arrive_in_time_is_answered_408(edge: Orchestrator)
         for _ in range(4):  # 6 bytes at a time, for longer than the timeout in all
             trickle.sendall(b"1\r\n{\r\n")
             time.sleep(0.4)
-        assert_refusal(until_closed(short), 408, "REQUEST_TIMEOUT")
-        assert_refusal(until_closed(trickle), 408, "REQUEST_TIMEOUT")
+        assert_refusal(read_until_closed(short), 408, "REQUEST_TIMEOUT")
+        assert_refusal(read_until_closed(trickle), 408, "REQUEST_TIMEOUT")
     assert edge.rows("SELECT user_id FROM engine") == []
 
 
@@ -98,7 +88,7 @@ def test_an_answer_given_before_the_body_does_not_keep_the_connection(edge: Orch
         for _ in range(4):
             sock.sendall(b"1\r\n{\r\n")
             time.sleep(0.4)
-        data = until_closed(sock)
+        data = read_until_closed(sock)
     [(status, _, body)] = answers(data)
     assert status == 401 and json.loads(body)["error"]["code"] == "UNAUTHORIZED"
 
@@ -116,7 +106,7 @@ def test_a_partial_head_on_a_kept_alive_connection_gets_the_head_timeout(edge: O
             if not together:
                 sock.sendall(partial)
             started = time.monotonic()
-            assert until_closed(sock) == b""  # closed, not left open for the 30 s keep-alive
+            assert read_until_closed(sock) == b""  # closed, not left open for the 30 s keep-alive
             assert time.monotonic() - started < WAIT - 1
 
 
@@ -141,7 +131,7 @@ def test_past_the_limit_slow_clients_are_refused_not_everyone(tmp_path: Path) ->
             readable, _, _ = select.select(slow, [], [], 0)
             assert len(readable) >= 25 - 20, len(readable)
             for sock in readable:
-                data = until_closed(sock)
+                data = read_until_closed(sock)
                 assert data == b"" or assert_refusal(data, 503, "SERVER_BUSY")[b"retry-after"]
             assert slow[0] in readable  # the one that waited longest
         finally:
@@ -160,7 +150,7 @@ def test_past_the_limit_with_no_slow_client_the_new_request_is_refused_503(tmp_p
                 assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
             with connect(orch) as sock:
                 sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
-                headers = assert_refusal(until_closed(sock), 503, "SERVER_BUSY")
+                headers = assert_refusal(read_until_closed(sock), 503, "SERVER_BUSY")
             assert headers[b"retry-after"] == [b"1"]
         finally:
             for sock in streams:
@@ -178,7 +168,7 @@ def test_a_malformed_request_pipelined_after_a_valid_one_loses_no_answer(edge: O
         sock.sendall(b"POST /engines/provision HTTP/1.1\r\nHost: t\r\n" + key_header(edge)
                      + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
                      + b"GET /healthz HTTP/1.1\r\nHost: t\r\nBad Header\r\n\r\n")
-        data = until_closed(sock)
+        data = read_until_closed(sock)
     (status, _, provisioned), refusal = answers(data)[0], data[data.index(b"HTTP/1.1 400"):]
     assert status == 200 and json.loads(provisioned)["api_key"], data
     assert_refusal(refusal, 400, "INVALID_REQUEST")
@@ -189,7 +179,7 @@ def test_a_malformed_request_pipelined_before_a_valid_one_stops_it(edge: Orchest
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nBad Header\r\n\r\n"
                      b"POST /engines/provision HTTP/1.1\r\nHost: t\r\n" + key_header(edge)
                      + b'Content-Length: 19\r\n\r\n{"user_id": "never"}')
-        assert_refusal(until_closed(sock), 400, "INVALID_REQUEST")
+        assert_refusal(read_until_closed(sock), 400, "INVALID_REQUEST")
     assert edge.rows("SELECT user_id FROM engine WHERE user_id = 'never'") == []
 
 
@@ -217,7 +207,7 @@ MALFORMED = {
 def test_malformed_requests_get_the_contracts_error(edge: Orchestrator, request_bytes: bytes) -> None:
     with connect(edge) as sock:
         sock.sendall(request_bytes)
-        assert_refusal(until_closed(sock), 400, "INVALID_REQUEST")
+        assert_refusal(read_until_closed(sock), 400, "INVALID_REQUEST")
 
 
 def test_a_head_over_64_kib_gets_the_contracts_error(edge: Orchestrator) -> None:
@@ -226,14 +216,14 @@ def test_a_head_over_64_kib_gets_the_contracts_error(edge: Orchestrator) -> None
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
             pass  # the server may close before the whole head is sent
-        assert_refusal(until_closed(sock), 431, "HEADERS_TOO_LARGE")
+        assert_refusal(read_until_closed(sock), 431, "HEADERS_TOO_LARGE")
 
 
 @pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/0.9"])
 def test_other_http_versions_are_refused_with_505(edge: Orchestrator, version: bytes) -> None:
     with connect(edge) as sock:
         sock.sendall(b"GET /healthz " + version + b"\r\nHost: t\r\nX-Request-ID: mine\r\n\r\n")
-        data = until_closed(sock)
+        data = read_until_closed(sock)
     assert_refusal(data, 505, "HTTP_VERSION_NOT_SUPPORTED")
     assert b"x-request-id: mine\r\n" in data
 

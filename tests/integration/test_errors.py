@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.engines import proc_state
-from tests.harness import OWN_USER, Orchestrator
+from tests.harness import OWN_USER, Orchestrator, read_until_closed
 
 
 def snapshot(orch: Orchestrator) -> tuple[list, list, list]:
@@ -326,16 +326,6 @@ def raw_request(orch: Orchestrator, head: bytes, timeout: float = 10.0) -> bytes
         except (BrokenPipeError, ConnectionResetError):
             pass  # the server may close before the whole head is sent
         return read_until_closed(sock)
-
-
-def read_until_closed(sock: socket.socket) -> bytes:
-    chunks = []
-    try:
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    except ConnectionResetError:
-        pass
-    return b"".join(chunks)
 
 
 def test_a_head_over_64_kib_is_refused(running: Orchestrator) -> None:
