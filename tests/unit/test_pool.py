@@ -3,9 +3,6 @@ compare-and-sets on a real registry (app.registry.pool)."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -42,18 +39,6 @@ def test_a_smaller_target_removes_the_newest_and_a_full_pool_needs_nothing() -> 
     assert not needs(product(0), [row(4, states.DESTROYING)], "v1").any  # already going
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[Any]:
-    """The registry on SQLite, or on a fresh PostgreSQL database with ORCH_TEST_DB=postgres."""
-    from tests.harness import _drop_postgres_database, _fresh_postgres_database
-
-    postgres = os.environ.get("ORCH_TEST_DB") == "postgres"
-    url = _fresh_postgres_database() if postgres else f"sqlite:///{tmp_path / 'orch.db'}"
-    database = registry.connect(url)
-    yield database
-    database.close()
-    if postgres:
-        _drop_postgres_database(url)
 
 
 def pooled(product_id: int, version: str = "v1", status: str = states.RUNNING) -> EngineRow:

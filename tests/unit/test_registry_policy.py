@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 from pathlib import Path
@@ -10,20 +9,6 @@ import pytest
 
 from app import errors, policy, products, registry, states
 from app.flights import Flights
-
-
-@pytest.fixture
-def db(tmp_path: Path):
-    """The registry on SQLite, or on a fresh PostgreSQL database with ORCH_TEST_DB=postgres."""
-    from tests.harness import _drop_postgres_database, _fresh_postgres_database
-
-    postgres = os.environ.get("ORCH_TEST_DB") == "postgres"
-    url = _fresh_postgres_database() if postgres else f"sqlite:///{tmp_path / 'orch.db'}"
-    database = registry.connect(url)
-    yield database
-    database.close()
-    if postgres:
-        _drop_postgres_database(url)
 
 
 def test_transition_is_compare_and_set(db) -> None:
