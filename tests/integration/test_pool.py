@@ -245,7 +245,9 @@ def test_in_pause_mode_pooled_engines_wait_paused_and_are_resumed_at_claim(tmp_p
         wait_for(lambda: [r[2] for r in rows(orch)] == ["sleeping"], timeout=30,
                  what="the pooled engine to be paused")
         pid = json.loads(orch.rows("SELECT driver_state FROM engine")[0][0])["pid"]
-        assert Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+        # The row is `sleeping` before SIGSTOP is sent, and a busy machine delivers it late.
+        wait_for(lambda: Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T",
+                 timeout=10, what="the pooled engine's process to be stopped")
         with orch.client("acme") as client:
             answer = client.post("/engines/dave/admit", json={"auto_provision": True}).json()
             assert answer["from_pool"] and answer["status"] == "running"
