@@ -116,9 +116,11 @@ def pooled(product_id: int) -> list[EngineRow]:
 
 
 def warm_counts() -> dict[int, int]:
-    """Ready (claimable) pooled engines per product id."""
+    """Ready pooled engines per product id: those a claim would take now, so unleased too (a
+    row stays leased by its provision for a moment after it is `running`)."""
+    free = Engine.lease_owner.is_null() | (Engine.lease_until < time.time())
     query = (Engine.select(Engine.product, pw.fn.COUNT(Engine.id))
-             .where(Engine.in_pool & Engine.status.in_(CLAIMABLE)).group_by(Engine.product))
+             .where(Engine.in_pool & Engine.status.in_(CLAIMABLE) & free).group_by(Engine.product))
     return {int(p): int(n) for p, n in tuples(query)}
 
 
