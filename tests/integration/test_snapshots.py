@@ -162,12 +162,13 @@ def test_a_snapshot_taken_while_the_engine_writes_restores_whole_values(
     thread = threading.Thread(target=writer)
     thread.start()
     try:
+        # Writes under way first: on a loaded machine the thread can start late.
+        wait_for(lambda: len(written) >= 3, timeout=30, what="the writer to be writing")
         snaps = [api.post(f"/engines/{USER}/snapshots") for _ in range(3)]
     finally:
         stop.set()
         thread.join(timeout=30)
     assert all(s.status_code == 201 and s.json()["consistent"] for s in snaps), snaps[-1].text
-    assert len(written) > 3  # the snapshots were taken while writes went on
     restored = api.post(f"/engines/{USER}/restore", json={"snapshot_id": snaps[-1].json()["id"]})
     assert restored.status_code == 200, restored.text
     url = restored.json()["url"]
