@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlparse
 import peewee as pw
 from playhouse.shortcuts import ReconnectMixin
 
+from app.registry import walstamp
 from app.registry.models import MODELS, Engine, Event, IdCounter, Product, RateLimit, db
 
 # Set by the API for each request, so audit events name the request that caused them.
@@ -173,39 +174,19 @@ def checkpoint_due(now: float | None = None) -> bool:
 _last_wal: dict[str, tuple[tuple[int, int, int], float]] = {}
 
 
-def commit_stamp() -> tuple[Any, int, int] | None:
-    """Something that moves with every commit to the SQLite database, by any connection of
-    any process; compare it with an earlier one. SQLite documents `PRAGMA data_version` as
-    changing when another connection commits (sqlite.org/pragma.html#pragma_data_version),
-    never for this connection's own commits: those are counted by the connection's
-    `total_changes` (rows written; one rolled back counts too, which errs toward "changed").
-    Both are this connection's, so the connection is part of the stamp: one reopened or
-    another thread's never compares equal. None on PostgreSQL, which has no such counter
-    (callers read every time), and on a closed connection."""
-    database: Any = db.obj
-    if type(database) is not pw.SqliteDatabase:
-        return None
-    state: Any = getattr(database, "_state")  # noqa: B009 - private to peewee, untyped
-    if state.closed:
-        return None
-    conn = state.conn
-    with _exception_wrapper:
-        (version,) = conn.execute("PRAGMA data_version").fetchone()
-    return conn, version, conn.total_changes
-
-
 class Changes:
-    """Has the database changed since this watcher last asked? The loops that poll the
-    registry at rest (the reconciler's tick, the rollout poll) skip their queries when
+    """Has the database changed since this watcher last asked? The loops that poll
+    the registry at rest (the reconciler's tick, the rollout poll) skip their queries when
     nothing was committed anywhere since their last look; each loop holds its own watcher.
-    On SQLite the answer costs one `PRAGMA data_version` (commit_stamp). On PostgreSQL it is
-    always yes, and the loops read every time."""
+    SQLite answers from the WAL-index header (app.registry.walstamp: no query, no system
+    call), which every commit by any connection moves. PostgreSQL has no such thing: there
+    the answer is always yes, and the loops query every time."""
 
     def __init__(self) -> None:
-        self._seen: tuple[Any, int, int] | None = None
+        self._seen: bytes | None = None
 
     def since_last_look(self) -> bool:
-        stamp = commit_stamp()
+        stamp = walstamp.stamp()
         if stamp is None or stamp != self._seen:
             self._seen = stamp
             return True
