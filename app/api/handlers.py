@@ -63,10 +63,7 @@ async def provision(svc: Services, call: Call) -> Any:
 
 
 async def get(svc: Services, call: Call) -> Any:
-    row = registry.find_engine(*call.key)
-    if row is None:
-        raise errors.engine_not_found(call.user_id)
-    return engine_struct(row)
+    return engine_struct(_engine(call))
 
 
 async def destroy(svc: Services, call: Call) -> Any:
