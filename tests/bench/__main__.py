@@ -279,20 +279,12 @@ def report(r: dict) -> None:
     for name, lines in _lines(r).items():
         if name in r:
             print("\n".join(lines))
-    if "fleet" in r:
-        print("\n".join(fleet.lines(r["fleet"])))
-    if "nomad" in r:
-        print("\n".join(nomad_fleet.lines(r["nomad"])))
-    if "nomad_waits" in r:
-        print("\n".join(nomad_waits.lines(r["nomad_waits"])))
-    if "rollout" in r:
-        print("\n".join(rollout.lines(r["rollout"])))
-    if "pool" in r:
-        print("\n".join(pool.lines(r["pool"])))
-    if "edge" in r:
-        print("\n".join(edge.lines(r["edge"])))
-    if "snapshot" in r:
-        print("\n".join(snapshot.lines(r["snapshot"])))
+    sections = {"fleet": fleet.lines, "nomad": nomad_fleet.lines, "nomad_waits": nomad_waits.lines,
+                "rollout": rollout.lines, "pool": pool.lines, "edge": edge.lines,
+                "snapshot": snapshot.lines}
+    for name, section in sections.items():
+        if name in r:
+            print("\n".join(section(r[name])))
 
 
 def _lines(r: dict) -> dict[str, list[str]]:
