@@ -40,9 +40,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hashistack]:
         yield hs
 
 
+def nomad_settings(stack: Hashistack, **more: Any) -> Settings:
+    """The Nomad driver's settings against the double, with the docker template."""
+    return Settings(driver="nomad", nomad_addr=stack.nomad, consul_addr=stack.consul,
+                    nomad_jobspec=ROOT / "jobspecs" / "engine.docker.json", **more)
+
 def test_a_job_left_alone_is_listed_as_ours_and_a_foreign_one_is_not(stack: Hashistack) -> None:
-    settings = Settings(driver="nomad", nomad_addr=stack.nomad, consul_addr=stack.consul,
-                        nomad_jobspec=ROOT / "jobspecs" / "engine.docker.json")
+    settings = nomad_settings(stack)
     ours = EngineSpec("e-acme-lone-0123456789ab", "acme", "lone", "0.1.0")
     foreign = EngineSpec("e-other-job-0123456789ab", "acme", "x", "0.1.0")
 
@@ -88,9 +92,7 @@ def test_the_readme_policy_covers_an_engines_whole_life(stack: Hashistack) -> No
     policy = readme_policy()
     assert "list-jobs" in policy["namespace"] and policy["node"] == "read"   # parsed, not empty
     assert policy["host_volume"] == {"e-*": ["mount-readwrite"]}
-    settings = Settings(driver="nomad", nomad_addr=stack.nomad, consul_addr=stack.consul,
-                        nomad_jobspec=ROOT / "jobspecs" / "engine.docker.json",
-                        nomad_token="orch", stop_grace_s=2.0)
+    settings = nomad_settings(stack, nomad_token="orch", stop_grace_s=2.0)
     spec = EngineSpec("e-acme-policy-0123456789ab", "acme", "policy", "0.1.0")
     stack.acl({"orch": policy})
     try:
@@ -119,9 +121,7 @@ def test_without_the_host_volume_rule_a_provision_names_it(stack: Hashistack) ->
     """Job.Register checks the mounted host volume's `mount-readwrite` after submit-job
     (nomad/job_endpoint.go Register): the 403 must name the rule, not only submit-job."""
     policy = {k: v for k, v in readme_policy().items() if k != "host_volume"}
-    settings = Settings(driver="nomad", nomad_addr=stack.nomad, consul_addr=stack.consul,
-                        nomad_jobspec=ROOT / "jobspecs" / "engine.docker.json",
-                        nomad_token="orch", stop_grace_s=2.0)
+    settings = nomad_settings(stack, nomad_token="orch", stop_grace_s=2.0)
     spec = EngineSpec("e-acme-novol-0123456789ab", "acme", "novol", "0.1.0")
     stack.acl({"orch": policy})
     try:
@@ -170,8 +170,7 @@ def test_the_double_expands_node_variables_in_env_as_nomad_does(stack: Hashistac
 def test_stop_thaws_a_paused_engine_so_it_exits_on_sigterm(stack: Hashistack) -> None:
     """Nomad sends only the KillSignal, then SIGKILL after the KillTimeout: an engine paused
     by sleep (SIGSTOP) and then stopped must get SIGCONT first, or it dies by SIGKILL."""
-    settings = Settings(driver="nomad", nomad_addr=stack.nomad, consul_addr=stack.consul,
-                        nomad_jobspec=ROOT / "jobspecs" / "engine.docker.json", stop_grace_s=2.0)
+    settings = nomad_settings(stack, stop_grace_s=2.0)
     spec = EngineSpec("e-acme-nap-0123456789ab", "acme", "nap", "0.1.0")
 
     async def work() -> list[dict[str, object]]:
@@ -199,8 +198,7 @@ def test_a_down_node_is_never_asked_for_a_volume(tmp_path: Path) -> None:
     from tests.doubles.state import node_id
 
     with served(tmp_path, free_port_range(10), nodes=3, dev=True) as stack:   # no waits here
-        settings = Settings(driver="nomad", nomad_addr=stack.nomad, consul_addr=stack.consul,
-                            nomad_jobspec=ROOT / "jobspecs" / "engine.docker.json")
+        settings = nomad_settings(stack)
         stack.node_lost(node_id(1))   # the first in ID order, where Nomad itself would go
 
         async def work() -> dict[str, Any]:
