@@ -122,8 +122,10 @@ def _aws() -> dict[str, str]:
         frozen = credentials.get_frozen_credentials()
         aws.update(AWS_ACCESS_KEY_ID=frozen.access_key or "",
                    AWS_SECRET_ACCESS_KEY=frozen.secret_key or "", AWS_SESSION_TOKEN=frozen.token or "")
-    if session.region_name:
-        aws["AWS_REGION"] = session.region_name
+    # botocore's own name is AWS_DEFAULT_REGION; AWS_REGION is the SDKs' newer one
+    region = session.region_name or os.environ.get("AWS_REGION")
+    if region:
+        aws["AWS_REGION"] = region
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         aws["AWS_ENDPOINT_URL"] = endpoint
