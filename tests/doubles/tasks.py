@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tests.doubles import drivers, templates
+from tests.doubles import drivers, lifecycle, templates
 from tests.doubles.state import Alloc, now_ns, rfc3339
 
 if TYPE_CHECKING:
@@ -53,9 +53,10 @@ def signal_pid(pid: int, sig: signal.Signals) -> None:
 
 class TaskRunner:
     def __init__(self, cluster: Cluster, alloc: Alloc, task: dict[str, Any],
-                 group: dict[str, Any]):
+                 group: dict[str, Any], coordinator: lifecycle.Coordinator):
         self.cluster, self.alloc, self.task, self.group = cluster, alloc, task, group
         self.name: str = task["Name"]
+        self.coordinator, self.stage = coordinator, lifecycle.stage(task)
         self.proc: asyncio.subprocess.Process | None = None
         self.stopping = False           # a kill was asked for: an exit is not a failure
         self.restart_now = False        # a template's "restart" change mode
@@ -96,6 +97,7 @@ class TaskRunner:
         if state == "dead":
             self.ts["FinishedAt"] = rfc3339()
         self.cluster.alloc_changed(self.alloc)
+        self.cluster.task_state_changed(self.alloc)
 
     def _make_dirs(self) -> dict[str, str]:
         base = self.alloc.dir
@@ -120,6 +122,10 @@ class TaskRunner:
 
     async def _run(self) -> None:
         self.event("Received", "Task received by client")
+        # task_runner.go Run: the task's hooks and driver wait for its lifecycle gate
+        await self.coordinator.wait(self.stage, lambda: self.stopping)
+        if self.stopping:
+            return self._set("dead")
         self.event("Task Setup", "Building Task Directory")
         try:
             drivers.check_config(self.task, self.group)
@@ -193,6 +199,10 @@ class TaskRunner:
 
     async def _after_exit(self, code: int, sig: int) -> bool:
         """Apply the restart policy; False when the task is now dead for good."""
+        if code == 0 and sig == 0 and not lifecycle.restarts_on_success(self.task):
+            # restarts.go GetState: "Restart unnecessary as task terminated successfully"
+            self._set("dead")
+            return False
         policy = self._restart_policy()
         now = time.monotonic()
         window = policy["Interval"] / SECOND
@@ -223,7 +233,6 @@ class TaskRunner:
     def _fail(self, kind: str, message: str, **extra: Any) -> None:
         self.event(kind, message, FailsTask=True, **extra)
         self._set("dead", failed=True)
-        self.cluster.task_failed(self.alloc, self.name)
 
     # ---- templates -----------------------------------------------------------------------
 
@@ -348,6 +357,7 @@ class TaskRunner:
         """Stop the task for good: KillSignal, KillTimeout, then SIGKILL."""
         self.stopping = True
         self.wake.set()
+        self.coordinator.poke()
         if self.proc is None or self.proc.returncode is not None:
             return
         if hard:

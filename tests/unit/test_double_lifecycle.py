@@ -1,0 +1,182 @@
+"""Lifecycle tasks on the double, in Nomad 1.10.5's order (tests/doubles/lifecycle.py): real
+processes on raw_exec, start times read from the TaskStates' events, never from sleeps."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import nomad
+from tests.doubles.fixture import Hashistack, served
+from tests.harness import free_port_range, wait_for
+from tests.unit.test_double import MS, put
+
+pytestmark = pytest.mark.timeout(120)
+
+# A main task that refuses to run unless the prestart task's file is there at its start.
+MAIN = ("import os, sys, time\n"
+        "p = os.path.join(os.environ['NOMAD_ALLOC_DIR'], 'ready')\n"
+        "open(os.path.join(os.environ['NOMAD_ALLOC_DIR'], 'main-ran'), 'w').close()\n"
+        "sys.exit(3) if not os.path.exists(p) else time.sleep(600)\n")
+INIT = ("import os, time\ntime.sleep(0.3)\n"
+        "open(os.path.join(os.environ['NOMAD_ALLOC_DIR'], 'ready'), 'w').close()\n")
+SLEEP = "import time; time.sleep(600)"
+# Writes when SIGTERM arrives, then takes 0.3 s to exit: the next stage must wait for it.
+TERM = ("import os, signal, sys, time\n"
+        "def bye(*_):\n"
+        "    open(os.path.join(os.environ['NOMAD_ALLOC_DIR'], os.environ['NOMAD_TASK_NAME']"
+        " + '.term'), 'w').write(str(time.time_ns()))\n"
+        "    time.sleep(0.3); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, bye)\n"
+        "open(os.path.join(os.environ['NOMAD_ALLOC_DIR'], os.environ['NOMAD_TASK_NAME']"
+        " + '.up'), 'w').close()\ntime.sleep(600)\n")
+POSTSTOP = ("import os, time\n"
+            "open(os.path.join(os.environ['NOMAD_ALLOC_DIR'], 'poststop.start'), 'w')"
+            ".write(str(time.time_ns()))\n")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hashistack]:
+    # dev timing: these tests are about order, not the production client's waits
+    with served(tmp_path_factory.mktemp("lifecycle"), free_port_range(20), nodes=1,
+                dev=True) as hs:
+        yield hs
+
+
+def task(name: str, code: str, hook: str | None = None, sidecar: bool = False,
+         **extra: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"Name": name, "Driver": "raw_exec", "KillTimeout": 2000 * MS,
+                           "Config": {"command": sys.executable, "args": ["-c", code]}, **extra}
+    if hook:
+        out["Lifecycle"] = {"Hook": hook, "Sidecar": sidecar}
+    return out
+
+
+def job(job_id: str, *tasks: dict[str, Any]) -> dict[str, Any]:
+    return {"Job": {"ID": job_id, "Name": job_id, "Type": "service", "Datacenters": ["*"],
+                    "TaskGroups": [{"Name": "g", "Count": 1, "Tasks": list(tasks),
+                                    "RestartPolicy": {"Attempts": 0, "Interval": 60_000 * MS,
+                                                      "Delay": 100 * MS, "Mode": "fail"}}]}}
+
+
+def register(stack: Hashistack, body: dict[str, Any]) -> None:
+    resp = put(f"{stack.nomad}/v1/job/{body['Job']['ID']}", body)
+    assert resp.status_code == 200, resp.text
+
+
+def api(stack: Hashistack) -> nomad.Nomad:
+    return nomad.Nomad(address=stack.nomad, timeout=5)
+
+
+def alloc_when(stack: Hashistack, job_id: str, ok: Any, what: str) -> dict[str, Any]:
+    def probe() -> dict[str, Any] | None:
+        for stub in api(stack).job.get_allocations(job_id):
+            alloc: dict[str, Any] = api(stack).allocation.get_allocation(stub["ID"])
+            if ok(alloc):
+                return alloc
+        return None
+    return wait_for(probe, timeout=20, what=what)
+
+
+def event_time(alloc: dict[str, Any], name: str, kind: str) -> int:
+    return next(e["Time"] for e in alloc["TaskStates"][name]["Events"] if e["Type"] == kind)
+
+
+def kinds(alloc: dict[str, Any], name: str) -> list[str]:
+    return [e["Type"] for e in alloc["TaskStates"][name]["Events"]]
+
+
+def adir(stack: Hashistack, alloc: dict[str, Any]) -> Path:
+    return stack.data_dir / "allocs" / alloc["ID"] / "alloc"
+
+
+def test_prestart_completes_before_main_and_poststart_follows(stack: Hashistack) -> None:
+    register(stack, job("lc-order", task("main", MAIN), task("init", INIT, "prestart"),
+                        task("side", SLEEP, "poststart", sidecar=True)))
+    alloc = alloc_when(stack, "lc-order", lambda a: a["TaskStates"]["side"]["State"] == "running",
+                       "the poststart sidecar running")
+    states = alloc["TaskStates"]
+    # the prestart task ended (exit 0) before main started; main saw its file and runs
+    assert event_time(alloc, "init", "Terminated") <= event_time(alloc, "main", "Started")
+    assert event_time(alloc, "main", "Started") <= event_time(alloc, "side", "Started")
+    assert states["init"]["State"] == "dead" and not states["init"]["Failed"]
+    assert states["init"]["Restarts"] == 0 and "Restarting" not in kinds(alloc, "init")
+    assert states["main"]["State"] == "running" and states["main"]["Restarts"] == 0
+    assert alloc["ClientStatus"] == "running"
+    assert alloc["AllocatedResources"]["TaskLifecycles"] == {
+        "main": None, "init": {"Hook": "prestart", "Sidecar": False},
+        "side": {"Hook": "poststart", "Sidecar": True}}
+    api(stack).job.deregister_job("lc-order", purge=True)
+
+
+def test_failed_prestart_fails_the_alloc_and_main_never_starts(stack: Hashistack) -> None:
+    register(stack, job("lc-fail", task("main", MAIN),
+                        task("init", "import sys; sys.exit(1)", "prestart")))
+    alloc = alloc_when(stack, "lc-fail", lambda a: a["ClientStatus"] == "failed"
+                       and a["TaskStates"]["main"]["State"] == "dead", "the alloc failed")
+    assert alloc["TaskStates"]["init"]["Failed"]
+    assert "Not Restarting" in kinds(alloc, "init")
+    assert "Started" not in kinds(alloc, "main")
+    assert "Sibling Task Failed" in kinds(alloc, "main")
+    assert not (adir(stack, alloc) / "main-ran").exists()
+    api(stack).job.deregister_job("lc-fail", purge=True)
+
+
+def test_stop_kills_main_then_sidecars_then_runs_poststop(stack: Hashistack) -> None:
+    register(stack, job("lc-kill", task("main", TERM),
+                        task("side", TERM, "prestart", sidecar=True),
+                        task("after", POSTSTOP, "poststop")))
+    alloc_when(stack, "lc-kill", lambda a: all((adir(stack, a) / f"{n}.up").exists()
+                                               for n in ("main", "side")),
+               "main and its sidecar handling SIGTERM")
+    api(stack).job.deregister_job("lc-kill")
+    alloc = alloc_when(stack, "lc-kill", lambda a: a["ClientStatus"] == "complete",
+                       "the alloc complete after its poststop task")
+    files = {n: int((adir(stack, alloc) / n).read_text())
+             for n in ("main.term", "side.term", "poststop.start")}
+    # main got SIGTERM first and took 0.3 s to exit; the sidecar was only told after that
+    assert files["side.term"] - files["main.term"] >= 250 * MS
+    assert files["poststop.start"] - files["side.term"] >= 250 * MS
+    assert alloc["TaskStates"]["after"]["State"] == "dead"
+    assert not alloc["TaskStates"]["after"]["Failed"]
+
+
+def test_a_sidecar_out_of_restarts_fails_the_alloc(stack: Hashistack) -> None:
+    side = task("side", "import sys; sys.exit(0)", "poststart", sidecar=True,
+                RestartPolicy={"Attempts": 1, "Interval": 60_000 * MS, "Delay": 100 * MS,
+                               "Mode": "fail"})
+    register(stack, job("lc-side", task("main", SLEEP), side))
+    alloc = alloc_when(stack, "lc-side", lambda a: a["ClientStatus"] == "failed"
+                       and a["TaskStates"]["main"]["State"] == "dead", "the alloc failed")
+    # a sidecar restarts even after exit 0 (restarts.go onSuccess), within its policy
+    assert alloc["TaskStates"]["side"]["Restarts"] == 1
+    assert alloc["TaskStates"]["side"]["Failed"]
+    assert "Sibling Task Failed" in kinds(alloc, "main")
+    api(stack).job.deregister_job("lc-side", purge=True)
+
+
+@pytest.mark.parametrize(("lifecycle", "message"), [
+    ({"Hook": "", "Sidecar": True}, "Lifecycle validation failed: no lifecycle hook provided"),
+    ({"Hook": "prestop", "Sidecar": False}, "Lifecycle validation failed: invalid hook: prestop"),
+])
+def test_lifecycle_is_validated_at_register(stack: Hashistack, lifecycle: dict[str, Any],
+                                            message: str) -> None:
+    body = job("lc-bad", task("main", SLEEP), task("init", INIT))
+    body["Job"]["TaskGroups"][0]["Tasks"][1]["Lifecycle"] = lifecycle
+    resp = put(f"{stack.nomad}/v1/job/lc-bad", body)
+    assert resp.status_code == 500 and message in resp.text
+    check = put(f"{stack.nomad}/v1/validate/job", body).json()
+    assert message in check["Error"] and check["ValidationErrors"]
+    assert "lc-bad" not in {j["ID"] for j in api(stack).jobs.get_jobs()}
+
+
+def test_two_leaders_are_refused_and_a_group_without_main_is_taken(stack: Hashistack) -> None:
+    body = job("lc-lead", task("a", SLEEP, Leader=True), task("b", SLEEP, Leader=True))
+    resp = put(f"{stack.nomad}/v1/validate/job", body).json()
+    assert "Only one task may be marked as leader" in resp["Error"]
+    only_sidecars = job("lc-nomain", task("a", SLEEP, "prestart", sidecar=True))
+    assert put(f"{stack.nomad}/v1/validate/job", only_sidecars).json()["ValidationErrors"] is None
