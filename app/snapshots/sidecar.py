@@ -119,19 +119,9 @@ class Handler(BaseHTTPRequestHandler):
     server: Server
 
     def do_GET(self) -> None:
-        self._answer("GET")
+        self._answer(self.command)
 
-    def do_POST(self) -> None:
-        self._answer("POST")
-
-    def do_PUT(self) -> None:
-        self._answer("PUT")
-
-    def do_DELETE(self) -> None:
-        self._answer("DELETE")
-
-    def do_PATCH(self) -> None:
-        self._answer("PATCH")
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_GET
 
     def _answer(self, method: str) -> None:
         self._drain()
