@@ -23,17 +23,11 @@ from app.snapshots.service import Snapshots, build_manifest
 from app.snapshots.store import open_store
 from tests.doubles.fixture import served
 from tests.harness import ROOT, Orchestrator, free_port_range, wait_for
-from tests.s3server import BUCKET, SECRET_KEY, s3_server
+from tests.s3server import BUCKET, SECRET_KEY
 from tests.scheduler import get, leftovers, needs_double
 
 pytestmark = pytest.mark.timeout(180)
 USER = "ada"
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    with s3_server(tmp_path_factory.mktemp("s3")) as env:
-        yield env
 
 
 def orchestrator(tmp: Path, **env: str) -> Orchestrator:
