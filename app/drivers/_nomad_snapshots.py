@@ -34,7 +34,14 @@ from app import errors, jobspec
 from app.config import Settings
 from app.drivers._nomad_api import NomadAPI
 from app.drivers._nomad_volumes import VolumeGone, Volumes
-from app.drivers.base import LEFTOVERS, CapacityExhausted, EngineSpec, SchedulerUnavailable, State
+from app.drivers.base import (
+    LEFTOVERS,
+    CapacityExhausted,
+    DriverError,
+    EngineSpec,
+    SchedulerUnavailable,
+    State,
+)
 
 log = logging.getLogger("orch.nomad")
 IO = Callable[..., Awaitable[Any]]
@@ -44,6 +51,7 @@ GENERATION = "generation"
 VOLUME_NAME = "volume_name"
 _VOLUME = re.compile(r"(e-[a-z0-9-]+-[0-9a-f]{12})(?:-r([0-9]+))?")
 VOLUME_WAIT_S = 30.0
+STORE_SETTINGS_TTL_S = 300.0
 COPY_TIMEOUT_S = 900.0  # a copy of a large brain to a remote bucket
 CALL_TIMEOUT_S = 30.0
 # Never handed to the sidecar: the orchestrator's own environment is not the job's.
@@ -204,7 +212,7 @@ class Brains:
                  http: httpx.AsyncClient):
         self.settings, self.api, self.volumes, self.io, self.http = settings, api, volumes, io, http
         self.group = jobspec.sidecar_group(settings)
-        self._store: dict[str, Any] | None = None
+        self._store: tuple[float, dict[str, Any]] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -214,10 +222,11 @@ class Brains:
         return jobspec.task_var_path(name, self.group or "", task)
 
     def _store_settings(self) -> dict[str, Any]:
-        # boto3 resolves credentials once per process here; a launch rewrites the variable
-        if self._store is None:
-            self._store = store_settings(self.settings)
-        return self._store
+        # Resolved again now and then (a role's credentials expire): each launch writes the
+        # sidecar's variable with what is current, without paying boto3's resolution each time.
+        if self._store is None or time.monotonic() - self._store[0] > STORE_SETTINGS_TTL_S:
+            self._store = (time.monotonic(), store_settings(self.settings))
+        return self._store[1]
 
     def job(self, spec: EngineSpec, state: State) -> dict[str, Any]:
         """The engine's job on its current brain volume, with the restore task while a
@@ -306,8 +315,12 @@ class Brains:
         """The restored engine is ready: no restore task from now on, no restore variable,
         and the old brain deleted where its node allows."""
         state = restored(state)
-        await self.io(self.api.delete_variable, self._var(spec.name, jobspec.RESTORE_TASK))
-        return await self.tidy(spec, state)
+        try:
+            await self.io(self.api.delete_variable, self._var(spec.name, jobspec.RESTORE_TASK))
+            return await self.tidy(spec, state)
+        except DriverError as exc:   # the engine is up: what is left waits for tidy or destroy
+            log.warning("after restoring %s: clean-up left for later: %s", spec.name, exc)
+            return state
 
     async def tidy(self, spec: EngineSpec, state: State) -> State:
         entries = state.get(LEFTOVERS)
