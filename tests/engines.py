@@ -124,7 +124,8 @@ def _assert_consistent_nomad(orch: Orchestrator) -> None:
     - a running or sleeping row has exactly one non-terminal allocation of its job, the one
       its driver state names, running, with a live process; a stopped or failed row has none;
     - every job with Meta managed_by=orch, every host volume e-... (of any generation) and
-      every variable nomad/jobs/e-... (the sidecar's below it too) belongs to a row, and every row has its volume and its variable;
+      every variable nomad/jobs/e-... (the sidecar's below it too) belongs to a row, and
+      every row has its volume and its variable;
     - a running row's Consul service has a passing instance at the row's URL;
     - with the double: no live task process outside a running allocation of a row's job."""
     import json
