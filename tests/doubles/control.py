@@ -228,6 +228,9 @@ def _fault_problem(body: Any) -> str | None:
             return f"{name} must be true or false"
         if name == "fingerprint_s" and value is None:
             continue
+        if kind is list and (not isinstance(value, list)
+                             or not all(isinstance(v, str) for v in value)):
+            return f"{name} must be a list of task names"
         if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))
                               or value < 0):
             return f"{name} must be a number >= 0"

@@ -63,9 +63,12 @@ class Faults:
     # nomad/event_endpoint.go), and a count of frames to lose before they reach the buffer.
     event_heartbeat_s: float = 30.0
     lose_events: float = 0.0
+    # Tasks of these names, started from now, exit 1 at once with a line on stderr saying
+    # so (task_crash is the main tasks only: the engine, not its lifecycle tasks).
+    fail_tasks: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {k: list(v) if isinstance(v, list) else v for k, v in self.__dict__.items()}
 
 
 @dataclass

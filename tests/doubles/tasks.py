@@ -162,7 +162,10 @@ class TaskRunner:
     async def _run_once(self) -> tuple[int, int]:
         config = templates.interpolate_any(self.task.get("Config") or {}, self.env, {})
         denied = drivers.container_denied(self.task, self.alloc, self.env)
-        cmd = drivers.command(self.task, config, self.cluster.state.faults.task_crash, denied)
+        faults = self.cluster.state.faults
+        cmd = (drivers.failing_cmd(self.name) if self.name in faults.fail_tasks else
+               drivers.command(self.task, config,
+                               faults.task_crash and self.stage == lifecycle.MAIN, denied))
         logs = Path(self.dirs["logs"])
         with open(logs / f"{self.name}.stdout.0", "ab") as out, \
                 open(logs / f"{self.name}.stderr.0", "ab") as err:

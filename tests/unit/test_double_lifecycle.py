@@ -3,6 +3,7 @@ processes on raw_exec, start times read from the TaskStates' events, never from 
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 
 import nomad
+from tests.doubles import drivers
 from tests.doubles.fixture import Hashistack, served
 from tests.harness import free_port_range, wait_for
 from tests.unit.test_double import MS, put
@@ -180,3 +182,70 @@ def test_two_leaders_are_refused_and_a_group_without_main_is_taken(stack: Hashis
     assert "Only one task may be marked as leader" in resp["Error"]
     only_sidecars = job("lc-nomain", task("a", SLEEP, "prestart", sidecar=True))
     assert put(f"{stack.nomad}/v1/validate/job", only_sidecars).json()["ValidationErrors"] is None
+
+
+# ---- docker: command, entrypoint, addresses ------------------------------------------------
+
+ENV_DUMP = ("import json, os, sys\n"
+            "keys = [k for k in os.environ if k.startswith(('NOMAD_PORT_', 'NOMAD_IP_',"
+            " 'NOMAD_ADDR_', 'BIND'))]\n"
+            "json.dump({'argv': sys.argv[1:], 'env': {k: os.environ[k] for k in keys}},"
+            " open(os.path.join(os.environ['NOMAD_ALLOC_DIR'], 'env.json'), 'w'))\n"
+            "import time; time.sleep(600)\n")
+
+
+def test_docker_entrypoint_and_command_run_in_the_container(stack: Hashistack) -> None:
+    box = task("box", ENV_DUMP, Env={"BIND": "0.0.0.0"})
+    box.update(Driver="docker", Config={"image": "tool:1", "entrypoint": ["python", "-c"],
+                                        "command": ENV_DUMP.strip(), "args": ["x", "y"],
+                                        "ports": ["a", "b"]})
+    body = job("lc-docker", box)
+    body["Job"]["TaskGroups"][0]["Networks"] = [
+        {"Mode": "host", "DynamicPorts": [{"Label": "a"}, {"Label": "b"}]}]
+    register(stack, body)
+    alloc = alloc_when(stack, "lc-docker", lambda a: (adir(stack, a) / "env.json").exists(),
+                       "the container's command to run")
+    seen = json.loads(wait_for(lambda: (adir(stack, alloc) / "env.json").read_text() or None,
+                               what="env.json written"))
+    ports = {p["Label"]: p["Value"] for p in alloc["AllocatedResources"]["Shared"]["Ports"]}
+    assert set(ports) == {"a", "b"} and ports["a"] != ports["b"]
+    assert seen["argv"] == ["x", "y"]
+    assert seen["env"]["BIND"] == "127.0.0.1"
+    for label, port in ports.items():
+        assert seen["env"][f"NOMAD_PORT_{label}"] == str(port)
+        assert seen["env"][f"NOMAD_ADDR_{label}"] == f"127.0.0.1:{port}"
+        assert seen["env"][f"NOMAD_IP_{label}"] == "127.0.0.1"
+    api(stack).job.deregister_job("lc-docker", purge=True)
+
+
+def test_docker_command_alone_is_the_images_entrypoints_cmd() -> None:
+    # the image's ENTRYPOINT stays: `command` only replaces its CMD (as on real docker)
+    argv = drivers.docker_argv({"image": "e:1", "command": "python", "args": ["-m", "x"]})
+    assert argv == [sys.executable, "-m", "app.refengine", "python", "-m", "x"]
+    assert drivers.docker_argv({"image": "e:1"}) == [sys.executable, "-m", "app.refengine"]
+
+
+def test_fail_tasks_fails_the_named_task_and_task_crash_spares_lifecycle_tasks(
+        stack: Hashistack) -> None:
+    stack.fault(fail_tasks=["restore"])
+    try:
+        register(stack, job("lc-ft", task("main", MAIN), task("restore", INIT, "prestart")))
+        alloc = alloc_when(stack, "lc-ft", lambda a: a["ClientStatus"] == "failed"
+                           and a["TaskStates"]["main"]["State"] == "dead", "the alloc failed")
+    finally:
+        stack.fault(fail_tasks=[], task_crash=True)
+    stderr = (adir(stack, alloc) / "logs" / "restore.stderr.0").read_text()
+    assert "fail_tasks fault: task 'restore' fails at start" in stderr
+    assert "Started" not in kinds(alloc, "main")
+    api(stack).job.deregister_job("lc-ft", purge=True)
+    try:
+        register(stack, job("lc-crash", task("main", MAIN), task("init", INIT, "prestart")))
+        alloc = alloc_when(stack, "lc-crash", lambda a: a["ClientStatus"] == "failed",
+                           "the main task crashed")
+    finally:
+        stack.fault(task_crash=False)
+    assert alloc["TaskStates"]["init"]["State"] == "dead"
+    assert not alloc["TaskStates"]["init"]["Failed"]
+    assert alloc["TaskStates"]["main"]["Failed"]
+    assert not (adir(stack, alloc) / "main-ran").exists()   # the crash ran instead
+    api(stack).job.deregister_job("lc-crash", purge=True)
