@@ -32,7 +32,6 @@ USER = "ada"
 
 def orchestrator(tmp: Path, **env: str) -> Orchestrator:
     orch = Orchestrator(tmp, driver="nomad", env={"ORCH_SNAPSHOT_INTERVAL_S": "0", **env})
-    orch.env["ORCH_NOMAD_JOBSPEC"] = str(ROOT / "jobspecs" / "engine.raw_exec.json")  # TEMP
     try:
         orch.start()
         orch.product("acme")
@@ -148,8 +147,8 @@ def test_a_failed_restore_keeps_the_old_volume_and_the_next_start_restores_again
     assert got["status"] == "failed" and got["failure_reason"] == "crashed"
     assert volumes(orch) == [name, f"{name}-r1"]  # the old brain is kept
     old = json.loads(orch.engine_row(USER)["driver_state"])[LEFTOVERS][0]
-    assert (Path(get(orch.env["NOMAD_ADDR"], f"/v1/volume/host/{old['volume']}")["HostPath"])
-            / "colour").exists()
+    kept = Path(get(orch.env["NOMAD_ADDR"], f"/v1/volume/host/{old['volume']}")["HostPath"])
+    assert [f.read_bytes() for f in kept.iterdir()] == [b"red"]  # untouched
 
     stack.fault(fail_tasks=[])
     started = api.post(f"/engines/{USER}/start")
@@ -180,7 +179,7 @@ def test_scheduled_snapshots_skip_an_unchanged_brain(tmp_path: Path) -> None:
 def test_tidy_deletes_a_stale_volume_once_its_node_is_back(tmp_path: Path) -> None:
     with served(tmp_path / "stack", free_port_range(10), nodes=3, dev=True) as stack:
         settings = Settings(driver="nomad", nomad_addr=stack.nomad, consul_addr=stack.consul,
-                            nomad_jobspec=ROOT / "jobspecs" / "engine.raw_exec.json",  # TEMP
+                            nomad_jobspec=ROOT / "jobspecs" / "engine.docker.json",
                             stop_grace_s=2.0, state_dir=tmp_path / "state")
         spec = EngineSpec("e-acme-tidy-0123456789ab", "acme", "tidy", "0.1.0")
 
