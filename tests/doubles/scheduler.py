@@ -40,6 +40,7 @@ class Cluster:
         self.services = ServiceManager(state)
         self.runners: dict[str, list[TaskRunner]] = {}
         self.coordinators: dict[str, lifecycle.Coordinator] = {}
+        self.acl: Any = None   # the Nomad API's ACL (acl.py), for workload identity reads
         self.killing: set[str] = set()   # allocs whose tasks handleTaskStateUpdates kills
         self.background: set[asyncio.Task[Any]] = set()
         self.inflight: set[str] = set()                        # job IDs with an eval running

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tests.doubles import drivers, lifecycle, templates
+from tests.doubles.acl import workload_variables
 from tests.doubles.state import Alloc, now_ns, rfc3339
 
 if TYPE_CHECKING:
@@ -249,6 +250,12 @@ class TaskRunner:
                 for i, tmpl in enumerate(self.task.get("Templates") or []):
                     self._write(i, tmpl)
                 return True
+            except templates.Denied as exc:
+                # template.go handleFirstRender: the runner's error kills the task, failed
+                msg = (f"Template failed: nomad.var.block({exc}@default.global): Unexpected "
+                       f"response code: 403 (Permission denied)")
+                self._fail("Killing", msg)
+                return False
             except templates.MissingVariable as exc:
                 if not waiting_logged:
                     self.event("Template", f"Missing: nomad.var.block({exc}@default.global)")
@@ -263,7 +270,8 @@ class TaskRunner:
         """Render template `index` to its DestPath; True when the content changed."""
         if tmpl.get("SourcePath"):
             raise templates.TemplateError("the double supports EmbeddedTmpl only")
-        content = templates.render(tmpl.get("EmbeddedTmpl") or "", self.cluster.state.variables)
+        content = templates.render(tmpl.get("EmbeddedTmpl") or "", self.cluster.state.variables,
+                                   self._readable())
         dest = self._dest(tmpl.get("DestPath") or "")
         if self.rendered.get(str(dest)) == content and dest.exists():
             return False
@@ -276,6 +284,12 @@ class TaskRunner:
         os.replace(tmp, dest)
         self.rendered[str(dest)] = content
         return True
+
+    def _readable(self) -> set[str] | None:
+        acl = self.cluster.acl
+        if acl is None or not acl.enabled:
+            return None
+        return workload_variables(self.alloc.job_id, self.alloc.group, self.name)
 
     def _dest(self, raw: str) -> Path:
         path = templates.interpolate(raw, self.env, {})

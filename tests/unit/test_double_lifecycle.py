@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 import nomad
@@ -249,3 +250,45 @@ def test_fail_tasks_fails_the_named_task_and_task_crash_spares_lifecycle_tasks(
     assert alloc["TaskStates"]["main"]["Failed"]
     assert not (adir(stack, alloc) / "main-ran").exists()   # the crash ran instead
     api(stack).job.deregister_job("lc-crash", purge=True)
+
+
+# ---- variables by workload identity --------------------------------------------------------
+
+def _reader(path: str) -> dict[str, Any]:
+    return task("box", SLEEP, Templates=[{
+        "EmbeddedTmpl": f'{{{{ with nomadVar "{path}" }}}}{{{{ .config }}}}{{{{ end }}}}',
+        "DestPath": "secrets/c.json", "ChangeMode": "noop"}])
+
+
+def test_a_task_reads_its_own_variables_and_no_others_when_acls_are_on(
+        stack: Hashistack) -> None:
+    for path in ("nomad/jobs/lc-wi/g/box", "nomad/jobs/lc-other"):
+        put(f"{stack.nomad}/v1/var/{path}", {"Path": path, "Items": {"config": "c-" + path}})
+    token = "0b5e7a47-5e3c-4b8d-9d8e-2a6b0f1c9d11"
+    stack.acl({token: {"namespace": ["submit-job", "read-job"]}})
+    try:
+        for job_id, path in (("lc-wi", "nomad/jobs/lc-wi/g/box"),
+                             ("lc-wi2", "nomad/jobs/lc-other")):
+            resp = httpx.put(f"{stack.nomad}/v1/job/{job_id}", json=job(job_id, _reader(path)),
+                             headers={"X-Nomad-Token": token}, timeout=10, trust_env=False)
+            assert resp.status_code == 200, resp.text
+        with_token = nomad.Nomad(address=stack.nomad, timeout=5, token=token)
+
+        def state(job_id: str) -> dict[str, Any] | None:
+            for stub in with_token.job.get_allocations(job_id):
+                if stub["TaskStates"] and stub["TaskStates"]["box"]["State"] != "pending":
+                    return dict(stub)
+            return None
+        mine = wait_for(lambda: state("lc-wi"), what="its own variable rendered")
+        other = wait_for(lambda: state("lc-wi2"), what="the other job's variable refused")
+    finally:
+        stack.acl(None)
+    assert mine["TaskStates"]["box"]["State"] == "running"
+    assert (adir(stack, mine).parent / "box" / "secrets" / "c.json").read_text() \
+        == "c-nomad/jobs/lc-wi/g/box"
+    assert other["ClientStatus"] == "failed"
+    [killing] = [e for e in other["TaskStates"]["box"]["Events"] if e["Type"] == "Killing"]
+    assert killing["FailsTask"] and "Template failed: nomad.var.block(nomad/jobs/lc-other" \
+        in killing["DisplayMessage"] and "403" in killing["DisplayMessage"]
+    for job_id in ("lc-wi", "lc-wi2"):
+        api(stack).job.deregister_job(job_id, purge=True)
