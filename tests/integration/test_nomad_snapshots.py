@@ -19,12 +19,14 @@ from app.config import Settings
 from app.drivers import _nomad_snapshots
 from app.drivers.base import LEFTOVERS, EngineSpec
 from app.drivers.nomad import NomadDriver
+from app.errors import EngineCrashed
 from app.snapshots.service import Snapshots, build_manifest
 from app.snapshots.store import open_store
 from tests.doubles.fixture import served
 from tests.harness import ROOT, Orchestrator, free_port_range, wait_for
 from tests.s3server import BUCKET, SECRET_KEY
 from tests.scheduler import get, leftovers, needs_double
+from tests.unit.test_nomad_driver_rows import readme_policy
 
 pytestmark = pytest.mark.timeout(180)
 USER = "ada"
@@ -216,3 +218,59 @@ def test_tidy_deletes_a_stale_volume_once_its_node_is_back(tmp_path: Path) -> No
                 await driver.close()
 
         asyncio.run(work())
+
+
+def test_with_acls_only_the_sidecar_reads_the_store_credentials(tmp_path: Path) -> None:
+    """The orchestrator's documented policy covers snapshots and restores; the sidecar and
+    the restore task read their variables by workload identity; the engine task cannot."""
+    template = json.loads((ROOT / "jobspecs" / "engine.docker.json").read_text())
+    engine = template["TaskGroups"][0]["Tasks"][0]
+    stolen = {**engine["Templates"][0], "DestPath": "secrets/stolen.json", "ChangeMode": "noop",
+              "EmbeddedTmpl": '{{ with nomadVar "${snapshot_var_path}" }}{{ .config }}{{ end }}'}
+    del stolen["ChangeSignal"]
+    engine["Templates"].append(stolen)
+    greedy = tmp_path / "greedy.json"
+    greedy.write_text(json.dumps(template))
+    with served(tmp_path / "stack", free_port_range(10), nodes=3, dev=True) as stack:
+        def settings(jobspec: Path) -> Settings:
+            return Settings(driver="nomad", nomad_addr=stack.nomad, consul_addr=stack.consul,
+                            nomad_token="orch", nomad_jobspec=jobspec, stop_grace_s=2.0,
+                            state_dir=tmp_path / "state")
+
+        async def work() -> str:
+            ours = EngineSpec("e-acme-acl-0123456789ab", "acme", "acl", "0.1.0")
+            driver = NomadDriver(settings(ROOT / "jobspecs" / "engine.docker.json"))
+            try:
+                state = await driver.create(ours, "k1")
+                state, url = await driver.wait_ready(ours, state, 30)
+                assert memory(url, "k1", "PUT", "colour", b"blue").is_success
+                copied = await driver.copy_brain(ours, state)
+                assert len(copied["files"]) == 1
+                snaps = Snapshots(driver.settings)
+                manifest = build_manifest(ours.name, copied, fingerprint=copied["fingerprint"],
+                                          engine_version="0.1.0", consistent=False, now=time.time())
+                await snaps.commit(ours.name, manifest)
+                state = await driver.stop(ours, state, 2.0)
+                state = await driver.restore_brain(ours, state, ours.name, manifest["id"])
+                state = await driver.launch(ours, state, "k1")
+                state, url = await driver.wait_ready(ours, state, 30)
+                assert memory(url, "k1", "GET", "colour").content == b"blue"
+                await driver.destroy(ours, state)
+            finally:
+                await driver.close()
+            thief = EngineSpec("e-acme-thief-0123456789ab", "acme", "thief", "0.1.0")
+            driver = NomadDriver(settings(greedy))
+            try:
+                state = await driver.create(thief, "k1")
+                with pytest.raises(EngineCrashed):
+                    await driver.wait_ready(thief, state, 30)
+                alloc = await driver._io(driver.api.allocation, state["alloc"])
+                await driver.destroy(thief, state)
+                return json.dumps(alloc["TaskStates"]["engine"]["Events"])
+            finally:
+                await driver.close()
+
+        stack.acl({"orch": readme_policy()})
+        events = asyncio.run(work())
+        assert "403 (Permission denied)" in events and "snapshot" in events
+        assert list((stack.data_dir).rglob("stolen.json")) == []
