@@ -9,6 +9,7 @@ import asyncio
 import json
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,15 @@ pytestmark = pytest.mark.timeout(180)
 USER = "ada"
 
 
+@contextmanager
+def closing(orch: Orchestrator) -> Iterator[Orchestrator]:
+    try:
+        yield orch
+        assert orch.stack.rejections() == []
+    finally:
+        orch.close()
+
+
 def orchestrator(tmp: Path, **env: str) -> Orchestrator:
     orch = Orchestrator(tmp, driver="nomad", env={"ORCH_SNAPSHOT_INTERVAL_S": "0", **env})
     try:
@@ -46,16 +56,6 @@ def orchestrator(tmp: Path, **env: str) -> Orchestrator:
 @pytest.fixture
 def s3_orch(tmp_path: Path, s3: dict[str, str]) -> Iterator[Orchestrator]:
     orch = orchestrator(tmp_path, **s3, ORCH_SNAPSHOT_STORE=f"s3://{BUCKET}/{tmp_path.name}")
-    try:
-        yield orch
-        assert orch.stack.rejections() == []
-    finally:
-        orch.close()
-
-
-@pytest.fixture
-def file_orch(tmp_path: Path) -> Iterator[Orchestrator]:
-    orch = orchestrator(tmp_path)
     try:
         yield orch
         assert orch.stack.rejections() == []
@@ -133,8 +133,13 @@ def test_the_sidecar_copies_the_brain_and_a_restore_fills_a_new_volume(
 
 
 def test_a_failed_restore_keeps_the_old_volume_and_the_next_start_restores_again(
-        file_orch: Orchestrator) -> None:
-    orch = file_orch
+        tmp_path: Path) -> None:
+    # No automatic restarts: the start below is the next one.
+    with closing(orchestrator(tmp_path, ORCH_MAX_RESTARTS="0")) as orch:
+        _failed_restore(orch)
+
+
+def _failed_restore(orch: Orchestrator) -> None:
     stack = needs_double(orch)
     api = orch.client("acme")
     url, key = provision(api)
@@ -160,8 +165,7 @@ def test_a_failed_restore_keeps_the_old_volume_and_the_next_start_restores_again
 
 
 def test_scheduled_snapshots_skip_an_unchanged_brain(tmp_path: Path) -> None:
-    orch = orchestrator(tmp_path, ORCH_SNAPSHOT_INTERVAL_S="1")
-    try:
+    with closing(orchestrator(tmp_path, ORCH_SNAPSHOT_INTERVAL_S="1")) as orch:
         api = orch.client("acme")
         url, key = provision(api)
 
@@ -174,8 +178,6 @@ def test_scheduled_snapshots_skip_an_unchanged_brain(tmp_path: Path) -> None:
         assert memory(url, key, "PUT", "colour", b"blue").is_success
         wait_for(lambda: len(taken()) == 2, timeout=15, what="a snapshot of the changed brain")
         assert taken()[0]["files"] == 1
-    finally:
-        orch.close()
 
 
 def test_tidy_deletes_a_stale_volume_once_its_node_is_back(tmp_path: Path) -> None:
