@@ -128,7 +128,8 @@ def node_stub(node: Node, volumes: list[dict[str, Any]],
             "NodePool": node.pool, "Version": "1.10.5", "Drain": node.drain,
             "SchedulingEligibility": node.eligibility, "Status": node.status,
             "StatusDescription": "", "Drivers": _drivers(),
-            "HostVolumes": _host_volumes(volumes),
+            "HostVolumes": _host_volumes(volumes + (list(node.orphans.values())
+                                                    if node.status == "ready" else [])),
             "NodeResources": node_resources(node) if resources else None,
             "ReservedResources": _reserved() if resources else None, "LastDrain": None,
             "CreateIndex": node.create_index, "ModifyIndex": node.modify_index}

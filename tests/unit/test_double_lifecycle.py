@@ -15,8 +15,9 @@ import pytest
 import nomad
 from tests.doubles import drivers
 from tests.doubles.fixture import Hashistack, served
+from tests.doubles.state import node_id
 from tests.harness import free_port_range, wait_for
-from tests.unit.test_double import MS, put
+from tests.unit.test_double import MS, create_volume, put
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -266,6 +267,7 @@ def test_a_task_reads_its_own_variables_and_no_others_when_acls_are_on(
         put(f"{stack.nomad}/v1/var/{path}", {"Path": path, "Items": {"config": "c-" + path}})
     token = "0b5e7a47-5e3c-4b8d-9d8e-2a6b0f1c9d11"
     stack.acl({token: {"namespace": ["submit-job", "read-job"]}})
+    stack.fault(nomad_retry_s=0.5)   # the client's nomad_retry takes 303.75 s
     try:
         for job_id, path in (("lc-wi", "nomad/jobs/lc-wi/g/box"),
                              ("lc-wi2", "nomad/jobs/lc-other")):
@@ -283,12 +285,64 @@ def test_a_task_reads_its_own_variables_and_no_others_when_acls_are_on(
         other = wait_for(lambda: state("lc-wi2"), what="the other job's variable refused")
     finally:
         stack.acl(None)
+        stack.fault(nomad_retry_s=None)
     assert mine["TaskStates"]["box"]["State"] == "running"
     assert (adir(stack, mine).parent / "box" / "secrets" / "c.json").read_text() \
         == "c-nomad/jobs/lc-wi/g/box"
     assert other["ClientStatus"] == "failed"
-    [killing] = [e for e in other["TaskStates"]["box"]["Events"] if e["Type"] == "Killing"]
+    events = other["TaskStates"]["box"]["Events"]
+    # retried meanwhile as a missing dependency, then the runner's error kills the task
+    assert [e["Type"] for e in events] == ["Received", "Task Setup", "Template", "Killing"]
+    [killing] = [e for e in events if e["Type"] == "Killing"]
     assert killing["FailsTask"] and "Template failed: nomad.var.block(nomad/jobs/lc-other" \
         in killing["DisplayMessage"] and "403" in killing["DisplayMessage"]
     for job_id in ("lc-wi", "lc-wi2"):
         api(stack).job.deregister_job(job_id, purge=True)
+
+
+def test_variables_take_empty_values_deep_paths_and_at_most_64_kib(stack: Hashistack) -> None:
+    deep = "nomad/jobs/lc-var/engine/snapshot"
+    resp = put(f"{stack.nomad}/v1/var/{deep}", {"Path": deep, "Items": {"config": "", "x": "1"}})
+    assert resp.status_code == 200, resp.text
+    got = httpx.get(f"{stack.nomad}/v1/var/{deep}", timeout=5, trust_env=False).json()
+    assert got["Path"] == deep and got["Items"] == {"config": "", "x": "1"}
+    big = put(f"{stack.nomad}/v1/var/lc-big", {"Path": "lc-big", "Items": {"k": "v" * 65536}})
+    assert big.status_code == 400 and "limited to 64KiB" in big.text
+    other = put(f"{stack.nomad}/v1/var/nomad/other", {"Path": "nomad/other", "Items": {"k": "v"}})
+    assert other.status_code == 400 and 'only paths at "nomad/jobs"' in other.text
+    stack.clear_rejections()
+    assert httpx.delete(f"{stack.nomad}/v1/var/{deep}", timeout=5, trust_env=False).status_code == 204
+
+
+# ---- a node that comes back ----------------------------------------------------------------
+
+def test_a_returning_node_restores_a_volume_the_server_deleted_with_force(
+        stack: Hashistack) -> None:
+    node = node_id(1)
+    gone, kept = create_volume(stack, "lc-gone", node), create_volume(stack, "lc-kept", node)
+    stack.node_lost(node)
+    try:
+        url = f"{stack.nomad}/v1/volume/host/{gone['ID']}"
+        refused = httpx.delete(url, timeout=5, trust_env=False)
+        assert refused.status_code == 500
+        assert refused.text.strip() == ("volume cannot be removed from unknown node without "
+                                        "force=true")
+        assert httpx.delete(url + "?force=true", timeout=5, trust_env=False).status_code == 200
+        assert httpx.get(url, timeout=5, trust_env=False).status_code == 404
+    finally:
+        stack.node_up(node)
+    # the client never got the delete: it restores the volume and fingerprints it, and the
+    # server, with no record of it, can neither delete it nor make another of that name there
+    assert Path(gone["HostPath"]).is_dir()
+    host_volumes = api(stack).node.get_node(node)["HostVolumes"]
+    assert host_volumes["lc-gone"]["ID"] == gone["ID"] and "lc-kept" in host_volumes
+    assert httpx.get(url, timeout=5, trust_env=False).status_code == 404
+    assert "no such volume" in httpx.delete(url, timeout=5, trust_env=False).text
+    again = put(f"{stack.nomad}/v1/volume/host/create", {"Volume": {
+        "Name": "lc-gone", "PluginID": "mkdir", "NodeID": node, "RequestedCapabilities": [
+            {"AccessMode": "single-node-writer", "AttachmentMode": "file-system"}]}})
+    assert again.status_code == 500 and "volume name already exists on this node" in again.text
+    stack.clear_rejections()
+    assert wait_for(lambda: httpx.get(f"{stack.nomad}/v1/volume/host/{kept['ID']}", timeout=5,
+                                      trust_env=False).json()["State"] == "ready",
+                    what="the kept volume ready again")
