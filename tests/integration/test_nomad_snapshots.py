@@ -273,6 +273,8 @@ def test_with_acls_only_the_sidecar_reads_the_store_credentials(tmp_path: Path) 
                 await driver.close()
 
         stack.acl({"orch": readme_policy()})
+        # a refused read is retried (Nomad: for 5 minutes) before it fails the task
+        stack.fault(nomad_retry_s=1.0)
         events = asyncio.run(work())
         assert "403 (Permission denied)" in events and "snapshot" in events
         assert list((stack.data_dir).rglob("stolen.json")) == []
