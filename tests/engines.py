@@ -55,7 +55,8 @@ def nothing_left(orch: Orchestrator) -> dict[str, list]:
 
 def engine_processes(orch: Orchestrator) -> dict[str, list[int]]:
     """Every live engine process of this orchestrator, by engine name, found from /proc (on
-    Nomad: the task pids of every allocation the double has, by job, that are still alive)."""
+    Nomad: the `engine` task pids of every allocation the double has, by job, that are still
+    alive)."""
     from app.drivers._process import engines_under
 
     reap_zombies()
@@ -68,9 +69,9 @@ def _nomad_task_processes(orch: Orchestrator) -> dict[str, list[int]]:
     found: dict[str, list[int]] = {}
     if orch.stack is not None:  # the double knows its tasks' pids
         for alloc in orch.stack.state()["allocs"]:
-            for pid in alloc["pids"].values():
-                if proc_state(pid) != "gone":
-                    found.setdefault(alloc["job"], []).append(pid)
+            pid = alloc["pids"].get("engine")   # the engine task's, not its sidecar's
+            if pid is not None and proc_state(pid) != "gone":
+                found.setdefault(alloc["job"], []).append(pid)
         return found
     # Real agents: engines on this host whose brain is one of our host volumes (raw_exec; a
     # docker task sees its brain as /brain and is not found this way).
