@@ -286,12 +286,11 @@ class Brains:
                                None if elsewhere else old_node)
         volume = await self.ready(volume)
         leftovers = with_leftover(state, leftover(state))
-        new: State = {k: v for k, v in state.items() if k not in ("alloc", "url")}
-        new.update({"volume": volume["ID"], "node": volume.get("NodeID"),
+        new: State = {k: v for k, v in state.items() if k not in ("alloc", "url", LEFTOVERS)}
+        new.update({"job": spec.name, "volume": volume["ID"], "node": volume.get("NodeID"),
                     "volume_path": volume.get("HostPath"), VOLUME_NAME: name,
-                    GENERATION: generation, LEFTOVERS: leftovers,
-                    RESTORING: {"source": source, "snapshot": snapshot_id}})
-        return new
+                    GENERATION: generation, RESTORING: {"source": source, "snapshot": snapshot_id}})
+        return {**new, LEFTOVERS: leftovers} if leftovers else new
 
     async def ready(self, volume: dict[str, Any]) -> dict[str, Any]:
         # A new volume is `pending` until its node's next fingerprint reports it.
@@ -309,6 +308,8 @@ class Brains:
     async def _next_generation(self, name: str, state: State) -> int:
         names = [v.get("Name") or "" for v in await self.io(self.api.volumes, name)]
         found = [generation_of(n) for n in names if engine_of(n) == name]
+        if not found and not state.get("volume"):
+            return 0   # a new engine's first brain (provision from a snapshot)
         return max([int(state.get(GENERATION) or 0), *found]) + 1
 
     async def finish(self, spec: EngineSpec, state: State) -> State:

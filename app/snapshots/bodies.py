@@ -24,7 +24,7 @@ import httpx
 
 from app import errors, registry, states
 from app.config import Settings
-from app.drivers.base import Driver, EngineSpec
+from app.drivers.base import Driver, EngineSpec, State
 from app.registry import EngineRow
 from app.snapshots import tree
 from app.snapshots.service import Manifest, Snapshots, build_manifest
@@ -98,12 +98,26 @@ async def _copy(bodies: Bodies, row: EngineRow, brain: Path | None, consistent: 
                           now=time.time())
 
 
-async def seed(bodies: Bodies, row: EngineRow, source: str, manifest: Manifest) -> None:
-    """A new engine's brain: a copy of another engine's snapshot (`provision` from_snapshot)."""
-    brain = bodies.driver.brain_dir(bodies.spec(row))
-    if brain is None:
-        raise errors.invalid(f"the {bodies.driver.name} driver does not provision from a "
-                             f"snapshot: provision, then restore the snapshot (import it first)")
+async def create(bodies: Bodies, row: EngineRow, api_key: str,
+                 seed: tuple[str, Manifest] | None) -> State:
+    """The driver's create of a new engine; with `seed` (`provision` from_snapshot: another
+    engine's name and snapshot), its brain a copy of that snapshot before it first runs. Where
+    the brain lives elsewhere, that is a restore into the engine's first volume."""
+    driver, spec = bodies.driver, bodies.spec(row)
+    if seed is None:
+        return await driver.create(spec, api_key)
+    if driver.brain_dir(spec) is not None or not driver.remote_snapshots():
+        await _seed(bodies, row, *seed)
+        return await driver.create(spec, api_key)
+    source, manifest = seed
+    state = await driver.restore_brain(spec, {}, source, manifest["id"])
+    return await driver.launch(spec, state, api_key)
+
+
+async def _seed(bodies: Bodies, row: EngineRow, source: str, manifest: Manifest) -> None:
+    """A new engine's brain directory: a copy of another engine's snapshot."""
+    brain = _brain(bodies, row)
+    assert brain is not None
     staging = await bodies.snapshots.stage(source, manifest, brain)
     try:
         tree.replace(staging, brain)

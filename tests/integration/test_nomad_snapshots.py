@@ -132,7 +132,7 @@ def test_the_sidecar_copies_the_brain_and_a_restore_fills_a_new_volume(
     assert s3_objects(s3, f"{tmp_path.name}/engines/{name}/") == {}
 
 
-def test_a_failed_restore_keeps_the_old_volume_and_the_next_start_restores_again(
+def test_a_failed_restore_keeps_the_old_brain_and_provision_from_a_snapshot_restores(
         tmp_path: Path) -> None:
     # No automatic restarts: the start below is the next one.
     with closing(orchestrator(tmp_path, ORCH_MAX_RESTARTS="0")) as orch:
@@ -162,6 +162,15 @@ def _failed_restore(orch: Orchestrator) -> None:
     assert started.status_code == 200, started.text
     assert memory(started.json()["url"], key, "GET", "colour").content == b"blue"
     assert volumes(orch) == [f"{name}-r1"]
+
+    # provision from a snapshot: the restore task fills the new engine's first volume
+    seeded = api.post("/engines/provision", json={
+        "user_id": "bob", "from_snapshot": {"user_id": USER, "snapshot_id": snap["id"]}})
+    assert seeded.status_code == 200, seeded.text
+    bob = seeded.json()
+    assert memory(bob["url"], bob["api_key"], "GET", "colour").content == b"blue"
+    bob_name = orch.rows("SELECT name FROM engine WHERE user_id = 'bob'")[0][0]
+    assert bob_name in volumes(orch)
 
 
 def test_scheduled_snapshots_skip_an_unchanged_brain(tmp_path: Path) -> None:
