@@ -7,9 +7,10 @@ engine, so its memory counts, and its image holds nothing else. Each snapshot is
 child process of its own (the internal mode `take`), which alone imports boto3 and opens a
 client: ~30 MB that would otherwise stay resident beside every engine for good.
 
-Environment: ORCH_SIDECAR_MODE (serve | restore), ORCH_SIDECAR_BRAIN (the volume's mount),
-ORCH_SIDECAR_CONFIG (the JSON file Nomad renders from the task's variable: store, aws, prefix,
-token; restore: source_prefix, snapshot), ORCH_SIDECAR_HOST and ORCH_SIDECAR_PORT (serve).
+Environment: ORCH_SIDECAR_MODE (serve | restore; take is serve's child's, with
+ORCH_SIDECAR_PARENT, serve's pid), ORCH_SIDECAR_BRAIN (the volume's mount), ORCH_SIDECAR_CONFIG
+(the JSON file Nomad renders from the task's variable: store, aws, prefix, token; restore:
+source_prefix, snapshot), ORCH_SIDECAR_HOST and ORCH_SIDECAR_PORT (serve).
 The config file is read again on every request, so a rewritten variable applies at once.
 """
 
