@@ -48,6 +48,7 @@ def s3_server(tmp: Path) -> Iterator[dict[str, str]]:
     url = f"http://127.0.0.1:{ports['s3.port']}"
     try:
         wait_for(lambda: _answers(url, proc, tmp), timeout=60, what=f"weed mini ({tmp}/weed.log)")
+        wait_for(lambda: _has_bucket(url), timeout=30, what=f"the bucket {BUCKET} ({tmp}/weed.log)")
         yield {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
                "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_REGION": "us-east-1"}
     finally:
@@ -57,6 +58,20 @@ def s3_server(tmp: Path) -> Iterator[dict[str, str]]:
             pass
         proc.wait(timeout=10)
         log.close()
+
+
+def _has_bucket(url: str) -> bool:
+    """The gateway answers before `-bucket` is made (~0.5 s later); only a signed call tells."""
+    import boto3
+    from botocore.exceptions import ClientError
+
+    client = boto3.client("s3", endpoint_url=url, region_name="us-east-1",
+                          aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY)
+    try:
+        client.head_bucket(Bucket=BUCKET)
+    except ClientError:
+        return False
+    return True
 
 
 def _answers(url: str, proc: subprocess.Popen[bytes], tmp: Path) -> bool:

@@ -16,7 +16,7 @@ import abc
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -113,11 +113,18 @@ class FileStore(Store):
         shutil.rmtree(self._path(prefix), ignore_errors=True)
 
 
-class S3Store(Store):
-    """Any S3-compatible store, through boto3; endpoint, region and credentials the AWS way
-    (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, profiles...)."""
+# The AWS settings a store may be given explicitly, and boto3.client's argument for each.
+AWS_ARGUMENTS = {
+    "AWS_ENDPOINT_URL": "endpoint_url", "AWS_REGION": "region_name",
+    "AWS_ACCESS_KEY_ID": "aws_access_key_id", "AWS_SECRET_ACCESS_KEY": "aws_secret_access_key",
+    "AWS_SESSION_TOKEN": "aws_session_token"}
 
-    def __init__(self, bucket: str, prefix: str):
+
+class S3Store(Store):
+    """Any S3-compatible store, through boto3. Endpoint, region and credentials are `aws`'s
+    (AWS_ARGUMENTS) where given, else found the AWS way (AWS_* variables, profiles...)."""
+
+    def __init__(self, bucket: str, prefix: str, aws: Mapping[str, str] | None = None):
         import boto3  # the server's only S3 dependency, imported only when a bucket is used
         from botocore.config import Config
 
@@ -126,7 +133,9 @@ class S3Store(Store):
         self.url = f"s3://{bucket}/{self.prefix}"
         config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5,
                         read_timeout=30)
-        self.client: Any = boto3.client("s3", config=config)
+        # Passed to the client, never put in os.environ: the process may serve other stores.
+        explicit: dict[str, Any] = {AWS_ARGUMENTS[k]: v for k, v in (aws or {}).items() if v}
+        self.client: Any = boto3.client("s3", config=config, **explicit)
 
     def put(self, key: str, data: bytes) -> None:
         with self._call("write", key):
@@ -174,13 +183,17 @@ class _S3Errors:
             raise _failed(self.what, self.key, exc) from exc
 
 
-def open_store(url: str) -> Store:
-    """The store ORCH_SNAPSHOT_STORE names: file:///path or s3://bucket/prefix."""
+def open_store(url: str, aws: Mapping[str, str] | None = None) -> Store:
+    """The store ORCH_SNAPSHOT_STORE names: file:///path or s3://bucket/prefix; `aws`, keyed
+    by the names of AWS_ARGUMENTS, settles an S3 store's endpoint, region and credentials."""
+    unknown = sorted(set(aws or {}) - set(AWS_ARGUMENTS))
+    if unknown:
+        raise ValueError(f"unknown AWS settings {unknown}: known are {sorted(AWS_ARGUMENTS)}")
     parts = urlsplit(url)
     if parts.scheme == "file":
         return FileStore(Path(parts.path))
     if parts.scheme == "s3":
-        return S3Store(parts.netloc, parts.path)
+        return S3Store(parts.netloc, parts.path, aws)
     raise ValueError(f"{url!r}: a snapshot store is file:///path or s3://bucket/prefix")
 
 

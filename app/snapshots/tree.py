@@ -80,7 +80,7 @@ def stage(store: Store, prefix: str, manifest: dict[str, Any], brain: Path) -> P
     shutil.rmtree(staging, ignore_errors=True)  # one a killed restore left
     staging.mkdir(mode=0o700, parents=True)
     try:
-        fill(staging, manifest, lambda digest: _blob(store, prefix, digest))
+        fill(staging, manifest, lambda digest: read_blob(store, prefix, digest))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -117,6 +117,16 @@ def discard(staging: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
+def empty(directory: Path) -> None:
+    """Remove everything inside `directory`, keeping the directory itself (a mount point)."""
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+
+
 def swap_in(staging: Path, brain: Path) -> None:
     """Put `staging` where `brain` is; the old brain ends up at `staging`."""
     if not brain.exists():
@@ -138,7 +148,7 @@ def safe_path(rel: str) -> str:
     return rel
 
 
-def _blob(store: Store, prefix: str, digest: str) -> bytes:
+def read_blob(store: Store, prefix: str, digest: str) -> bytes:
     data = store.get(blob_key(prefix, digest))
     if data is None:
         raise errors.SnapshotStoreFailed(f"the snapshot's blob {digest} is missing from the store")

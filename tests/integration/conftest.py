@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import Orchestrator, running
+from tests.s3server import s3_server
 
 
 @pytest.fixture
@@ -22,6 +23,13 @@ def any_orch(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Orchest
 @pytest.fixture
 def nomad_orch(tmp_path: Path) -> Iterator[Orchestrator]:
     yield from _orchestrator(tmp_path, "nomad")
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A real S3 server (tests/s3server.py), one per test process: each test its own prefix."""
+    with s3_server(tmp_path_factory.mktemp("s3")) as env:
+        yield env
 
 
 def _orchestrator(tmp_path: Path, driver: str) -> Iterator[Orchestrator]:

@@ -25,15 +25,9 @@ from tests.harness import (
     running,
     wait_for,
 )
-from tests.s3server import BUCKET, s3_server
+from tests.s3server import BUCKET
 
 USER = "ada"
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    with s3_server(tmp_path_factory.mktemp("s3")) as env:
-        yield env
 
 
 @pytest.fixture(params=["file", "s3"])
