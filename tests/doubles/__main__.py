@@ -54,6 +54,7 @@ async def serve(args: argparse.Namespace) -> None:
                   memory_mb=args.node_memory)
     cluster = Cluster(state)
     nomad_api = NomadAPI(cluster)
+    cluster.acl = nomad_api.acl   # tasks' templates read variables by workload identity
     nomad = Listener(nomad_api.app(), args.nomad_port)
     consul = Listener(ConsulAPI(state).app(), args.consul_port)
     control = Listener(Control(cluster, nomad, consul, nomad_api.acl).app(), args.control_port)

@@ -75,6 +75,13 @@ class Policy:
         return "deny" not in caps and capability in caps
 
 
+def workload_variables(job: str, group: str, task: str) -> set[str]:
+    """acl/acl.go matchingVariablesCapabilitySet: with no policy, a task's workload identity
+    may read (and list) exactly these paths in its namespace."""
+    base = "nomad/jobs"
+    return {base, f"{base}/{job}", f"{base}/{job}/{group}", f"{base}/{job}/{group}/{task}"}
+
+
 class ACL:
     def __init__(self) -> None:
         self.enabled = False

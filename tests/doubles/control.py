@@ -24,6 +24,7 @@ from tests.doubles.state import Faults
 
 FAULT_TYPES = {name: type(value) for name, value in Faults().as_dict().items()}
 FAULT_TYPES["fingerprint_s"] = float   # or null: the client's node update timing
+FAULT_TYPES["nomad_retry_s"] = float   # or null: the client's nomad_retry schedule
 
 
 class QuietServer(uvicorn.Server):
@@ -226,8 +227,11 @@ def _fault_problem(body: Any) -> str | None:
             return f"unknown fault {name!r} (known: {', '.join(sorted(FAULT_TYPES))})"
         if kind is bool and not isinstance(value, bool):
             return f"{name} must be true or false"
-        if name == "fingerprint_s" and value is None:
+        if name in ("fingerprint_s", "nomad_retry_s") and value is None:
             continue
+        if kind is list and (not isinstance(value, list)
+                             or not all(isinstance(v, str) for v in value)):
+            return f"{name} must be a list of task names"
         if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))
                               or value < 0):
             return f"{name} must be a number >= 0"

@@ -1,12 +1,14 @@
 """What the double's two task drivers turn a Task into: a command line and an environment.
 
-raw_exec runs the configured command as is. docker is emulated by running the project's
-reference engine (`python -m app.refengine`) with the container's view of paths and
+raw_exec runs the configured command as is. docker is emulated by running the image's
+ENTRYPOINT (the reference engine, `python -m app.refengine`, unless the config's
+`entrypoint` replaces it) + `command`/`args`, with the container's view of paths and
 addresses mapped onto the host (see tests/doubles/README.md, "Emulation rules").
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -16,11 +18,21 @@ from tests.doubles.state import Alloc
 from tests.doubles.volumes import CLIENT_UID, owner_and_mode
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: app.refengine lives there
-DRIVER_KEYS = {"raw_exec": {"command", "args"}, "docker": {"image", "ports", "args"}}
+DRIVER_KEYS = {"raw_exec": {"command", "args"},
+               "docker": {"image", "ports", "args", "command", "entrypoint"}}
 BASE_ENV_KEYS = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")
 CRASH_CMD = [sys.executable, "-c", "import sys; sys.exit(1)"]  # the task_crash fault
+
+
+def failing_cmd(name: str) -> list[str]:
+    """The fail_tasks fault: the task starts, says why on stderr, and exits 1."""
+    line = f"the double's fail_tasks fault: task {name!r} fails at start"
+    return [sys.executable, "-c", f"import sys; sys.stderr.write({line!r} + '\\n'); sys.exit(1)"]
 # The user every emulated image runs as: jobspecs/Dockerfile.refengine's `USER 65534:65534`.
 IMAGE_UID = IMAGE_GID = 65534
+# ... and its ENTRYPOINT: `command`/`args` only set the container's Cmd, appended to it.
+IMAGE_ENTRYPOINT = ["python", "-m", "app.refengine"]
+PYTHONS = ("python", "python3")   # the image's interpreter is the double's
 
 
 class DriverError(Exception):
@@ -55,6 +67,14 @@ def _check_docker(config: dict[str, Any], group: dict[str, Any]) -> None:
     if not isinstance(config.get("image"), str) or not config["image"]:
         raise DriverError('failed to decode driver config: The argument "image" is required')
     _string_list(config, "args")
+    _string_list(config, "entrypoint")
+    command = config.get("command")
+    if command is not None:
+        # drivers/docker/driver.go createContainerConfig -> validateCommand
+        if not isinstance(command, str) or not command.strip():
+            raise DriverError(f"command empty: {json.dumps(command)}")
+        if command.strip() != command:
+            raise DriverError(f"command contains extra white space: {json.dumps(command)}")
     labels = {p.get("Label") for net in group.get("Networks") or []
               for p in (net.get("DynamicPorts") or []) + (net.get("ReservedPorts") or [])}
     for label in _string_list(config, "ports"):
@@ -139,7 +159,19 @@ def command(task: dict[str, Any], config: dict[str, Any], crash: bool,
         return [sys.executable, "-c", f"import sys; sys.stderr.write({denied!r} + '\\n'); sys.exit(1)"]
     if task["Driver"] == "raw_exec":
         return [config["command"], *config.get("args", [])]
-    return [sys.executable, "-m", "app.refengine", *config.get("args", [])]
+    return docker_argv(config)
+
+
+def docker_argv(config: dict[str, Any]) -> list[str]:
+    """drivers/docker/driver.go createContainerConfig: Entrypoint is the config's
+    `entrypoint` (else the image's), Cmd is `command` + `args` (else `args`); the container
+    runs Entrypoint + Cmd. `python`/`python3` is the double's interpreter."""
+    cmd = [config["command"], *config.get("args", [])] if config.get("command") \
+        else list(config.get("args", []))
+    argv = [*(config.get("entrypoint") or IMAGE_ENTRYPOINT), *cmd]
+    if argv[0] in PYTHONS:
+        argv[0] = sys.executable
+    return argv
 
 
 def docker_view(env: dict[str, str], task: dict[str, Any], alloc: Alloc) -> dict[str, str]:
@@ -153,8 +185,9 @@ def docker_view(env: dict[str, str], task: dict[str, Any], alloc: Alloc) -> dict
             if value == dest or value.startswith(dest.rstrip("/") + "/"):
                 out[key] = host + value[len(dest.rstrip("/")):]
                 break
-    if out.get("ENGINE_HOST") == "0.0.0.0":
-        out["ENGINE_HOST"] = "127.0.0.1"  # published on the node's loopback here
+    for key, value in out.items():
+        if value == "0.0.0.0":
+            out[key] = "127.0.0.1"  # a bind-all address: published on the node's loopback
     out.setdefault("ENGINE_VERSION", (task.get("Config") or {}).get("image", ""))
     if "PYTHONPATH" not in (task.get("Env") or {}):
         out["PYTHONPATH"] = str(ROOT)

@@ -104,7 +104,8 @@ class Hashistack:
 
     def fault(self, **flags: Any) -> dict[str, Any]:
         """Set faults (nomad_down, consul_down, ports_exhausted, memory_exhausted, task_crash,
-        slow_health_s, template_delay_s, event_heartbeat_s, lose_events, ...: state.Faults);
+        slow_health_s, template_delay_s, event_heartbeat_s, lose_events, fail_tasks, ...:
+        state.Faults);
         returns all current faults."""
         return self._control("POST", "/faults", flags)
 

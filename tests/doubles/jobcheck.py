@@ -110,6 +110,9 @@ def _check_group(group: dict[str, Any], errors: list[str]) -> None:
             errors.append(f'{where}: volume "{name}" has an empty source')
     for task in group.get("Tasks") or []:
         _check_task(task, labels, volumes, f'{where}, Task "{task.get("Name", "")}"', errors)
+    # structs.go TaskGroup.Validate; no rule asks a group for a main task
+    if sum(1 for t in group.get("Tasks") or [] if t.get("Leader")) > 1:
+        errors.append(f"{where}: Only one task may be marked as leader")
 
 
 def _check_task(task: dict[str, Any], labels: set[Any], volumes: dict[str, Any], where: str,
@@ -121,6 +124,7 @@ def _check_task(task: dict[str, Any], labels: set[Any], volumes: dict[str, Any],
     if (task.get("KillTimeout") or 0) < 0:
         errors.append(f"{where}: KillTimeout must be a positive value")
     _check_policy(task.get("RestartPolicy"), where, errors)
+    _check_lifecycle(task.get("Lifecycle"), where, errors)
     for svc in task.get("Services") or []:
         _check_service(svc, labels, where, errors)
     for mount in task.get("VolumeMounts") or []:
@@ -129,6 +133,18 @@ def _check_task(task: dict[str, Any], labels: set[Any], volumes: dict[str, Any],
                           f'{mount.get("Volume")!r}')
     for i, tmpl in enumerate(task.get("Templates") or []):
         _check_template(tmpl, f"{where}, Template[{i}]", errors)
+
+
+def _check_lifecycle(lifecycle: dict[str, Any] | None, where: str, errors: list[str]) -> None:
+    """structs.go TaskLifecycleConfig.Validate, wrapped by Task.Validate ("Lifecycle
+    validation failed"); api/tasks.go keeps any non-nil Lifecycle, so a Hook is needed."""
+    if lifecycle is None:
+        return
+    hook = lifecycle.get("Hook") or ""
+    if not hook:
+        errors.append(f"{where}: Lifecycle validation failed: no lifecycle hook provided")
+    elif hook not in ("prestart", "poststart", "poststop"):
+        errors.append(f"{where}: Lifecycle validation failed: invalid hook: {hook}")
 
 
 def _check_policy(policy: dict[str, Any] | None, where: str, errors: list[str]) -> None:

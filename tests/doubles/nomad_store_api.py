@@ -9,6 +9,7 @@ destroy, read, and list, which filters the listing rather than refusing it).
 
 from __future__ import annotations
 
+import json
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -37,17 +38,39 @@ def store_routes(api: NomadAPI) -> list[tuple[str, list[str], Any]]:
     ]
 
 
+MAX_SIZE = 65536   # nomad/structs/variables.go maxVariableSize
+
+
+def path_problem(path: str) -> str | None:
+    """nomad/structs/variables.go ValidatePath: any depth; under `nomad/` only `nomad/jobs`
+    and below, and `nomad/job-templates/<name>`."""
+    if not VAR_PATH.match(path):
+        return f"invalid path {json.dumps(path)}"
+    parts = path.split("/")
+    if parts[0] != "nomad":
+        return None
+    if len(parts) == 1:
+        return ('"nomad" is a reserved top-level directory path, but you may write variables '
+                'to "nomad/jobs", "nomad/job-templates", or below')
+    if parts[1] == "jobs" or (parts[1] == "job-templates" and len(parts) == 3):
+        return None
+    if parts[1] == "job-templates":
+        return ('"nomad/job-templates" is a reserved directory path, but you may write '
+                'variables at the level below it, for example, '
+                '"nomad/job-templates/template-name"')
+    return ('only paths at "nomad/jobs" or "nomad/job-templates" and below are valid paths '
+            'under the top-level "nomad" directory')
+
+
 class Variables:
     def __init__(self, api: NomadAPI):
         self.api, self.state = api, api.state
 
     def _path(self, request: Request) -> str:
         path = request.path_params["path"]
-        if not VAR_PATH.match(path):
-            raise refuse(request, self.state, "invalid path")
-        if path.startswith("nomad/") and not (path == "nomad/jobs"
-                                              or path.startswith("nomad/jobs/")):
-            raise refuse(request, self.state, '"nomad" is a reserved top-level directory path')
+        problem = path_problem(path)
+        if problem:
+            raise refuse(request, self.state, problem)
         return path
 
     def _cas(self, request: Request) -> int | None:
@@ -75,8 +98,12 @@ class Variables:
         body["Path"] = path
         if body.get("Namespace") not in (None, "", "default"):
             raise refuse(request, self.state, "the double has only the default namespace")
+        # nomad/structs/variables.go VariableDecrypted.Validate (coded 400 by Apply): items are
+        # required, any string value (empty too), 64 KiB of keys and values in all
         if not body.get("Items"):
             raise refuse(request, self.state, "empty variables are invalid")
+        if sum(len(k.encode()) + len(v.encode()) for k, v in body["Items"].items()) > MAX_SIZE:
+            raise refuse(request, self.state, "variables are limited to 64KiB in total size")
         conflict = self._conflict(path, self._cas(request))
         if conflict is not None:
             return conflict

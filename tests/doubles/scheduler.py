@@ -23,7 +23,7 @@ import signal
 import time
 from typing import Any
 
-from tests.doubles import inplace, jobcheck, placement, views
+from tests.doubles import inplace, jobcheck, lifecycle, placement, views
 from tests.doubles.checks import ServiceManager
 from tests.doubles.state import Alloc, State, new_id, now_ns
 from tests.doubles.tasks import TaskRunner
@@ -39,6 +39,9 @@ class Cluster:
         self.state = state
         self.services = ServiceManager(state)
         self.runners: dict[str, list[TaskRunner]] = {}
+        self.coordinators: dict[str, lifecycle.Coordinator] = {}
+        self.acl: Any = None   # the Nomad API's ACL (acl.py), for workload identity reads
+        self.killing: set[str] = set()   # allocs whose tasks handleTaskStateUpdates kills
         self.background: set[asyncio.Task[Any]] = set()
         self.inflight: set[str] = set()                        # job IDs with an eval running
         self.waiting: dict[str, list[dict[str, Any]]] = {}     # job ID -> evals queued behind
@@ -242,7 +245,9 @@ class Cluster:
         self.state.allocs[alloc.id] = alloc
         self.alloc_event(alloc, "PlanResult")   # ApplyPlanResultsRequestType
         ev["NodeID"] = node.id
-        self.runners[alloc.id] = [TaskRunner(self, alloc, t, group) for t in group["Tasks"]]
+        coordinator = self.coordinators[alloc.id] = lifecycle.Coordinator(group["Tasks"])
+        self.runners[alloc.id] = [TaskRunner(self, alloc, t, group, coordinator)
+                                  for t in group["Tasks"]]
         self.spawn(self._run_alloc(alloc, previous))
         return None
 
@@ -253,6 +258,7 @@ class Cluster:
             await asyncio.sleep(0.05)   # Nomad's client waits for the replaced alloc
         if alloc.desired != "run":
             return
+        self.task_state_changed(alloc)   # the coordinator leaves "init": the first gates open
         await asyncio.gather(*(r.run() for r in self.runners.get(alloc.id, [])))
 
     def alloc_changed(self, alloc: Alloc, kind: str = "AllocationUpdated") -> None:
@@ -273,10 +279,23 @@ class Cluster:
         alloc.modify_index, alloc.modify_time = self.state.bump(), now_ns()
         self.alloc_event(alloc, kind)   # the client's update (AllocClientUpdateRequestType)
 
-    def task_failed(self, alloc: Alloc, task: str) -> None:
-        for runner in self.runners.get(alloc.id, []):
-            if runner.name != task:
-                self.spawn(runner.kill())   # Nomad kills the siblings of a failed task
+    def task_state_changed(self, alloc: Alloc) -> None:
+        """alloc_runner.go handleTaskStateUpdates: kill the live tasks when a task failed,
+        the leader died or only sidecars are left (lifecycle.kill_reason), then let the
+        lifecycle coordinator open the next gates."""
+        runners = self.runners.get(alloc.id, [])
+        reason = lifecycle.kill_reason(runners)
+        if reason is not None and alloc.id not in self.killing:
+            self.killing.add(alloc.id)
+            for runner in runners:
+                if runner.ts["State"] != "dead" and runner.stage != lifecycle.POSTSTOP:
+                    runner.event(reason["Type"], reason["DisplayMessage"],
+                                 **{k: v for k, v in reason.items()
+                                    if k not in ("Type", "DisplayMessage")})
+            self.spawn(self._kill_all(alloc, None))
+        coordinator = self.coordinators.get(alloc.id)
+        if coordinator is not None:
+            coordinator.update(alloc.task_states)
 
     def stop_alloc(self, alloc: Alloc, grace_cap: float | None = None) -> asyncio.Task[Any]:
         alloc.desired = "stop"
@@ -286,11 +305,12 @@ class Cluster:
 
     async def _kill_all(self, alloc: Alloc, grace_cap: float | None) -> None:
         runners = self.runners.get(alloc.id, [])
-        await asyncio.gather(*(r.kill(grace_cap=grace_cap) for r in runners))
+        await lifecycle.kill_in_order(runners, grace_cap)
         for runner in runners:   # a task that never started is dead now too
-            if runner.ts["State"] != "dead":
+            if runner.ts["State"] != "dead" and runner.stage != lifecycle.POSTSTOP:
                 runner.ts["State"] = "dead"
         self.alloc_changed(alloc)
+        self.task_state_changed(alloc)   # every other task dead: the poststop gate opens
 
     def node_lost(self, node_id: str) -> list[str]:
         """The node stops heartbeating: it goes down, its volumes unavailable

@@ -63,9 +63,15 @@ class Faults:
     # nomad/event_endpoint.go), and a count of frames to lose before they reach the buffer.
     event_heartbeat_s: float = 30.0
     lose_events: float = 0.0
+    # Tasks of these names, started from now, exit 1 at once with a line on stderr saying
+    # so (task_crash is the main tasks only: the engine, not its lifecycle tasks).
+    fail_tasks: list[str] = field(default_factory=list)
+    # How long a template's refused variable read (403) is retried before its task fails;
+    # unset (None), the client's default nomad_retry schedule (task_templates.py).
+    nomad_retry_s: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {k: list(v) if isinstance(v, list) else v for k, v in self.__dict__.items()}
 
 
 @dataclass
@@ -86,6 +92,11 @@ class Node:
     memory_mb: int = NODE_MEMORY_MB
     node_class: str = ""
     drain: bool = False   # a DrainStrategy is set (the stub's Drain is exactly that)
+    # Volumes the server deleted with force=true while the node was down: the client never
+    # heard of it, keeps them in its state, restores them when it comes back
+    # (client/hostvolumemanager restoreFromState) and fingerprints them; the server has no
+    # record of them. Volume ID -> the volume as it was.
+    orphans: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import signal
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tests.doubles import drivers, templates
+from tests.doubles import drivers, lifecycle, templates
 from tests.doubles.state import Alloc, now_ns, rfc3339
+from tests.doubles.task_templates import TemplateMixin, parse_signal
 
 if TYPE_CHECKING:
     from tests.doubles.scheduler import Cluster
@@ -27,14 +27,6 @@ DEFAULT_KILL_TIMEOUT = 5 * SECOND
 # above it is cut to it (client/allocrunner/taskrunner NewDriverHandle; the Killing event's
 # SetKillTimeout reports the cut value).
 MAX_KILL_TIMEOUT = 30 * SECOND
-
-
-def parse_signal(name: str) -> signal.Signals:
-    upper = name.upper()
-    try:
-        return signal.Signals[upper if upper.startswith("SIG") else "SIG" + upper]
-    except KeyError:
-        raise ValueError(f'invalid signal "{name}"') from None
 
 
 def signal_group(pid: int, sig: signal.Signals) -> None:
@@ -51,11 +43,12 @@ def signal_pid(pid: int, sig: signal.Signals) -> None:
         pass
 
 
-class TaskRunner:
+class TaskRunner(TemplateMixin):
     def __init__(self, cluster: Cluster, alloc: Alloc, task: dict[str, Any],
-                 group: dict[str, Any]):
+                 group: dict[str, Any], coordinator: lifecycle.Coordinator):
         self.cluster, self.alloc, self.task, self.group = cluster, alloc, task, group
         self.name: str = task["Name"]
+        self.coordinator, self.stage = coordinator, lifecycle.stage(task)
         self.proc: asyncio.subprocess.Process | None = None
         self.stopping = False           # a kill was asked for: an exit is not a failure
         self.restart_now = False        # a template's "restart" change mode
@@ -96,6 +89,7 @@ class TaskRunner:
         if state == "dead":
             self.ts["FinishedAt"] = rfc3339()
         self.cluster.alloc_changed(self.alloc)
+        self.cluster.task_state_changed(self.alloc)
 
     def _make_dirs(self) -> dict[str, str]:
         base = self.alloc.dir
@@ -120,6 +114,10 @@ class TaskRunner:
 
     async def _run(self) -> None:
         self.event("Received", "Task received by client")
+        # task_runner.go Run: the task's hooks and driver wait for its lifecycle gate
+        await self.coordinator.wait(self.stage, lambda: self.stopping)
+        if self.stopping:
+            return self._set("dead")
         self.event("Task Setup", "Building Task Directory")
         try:
             drivers.check_config(self.task, self.group)
@@ -156,7 +154,10 @@ class TaskRunner:
     async def _run_once(self) -> tuple[int, int]:
         config = templates.interpolate_any(self.task.get("Config") or {}, self.env, {})
         denied = drivers.container_denied(self.task, self.alloc, self.env)
-        cmd = drivers.command(self.task, config, self.cluster.state.faults.task_crash, denied)
+        faults = self.cluster.state.faults
+        cmd = (drivers.failing_cmd(self.name) if self.name in faults.fail_tasks else
+               drivers.command(self.task, config,
+                               faults.task_crash and self.stage == lifecycle.MAIN, denied))
         logs = Path(self.dirs["logs"])
         with open(logs / f"{self.name}.stdout.0", "ab") as out, \
                 open(logs / f"{self.name}.stderr.0", "ab") as err:
@@ -193,6 +194,10 @@ class TaskRunner:
 
     async def _after_exit(self, code: int, sig: int) -> bool:
         """Apply the restart policy; False when the task is now dead for good."""
+        if code == 0 and sig == 0 and not lifecycle.restarts_on_success(self.task):
+            # restarts.go GetState: "Restart unnecessary as task terminated successfully"
+            self._set("dead")
+            return False
         policy = self._restart_policy()
         now = time.monotonic()
         window = policy["Interval"] / SECOND
@@ -223,118 +228,6 @@ class TaskRunner:
     def _fail(self, kind: str, message: str, **extra: Any) -> None:
         self.event(kind, message, FailsTask=True, **extra)
         self._set("dead", failed=True)
-        self.cluster.task_failed(self.alloc, self.name)
-
-    # ---- templates -----------------------------------------------------------------------
-
-    async def _render_all(self) -> bool:
-        """Render every template, waiting while a variable is missing. False: the task
-        failed (a template error)."""
-        waiting_logged = False
-        while not self.stopping:
-            self.wake.clear()
-            try:
-                for i, tmpl in enumerate(self.task.get("Templates") or []):
-                    self._write(i, tmpl)
-                return True
-            except templates.MissingVariable as exc:
-                if not waiting_logged:
-                    self.event("Template", f"Missing: nomad.var.block({exc}@default.global)")
-                    waiting_logged = True
-            except (templates.TemplateError, OSError, ValueError) as exc:
-                self._fail("Failed Templating", str(exc), SetupError=str(exc))
-                return False
-            await self.wake.wait()
-        return True
-
-    def _write(self, index: int, tmpl: dict[str, Any]) -> bool:
-        """Render template `index` to its DestPath; True when the content changed."""
-        if tmpl.get("SourcePath"):
-            raise templates.TemplateError("the double supports EmbeddedTmpl only")
-        content = templates.render(tmpl.get("EmbeddedTmpl") or "", self.cluster.state.variables)
-        dest = self._dest(tmpl.get("DestPath") or "")
-        if self.rendered.get(str(dest)) == content and dest.exists():
-            return False
-        perms = int(tmpl.get("Perms") or "0644", 8)
-        tmp = dest.with_name(dest.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, perms)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(content)
-        os.chmod(tmp, perms)   # umask must not widen or narrow what the job asked for
-        os.replace(tmp, dest)
-        self.rendered[str(dest)] = content
-        return True
-
-    def _dest(self, raw: str) -> Path:
-        path = templates.interpolate(raw, self.env, {})
-        task_dir = Path(self.dirs["task"])
-        dest = (task_dir / path).resolve() if not os.path.isabs(path) else Path(path).resolve()
-        if not str(dest).startswith(str(self.alloc.dir.resolve()) + "/"):
-            raise templates.TemplateError(f"template destination {raw!r} escapes the alloc dir")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        return dest
-
-    async def variables_changed(self, paths: set[str]) -> None:
-        """A variable changed: its templates re-render once it has been quiet for the
-        template's Wait.Min (at most Wait.Max after the first change); the client's default
-        is min 5s, max 4m (client/config/config.go DefaultTemplateConfig; consul-template's
-        quiescence timers, manager/runner.go). The change mode then fires after a random
-        delay below the template's Splay (template.go handleTemplateRerenders)."""
-        self.wake.set()
-        if self.ts["State"] != "running" or not self._reading(paths):
-            return
-        now = time.monotonic()
-        if self.quiescing is None or self.quiescing.done():
-            self.changed_first = now
-            self.changed_last = now
-            self.quiescing = self.cluster.spawn(self._quiesce(paths))
-        else:
-            self.changed_last = now
-
-    def _reading(self, paths: set[str]) -> list[tuple[int, dict[str, Any]]]:
-        return [(i, t) for i, t in enumerate(self.task.get("Templates") or [])
-                if templates.variable_paths(t.get("EmbeddedTmpl") or "") & paths]
-
-    async def _quiesce(self, paths: set[str]) -> None:
-        reading = self._reading(paths)
-        wait_min, wait_max = _wait(reading[0][1])
-        while not self.stopping:
-            due = min(self.changed_last + wait_min, self.changed_first + wait_max)
-            if time.monotonic() >= due:
-                break
-            await asyncio.sleep(min(0.05, due - time.monotonic()))
-        delay = self.cluster.state.faults.template_delay_s
-        if delay:
-            await asyncio.sleep(delay)
-        if self.stopping or self.ts["State"] != "running":
-            return
-        changed = []
-        for i, tmpl in reading:
-            try:
-                if self._write(i, tmpl):
-                    changed.append(tmpl)
-            except (templates.MissingVariable, templates.TemplateError, OSError) as exc:
-                self.event("Template", f"Template re-render failed: {exc}")
-        if not changed:
-            return
-        splay = max((t.get("Splay") or 0) for t in changed) / SECOND
-        if splay:
-            await asyncio.sleep(random.uniform(0, splay))
-        for tmpl in changed:
-            await self._on_change(tmpl)
-
-    async def _on_change(self, tmpl: dict[str, Any]) -> None:
-        mode = tmpl.get("ChangeMode") or "restart"
-        if mode == "signal":
-            sig = parse_signal(tmpl.get("ChangeSignal") or "")
-            self.event("Signaling", "Template re-rendered", TaskSignal=sig.name,
-                       TaskSignalReason="Template re-rendered")
-            self.send(sig)
-        elif mode == "restart":
-            self.event("Restart Signaled", "Template with change_mode restart re-rendered",
-                       RestartReason="Template with change_mode restart re-rendered")
-            self.restart_now = True
-            await self._terminate()
 
     # ---- signals and kills ---------------------------------------------------------------
 
@@ -346,9 +239,15 @@ class TaskRunner:
 
     async def kill(self, hard: bool = False, grace_cap: float | None = None) -> None:
         """Stop the task for good: KillSignal, KillTimeout, then SIGKILL."""
+        first = not self.stopping
         self.stopping = True
         self.wake.set()
+        self.coordinator.poke()
         if self.proc is None or self.proc.returncode is not None:
+            # alloc_runner.go killTasks: a Killing event for every task not finished, one
+            # gated or between restarts too (no process: no Killed)
+            if first and not hard and self.ts["FinishedAt"] is None:
+                self.event("Killing", "Sent interrupt", KillTimeout=self._kill_timeout_ns())
             return
         if hard:
             signal_group(self.proc.pid, signal.SIGKILL)
@@ -378,17 +277,6 @@ class TaskRunner:
             await proc.wait()
         # drivers/shared/executor Shutdown ends with killProcessTree: SIGKILL to the group
         signal_group(proc.pid, signal.SIGKILL)
-
-
-def _wait(tmpl: dict[str, Any]) -> tuple[float, float]:
-    """(min, max) seconds of a template's quiescence: its own Wait, else the client's."""
-    wait = tmpl.get("Wait")
-    if not wait:
-        return 5.0, 240.0
-    low = (wait.get("Min") or 0) / SECOND
-    high = wait.get("Max")
-    # consul-template config/wait.go Finalize: Max defaults to 4 x Min
-    return low, (high / SECOND) if high is not None else 4 * low
 
 
 def _go_duration(ns: int) -> str:

@@ -26,6 +26,10 @@ class MissingVariable(Exception):
     """A template reads a variable that does not exist yet: the task waits (as Nomad's does)."""
 
 
+class Denied(Exception):
+    """The task's workload identity may not read this variable: the server answers 403."""
+
+
 def task_env(alloc: Alloc, task: dict[str, Any], dirs: dict[str, str]) -> dict[str, str]:
     """The NOMAD_* variables Nomad puts in every task's environment."""
     job = alloc.job
@@ -99,8 +103,10 @@ def variable_paths(tmpl: str) -> set[str]:
     return {m.group(1) for m in re.finditer(r'nomadVar\s+"([^"]+)"', tmpl)}
 
 
-def render(tmpl: str, variables: dict[str, dict[str, Any]]) -> str:
-    """Render the supported subset. Raises MissingVariable or TemplateError."""
+def render(tmpl: str, variables: dict[str, dict[str, Any]],
+           readable: set[str] | None = None) -> str:
+    """Render the supported subset. Raises MissingVariable, Denied or TemplateError.
+    `readable`: the paths the task's workload identity may read (None: ACLs off)."""
     out: list[str] = []
     scope: list[dict[str, str]] = []  # the `with` stack: the items in `.`
     pos = 0
@@ -113,18 +119,21 @@ def render(tmpl: str, variables: dict[str, dict[str, Any]]) -> str:
         if match.group(3):
             while pos < len(tmpl) and tmpl[pos].isspace():
                 pos += 1              # `-}}` trims whitespace after
-        out.append(_action(match.group(2), scope, variables))
+        out.append(_action(match.group(2), scope, variables, readable))
     if scope:
         raise TemplateError("template: unexpected EOF (a `with` has no `end`)")
     out.append(tmpl[pos:])
     return "".join(out)
 
 
-def _action(body: str, scope: list[dict[str, str]], variables: dict[str, dict[str, Any]]) -> str:
+def _action(body: str, scope: list[dict[str, str]], variables: dict[str, dict[str, Any]],
+            readable: set[str] | None) -> str:
     if body.startswith("/*") and body.endswith("*/"):
         return ""                     # a comment
     with_var = WITH_VAR.match(body)
     if with_var:
+        if readable is not None and with_var.group(1) not in readable:
+            raise Denied(with_var.group(1))
         var = variables.get(with_var.group(1))
         if var is None:
             raise MissingVariable(with_var.group(1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tests.doubles.lifecycle import lifecycles
 from tests.doubles.state import MKDIR_VERSION, Alloc, Node, State
 
 ZERO_TIME = "0001-01-01T00:00:00Z"  # Go's zero time.Time, as Nomad writes an unset time
@@ -101,7 +102,7 @@ def resources(alloc: Alloc) -> dict[str, Any]:
                                "Memory": {"MemoryMB": res.get("MemoryMB") or 300,
                                           "MemoryMaxMB": res.get("MemoryMaxMB") or 0},
                                "Networks": None, "Devices": None}
-    return {"Tasks": tasks, "TaskLifecycles": None,
+    return {"Tasks": tasks, "TaskLifecycles": lifecycles(group),
             "Shared": {"Ports": ports or None, "Networks": networks if ports else None,
                        "DiskMB": 300}}
 
@@ -127,7 +128,8 @@ def node_stub(node: Node, volumes: list[dict[str, Any]],
             "NodePool": node.pool, "Version": "1.10.5", "Drain": node.drain,
             "SchedulingEligibility": node.eligibility, "Status": node.status,
             "StatusDescription": "", "Drivers": _drivers(),
-            "HostVolumes": _host_volumes(volumes),
+            "HostVolumes": _host_volumes(volumes + (list(node.orphans.values())
+                                                    if node.status == "ready" else [])),
             "NodeResources": node_resources(node) if resources else None,
             "ReservedResources": _reserved() if resources else None, "LastDrain": None,
             "CreateIndex": node.create_index, "ModifyIndex": node.modify_index}

@@ -140,6 +140,10 @@ class Volumes:
         if chosen.status != "ready":
             # the client RPC (ClientHostVolume.Create) cannot reach a down node
             raise ServerError(f"rpc error: No path to node {chosen.id}")
+        if any(o["Name"] == spec["Name"] for o in chosen.orphans.values()):
+            # client/hostvolumemanager host_volumes.go Create: volLocker holds the name for
+            # the orphan's ID (NodeHasHostVolume only asked the server's state)
+            raise ServerError("rpc error: volume name already exists on this node")
         return chosen.id
 
     def _make(self, spec: dict[str, Any], node_id: str) -> dict[str, Any]:
@@ -229,7 +233,11 @@ class Volumes:
             raise ServerError(f"volume {vid} in use by allocations: {[a.id for a in users]}")
         if self.state.nodes[vol["NodeID"]].status != "ready" and force not in ("true", "1"):
             raise ServerError("volume cannot be removed from unknown node without force=true")
-        shutil.rmtree(vol["HostPath"], ignore_errors=True)
+        node = self.state.nodes[vol["NodeID"]]
+        if node.status == "ready":   # ClientHostVolume.Delete: the plugin removes it
+            shutil.rmtree(vol["HostPath"], ignore_errors=True)
+        else:   # forced: only the raft delete; the node keeps it (state.Node.orphans)
+            node.orphans[vid] = dict(vol, State="ready")
         del self.state.volumes[vid]
         return self.api.ok({"Index": self.state.bump()})
 
