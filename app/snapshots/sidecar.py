@@ -2,45 +2,40 @@
 store when the orchestrator asks (serve mode), or fills a new volume from a snapshot before the
 engine starts (restore mode). `python -m app.snapshots.sidecar`.
 
-It imports the standard library and app.snapshots.{store,tree} only (boto3 when the store is
-S3): it runs beside every engine, so its memory counts, and its image holds nothing else.
+It imports the standard library and app.snapshots.{store,tree} only: it runs beside every
+engine, so its memory counts, and its image holds nothing else. Each snapshot is taken by a
+child process of its own (the internal mode `take`), which alone imports boto3 and opens a
+client: ~30 MB that would otherwise stay resident beside every engine for good.
 
-Environment: ORCH_SIDECAR_MODE (serve | restore), ORCH_SIDECAR_BRAIN (the volume's mount),
-ORCH_SIDECAR_CONFIG (the JSON file Nomad renders from the task's variable: store, aws, prefix,
-token; restore: source_prefix, snapshot), ORCH_SIDECAR_HOST and ORCH_SIDECAR_PORT (serve).
+Environment: ORCH_SIDECAR_MODE (serve | restore; take is serve's child's, with
+ORCH_SIDECAR_PARENT, serve's pid), ORCH_SIDECAR_BRAIN (the volume's mount), ORCH_SIDECAR_CONFIG
+(the JSON file Nomad renders from the task's variable: store, aws, prefix, token; restore:
+source_prefix, snapshot), ORCH_SIDECAR_HOST and ORCH_SIDECAR_PORT (serve).
 The config file is read again on every request, so a rewritten variable applies at once.
 """
 
 from __future__ import annotations
 
-import hmac
+import ctypes
 import json
 import os
 import re
 import signal
-import socket
+import subprocess
 import sys
 import threading
-from collections.abc import Callable, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from app import errors
 from app.snapshots import tree
-from app.snapshots.store import Store, open_store
+from app.snapshots.sidecar_http import Refused, Server, Stopping
+from app.snapshots.store import open_store
 
 _SNAPSHOT_ID = re.compile(r"s-[0-9]{17}-[0-9a-f]{8}")
 _PREFIX = re.compile(r"([a-z0-9][a-z0-9-]*/)+")
-MAX_BODY = 64 * 1024
-
-
-class Refused(Exception):
-    """An answer other than 200: its status, code and message."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+_PR_SET_PDEATHSIG = 1
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -61,126 +56,63 @@ def checked_prefix(config: Mapping[str, Any], key: str) -> str:
 
 
 class Sidecar:
-    """What serve mode does; one snapshot at a time."""
+    """What serve mode does; one snapshot at a time, each in a child process."""
 
-    def __init__(self, brain: Path, config_path: Path):
-        self.brain, self.config_path = brain, config_path
+    def __init__(self, brain: Path, config_path: Path, env: Mapping[str, str]):
+        self.brain, self.config_path, self.env = brain, config_path, env
         self.busy = threading.Lock()
-        self._store: tuple[str, Store] | None = None  # an S3 client costs ~100 ms: kept
+        self._guard = threading.Lock()  # over child and stopping, which SIGTERM's stop() reads
+        self.child: subprocess.Popen[bytes] | None = None
+        self.stopping = False
 
     def config(self) -> dict[str, Any]:
         return read_config(self.config_path)
 
-    def store(self, config: Mapping[str, Any]) -> Store:
-        aws = config.get("aws") or {}
-        identity = json.dumps([config["store"], aws], sort_keys=True)
-        if self._store is None or self._store[0] != identity:
-            try:
-                self._store = (identity, open_store(config["store"], aws))
-            except (ValueError, TypeError) as exc:
-                raise errors.SnapshotStoreFailed(f"the sidecar's store is unusable: {exc}") from exc
-        return self._store[1]
-
     def fingerprint(self, config: Mapping[str, Any]) -> dict[str, Any]:
-        return {"fingerprint": tree.fingerprint(self.brain)}
+        return {"fingerprint": tree.fingerprint(self.brain)}  # metadata only: nothing to import
 
     def snapshot(self, config: Mapping[str, Any]) -> dict[str, Any]:
         if not self.busy.acquire(blocking=False):
             raise Refused(409, "BUSY", "a snapshot of this brain is under way")
         try:
-            prefix = checked_prefix(config, "prefix")
-            store = self.store(config)
-            mark = tree.fingerprint(self.brain)  # before the copy: a write during it shows next time
-            taken = tree.take(store, prefix, self.brain)
+            checked_prefix(config, "prefix")
+            return self._take()
         finally:
             self.busy.release()
-        return {"size_bytes": taken.size_bytes, "new_bytes": taken.new_bytes,
-                "dirs": taken.dirs, "files": taken.files, "fingerprint": mark}
 
-
-Route = Callable[[Sidecar, Mapping[str, Any]], dict[str, Any]]
-ROUTES: dict[str, dict[str, Route]] = {
-    "/v1/fingerprint": {"GET": Sidecar.fingerprint},
-    "/v1/snapshot": {"POST": Sidecar.snapshot},
-}
-
-
-class Server(ThreadingHTTPServer):
-    daemon_threads = True  # a snapshot under way does not hold up SIGTERM's exit
-
-    def __init__(self, address: tuple[str, int], sidecar: Sidecar):
-        self.address_family = _family(address[0])
-        super().__init__(address, Handler)
-        self.sidecar = sidecar
-
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: Server
-
-    def do_GET(self) -> None:
-        self._answer(self.command)
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_GET
-
-    def _answer(self, method: str) -> None:
-        self._drain()
+    def _take(self) -> dict[str, Any]:
+        """`take` mode in a child, with this process's environment (so the same brain and
+        config file); its stdout is the answer, its one stderr line the reason it failed."""
+        with self._guard:
+            if self.stopping:
+                raise Stopping
+            self.child = subprocess.Popen(
+                [sys.executable, "-m", "app.snapshots.sidecar"],
+                env={**self.env, "ORCH_SIDECAR_MODE": "take", "ORCH_SIDECAR_PARENT": str(os.getpid())},
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            child = self.child
         try:
-            status, body = 200, self._route(method)
-        except Refused as exc:
-            status, body = exc.status, {"error": {"code": exc.code, "message": exc.message}}
-        except errors.SnapshotStoreFailed as exc:
-            status, body = 502, {"error": {"code": "SNAPSHOT_STORE_FAILED", "message": str(exc)}}
-        except Exception as exc:  # noqa: BLE001 - a bug: said in the answer and the log
-            status, body = 500, {"error": {"code": "INTERNAL", "message": repr(exc)}}
-        if status >= 500:
-            sys.stderr.write(f"{method} {self.path}: {status} {body['error']['message']}\n")
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+            out, err = child.communicate()
+        finally:
+            with self._guard:
+                self.child = None
+        if self.stopping:
+            raise Stopping
+        if child.returncode == 0:
+            answer: dict[str, Any] = json.loads(out)
+            return answer
+        lines = err.decode(errors="replace").strip().splitlines()
+        raise errors.SnapshotStoreFailed(
+            lines[-1][:2000] if lines else f"the snapshot process ended with {child.returncode}")
 
-    def _route(self, method: str) -> dict[str, Any]:
-        path = self.path.split("?", 1)[0]
-        if path == "/health":
-            if method != "GET":
-                raise Refused(405, "METHOD_NOT_ALLOWED", f"{method} {path}: only GET")
-            return {"status": "ok"}
-        methods = ROUTES.get(path)
-        if methods is None:
-            raise Refused(404, "NOT_FOUND", f"no route {path}")
-        if method not in methods:
-            raise Refused(405, "METHOD_NOT_ALLOWED", f"{method} {path}: only {', '.join(methods)}")
-        config = self.server.sidecar.config()
-        self._authorize(config)
-        return methods[method](self.server.sidecar, config)
-
-    def _authorize(self, config: Mapping[str, Any]) -> None:
-        token = config.get("token")
-        given = self.headers.get("Authorization", "")
-        if not isinstance(token, str) or not token or \
-                not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            raise Refused(401, "UNAUTHORIZED", "missing or wrong Authorization: Bearer token")
-
-    def _drain(self) -> None:
-        """Read the request's body (none is expected), so the connection can serve the next."""
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = MAX_BODY + 1
-        if 0 < length <= MAX_BODY:
-            self.rfile.read(length)
-        elif length:
-            self.close_connection = True
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # every request is the orchestrator's, logged there; failures are logged above
-
-
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
+    def stop(self) -> None:
+        """Kill and reap a snapshot's child: none outlives the sidecar."""
+        with self._guard:
+            self.stopping = True
+            child = self.child
+        if child is not None:
+            child.kill()
+            child.wait()
 
 
 def _env(env: Mapping[str, str], name: str) -> str:
@@ -191,18 +123,47 @@ def _env(env: Mapping[str, str], name: str) -> str:
 
 
 def serve(env: Mapping[str, str]) -> int:
-    sidecar = Sidecar(Path(_env(env, "ORCH_SIDECAR_BRAIN")), Path(_env(env, "ORCH_SIDECAR_CONFIG")))
+    sidecar = Sidecar(Path(_env(env, "ORCH_SIDECAR_BRAIN")), Path(_env(env, "ORCH_SIDECAR_CONFIG")),
+                      env)
     address = (env.get("ORCH_SIDECAR_HOST") or "127.0.0.1", int(_env(env, "ORCH_SIDECAR_PORT")))
-    server = Server(address, sidecar)
+    server = Server(address, sidecar.config, {"/v1/fingerprint": {"GET": sidecar.fingerprint},
+                                              "/v1/snapshot": {"POST": sidecar.snapshot}})
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     thread = threading.Thread(target=server.serve_forever, name="serve", daemon=True)
     thread.start()
     stop.wait()
+    sidecar.stop()
     server.shutdown()
     server.server_close()
     return 0
+
+
+def take(env: Mapping[str, str]) -> int:
+    """One snapshot of the brain into the store, its summary on stdout (serve mode's child)."""
+    _die_with_parent(env.get("ORCH_SIDECAR_PARENT"))
+    brain = Path(_env(env, "ORCH_SIDECAR_BRAIN"))
+    config = read_config(Path(_env(env, "ORCH_SIDECAR_CONFIG")))
+    prefix = checked_prefix(config, "prefix")
+    try:
+        store = open_store(config["store"], config.get("aws") or {})
+    except (ValueError, TypeError) as exc:
+        raise errors.SnapshotStoreFailed(f"the sidecar's store is unusable: {exc}") from exc
+    mark = tree.fingerprint(brain)  # before the copy: a write during it shows next time
+    taken = tree.take(store, prefix, brain)
+    print(json.dumps({"size_bytes": taken.size_bytes, "new_bytes": taken.new_bytes,
+                      "dirs": taken.dirs, "files": taken.files, "fingerprint": mark}), flush=True)
+    return 0
+
+
+def _die_with_parent(parent: str | None) -> None:
+    """Be killed when the serve process dies however it dies (SIGKILL after Nomad's
+    kill_timeout, the OOM killer), which its SIGTERM handler cannot see to."""
+    if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if parent and os.getppid() != int(parent):
+        raise RuntimeError("the serve process ended before this snapshot began")
 
 
 def restore(env: Mapping[str, str]) -> int:
@@ -232,12 +193,11 @@ def restore(env: Mapping[str, str]) -> int:
 
 def main(env: Mapping[str, str]) -> int:
     mode = env.get("ORCH_SIDECAR_MODE", "serve")
+    modes = {"serve": serve, "restore": restore, "take": take}  # take: serve mode's child only
     try:
-        if mode == "serve":
-            return serve(env)
-        if mode == "restore":
-            return restore(env)
-        raise ValueError(f"ORCH_SIDECAR_MODE is serve or restore, not {mode!r}")
+        if mode not in modes:
+            raise ValueError(f"ORCH_SIDECAR_MODE is serve or restore, not {mode!r}")
+        return modes[mode](env)
     except Exception as exc:  # noqa: BLE001 - every failure is one line and exit 1
         _fail(str(exc) or repr(exc))
     return 1

@@ -23,6 +23,9 @@
                       throughout (tests/bench/edge.py)
     snapshot          a 100 MB brain snapshotted, again with 1% changed, and restored, on the
                       directory store and S3, beside a plain tar (tests/bench/snapshot.py)
+    sidecar           the snapshot sidecar's VmRSS at rest, after one and ten S3 snapshots,
+                      beside a bare python; a snapshot through it (a child process each) beside
+                      the same snapshot in-process with a kept client (tests/bench/sidecar.py)
     rollout           BENCH_ROLLOUT_ENGINES (100) engines moved by one rollout in
                       batches of 10, beside the same engines upgraded one request after
                       another (tests/bench/rollout.py)
@@ -45,7 +48,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.bench import edge, fleet, nomad_fleet, nomad_waits, pool, rollout, snapshot
+from tests.bench import edge, fleet, nomad_fleet, nomad_waits, pool, rollout, sidecar, snapshot
 from tests.bench.loadgen import Target, run_in_process
 from tests.harness import ROOT, Orchestrator, free_port, wait_for
 
@@ -63,7 +66,7 @@ def main() -> None:
                "rows": bench_rows, "herd": bench_herd, "fleet": fleet.bench_fleet,
                "nomad": nomad_fleet.bench_nomad, "nomad_waits": nomad_waits.bench_nomad_waits,
                "rollout": rollout.bench_rollout, "pool": pool.bench_pool, "edge": edge.bench_edge,
-               "snapshot": snapshot.bench_snapshot}
+               "snapshot": snapshot.bench_snapshot, "sidecar": sidecar.bench_sidecar}
     only = [name for name in os.environ.get("BENCH_ONLY", "").split(",") if name] or list(benches)
     results = {}
     try:
@@ -281,7 +284,7 @@ def report(r: dict) -> None:
             print("\n".join(lines))
     sections = {"fleet": fleet.lines, "nomad": nomad_fleet.lines, "nomad_waits": nomad_waits.lines,
                 "rollout": rollout.lines, "pool": pool.lines, "edge": edge.lines,
-                "snapshot": snapshot.lines}
+                "snapshot": snapshot.lines, "sidecar": sidecar.lines}
     for name, section in sections.items():
         if name in r:
             print("\n".join(section(r[name])))

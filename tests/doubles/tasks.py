@@ -239,10 +239,15 @@ class TaskRunner(TemplateMixin):
 
     async def kill(self, hard: bool = False, grace_cap: float | None = None) -> None:
         """Stop the task for good: KillSignal, KillTimeout, then SIGKILL."""
+        first = not self.stopping
         self.stopping = True
         self.wake.set()
         self.coordinator.poke()
         if self.proc is None or self.proc.returncode is not None:
+            # alloc_runner.go killTasks: a Killing event for every task not finished, one
+            # gated or between restarts too (no process: no Killed)
+            if first and not hard and self.ts["FinishedAt"] is None:
+                self.event("Killing", "Sent interrupt", KillTimeout=self._kill_timeout_ns())
             return
         if hard:
             signal_group(self.proc.pid, signal.SIGKILL)

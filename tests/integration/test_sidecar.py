@@ -60,18 +60,21 @@ def sidecar_env(mode: str, brain: Path, config: Path, **extra: str) -> dict[str,
 
 @contextmanager
 def serving(tmp: Path, config: dict[str, Any], brain: Path) -> Iterator[Sidecar]:
+    """The serve process, its imports listed in sidecar.log (-X importtime is not passed on
+    to the children it starts)."""
     path, port = tmp / "snapshot.json", free_port()
     write_config(path, config)
     env = sidecar_env("serve", brain, path, ORCH_SIDECAR_HOST="127.0.0.1", ORCH_SIDECAR_PORT=str(port))
     log = open(tmp / "sidecar.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "app.snapshots.sidecar"], env=env, cwd=ROOT,
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "app.snapshots.sidecar"],
+                            env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     side = Sidecar(proc, f"http://127.0.0.1:{port}", path)
     try:
         wait_for(lambda: _healthy(side), timeout=20, what="the sidecar's /health")
         yield side
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0, (tmp / "sidecar.log").read_text()
+        if proc.returncode is None:  # not stopped by the test itself
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=10) == 0, (tmp / "sidecar.log").read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -87,6 +90,33 @@ def _healthy(side: Sidecar) -> bool:
         return False
     assert answer.json() == {"status": "ok"}
     return True
+
+
+def imported(log: str) -> set[str]:
+    return {line.split("|")[-1].strip() for line in log.splitlines() if line.startswith("import time:")}
+
+
+def children(pid: int) -> dict[int, str]:
+    """The processes whose parent is `pid`, each with its start time (a pid can be reused)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat_line = (entry / "stat").read_text() if entry.name.isdigit() else ""
+        except OSError:
+            continue  # ended while we looked
+        fields = stat_line.rsplit(")", 1)[-1].split()
+        if fields and int(fields[1]) == pid:
+            found[int(entry.name)] = fields[19]
+    return found
+
+
+def state(pid: int, started: str) -> str | None:
+    """The process's state (R, S, Z...), or None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+    except OSError:
+        return None
+    return fields[0] if fields[19] == started else None
 
 
 def make_brain(brain: Path) -> None:
@@ -140,10 +170,14 @@ def test_a_second_snapshot_sends_only_the_changed_bytes(
         second = side.call("POST", "/v1/snapshot").json()
         assert (second["size_bytes"], second["new_bytes"]) == (total, SIZE)
         assert second["fingerprint"] == changed
+        after_two = side.rss_kib()
     store = open_store(store_config["store"], store_config.get("aws"))
     assert len(list(store.keys(f"{PREFIX}blobs/"))) == FILES + 2
+    serve_imports = imported((tmp_path / "sidecar.log").read_text())
+    assert "app.snapshots.tree" in serve_imports
+    assert not serve_imports & {"boto3", "botocore"}  # the snapshots' children imported them
     print(f"\nsidecar VmRSS ({store_config['store'].split(':')[0]}): at rest {at_rest} KiB, "
-          f"after one snapshot {after_one} KiB")
+          f"after one snapshot {after_one} KiB, after two {after_two} KiB")
 
 
 def test_only_the_configured_token_is_let_in_and_a_rewritten_config_applies(tmp_path: Path) -> None:
@@ -165,9 +199,12 @@ def test_only_the_configured_token_is_let_in_and_a_rewritten_config_applies(tmp_
         assert side.call("GET", "/v1/fingerprint", token="t1").status_code == 200
 
 
-def test_a_second_snapshot_while_one_runs_is_busy_and_sigterm_still_exits_0(tmp_path: Path) -> None:
-    """The first snapshot's store is a socket that accepts and never answers: it is held inside
-    the store call until the test lets go."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_second_snapshot_while_one_runs_is_busy_and_the_sidecars_end_ends_its_child(
+        tmp_path: Path, sig: signal.Signals) -> None:
+    """The first snapshot's store is a socket that accepts and never answers: its child process
+    is held inside the store call until the sidecar ends. SIGTERM: the sidecar kills and reaps
+    it, then exits 0; SIGKILL: the kernel kills it (its parent-death signal)."""
     (tmp_path / "brain").mkdir()
     (tmp_path / "brain" / "f").write_bytes(b"x")
     with socket.create_server(("127.0.0.1", 0)) as stuck:
@@ -181,11 +218,17 @@ def test_a_second_snapshot_while_one_runs_is_busy_and_sigterm_still_exits_0(tmp_
             caller.start()
             held, _ = stuck.accept()  # the first snapshot is in its store call, holding the lock
             with held:
+                [(child, started)] = children(side.proc.pid).items()
                 second = side.call("POST", "/v1/snapshot")
                 assert second.status_code == 409 and second.json()["error"]["code"] == "BUSY"
                 assert side.call("GET", "/v1/fingerprint").status_code == 200  # not held up
-                side.proc.send_signal(signal.SIGTERM)
-                assert side.proc.wait(timeout=10) == 0
+                side.proc.send_signal(sig)
+                assert side.proc.wait(timeout=10) == (0 if sig == signal.SIGTERM else -sig)
+                if sig == signal.SIGTERM:
+                    assert state(child, started) is None  # killed and reaped before the exit
+                else:  # an orphan now: gone, or a zombie until whatever adopted it reaps it
+                    wait_for(lambda: state(child, started) in (None, "Z"), timeout=10,
+                             what="the snapshot's child to end with its parent")
             caller.join(timeout=30)
             assert not caller.is_alive() and first == [None]  # cut off by the exit
 
@@ -280,11 +323,12 @@ def test_a_missing_snapshot_or_a_damaged_blob_is_exit_1_with_one_line(tmp_path: 
 
 
 def test_the_sidecar_runs_with_only_its_modules_and_the_standard_library(tmp_path: Path) -> None:
-    """Its image holds app/errors.py and app/snapshots/{store,tree,sidecar}.py, no site-packages:
+    """Its image holds app/errors.py and app/snapshots/{store,tree,sidecar,sidecar_http}.py, no site-packages:
     an import of the server (peewee, starlette, httpx, app.config) fails here."""
     image = tmp_path / "image"
     for rel in ("app/__init__.py", "app/errors.py", "app/snapshots/__init__.py",
-                "app/snapshots/store.py", "app/snapshots/tree.py", "app/snapshots/sidecar.py"):
+                "app/snapshots/store.py", "app/snapshots/tree.py", "app/snapshots/sidecar.py",
+                "app/snapshots/sidecar_http.py"):
         (image / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / rel, image / rel)
     store_config = {"store": (tmp_path / "store").as_uri()}
@@ -293,6 +337,6 @@ def test_the_sidecar_runs_with_only_its_modules_and_the_standard_library(tmp_pat
     done = restore(tmp_path, {**store_config, "source_prefix": PREFIX, "snapshot": snapshot},
                    tmp_path / "volume", python=(sys.executable, "-S", "-X", "importtime"), cwd=image)
     assert done.returncode == 0, done.stderr
-    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if "|" in line}
-    assert {"app.snapshots.tree", "app.snapshots.store", "http.server"} <= imported
-    assert not imported & {"peewee", "starlette", "httpx", "uvicorn", "app.config", "boto3"}
+    modules = imported(done.stderr)
+    assert {"app.snapshots.tree", "app.snapshots.store"} <= modules
+    assert not modules & {"peewee", "starlette", "httpx", "uvicorn", "app.config", "boto3"}
