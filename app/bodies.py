@@ -56,9 +56,8 @@ class Bodies:
                         seed: tuple[str, Manifest] | None = None) -> tuple[EngineRow, str]:
         spec = self.spec(row)
         try:
-            if seed is not None:  # the brain is filled before the engine first runs
-                await snapshot_bodies.seed(self, row, *seed)
-            state = await self.driver.create(spec, api_key)
+            # from a snapshot, the brain is filled before the engine first runs
+            state = await snapshot_bodies.create(self, row, api_key, seed)
         except (DriverError, errors.SnapshotStoreFailed, errors.InvalidRequest) as exc:
             # Nothing ran: leave nothing behind, not even the row (nor a seeded brain).
             if seed is not None:

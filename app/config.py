@@ -108,6 +108,9 @@ class Settings:
     snapshot_store: str = ""
     snapshot_keep: int = 24
     snapshot_interval_s: float = 900.0
+    # The image of the brain's sidecar on Nomad (the `snapshot` task of engine.docker.json:
+    # `python -m app.snapshots.sidecar`; jobspecs/Dockerfile.snapshot builds it).
+    snapshot_image: str = f"orch-snapshot:{_package_version()}"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -176,6 +179,7 @@ class Settings:
             snapshot_keep=r.get("ORCH_SNAPSHOT_KEEP", _positive_int, cls.snapshot_keep),
             snapshot_interval_s=r.get("ORCH_SNAPSHOT_INTERVAL_S", _non_negative,
                                       cls.snapshot_interval_s),
+            snapshot_image=r.get("ORCH_SNAPSHOT_IMAGE", _nonempty, cls.snapshot_image),
         )
         problem = settings.kill_timeout_problem() if settings.driver == "nomad" else None
         if problem:

@@ -35,7 +35,10 @@ CHECK_INTERVAL_NS = 1 * NS
 CHECK_TIMEOUT_NS = 1 * NS
 PLACEHOLDERS = ("job_id", "product", "user_id", "engine_version", "engine_image", "volume_name",
                 "volume_path", "var_path", "kill_timeout_ns", "check_interval_ns",
-                "check_timeout_ns", "python", "app_root", "volume_uid", "volume_gid")
+                "check_timeout_ns", "python", "app_root", "volume_uid", "volume_gid",
+                "snapshot_image", "snapshot_var_path")
+SNAPSHOT_TASK = "snapshot"  # the sidecar that copies the brain (app.snapshots.sidecar)
+RESTORE_TASK = "restore"    # derived from it: fills a new brain before the engine starts
 # A docker tag (distribution/reference), plus `+` for the reference engine's test tokens
 # (`ref+fault-crash`): docker itself would refuse a tag with a `+`.
 TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")
@@ -93,8 +96,32 @@ def var_path(job_id: str) -> str:
     return f"nomad/jobs/{job_id}"
 
 
-def render_job(settings: Settings, spec: EngineSpec, volume_path: str | None = None) -> dict[str, Any]:
-    """The Job object (not yet wrapped in {"Job": ...}) for one engine."""
+def task_var_path(job_id: str, group: str, task: str) -> str:
+    # ...and to nomad/jobs/<job id>/<group>/<task>, to that task alone (acl/acl.go
+    # matchingVariablesCapabilitySet): the engine task cannot read the sidecar's.
+    return f"{var_path(job_id)}/{group}/{task}"
+
+
+def snapshot_group(template: dict[str, Any]) -> str | None:
+    """The name of the task group whose task `snapshot` copies the brain; None when the
+    template has no such task (snapshots on Nomad are off)."""
+    for group in template.get("TaskGroups") or []:
+        if any(t.get("Name") == SNAPSHOT_TASK for t in group.get("Tasks") or []):
+            return str(group.get("Name") or "")
+    return None
+
+
+def sidecar_group(settings: Settings) -> str | None:
+    """`snapshot_group` of the configured template."""
+    return snapshot_group(load_template(_resolve(settings.nomad_jobspec)))
+
+
+def render_job(settings: Settings, spec: EngineSpec, volume_path: str | None = None,
+               volume_name: str | None = None) -> dict[str, Any]:
+    """The Job object (not yet wrapped in {"Job": ...}) for one engine; its brain is the
+    volume `volume_name` (default: named like the engine)."""
+    template = load_template(_resolve(settings.nomad_jobspec))
+    group = snapshot_group(template) or ""
     values: dict[str, Any] = {
         "job_id": spec.name,
         "product": literal(spec.product),
@@ -103,8 +130,10 @@ def render_job(settings: Settings, spec: EngineSpec, volume_path: str | None = N
         "engine_image": literal(image_for(settings, spec.version)),
         "volume_uid": settings.nomad_volume_uid,
         "volume_gid": settings.nomad_volume_gid,
-        "volume_name": spec.name,
+        "volume_name": volume_name or spec.name,
         "var_path": var_path(spec.name),
+        "snapshot_var_path": task_var_path(spec.name, group, SNAPSHOT_TASK),
+        "snapshot_image": settings.snapshot_image,
         "kill_timeout_ns": int(settings.stop_grace_s * NS),
         "check_interval_ns": CHECK_INTERVAL_NS,
         "check_timeout_ns": CHECK_TIMEOUT_NS,
@@ -112,7 +141,7 @@ def render_job(settings: Settings, spec: EngineSpec, volume_path: str | None = N
         "app_root": str(APP_ROOT),
     }
     values["volume_path"] = volume_path or VOLUME_PATH_UNKNOWN.replace("${volume_name}", spec.name)
-    job: dict[str, Any] = _fill(copy.deepcopy(load_template(_resolve(settings.nomad_jobspec))), values)
+    job: dict[str, Any] = _fill(copy.deepcopy(template), values)
     if settings.nomad_namespace:
         job["Namespace"] = settings.nomad_namespace
     if settings.nomad_region:

@@ -55,7 +55,8 @@ def nothing_left(orch: Orchestrator) -> dict[str, list]:
 
 def engine_processes(orch: Orchestrator) -> dict[str, list[int]]:
     """Every live engine process of this orchestrator, by engine name, found from /proc (on
-    Nomad: the task pids of every allocation the double has, by job, that are still alive)."""
+    Nomad: the `engine` task pids of every allocation the double has, by job, that are still
+    alive)."""
     from app.drivers._process import engines_under
 
     reap_zombies()
@@ -68,9 +69,9 @@ def _nomad_task_processes(orch: Orchestrator) -> dict[str, list[int]]:
     found: dict[str, list[int]] = {}
     if orch.stack is not None:  # the double knows its tasks' pids
         for alloc in orch.stack.state()["allocs"]:
-            for pid in alloc["pids"].values():
-                if proc_state(pid) != "gone":
-                    found.setdefault(alloc["job"], []).append(pid)
+            pid = alloc["pids"].get("engine")   # the engine task's, not its sidecar's
+            if pid is not None and proc_state(pid) != "gone":
+                found.setdefault(alloc["job"], []).append(pid)
         return found
     # Real agents: engines on this host whose brain is one of our host volumes (raw_exec; a
     # docker task sees its brain as /brain and is not found this way).
@@ -123,12 +124,14 @@ def _assert_consistent_nomad(orch: Orchestrator) -> None:
 
     - a running or sleeping row has exactly one non-terminal allocation of its job, the one
       its driver state names, running, with a live process; a stopped or failed row has none;
-    - every job with Meta managed_by=orch, every host volume e-... and every variable
-      nomad/jobs/e-... belongs to a row, and every row has its volume and its variable;
+    - every job with Meta managed_by=orch, every host volume e-... (of any generation) and
+      every variable nomad/jobs/e-... (the sidecar's below it too) belongs to a row, and
+      every row has its volume and its variable;
     - a running row's Consul service has a passing instance at the row's URL;
     - with the double: no live task process outside a running allocation of a row's job."""
     import json
 
+    from app.drivers._nomad_snapshots import engine_of
     from app.jobspec import var_path
     from tests.scheduler import get, leftovers, service
 
@@ -170,8 +173,10 @@ def _assert_consistent_nomad(orch: Orchestrator) -> None:
     ours = [j["ID"] for j in get(nomad, "/v1/jobs", prefix="e-", meta="true")
             if (j.get("Meta") or {}).get("managed_by") == "orch"]
     assert set(ours) <= set(rows), f"jobs without a row: {set(ours) - set(rows)}"
-    assert set(left["volumes"]) <= set(rows), f"volumes without a row: {set(left['volumes']) - set(rows)}"
-    variables = {v[len(var_path("")):] for v in left["variables"]}
+    volumes = {engine_of(v) or v for v in left["volumes"]}   # a restore's <name>-r<N> too
+    assert volumes <= set(rows), f"volumes without a row: {volumes - set(rows)}"
+    # nomad/jobs/<name>, and the sidecar's nomad/jobs/<name>/<group>/snapshot
+    variables = {v[len(var_path("")):].split("/")[0] for v in left["variables"]}
     assert variables <= set(rows), f"variables without a row: {variables - set(rows)}"
     if pids is not None:
         stray = {alloc: [p for p in found if proc_state(p) != "gone"]

@@ -21,7 +21,8 @@ from app.drivers.base import EngineSpec, State
 
 def claimed_job(settings: Settings, spec: EngineSpec, state: State) -> dict[str, Any]:
     pooled = dataclasses.replace(spec, user_id="")  # as the engine was started
-    job = jobspec.render_job(settings, pooled, volume_path=state.get("volume_path"))
+    job = jobspec.render_job(settings, pooled, volume_path=state.get("volume_path"),
+                             volume_name=state.get("volume_name"))
     user = jobspec.literal(spec.user_id)
     for group in job.get("TaskGroups") or []:
         for owner in [group, *(group.get("Tasks") or [])]:

@@ -25,7 +25,7 @@ from app.config import Settings
 from app.drivers._nomad_api import NomadAPI, NomadError
 from app.drivers.base import CapacityExhausted, SchedulerUnavailable
 
-ENGINE_VOLUME = re.compile(r"e-[a-z0-9-]+-[0-9a-f]{12}")
+ENGINE_VOLUME = re.compile(r"e-[a-z0-9-]+-[0-9a-f]{12}(?:-r[0-9]+)?")  # any generation
 MKDIR_ATTRIBUTE = "plugins.host_volume.mkdir.version"
 NODE_CACHE_S = 60.0  # a node's plugins change only when its agent restarts
 TERMINAL = ("complete", "failed", "lost")
@@ -83,18 +83,34 @@ class Volumes:
                 return self.get(str(volume["ID"])), False
             raise CapacityExhausted(f"the brain of {name} is on node {volume.get('NodeID')}, "
                                     f"which is down: unavailable until the node returns")
-        tried: set[str] = set(avoid)
+        return self._new(name, job, list(nodes.values()), set(avoid), None), True
+
+    def create_on(self, name: str, job: dict[str, Any], avoid: frozenset[str],
+                  prefer: str | None) -> dict[str, Any]:
+        """A new volume `name` (a restore's new brain): on `prefer` when it fits there, else
+        on the best node not in `avoid`. One of that name already on a usable node (a
+        restore cut short made it) is taken as it is."""
+        nodes = {n["ID"]: n for n in self.api.nodes()}
+        for volume in self.find(name):
+            node = nodes.get(volume.get("NodeID") or "")
+            if node is not None and node.get("Status") == "ready" and node["ID"] not in avoid:
+                return self.get(str(volume["ID"]))
+        return self._new(name, job, list(nodes.values()), set(avoid), prefer)
+
+    def _new(self, name: str, job: dict[str, Any], nodes: list[dict[str, Any]], tried: set[str],
+             prefer: str | None) -> dict[str, Any]:
         while True:
-            node_id = self._choose(job, list(nodes.values()), tried)
+            node_id = self._choose(job, nodes, tried, prefer)
             try:
-                return self.api.create_volume(name, node_id, self.parameters), True
+                return self.api.create_volume(name, node_id, self.parameters)
             except NomadError as exc:
                 # The node went down since we listed it: the client RPC fails. Another one.
                 if "No path to node" not in exc.text and "no node" not in exc.text.lower():
                     raise
                 tried.add(node_id)
 
-    def _choose(self, job: dict[str, Any], nodes: list[dict[str, Any]], tried: set[str]) -> str:
+    def _choose(self, job: dict[str, Any], nodes: list[dict[str, Any]], tried: set[str],
+                prefer: str | None = None) -> str:
         pool = job.get("NodePool") or "default"
         datacenters = job.get("Datacenters") or ["*"]
         fit = [n for n in nodes
@@ -113,6 +129,8 @@ class Volumes:
             raise CapacityExhausted(f"no node has room for {need_cpu} MHz of CPU and "
                                     f"{need_memory} MB of memory ({len(fit)} nodes full)")
         fit = roomy
+        if any(n["ID"] == prefer for n in fit):
+            return str(prefer)
         load: dict[str, int] = {}
         for volume in self.api.volumes():
             if ENGINE_VOLUME.fullmatch(volume.get("Name") or ""):

@@ -30,11 +30,14 @@ from app.errors import (
     SchedulerUnavailable,
 )
 
-__all__ = ["BadVersion", "BootTimeout", "CapacityExhausted", "Driver", "DriverError", "DriverFailed",
-           "EngineCrashed", "EngineSpec", "NodeLost", "PortExhaustion", "Probe", "SchedulerUnavailable",
-           "State"]
+__all__ = ["LEFTOVERS", "BadVersion", "BootTimeout", "CapacityExhausted", "Driver", "DriverError",
+           "DriverFailed", "EngineCrashed", "EngineSpec", "NodeLost", "PortExhaustion", "Probe",
+           "SchedulerUnavailable", "State"]
 
 State = dict[str, Any]  # driver-private, JSON-serialisable
+# A key of a driver's state: what the driver must remove later (a volume on a node that is
+# down). The reconciler calls `tidy` for rows whose state holds it.
+LEFTOVERS = "leftovers"
 # "node_lost": the engine's node is gone, and its brain with it until it returns.
 Probe = Literal["healthy", "unhealthy", "paused", "dead", "node_lost"]
 
@@ -59,6 +62,53 @@ class Driver(abc.ABC):
         """The engine's brain as a directory this process can read and write (the local
         driver's), or None where the brain lives elsewhere."""
         return None
+
+    # ---- brains kept where the orchestrator cannot read them (Nomad's host volumes) ---------
+    # A driver whose `brain_dir` is None may copy brains from where they live instead; then
+    # `remote_snapshots` is True and the four calls below work. The operations call them under
+    # the engine's lease, as every other call here.
+
+    def remote_snapshots(self) -> bool:
+        """True when `copy_brain`, `brain_fingerprint`, `restore_brain` and `tidy` work
+        (Nomad, with a job template that has the `snapshot` task)."""
+        return False
+
+    async def brain_fingerprint(self, spec: EngineSpec, state: State) -> str:
+        """The brain's fingerprint (app.snapshots.tree.fingerprint), read where it lives.
+
+        May be called while the engine's allocation runs (running, or sleeping paused);
+        otherwise raises EngineNotRunning.
+        """
+        raise NotImplementedError(f"the {self.name} driver does not take snapshots")
+
+    async def copy_brain(self, spec: EngineSpec, state: State) -> dict[str, Any]:
+        """Copy the brain's files into the snapshot store, where it lives; returns
+        {"size_bytes", "new_bytes", "dirs", "files", "fingerprint"} (app.snapshots.tree.Taken,
+        and the fingerprint taken before the copy). The manifest is the caller's to write.
+
+        When and what it raises: as `brain_fingerprint`; SnapshotStoreFailed when the store
+        refused the copy.
+        """
+        raise NotImplementedError(f"the {self.name} driver does not take snapshots")
+
+    async def restore_brain(self, spec: EngineSpec, state: State, source: str, snapshot_id: str,
+                            *, elsewhere: bool = False) -> State:
+        """Give the engine a new brain holding snapshot `snapshot_id` of engine `source`.
+
+        Called once the engine is stopped (or its node is lost). Creates the new brain (on
+        another node when `elsewhere`), and returns a state whose next `launch` fills it before
+        the engine starts; every launch fills it again until `wait_ready` succeeds, so a
+        restore cut short is redone. The old brain is listed under LEFTOVERS and removed once
+        the restored engine is ready (or by `tidy`, when its node is back). Raises
+        CapacityExhausted when no node can hold the new brain; leaves the state as it was.
+        """
+        raise NotImplementedError(f"the {self.name} driver does not restore brains")
+
+    async def tidy(self, spec: EngineSpec, state: State) -> State:
+        """Remove what `state[LEFTOVERS]` lists and can be removed now (its node is back);
+        returns the state without it. Cheap when there is nothing. May be called in any
+        state of the engine, under its lease."""
+        return state
 
     @abc.abstractmethod
     async def create(self, spec: EngineSpec, api_key: str) -> State:

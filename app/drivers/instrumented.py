@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from app import metrics
 from app.drivers.base import Driver, DriverError, DriverFailed, EngineSpec, Probe, State
@@ -49,6 +50,27 @@ class Instrumented(Driver):
 
     def brain_dir(self, spec: EngineSpec) -> Path | None:
         return self.inner.brain_dir(spec)
+
+    def remote_snapshots(self) -> bool:
+        return self.inner.remote_snapshots()
+
+    async def brain_fingerprint(self, spec: EngineSpec, state: State) -> str:
+        with self._measure("brain_fingerprint"):
+            return await self.inner.brain_fingerprint(spec, state)
+
+    async def copy_brain(self, spec: EngineSpec, state: State) -> dict[str, Any]:
+        with self._measure("copy_brain"):
+            return await self.inner.copy_brain(spec, state)
+
+    async def restore_brain(self, spec: EngineSpec, state: State, source: str, snapshot_id: str,
+                            *, elsewhere: bool = False) -> State:
+        with self._measure("restore_brain"):
+            return await self.inner.restore_brain(spec, state, source, snapshot_id,
+                                                   elsewhere=elsewhere)
+
+    async def tidy(self, spec: EngineSpec, state: State) -> State:
+        with self._measure("tidy"):
+            return await self.inner.tidy(spec, state)
 
     async def create(self, spec: EngineSpec, api_key: str) -> State:
         with self._measure("create"):

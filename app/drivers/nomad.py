@@ -23,12 +23,13 @@ from typing import Any, TypeVar
 from app import engine_http, jobspec
 from app.config import ConfigError, Settings
 from app.discovery import Discovery
-from app.drivers import _nomad_claim
+from app.drivers import _nomad_claim, _nomad_snapshots
 from app.drivers._nomad_api import NomadAPI, NomadError, SchedulerRejected, VariableConflict
 from app.drivers._nomad_events import FleetEvents
 from app.drivers._nomad_probe import Prober
-from app.drivers._nomad_volumes import VolumeGone, Volumes
+from app.drivers._nomad_volumes import Volumes
 from app.drivers.base import (
+    LEFTOVERS,
     BootTimeout,
     CapacityExhausted,
     Driver,
@@ -79,6 +80,7 @@ class NomadDriver(Driver):
         self.prober = Prober(self.api, self.consul, self.events, self._io,
                              snapshot_ttl=min(0.5, settings.tick_s / 2))
         self.events.subscribe(self.prober.stale)   # first: the listeners' probes must read anew
+        self.brains = _nomad_snapshots.Brains(settings, self.api, self.volumes, self._io, self.http)
         self._followed = False
 
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
@@ -99,7 +101,7 @@ class NomadDriver(Driver):
                 job = jobspec.render_job(self.settings, spec)
                 volume, new = await self._io(self.volumes.create, spec.name, job, full)
                 state.update(volume=volume["ID"], node=volume.get("NodeID"))
-                volume = await self._volume_ready(volume)
+                volume = await self.brains.ready(volume)
                 state["volume_path"] = volume.get("HostPath")
                 return await self.launch(spec, state, api_key)
             except CapacityExhausted as exc:
@@ -120,7 +122,8 @@ class NomadDriver(Driver):
 
     async def launch(self, spec: EngineSpec, state: State, api_key: str) -> State:
         await self._io(self.api.put_variable, jobspec.var_path(spec.name), {"api_key": api_key})
-        job = jobspec.render_job(self.settings, spec, volume_path=state.get("volume_path"))
+        await self.brains.prepare(spec, state)
+        job = self.brains.job(spec, state)
         eval_id = await self._register(job)
         try:
             alloc = await self._placed(spec, eval_id)
@@ -147,6 +150,8 @@ class NomadDriver(Driver):
             index, found = await self._io(self.consul.watch, spec.name, index, min(remaining, 1.0))
             if found and found.status == "passing":
                 self._watch(spec, state, resync=False)   # running now: its end is news
+                if state.get(_nomad_snapshots.RESTORING):
+                    state = await self.brains.finish(spec, state)
                 return {**state, "url": found.url}, found.url
             # A resumed engine keeps its URL: its own /health answers before Consul's next check.
             if state.get("url") and await engine_http.healthy(self.http, state["url"], timeout=0.5):
@@ -207,8 +212,9 @@ class NomadDriver(Driver):
             await self._io(self.api.deregister, spec.name, False)
             await self._until_stopped(spec.name, self.settings.stop_grace_s + STOP_MARGIN_S)
             await self._io(self.api.deregister, spec.name, True)
-        for volume_id in await self._volume_ids(spec.name, state.get("volume")):
+        for volume_id in await self.brains.volume_ids(spec.name, state):
             await self._delete_volume(volume_id)
+        await self.brains.delete_variables(spec.name)
         await self._io(self.api.delete_variable, jobspec.var_path(spec.name))
 
     async def probe(self, spec: EngineSpec, state: State) -> Probe:
@@ -219,12 +225,31 @@ class NomadDriver(Driver):
     async def list_names(self) -> set[str]:
         jobs = await self._io(self.api.jobs, "e-")
         names = {j["ID"] for j in jobs if (j.get("Meta") or {}).get("managed_by") == "orch"}
-        names |= {v["Name"] for v in await self._io(self.api.volumes)
-                  if _OUR_NAME.fullmatch(v.get("Name") or "")}
+        names |= {_nomad_snapshots.engine_of(v.get("Name") or "") or ""
+                  for v in await self._io(self.api.volumes)}
         prefix = jobspec.var_path("")
-        names |= {v["Path"][len(prefix):] for v in await self._io(self.api.variables, prefix + "e-")
-                  if _OUR_NAME.fullmatch(v["Path"][len(prefix):])}
-        return names
+        # nomad/jobs/<name> and the sidecar's nomad/jobs/<name>/<group>/<task>
+        names |= {v["Path"][len(prefix):].split("/")[0]
+                  for v in await self._io(self.api.variables, prefix + "e-")}
+        return {n for n in names if _OUR_NAME.fullmatch(n)}
+
+    # ---- brains copied where they live (app/drivers/_nomad_snapshots.py) ------------------
+
+    def remote_snapshots(self) -> bool:
+        return self.brains.enabled
+
+    async def brain_fingerprint(self, spec: EngineSpec, state: State) -> str:
+        return await self.brains.fingerprint(spec, state)
+
+    async def copy_brain(self, spec: EngineSpec, state: State) -> dict[str, Any]:
+        return await self.brains.copy(spec, state)
+
+    async def restore_brain(self, spec: EngineSpec, state: State, source: str, snapshot_id: str,
+                            *, elsewhere: bool = False) -> State:
+        return await self.brains.restore(spec, state, source, snapshot_id, elsewhere)
+
+    async def tidy(self, spec: EngineSpec, state: State) -> State:
+        return await self.brains.tidy(spec, state) if state.get(LEFTOVERS) else state
 
     def on_exit(self, listener: Callable[[str], None]) -> bool:
         self.events.subscribe(listener)
@@ -317,25 +342,6 @@ class NomadDriver(Driver):
             if time.monotonic() > deadline:
                 raise SchedulerUnavailable(f"the allocations of {job_id} did not stop within {timeout:g}s")
             await asyncio.sleep(0.05)
-
-    async def _volume_ready(self, volume: dict[str, Any]) -> dict[str, Any]:
-        # A new volume is `pending` until its node's next fingerprint reports it.
-        deadline = time.monotonic() + PLACEMENT_WAIT_S
-        while volume.get("State") != "ready":
-            if volume.get("State") == "unavailable" or time.monotonic() > deadline:
-                raise CapacityExhausted(f"host volume {volume.get('Name')} is {volume.get('State')}")
-            await asyncio.sleep(0.05)
-            try:
-                volume = await self._io(self.volumes.get, volume["ID"])
-            except VolumeGone:
-                volume = {**volume, "State": "deleted"}
-        return volume
-
-    async def _volume_ids(self, name: str, known: str | None) -> list[str]:
-        if known:
-            return [known]
-        # No state (an orphan, or a crash before the row learnt the ID): find it by name.
-        return [v["ID"] for v in await self._io(self.volumes.find, name)]
 
     async def _delete_volume(self, volume_id: str) -> None:
         # The client may hold its claim a moment after the allocation ended.

@@ -3,6 +3,10 @@ app.operations' TABLE), run like every other
 operation under the engine's flight and lease: a snapshot never runs beside a stop, a restore
 or a destroy of the same engine, nor beside another snapshot.
 
+Where the driver has no brain directory here (Nomad), the driver copies the brain where it lives
+(`Driver.copy_brain`: the engine's sidecar) and a restore gives the engine a new brain filled
+before it starts (`Driver.restore_brain`); the manifest is built and listed here either way.
+
 A running engine is asked to checkpoint first (`POST /v1/checkpoint`, app/CONTRACT.md): it
 flushes and holds its writes until the copy is done (`DELETE /v1/checkpoint`), and the snapshot
 is `consistent`. An engine without the call is copied as it runs: crash-consistent, and said so.
@@ -10,6 +14,7 @@ is `consistent`. An engine without the call is copied as it runs: crash-consiste
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from pathlib import Path
@@ -19,10 +24,10 @@ import httpx
 
 from app import errors, registry, states
 from app.config import Settings
-from app.drivers.base import Driver, EngineSpec
+from app.drivers.base import Driver, EngineSpec, State
 from app.registry import EngineRow
 from app.snapshots import tree
-from app.snapshots.service import Manifest, Snapshots
+from app.snapshots.service import Manifest, Snapshots, build_manifest
 
 log = logging.getLogger("orch.snapshots")
 
@@ -50,12 +55,11 @@ async def snapshot(bodies: Bodies, row: EngineRow, scheduled: bool = False) -> M
     latest snapshot (None when it did not)."""
     brain = _brain(bodies, row)
     snaps = bodies.snapshots
-    if scheduled and not await snaps.changed(row.name, brain):
+    if scheduled and not await snaps.changed(row.name, await _fingerprint(bodies, row, brain)):
         return None
     held = await _checkpoint(bodies, row)
     try:
-        manifest = await snaps.take(row.name, brain, engine_version=row.engine_version,
-                                    consistent=held or _quiet(bodies, row))
+        manifest = await _copy(bodies, row, brain, consistent=held or _quiet(bodies, row))
     finally:
         kept = held and await _resume(bodies, row)
     if held and not kept:
@@ -78,9 +82,42 @@ async def import_brain(bodies: Bodies, row: EngineRow, archive: IO[bytes]) -> Ma
     return manifest
 
 
-async def seed(bodies: Bodies, row: EngineRow, source: str, manifest: Manifest) -> None:
-    """A new engine's brain: a copy of another engine's snapshot (`provision` from_snapshot)."""
+async def _fingerprint(bodies: Bodies, row: EngineRow, brain: Path | None) -> str:
+    if brain is None:
+        return await bodies.driver.brain_fingerprint(bodies.spec(row), row.driver_state)
+    return await asyncio.to_thread(tree.fingerprint, brain)
+
+
+async def _copy(bodies: Bodies, row: EngineRow, brain: Path | None, consistent: bool) -> Manifest:
+    if brain is not None:
+        return await bodies.snapshots.take(row.name, brain, engine_version=row.engine_version,
+                                           consistent=consistent)
+    copied = await bodies.driver.copy_brain(bodies.spec(row), row.driver_state)
+    return build_manifest(row.name, copied, fingerprint=copied["fingerprint"],
+                          engine_version=row.engine_version, consistent=consistent,
+                          now=time.time())
+
+
+async def create(bodies: Bodies, row: EngineRow, api_key: str,
+                 seed: tuple[str, Manifest] | None) -> State:
+    """The driver's create of a new engine; with `seed` (`provision` from_snapshot: another
+    engine's name and snapshot), its brain a copy of that snapshot before it first runs. Where
+    the brain lives elsewhere, that is a restore into the engine's first volume."""
+    driver, spec = bodies.driver, bodies.spec(row)
+    if seed is None:
+        return await driver.create(spec, api_key)
+    if driver.brain_dir(spec) is not None or not driver.remote_snapshots():
+        await _seed(bodies, row, *seed)
+        return await driver.create(spec, api_key)
+    source, manifest = seed
+    state = await driver.restore_brain(spec, {}, source, manifest["id"])
+    return await driver.launch(spec, state, api_key)
+
+
+async def _seed(bodies: Bodies, row: EngineRow, source: str, manifest: Manifest) -> None:
+    """A new engine's brain directory: a copy of another engine's snapshot."""
     brain = _brain(bodies, row)
+    assert brain is not None
     staging = await bodies.snapshots.stage(source, manifest, brain)
     try:
         tree.replace(staging, brain)
@@ -88,39 +125,54 @@ async def seed(bodies: Bodies, row: EngineRow, source: str, manifest: Manifest) 
         tree.discard(staging)
 
 
-async def restore(bodies: Bodies, row: EngineRow, snapshot_id: str) -> EngineRow:
+async def restore(bodies: Bodies, row: EngineRow, snapshot_id: str, *, elsewhere: bool = False,
+                  reason: str = "restore") -> EngineRow:
     """Stop the engine, make its brain the snapshot's, start it again. The snapshot is read
-    and checked before the engine is touched, so a missing or damaged one changes nothing."""
+    (and, here, checked) before the engine is touched, so a missing or damaged one changes
+    nothing. Where the brain lives elsewhere, the driver gives the engine a new brain that its
+    start fills (on another node when `elsewhere`); a fill that fails leaves the engine failed
+    and its old brain kept, and the next start fills it again. `reason` ends the `restored`
+    audit event, after the snapshot id and the data's age."""
     brain = _brain(bodies, row)
     snaps = bodies.snapshots
     manifest = await snaps.get(row.name, snapshot_id)
     if manifest is None:
         raise errors.snapshot_not_found(row.user_id, snapshot_id)
-    staging = await snaps.stage(row.name, manifest, brain)
-    try:
+    if brain is None:
         await bodies.driver.ping()
-        row = await _stop(bodies, row)
-        tree.replace(staging, brain)
-    finally:
-        tree.discard(staging)
+        row = await _stop(bodies, row, reason)
+        state = await bodies.driver.restore_brain(bodies.spec(row), row.driver_state, row.name,
+                                                  snapshot_id, elsewhere=elsewhere)
+        row = registry.update(row, driver_state=state)
+    else:
+        staging = await snaps.stage(row.name, manifest, brain)
+        try:
+            await bodies.driver.ping()
+            row = await _stop(bodies, row, reason)
+            tree.replace(staging, brain)
+        finally:
+            tree.discard(staging)
     snaps.forget(row.name)
     age = max(0, int(time.time() - manifest["created_at"]))
-    row = registry.update(row, audit_event="restored", reason=f"{snapshot_id} data_age_s={age}")
+    row = registry.update(row, audit_event="restored",
+                          reason=f"{snapshot_id} data_age_s={age} {reason}")
     return await bodies.bring_up(row, "start")
 
 
-async def _stop(bodies: Bodies, row: EngineRow) -> EngineRow:
+async def _stop(bodies: Bodies, row: EngineRow, reason: str) -> EngineRow:
     if row.status == states.STOPPED:
         return row
-    row = registry.transition(row, "stop", "restore")
+    row = registry.transition(row, "stop", reason)
     state = await bodies.driver.stop(bodies.spec(row), row.driver_state, bodies.settings.stop_grace_s)
-    return registry.transition(row, "stopped", "restore", driver_state=state, url=None)
+    return registry.transition(row, "stopped", reason, driver_state=state, url=None)
 
 
-def _brain(bodies: Bodies, row: EngineRow) -> Path:
+def _brain(bodies: Bodies, row: EngineRow) -> Path | None:
+    """The brain's directory here; None where the driver copies it where it lives."""
     brain = bodies.driver.brain_dir(bodies.spec(row))
-    if brain is None:
-        raise errors.invalid(f"the {bodies.driver.name} driver does not take snapshots")
+    if brain is None and not bodies.driver.remote_snapshots():
+        raise errors.invalid(f"the {bodies.driver.name} driver does not take snapshots "
+                             f"(its job template has no `snapshot` task)")
     return brain
 
 

@@ -1,6 +1,8 @@
 """Scheduled snapshots: every engine with a brain is looked at once per
 ORCH_SNAPSHOT_INTERVAL_S, each at its own time (spread over the interval like health checks,
-app.health_schedule), and copied only when its brain changed since its latest snapshot. A
+app.health_schedule), and copied only when its brain changed since its latest snapshot. On
+Nomad only engines whose allocation runs are looked at: the sidecar beside the engine reads
+the brain, and a stopped engine's brain has not changed since it stopped. A
 replica snapshots the engines of its own shards (the reconciler's), so replicas share the work.
 """
 
@@ -42,8 +44,14 @@ class SnapshotSchedule:
             await asyncio.sleep(tick)
 
     def _here(self, row: EngineRow) -> bool:
-        """The brain is a directory this process reaches (the local driver's)."""
-        return self.engines.driver.brain_dir(self.engines.bodies.spec(row)) is not None
+        """The brain is a directory this process reaches (the local driver's), or its driver
+        copies it where it lives and the engine's allocation runs to do it (Nomad's sidecar,
+        beside a running or paused engine)."""
+        driver = self.engines.driver
+        if driver.brain_dir(self.engines.bodies.spec(row)) is not None:
+            return True
+        paused = row.status == states.SLEEPING and self.engines.settings.sleep_mode == "pause"
+        return driver.remote_snapshots() and (row.status == states.RUNNING or paused)
 
     async def tick(self, now: float) -> list[str]:
         """Take the snapshots due; returns the ids taken."""

@@ -34,6 +34,19 @@ def valid_id(snapshot_id: str) -> bool:
     return bool(_ID.fullmatch(snapshot_id))
 
 
+def build_manifest(name: str, copied: Any, *, fingerprint: str, engine_version: str,
+                   consistent: bool, now: float) -> Manifest:
+    """A snapshot's manifest from what its copy reports (a tree.Taken, or the sidecar's
+    answer as a mapping): the same whoever copied the files."""
+    def field(key: str) -> Any:
+        return copied[key] if isinstance(copied, dict) else getattr(copied, key)
+
+    return {"format": FORMAT, "id": new_id(now), "engine": name, "created_at": now,
+            "engine_version": engine_version, "consistent": consistent,
+            "size_bytes": field("size_bytes"), "new_bytes": field("new_bytes"),
+            "fingerprint": fingerprint, "dirs": field("dirs"), "files": field("files")}
+
+
 def prefix(name: str) -> str:
     return f"engines/{name}/"
 
@@ -63,22 +76,16 @@ class Snapshots:
         now = time.time() if now is None else now
         mark = tree.fingerprint(brain)
         taken = await asyncio.to_thread(tree.take, self.store, prefix(name), brain)
-        manifest: Manifest = {
-            "format": FORMAT, "id": new_id(now), "engine": name, "created_at": now,
-            "engine_version": engine_version, "consistent": consistent,
-            "size_bytes": taken.size_bytes, "new_bytes": taken.new_bytes,
-            "fingerprint": mark, "dirs": taken.dirs, "files": taken.files}
-        return manifest
+        return build_manifest(name, taken, fingerprint=mark, engine_version=engine_version,
+                              consistent=consistent, now=now)
 
     async def import_archive(self, name: str, source: IO[bytes], *, engine_version: str,
                              now: float | None = None) -> Manifest:
         """A tar archive's files as a snapshot (listed by `commit`): a brain from elsewhere."""
         now = time.time() if now is None else now
         taken = await asyncio.to_thread(archive.import_tar, self.store, prefix(name), source)
-        return {"format": FORMAT, "id": new_id(now), "engine": name, "created_at": now,
-                "engine_version": engine_version, "consistent": True,
-                "size_bytes": taken.size_bytes, "new_bytes": taken.new_bytes,
-                "fingerprint": "", "dirs": taken.dirs, "files": taken.files}
+        return build_manifest(name, taken, fingerprint="", engine_version=engine_version,
+                              consistent=True, now=now)
 
     async def export(self, name: str, manifest: Manifest) -> AsyncIterator[bytes]:
         """The snapshot as a tar archive, a file at a time, read in a thread."""
@@ -95,9 +102,8 @@ class Snapshots:
         await asyncio.to_thread(self.store.put, manifest_key(name, manifest["id"]), data)
         self._seen[name] = manifest.get("fingerprint", "")
 
-    async def changed(self, name: str, brain: Path) -> bool:
-        """Has the brain changed since its latest snapshot?"""
-        mark = await asyncio.to_thread(tree.fingerprint, brain)
+    async def changed(self, name: str, mark: str) -> bool:
+        """Has the brain, whose fingerprint is now `mark`, changed since its latest snapshot?"""
         seen = self._seen.get(name)
         if seen is None:
             latest = await self.list(name, limit=1)

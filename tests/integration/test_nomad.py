@@ -72,7 +72,7 @@ def test_killed_engine_is_seen_dead_and_restarted(nomad_orch: Orchestrator) -> N
 
 
 def test_port_exhaustion_leaves_nothing(tmp_path: Path) -> None:
-    with running(tmp_path, "nomad", ports=1) as orch:
+    with running(tmp_path, "nomad", ports=2) as orch:   # one engine's: http and snapshot
         api = orch.client("acme")
         assert api.post("/engines/provision", json={"user_id": "first"}).status_code == 200
         before = leftovers(orch.env["NOMAD_ADDR"])
@@ -206,8 +206,7 @@ def test_docker_template_on_three_nodes_as_real_nomad_runs_it(tmp_path: Path) ->
         assert task["Templates"][0]["Uid"] == 65534 and task["Templates"][0]["Splay"] == 0
         # and the engine got it unexpanded (the double interpolates ${node.unique.name} as
         # Nomad's client does)
-        [pid] = [p for a in stack.state()["allocs"] if a["job"] == name
-                 for p in a["pids"].values()]
+        [pid] = [a["pids"]["engine"] for a in stack.state()["allocs"] if a["job"] == name]
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         assert b"ENGINE_USER_ID=u%24{node.unique.name}" in environ
         # rotation: confirmed with the template's own Wait and no splay (the double would wait

@@ -34,7 +34,7 @@ def creates(stack: Hashistack) -> int:
 
 
 def test_a_full_first_node_is_passed_over(stack: Hashistack) -> None:
-    stack.node_resources(node_id(1), memory_mb=64)   # less than an engine's 128 MB
+    stack.node_resources(node_id(1), memory_mb=64)   # less than an engine and its sidecar
     before = creates(stack)
     try:
         async def work(driver: NomadDriver) -> str:

@@ -1,0 +1,358 @@
+"""Snapshots of brains on Nomad, copied where they live: by the `snapshot` task of the engine's
+own task group (Lifecycle poststart, a sidecar mounting the brain volume: app.snapshots.sidecar),
+and restored by a `restore` task derived from it (Lifecycle prestart) that fills a NEW volume
+before the engine starts.
+
+The sidecar's configuration, store credentials included, is a Nomad Variable at
+`nomad/jobs/<job>/<group>/snapshot`, which Nomad lets only that task read (the engine task
+cannot); the orchestrator writes it before every launch (so rotated store credentials reach
+the next start) and reads it back for the bearer token it calls the sidecar with. A restore's
+is `.../restore`, kept while the engine's state says `restoring`.
+
+A volume made by a restore is `<engine name>-r<N>`, N counting up, and the job's `Source` names
+it: no job asks for an older generation again, so a node that comes back after its engine was
+restored elsewhere never mounts its stale brain. The old volume is listed under LEFTOVERS until
+it is deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import logging
+import os
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+
+from app import errors, jobspec
+from app.config import Settings
+from app.drivers._nomad_api import NomadAPI
+from app.drivers._nomad_volumes import VolumeGone, Volumes
+from app.drivers.base import (
+    LEFTOVERS,
+    CapacityExhausted,
+    DriverError,
+    EngineSpec,
+    SchedulerUnavailable,
+    State,
+)
+
+log = logging.getLogger("orch.nomad")
+IO = Callable[..., Awaitable[Any]]
+
+RESTORING = "restoring"  # state key: {"source", "snapshot"} until the restored engine is ready
+GENERATION = "generation"
+VOLUME_NAME = "volume_name"
+_VOLUME = re.compile(r"(e-[a-z0-9-]+-[0-9a-f]{12})(?:-r([0-9]+))?")
+VOLUME_WAIT_S = 30.0
+STORE_SETTINGS_TTL_S = 300.0
+COPY_TIMEOUT_S = 900.0  # a copy of a large brain to a remote bucket
+CALL_TIMEOUT_S = 30.0
+# Never handed to the sidecar: the orchestrator's own environment is not the job's.
+AWS_SETTINGS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
+                "AWS_ENDPOINT_URL")
+
+
+def volume_name(name: str, generation: int) -> str:
+    """The name of generation `generation` of the engine's brain volume (0: the first)."""
+    return name if generation <= 0 else f"{name}-r{generation}"
+
+
+def engine_of(volume: str) -> str | None:
+    """The engine a volume of any generation belongs to; None when it is not ours."""
+    found = _VOLUME.fullmatch(volume)
+    return found.group(1) if found else None
+
+
+def generation_of(volume: str) -> int:
+    found = _VOLUME.fullmatch(volume)
+    return int(found.group(2) or 0) if found else 0
+
+
+def var_paths(settings: Settings, name: str) -> list[str]:
+    """The variables of the sidecar and of a restore, when the template has the sidecar."""
+    group = jobspec.sidecar_group(settings)
+    if group is None:
+        return []
+    return [jobspec.task_var_path(name, group, task)
+            for task in (jobspec.SNAPSHOT_TASK, jobspec.RESTORE_TASK)]
+
+
+def with_restore_task(job: dict[str, Any], restore_var: str, snapshot_var: str) -> dict[str, Any]:
+    """The job with a `restore` task before the others: the `snapshot` task, as a prestart
+    task that runs once to completion in restore mode, reading the restore variable, with no
+    port. Nomad starts the group's main tasks only once it has exited 0."""
+    job = copy.deepcopy(job)
+    for group in job.get("TaskGroups") or []:
+        tasks = group.get("Tasks") or []
+        sidecar = next((t for t in tasks if t.get("Name") == jobspec.SNAPSHOT_TASK), None)
+        if sidecar is None:
+            continue
+        task = copy.deepcopy(sidecar)
+        task["Name"] = jobspec.RESTORE_TASK
+        task["Lifecycle"] = {"Hook": "prestart", "Sidecar": False}
+        env = {k: v for k, v in (task.get("Env") or {}).items()
+               if k not in ("ORCH_SIDECAR_HOST", "ORCH_SIDECAR_PORT")}
+        task["Env"] = {**env, "ORCH_SIDECAR_MODE": "restore"}
+        config = task.get("Config") or {}
+        config.pop("ports", None)
+        for template in task.get("Templates") or []:
+            template["EmbeddedTmpl"] = str(template.get("EmbeddedTmpl") or "").replace(
+                f'"{snapshot_var}"', f'"{restore_var}"')
+        group["Tasks"] = [task, *tasks]
+        return job
+    raise errors.invalid("the job template has no `snapshot` task: snapshots on Nomad are off")
+
+
+def store_settings(settings: Settings) -> dict[str, Any]:
+    """The store and its credentials as the orchestrator reaches it (boto3's resolution:
+    environment, profile, instance role...), for the sidecar's variable."""
+    url = settings.snapshot_store or (settings.state_dir / "snapshots").resolve().as_uri()
+    found: dict[str, Any] = {"store": url}
+    if url.startswith("s3://"):
+        found["aws"] = _aws()
+    return found
+
+
+def _aws() -> dict[str, str]:
+    import boto3  # only when the store is S3, as app.snapshots.store does
+
+    session = boto3.session.Session()
+    aws: dict[str, str] = {}
+    credentials = session.get_credentials()
+    if credentials is not None:
+        frozen = credentials.get_frozen_credentials()
+        aws.update(AWS_ACCESS_KEY_ID=frozen.access_key or "",
+                   AWS_SECRET_ACCESS_KEY=frozen.secret_key or "", AWS_SESSION_TOKEN=frozen.token or "")
+    # botocore's own name is AWS_DEFAULT_REGION; AWS_REGION is the SDKs' newer one
+    region = session.region_name or os.environ.get("AWS_REGION")
+    if region:
+        aws["AWS_REGION"] = region
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        aws["AWS_ENDPOINT_URL"] = endpoint
+    return {k: v for k, v in aws.items() if k in AWS_SETTINGS and v}
+
+
+def sidecar_config(store: dict[str, Any], name: str) -> str:
+    return json.dumps({**store, "prefix": f"engines/{name}/", "token": secrets.token_hex(32)})
+
+
+def restore_config(store: dict[str, Any], name: str, source: str, snapshot_id: str) -> str:
+    return json.dumps({**store, "prefix": f"engines/{name}/", "source_prefix": f"engines/{source}/",
+                       "snapshot": snapshot_id})
+
+
+def sidecar_url(alloc: dict[str, Any]) -> str | None:
+    """Where the allocation's `snapshot` port is (AllocatedResources.Shared.Ports)."""
+    shared = (alloc.get("AllocatedResources") or {}).get("Shared") or {}
+    for port in shared.get("Ports") or []:
+        if port.get("Label") == jobspec.SNAPSHOT_TASK and port.get("Value"):
+            return f"http://{port.get('HostIP') or '127.0.0.1'}:{port['Value']}"
+    return None
+
+
+def token_of(variable: dict[str, Any] | None) -> str | None:
+    try:
+        token = json.loads(((variable or {}).get("Items") or {}).get("config") or "")["token"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return token if isinstance(token, str) else None
+
+
+async def call_sidecar(http: httpx.AsyncClient, spec: EngineSpec, url: str, token: str,
+                       method: str, path: str, timeout: float) -> dict[str, Any]:
+    """One call to the sidecar; its refusals as the domain errors they mean."""
+    try:
+        answer = await http.request(method, url + path, timeout=timeout,
+                                    headers={"Authorization": f"Bearer {token}"})
+    except httpx.HTTPError as exc:
+        raise SchedulerUnavailable(f"the snapshot sidecar of {spec.name} did not answer "
+                                   f"({type(exc).__name__})") from None
+    try:
+        body: dict[str, Any] = answer.json()
+    except ValueError:
+        body = {}
+    if answer.status_code == 200:
+        return body
+    error = body.get("error") or {}
+    message = f"the snapshot sidecar of {spec.name}: {error.get('message') or answer.status_code}"
+    if answer.status_code == 409:
+        raise errors.EngineBusy(message)
+    if error.get("code") == "SNAPSHOT_STORE_FAILED":
+        raise errors.SnapshotStoreFailed(message)
+    raise errors.DriverFailed(message)
+
+
+def restored(state: State) -> State:
+    """The state once the restored engine is ready: no restore left to run."""
+    return {k: v for k, v in state.items() if k != RESTORING}
+
+
+def leftover(state: State) -> dict[str, Any]:
+    return {"volume": state.get("volume"), "node": state.get("node"),
+            "name": state.get(VOLUME_NAME) or ""}
+
+
+def with_leftover(state: State, entry: dict[str, Any]) -> list[dict[str, Any]]:
+    known = [e for e in state.get(LEFTOVERS) or [] if e.get("volume") != entry.get("volume")]
+    return [*known, entry] if entry.get("volume") else known
+
+
+class Brains:
+    """The driver's snapshot calls (app/drivers/base.py), against Nomad and the sidecars."""
+
+    def __init__(self, settings: Settings, api: NomadAPI, volumes: Volumes, io: IO,
+                 http: httpx.AsyncClient):
+        self.settings, self.api, self.volumes, self.io, self.http = settings, api, volumes, io, http
+        self.group = jobspec.sidecar_group(settings)
+        self._store: tuple[float, dict[str, Any]] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.group is not None
+
+    def _var(self, name: str, task: str) -> str:
+        return jobspec.task_var_path(name, self.group or "", task)
+
+    def _store_settings(self) -> dict[str, Any]:
+        # Resolved again now and then (a role's credentials expire): each launch writes the
+        # sidecar's variable with what is current, without paying boto3's resolution each time.
+        if self._store is None or time.monotonic() - self._store[0] > STORE_SETTINGS_TTL_S:
+            self._store = (time.monotonic(), store_settings(self.settings))
+        return self._store[1]
+
+    def job(self, spec: EngineSpec, state: State) -> dict[str, Any]:
+        """The engine's job on its current brain volume, with the restore task while a
+        restore is due."""
+        job = jobspec.render_job(self.settings, spec, volume_path=state.get("volume_path"),
+                                 volume_name=state.get(VOLUME_NAME))
+        if state.get(RESTORING):
+            job = with_restore_task(job, self._var(spec.name, jobspec.RESTORE_TASK),
+                                    self._var(spec.name, jobspec.SNAPSHOT_TASK))
+        return job
+
+    async def prepare(self, spec: EngineSpec, state: State) -> None:
+        """Before a launch: the sidecar's variable (a new token, the current credentials),
+        and the restore's while one is due."""
+        if not self.enabled:
+            return
+        store = await self.io(self._store_settings)
+        await self.io(self.api.put_variable, self._var(spec.name, jobspec.SNAPSHOT_TASK),
+                      {"config": sidecar_config(store, spec.name)})
+        restoring = state.get(RESTORING)
+        if restoring:
+            config = restore_config(store, spec.name, restoring["source"], restoring["snapshot"])
+            await self.io(self.api.put_variable, self._var(spec.name, jobspec.RESTORE_TASK),
+                          {"config": config})
+
+    async def fingerprint(self, spec: EngineSpec, state: State) -> str:
+        return str((await self.call(spec, state, "GET", "/v1/fingerprint", CALL_TIMEOUT_S))["fingerprint"])
+
+    async def copy(self, spec: EngineSpec, state: State) -> dict[str, Any]:
+        return await self.call(spec, state, "POST", "/v1/snapshot", COPY_TIMEOUT_S)
+
+    async def call(self, spec: EngineSpec, state: State, method: str, path: str,
+                   timeout: float) -> dict[str, Any]:
+        alloc = await self.io(self.api.allocation, state.get("alloc") or "") \
+            if state.get("alloc") else None
+        url = sidecar_url(alloc) if alloc and alloc.get("ClientStatus") == "running" else None
+        if url is None:
+            raise errors.EngineNotRunning(f"engine {spec.name} has no running allocation to "
+                                          f"copy its brain from")
+        variable = await self.io(self.api.variable, self._var(spec.name, jobspec.SNAPSHOT_TASK))
+        token = token_of(variable)
+        if token is None:
+            raise SchedulerUnavailable(f"the snapshot variable of {spec.name} is missing")
+        return await call_sidecar(self.http, spec, url, token, method, path, timeout)
+
+    async def restore(self, spec: EngineSpec, state: State, source: str, snapshot_id: str,
+                      elsewhere: bool) -> State:
+        if not self.enabled:
+            raise errors.invalid("the job template has no `snapshot` task: snapshots on "
+                                 "Nomad are off")
+        job = jobspec.render_job(self.settings, spec)
+        old_node = state.get("node")
+        avoid = frozenset([old_node]) if elsewhere and old_node else frozenset()
+        generation = await self._next_generation(spec.name, state)
+        name = volume_name(spec.name, generation)
+        volume = await self.io(self.volumes.create_on, name, job, avoid,
+                               None if elsewhere else old_node)
+        volume = await self.ready(volume)
+        leftovers = with_leftover(state, leftover(state))
+        new: State = {k: v for k, v in state.items() if k not in ("alloc", "url", LEFTOVERS)}
+        new.update({"job": spec.name, "volume": volume["ID"], "node": volume.get("NodeID"),
+                    "volume_path": volume.get("HostPath"), VOLUME_NAME: name,
+                    GENERATION: generation, RESTORING: {"source": source, "snapshot": snapshot_id}})
+        return {**new, LEFTOVERS: leftovers} if leftovers else new
+
+    async def ready(self, volume: dict[str, Any]) -> dict[str, Any]:
+        # A new volume is `pending` until its node's next fingerprint reports it.
+        deadline = time.monotonic() + VOLUME_WAIT_S
+        while volume.get("State") != "ready":
+            if volume.get("State") == "unavailable" or time.monotonic() > deadline:
+                raise CapacityExhausted(f"host volume {volume.get('Name')} is {volume.get('State')}")
+            await asyncio.sleep(0.05)
+            try:
+                volume = await self.io(self.volumes.get, volume["ID"])
+            except VolumeGone:
+                volume = {**volume, "State": "deleted"}
+        return volume
+
+    async def _next_generation(self, name: str, state: State) -> int:
+        names = [v.get("Name") or "" for v in await self.io(self.api.volumes, name)]
+        found = [generation_of(n) for n in names if engine_of(n) == name]
+        if not found and not state.get("volume"):
+            return 0   # a new engine's first brain (provision from a snapshot)
+        return max([int(state.get(GENERATION) or 0), *found]) + 1
+
+    async def finish(self, spec: EngineSpec, state: State) -> State:
+        """The restored engine is ready: no restore task from now on, no restore variable,
+        and the old brain deleted where its node allows."""
+        state = restored(state)
+        try:
+            await self.io(self.api.delete_variable, self._var(spec.name, jobspec.RESTORE_TASK))
+            return await self.tidy(spec, state)
+        except DriverError as exc:   # the engine is up: what is left waits for tidy or destroy
+            log.warning("after restoring %s: clean-up left for later: %s", spec.name, exc)
+            return state
+
+    async def tidy(self, spec: EngineSpec, state: State) -> State:
+        entries = state.get(LEFTOVERS)
+        if not entries:
+            return state
+        kept = []
+        for entry in entries:
+            if not await self._remove(entry):
+                kept.append(entry)
+        tidied = {k: v for k, v in state.items() if k != LEFTOVERS}
+        return {**tidied, LEFTOVERS: kept} if kept else tidied
+
+    async def _remove(self, entry: dict[str, Any]) -> bool:
+        """Delete one leftover volume; False while its node is down (or it is still held)."""
+        node = await self.io(self.api.node, entry["node"]) if entry.get("node") else None
+        if node is not None and node.get("Status") != "ready":
+            return False
+        outcome = await self.io(self.volumes.delete, entry["volume"])
+        if outcome in ("deleted", "gone"):
+            log.info("stale brain volume %s (%s) deleted", entry.get("name"), entry["volume"])
+            return True
+        return False
+
+    async def volume_ids(self, name: str, state: State) -> list[str]:
+        """Every generation of the engine's brain: the state's, its leftovers, and by name."""
+        ids = [state["volume"]] if state.get("volume") else []
+        ids += [e["volume"] for e in state.get(LEFTOVERS) or [] if e.get("volume")]
+        ids += [v["ID"] for v in await self.io(self.api.volumes, name)
+                if engine_of(v.get("Name") or "") == name]
+        return list(dict.fromkeys(ids))
+
+    async def delete_variables(self, name: str) -> None:
+        for path in var_paths(self.settings, name):
+            await self.io(self.api.delete_variable, path)
