@@ -108,6 +108,9 @@ class Settings:
     snapshot_store: str = ""
     snapshot_keep: int = 24
     snapshot_interval_s: float = 900.0
+    # An engine whose node is lost this long is created again elsewhere from its latest
+    # snapshot (0: never; it waits for its node).
+    node_lost_restore_s: float = 300.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -176,6 +179,8 @@ class Settings:
             snapshot_keep=r.get("ORCH_SNAPSHOT_KEEP", _positive_int, cls.snapshot_keep),
             snapshot_interval_s=r.get("ORCH_SNAPSHOT_INTERVAL_S", _non_negative,
                                       cls.snapshot_interval_s),
+            node_lost_restore_s=r.get("ORCH_NODE_LOST_RESTORE_S", _non_negative,
+                                      cls.node_lost_restore_s),
         )
         problem = settings.kill_timeout_problem() if settings.driver == "nomad" else None
         if problem:

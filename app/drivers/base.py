@@ -30,13 +30,16 @@ from app.errors import (
     SchedulerUnavailable,
 )
 
-__all__ = ["BadVersion", "BootTimeout", "CapacityExhausted", "Driver", "DriverError", "DriverFailed",
-           "EngineCrashed", "EngineSpec", "NodeLost", "PortExhaustion", "Probe", "SchedulerUnavailable",
-           "State"]
+__all__ = ["LEFTOVERS", "BadVersion", "BootTimeout", "CapacityExhausted", "Driver", "DriverError",
+           "DriverFailed", "EngineCrashed", "EngineSpec", "NodeLost", "PortExhaustion", "Probe",
+           "SchedulerUnavailable", "State"]
 
 State = dict[str, Any]  # driver-private, JSON-serialisable
 # "node_lost": the engine's node is gone, and its brain with it until it returns.
 Probe = Literal["healthy", "unhealthy", "paused", "dead", "node_lost"]
+# A key of a driver's state: what the driver must remove later (a volume on a node that is
+# down); the reconciler has the driver `tidy` the rows whose state holds it.
+LEFTOVERS = "leftovers"
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,17 @@ class Driver(abc.ABC):
         engines (Nomad: the job's meta and Consul service), without restarting it. The engine
         itself was told already (app/CONTRACT.md). Default: nothing to show."""
         return None
+
+    async def brain_available(self, spec: EngineSpec, state: State) -> bool:
+        """Can the engine's brain be reached now? False while it is on a node that is down.
+        Called for a failed engine before a restart is spent on it. Default: always."""
+        return True
+
+    async def tidy(self, spec: EngineSpec, state: State) -> State:
+        """Remove what `state[LEFTOVERS]` lists that can be removed now (a volume whose node is
+        back); return the state without it. Called under the engine's lease, by the
+        reconciler, for rows whose state holds LEFTOVERS. Default: nothing to remove."""
+        return state
 
     def check_version(self, version: str) -> None:
         """Raise BadVersion for an engine_version this driver refuses (default: none)."""

@@ -50,6 +50,14 @@ class Instrumented(Driver):
     def brain_dir(self, spec: EngineSpec) -> Path | None:
         return self.inner.brain_dir(spec)
 
+    async def brain_available(self, spec: EngineSpec, state: State) -> bool:
+        with self._measure("brain_available"):
+            return await self.inner.brain_available(spec, state)
+
+    async def tidy(self, spec: EngineSpec, state: State) -> State:
+        with self._measure("tidy"):
+            return await self.inner.tidy(spec, state)
+
     async def create(self, spec: EngineSpec, api_key: str) -> State:
         with self._measure("create"):
             return await self.inner.create(spec, api_key)

@@ -88,7 +88,8 @@ async def seed(bodies: Bodies, row: EngineRow, source: str, manifest: Manifest) 
         tree.discard(staging)
 
 
-async def restore(bodies: Bodies, row: EngineRow, snapshot_id: str) -> EngineRow:
+async def restore(bodies: Bodies, row: EngineRow, snapshot_id: str, *, elsewhere: bool = False,
+                  reason: str = "restore") -> EngineRow:
     """Stop the engine, make its brain the snapshot's, start it again. The snapshot is read
     and checked before the engine is touched, so a missing or damaged one changes nothing."""
     brain = _brain(bodies, row)
@@ -105,7 +106,8 @@ async def restore(bodies: Bodies, row: EngineRow, snapshot_id: str) -> EngineRow
         tree.discard(staging)
     snaps.forget(row.name)
     age = max(0, int(time.time() - manifest["created_at"]))
-    row = registry.update(row, audit_event="restored", reason=f"{snapshot_id} data_age_s={age}")
+    why = f"{snapshot_id} data_age_s={age}" + (f" {reason}" if reason != "restore" else "")
+    row = registry.update(row, audit_event="restored", reason=why)
     return await bodies.bring_up(row, "start")
 
 
