@@ -24,6 +24,7 @@ from app.drivers.base import Driver, EngineSpec, State
 from app.errors import BootTimeout, DriverError, EngineCrashed
 from app.registry import EngineRow
 from app.snapshots import bodies as snapshot_bodies
+from app.snapshots import recovery
 from app.snapshots.service import Manifest, Snapshots
 from app.upgrades import Upgrader
 
@@ -171,7 +172,15 @@ class Bodies:
     async def restart(self, row: EngineRow) -> EngineRow:
         if not self.restartable(row):
             return row
+        if await recovery.unreachable(self, row):
+            return recovery.wait_for_node(row)
         return await self._bring_up(row, "restart")
+
+    async def restore_elsewhere(self, row: EngineRow) -> EngineRow:
+        return await recovery.restore_elsewhere(self, row)
+
+    async def tidy(self, row: EngineRow) -> EngineRow:
+        return await recovery.tidy(self, row)
 
     async def sleep(self, row: EngineRow) -> EngineRow:
         if row.status != states.RUNNING or self.settings.idle_sleep_s <= 0:

@@ -111,6 +111,9 @@ class Settings:
     # The image of the brain's sidecar on Nomad (the `snapshot` task of engine.docker.json:
     # `python -m app.snapshots.sidecar`; jobspecs/Dockerfile.snapshot builds it).
     snapshot_image: str = f"orch-snapshot:{_package_version()}"
+    # An engine whose node is lost this long is created again elsewhere from its latest
+    # snapshot (0: never; it waits for its node).
+    node_lost_restore_s: float = 300.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -180,6 +183,8 @@ class Settings:
             snapshot_interval_s=r.get("ORCH_SNAPSHOT_INTERVAL_S", _non_negative,
                                       cls.snapshot_interval_s),
             snapshot_image=r.get("ORCH_SNAPSHOT_IMAGE", _nonempty, cls.snapshot_image),
+            node_lost_restore_s=r.get("ORCH_NODE_LOST_RESTORE_S", _non_negative,
+                                      cls.node_lost_restore_s),
         )
         problem = settings.kill_timeout_problem() if settings.driver == "nomad" else None
         if problem:

@@ -57,6 +57,8 @@ class Op(StrEnum):
     RESTORE = "restore"
     IMPORT_BRAIN = "import_brain"
     CLAIM = "claim"
+    RESTORE_ELSEWHERE = "restore_elsewhere"
+    TIDY = "tidy"
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,9 @@ TABLE: dict[Op, Operation] = {o.op: o for o in [
     # Runs inside a new user's provision, in its flight: a warm pool's engine taken in one
     # compare-and-set (app.registry.pool.claim) comes leased; the body tells it its user.
     Operation(Op.CLAIM, Bodies.claim, Policy(creates=True)),
+    # The reconciler's: an engine held by another operation is looked at next time.
+    Operation(Op.RESTORE_ELSEWHERE, Bodies.restore_elsewhere, Policy(wait=False)),
+    Operation(Op.TIDY, Bodies.tidy, Policy(wait=False)),
 ]}
 
 

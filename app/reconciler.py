@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Iterable
 from typing import Any
 
 from app import errors, registry, states
+from app.drivers.base import LEFTOVERS
 from app.errors import DriverError
 from app.health_schedule import HealthSchedule
 from app.operations import Engines, Op
@@ -61,6 +62,9 @@ class Reconciler:
         self._seen_until = 0.0  # rows that entered `running` before this are scheduled
         self._changes = registry.Changes()
         self._failed: list[EngineRow] = []  # this replica's restartable failed rows, as last read
+        self._lost: list[EngineRow] = []  # failed node_lost, as last read
+        self._untidy: list[EngineRow] = []  # driver state with leftovers, as last read
+        self._brains_stale = True
         # Each scheduled engine's row as last read (resync, entered_since), so a
         # check needs no database read; a check that finds trouble reads the row again.
         self._rows: dict[int, EngineRow] = {}
@@ -259,7 +263,26 @@ class Reconciler:
         if recovery:  # not an indexed read (pending keys): a few times a lease period
             for engine in filter(self.mine, registry.needing_recovery(now)):
                 self._spawn(self.engines.run(Op.RECOVER, engine.key))
+        await self._brains(now, changed)
         await self._orphans(now)
+
+    async def _brains(self, now: float, changed: bool) -> None:
+        """Engines whose node was lost long enough, created again elsewhere from a snapshot;
+        what drivers left on nodes that were down, removed once they are back. The rows are
+        read again only when the database was written since (a node's return is no write)."""
+        wait = self.settings.node_lost_restore_s
+        self._brains_stale |= changed
+        if not self._due("brains", min(self.settings.lease_s, max(wait / 10, self.settings.tick_s)), now):
+            return
+        if self._brains_stale:
+            self._brains_stale = False
+            self._lost = [e for e in registry.failed_because("node_lost") if self.mine(e)] if wait > 0 else []
+            self._untidy = [e for e in registry.with_state_key(LEFTOVERS) if self.mine(e)]
+        for engine in self._lost:
+            if now - engine.status_since >= wait:
+                self._spawn(self.engines.run(Op.RESTORE_ELSEWHERE, engine.key))
+        for engine in self._untidy:
+            self._spawn(self.engines.run(Op.TIDY, engine.key))
 
     def _due(self, chore: str, every: float, now: float) -> bool:
         if now - self._last.get(chore, float("-inf")) < every:

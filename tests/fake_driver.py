@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.drivers.base import (
+    LEFTOVERS,
     BootTimeout,
     CapacityExhausted,
     Driver,
     EngineCrashed,
     EngineSpec,
+    NodeLost,
     PortExhaustion,
     Probe,
     SchedulerUnavailable,
@@ -91,6 +93,8 @@ class FakeDriver(Driver):
         self.calls: list[tuple[str, str]] = []
         self.gates: dict[str, Gate] = {}
         self._generation = 0
+        self.lost: set[str] = set()  # engines whose node is down, their brain with it
+        self.nodes_back = False  # tidy may now remove what the state lists as left over
 
     def gate(self, call: str) -> Gate:
         """The next `call` waits (after `entered` is set) until `release` is set."""
@@ -116,6 +120,8 @@ class FakeDriver(Driver):
 
     async def launch(self, spec: EngineSpec, state: State, api_key: str) -> State:
         await self._call("launch", spec.name)
+        if spec.name in self.lost:
+            raise NodeLost(f"the node of {spec.name} is down", state)
         if self.behaviour.unplaceable_if is not None and self.behaviour.unplaceable_if(spec):
             raise CapacityExhausted(f"no node can take {spec.name}")
         self._generation += 1
@@ -185,11 +191,23 @@ class FakeDriver(Driver):
     async def probe(self, spec: EngineSpec, state: State) -> Probe:
         await self._call("probe", spec.name)
         engine = self._live(state)
+        if spec.name in self.lost:
+            return "node_lost"
         if engine is None:
             return "dead"
         if engine.paused:
             return "paused"
         return "healthy" if engine.healthy else "unhealthy"
+
+    async def brain_available(self, spec: EngineSpec, state: State) -> bool:
+        await self._call("brain_available", spec.name)
+        return spec.name not in self.lost
+
+    async def tidy(self, spec: EngineSpec, state: State) -> State:
+        await self._call("tidy", spec.name)
+        if not self.nodes_back:
+            return state
+        return {k: v for k, v in state.items() if k != LEFTOVERS}
 
     async def list_names(self) -> set[str]:
         await self._call("list_names", "")

@@ -107,7 +107,8 @@ class Driver(abc.ABC):
     async def tidy(self, spec: EngineSpec, state: State) -> State:
         """Remove what `state[LEFTOVERS]` lists and can be removed now (its node is back);
         returns the state without it. Cheap when there is nothing. May be called in any
-        state of the engine, under its lease."""
+        state of the engine, under its lease: the reconciler calls it for rows whose state
+        holds LEFTOVERS."""
         return state
 
     @abc.abstractmethod
@@ -162,6 +163,11 @@ class Driver(abc.ABC):
         engines (Nomad: the job's meta and Consul service), without restarting it. The engine
         itself was told already (app/CONTRACT.md). Default: nothing to show."""
         return None
+
+    async def brain_available(self, spec: EngineSpec, state: State) -> bool:
+        """Can the engine's brain be reached now? False while it is on a node that is down.
+        Called for a failed engine before a restart is spent on it. Default: always."""
+        return True
 
     def check_version(self, version: str) -> None:
         """Raise BadVersion for an engine_version this driver refuses (default: none)."""

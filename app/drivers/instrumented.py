@@ -68,6 +68,10 @@ class Instrumented(Driver):
             return await self.inner.restore_brain(spec, state, source, snapshot_id,
                                                    elsewhere=elsewhere)
 
+    async def brain_available(self, spec: EngineSpec, state: State) -> bool:
+        with self._measure("brain_available"):
+            return await self.inner.brain_available(spec, state)
+
     async def tidy(self, spec: EngineSpec, state: State) -> State:
         with self._measure("tidy"):
             return await self.inner.tidy(spec, state)

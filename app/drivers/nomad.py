@@ -201,6 +201,13 @@ class NomadDriver(Driver):
                 continue  # written meanwhile (a crashed rotation's roll-back): read again
         raise SchedulerUnavailable(f"variable {path} kept changing under us")
 
+    async def brain_available(self, spec: EngineSpec, state: State) -> bool:
+        node_id = state.get("node")
+        if not node_id:
+            return True   # no volume yet: nothing pins the engine to a node
+        node = await self._io(self.api.node, node_id)
+        return node is not None and node.get("Status") == "ready"
+
     async def claimed(self, spec: EngineSpec, state: State) -> None:
         await self._register(_nomad_claim.claimed_job(self.settings, spec, state))
 

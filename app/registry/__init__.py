@@ -35,6 +35,7 @@ from app.registry.engines import (
     engines_by_ids,
     engines_in,
     entered_since,
+    failed_because,
     find_engine,
     find_engine_hot,
     idle_running,
@@ -48,6 +49,7 @@ from app.registry.engines import (
     touch_admit,
     transition,
     update,
+    with_state_key,
 )
 from app.registry.events import (
     Transition,
@@ -81,10 +83,12 @@ __all__ = [
     "create_product", "db",
     "delete_engine", "delete_product", "engine_count", "engine_counts", "engine_named",
     "engines_by_ids", "engines_in", "entered_since", "events_after", "events_for", "events_page",
-    "execute_hot", "find_engine", "find_engine_hot", "hot_sql", "idle_running", "insert_engine",
+    "execute_hot", "failed_because", "find_engine", "find_engine_hot", "hot_sql", "idle_running",
+    "insert_engine",
     "is_sqlite", "known_names", "limits", "list_engines", "needing_recovery", "pool", "ports",
     "product_by_key_hash", "product_by_name", "product_name", "publish", "recent_events",
     "record_orphan_removed", "release_lease", "reload", "request_id_var", "restartable_failed",
     "rollouts", "set_product_key",
-    "shards", "subscribe", "touch_admit", "transition", "update", "update_product", "write_lock"
+    "shards", "subscribe", "touch_admit", "transition", "update", "update_product", "with_state_key",
+    "write_lock"
 ]

@@ -321,6 +321,21 @@ def entered_since(status: str, since: float) -> list[EngineRow]:
     return [_row(values) for values in execute_hot(sql, (status, since)).fetchall()]
 
 
+def failed_because(reason: str) -> list[EngineRow]:
+    """Failed rows whose failure was `reason` (the status index)."""
+    sql = hot_sql("failed_because", lambda p: (
+        f'{_SELECT} WHERE "status" = {p} AND "failure_reason" = {p} ORDER BY "id"'))
+    return [_row(values) for values in execute_hot(sql, (states.FAILED, reason)).fetchall()]
+
+
+def with_state_key(key: str) -> list[EngineRow]:
+    """Rows whose driver state holds `key` (a driver's note of what it must remove later).
+    A scan: the reconciler asks once a lease period."""
+    pattern = '%"' + key + '"%'
+    sql = hot_sql("with_state_key", lambda p: f'{_SELECT} WHERE "driver_state" LIKE {p}')
+    return [_row(values) for values in execute_hot(sql, (pattern,)).fetchall()]
+
+
 def idle_running(cutoff: float) -> list[EngineRow]:
     """Running rows with no admit and no state change since `cutoff`: idle sleep's candidates,
     read through the (status, last_admit_at) index rather than a scan of running rows."""

@@ -4,7 +4,8 @@ S3 (SeaweedFS's `weed mini` on loopback), each beside a plain `tar` of the same 
 the same run: `tar -cf` for a snapshot (tar stores everything every time), `tar -xf` into an
 empty directory for a restore. Bytes stored are what the snapshot sent to the store (its
 manifest's new_bytes) against the tar's size. A restore through the API also stops and starts
-the engine; the engine's restart alone is measured beside it.
+the engine; the engine's restart alone is measured beside it. Then recovery from node loss on
+the Nomad double (tests/bench/recovery.py).
 
 Run alone: `BENCH_ONLY=snapshot make bench` (about a minute).
 """
@@ -22,6 +23,7 @@ from typing import Any
 
 from app.snapshots import service
 from app.snapshots.store import open_store
+from tests.bench import recovery
 from tests.harness import Orchestrator
 from tests.s3server import BUCKET, s3_server
 
@@ -34,7 +36,7 @@ def bench_snapshot(tmp: Path) -> dict[str, Any]:
     results = {"file": _one(tmp / "file", {})}
     with s3_server(_mkdir(tmp / "weed")) as s3:
         results["s3"] = _one(tmp / "s3", {**s3, "ORCH_SNAPSHOT_STORE": f"s3://{BUCKET}/bench"})
-    return results
+    return {"stores": results, "node_loss": recovery.bench_recovery(tmp / "node-loss")}
 
 
 def _one(tmp: Path, env: dict[str, str]) -> dict[str, Any]:
@@ -112,7 +114,7 @@ def _mkdir(path: Path) -> Path:
 
 def lines(r: dict[str, Any]) -> list[str]:
     out = []
-    for store, f in r.items():
+    for store, f in r["stores"].items():
         out += [
             f"snapshot {store:4} {f['mb']} MB  first {f['first_s']} s, {f['first_bytes'] / 2**20:.1f} MiB "
             f"stored   plain tar {f['tar_s']} s, {f['tar_bytes'] / 2**20:.1f} MiB",
@@ -120,6 +122,6 @@ def lines(r: dict[str, Any]) -> list[str]:
             f"stored   plain tar {f['tar_next_s']} s, {f['tar_bytes'] / 2**20:.1f} MiB",
             f"restore  {store:4} {f['restore_s']} s (with the engine's stop and start: "
             f"{f['restart_s']} s alone)   plain untar {f['untar_s']} s"]
-    return out
+    return out + recovery.lines(r["node_loss"])
 
 

@@ -151,7 +151,7 @@ def test_nomad_down_is_503_and_admit_still_answers(nomad_orch: Orchestrator) -> 
 
 
 def test_node_lost_fails_the_engine_until_its_node_returns(tmp_path: Path) -> None:
-    with running(tmp_path, "nomad", env={"ORCH_MAX_RESTARTS": "1"}) as orch:
+    with running(tmp_path, "nomad", env={"ORCH_MAX_RESTARTS": "1", "ORCH_NODE_LOST_RESTORE_S": "0"}) as orch:
         stack = needs_double(orch)
         api = orch.client("acme")
         engine = api.post("/engines/provision", json={"user_id": "frank"}).json()
@@ -163,9 +163,14 @@ def test_node_lost_fails_the_engine_until_its_node_returns(tmp_path: Path) -> No
 
         def failed_node_lost() -> bool:
             got = api.get("/engines/frank").json()
-            return got["status"] == "failed" and got["failure_reason"] == "node_lost" \
-                and got["restarts"] == 1   # the one restart was tried, and could not place
-        wait_for(failed_node_lost, timeout=30, what="failed (node_lost), restart spent")
+            return got["status"] == "failed" and got["failure_reason"] == "node_lost"
+        wait_for(failed_node_lost, timeout=30, what="failed (node_lost)")
+        first_due = orch.engine_row("frank")["next_restart_at"]
+        # Its restart came due and found the node still down: put off, no restart spent.
+        wait_for(lambda: orch.engine_row("frank")["next_restart_at"] != first_due, timeout=30,
+                 what="the restart put off while the node is down")
+        assert orch.engine_row("frank")["restarts"] == 0
+        assert orch.engine_row("frank")["status"] == "failed"
         # Its brain is on that node: a start cannot place it, and says so.
         answer = api.post("/engines/frank/start")
         assert answer.status_code == 503 and answer.json()["error"]["code"] == "CAPACITY_EXHAUSTED"

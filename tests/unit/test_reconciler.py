@@ -4,6 +4,7 @@ of a dead owner's work, and orphans. Every repair goes through the runner."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
@@ -187,7 +188,8 @@ def test_at_rest_a_tick_reads_only_what_can_have_changed(tmp_path: Path) -> None
                 # The backoff ends with nothing written meanwhile: the restart starts from
                 # the row as read.
                 await reconciler.tick((failed.next_restart_at or 0) + 0.1)
-                assert not any("'failed'" in s for s in statements)  # no failed rows read
+                # No restartable failed rows read (the restart count is what picks them).
+                assert not any("'failed'" in s and '"restarts" <' in s for s in statements)
             finally:
                 conn.set_trace_callback(None)
             await asyncio.gather(*list(reconciler._inflight), return_exceptions=True)
@@ -202,3 +204,72 @@ def world_is_postgres() -> bool:
     import os
 
     return os.environ.get("ORCH_TEST_DB") == "postgres"
+
+
+def test_an_engine_whose_node_is_lost_spends_no_restart_and_comes_back_with_its_node(
+        tmp_path: Path) -> None:
+    world = World(tmp_path, max_restarts=2, node_lost_restore_s=3600)
+    try:
+        async def scenario() -> None:
+            row, _ = await world.op(Op.PROVISION, "n")
+            world.driver.lost.add(row.name)
+            await world.reconciler.pass_once(wait=True)
+            failed = world.row("n")
+            assert failed is not None and failed.failure_reason == "node_lost"
+            for _ in range(3):  # more passes than restarts: none is spent on a down node
+                world.set("n", next_restart_at=time.time() - 1)
+                await world.reconciler.pass_once(wait=True)
+            waiting = world.row("n")
+            assert waiting is not None and waiting.status == states.FAILED
+            assert waiting.restarts == 0 and waiting.status_since == failed.status_since
+            assert ("launch", row.name) not in world.driver.calls[-6:]
+            world.driver.lost.discard(row.name)  # the node is back, the brain with it
+            world.set("n", next_restart_at=time.time() - 1)
+            await world.reconciler.pass_once(wait=True)
+            assert world.status("n") == states.RUNNING
+
+        world.run(scenario())
+        world.assert_valid_trail("n")
+    finally:
+        world.close()
+
+
+def test_a_lost_engine_without_a_snapshot_waits_for_its_node(tmp_path: Path) -> None:
+    world = World(tmp_path, node_lost_restore_s=0.01, lease_s=0.05)
+    try:
+        async def scenario() -> None:
+            row, _ = await world.op(Op.PROVISION, "n")
+            world.driver.lost.add(row.name)
+            await world.reconciler.pass_once(wait=True)
+            await asyncio.sleep(0.05)
+            await world.reconciler.pass_once(wait=True)  # due: nothing to restore from
+            waiting = world.row("n")
+            assert waiting is not None and waiting.status == states.FAILED
+            assert waiting.failure_reason == "node_lost"
+            assert [e for e, _, _ in world.trail("n")].count("restored") == 0
+
+        world.run(scenario())
+    finally:
+        world.close()
+
+
+def test_what_a_driver_left_on_a_down_node_is_tidied_once_it_is_back(tmp_path: Path) -> None:
+    world = World(tmp_path, lease_s=0.05)
+    try:
+        async def scenario() -> None:
+            row, _ = await world.op(Op.PROVISION, "t")
+            state = {**row.driver_state, "leftovers": [{"volume": "v-old"}]}
+            world.set("t", driver_state=json.dumps(state))
+            await world.reconciler.pass_once(wait=True)
+            kept = world.row("t")
+            assert kept is not None and kept.driver_state["leftovers"] == [{"volume": "v-old"}]
+            world.driver.nodes_back = True
+            await asyncio.sleep(0.06)
+            await world.reconciler.pass_once(wait=True)
+            tidied = world.row("t")
+            assert tidied is not None and "leftovers" not in tidied.driver_state
+            assert tidied.status == states.RUNNING and tidied.driver_state == row.driver_state
+
+        world.run(scenario())
+    finally:
+        world.close()
