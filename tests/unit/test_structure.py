@@ -263,8 +263,8 @@ NOT_ANSWERED = {
     "app.upgrades._NotUp": "carries a DriverError out of a helper; answered as UpgradeFailed",
     "app.cli_down._Stopped": "a stop signal ending `orch serve` quietly, caught around it",
     "app.api.edge._Stop": "stops the HTTP parser from its callback once the edge has refused the request",
-    "app.snapshots.sidecar_http.Refused": "the snapshot sidecar's (a program of its own): its own protocol's answer",
-    "app.snapshots.sidecar_http.Stopping": "the snapshot sidecar's own signal: SIGTERM leaves a request unanswered",
+    "app.snapshots.sidecar_http.Refused": "the snapshot sidecar's own answer (a program of its own)",
+    "app.snapshots.sidecar_http.Stopping": "the sidecar's own signal: SIGTERM leaves a request unanswered",
 }
 
 
