@@ -289,3 +289,37 @@ def test_with_acls_only_the_sidecar_reads_the_store_credentials(tmp_path: Path) 
         events = asyncio.run(work())
         assert "403 (Permission denied)" in events and "snapshot" in events
         assert list((stack.data_dir).rglob("stolen.json")) == []
+
+
+def test_an_engine_whose_node_is_lost_comes_back_elsewhere_from_its_latest_snapshot(
+        tmp_path: Path) -> None:
+    with closing(orchestrator(tmp_path, ORCH_NODE_LOST_RESTORE_S="1")) as orch:
+        stack = needs_double(orch)
+        api = orch.client("acme")
+        url, key = provision(api)
+        name = orch.rows("SELECT name FROM engine")[0][0]
+        assert memory(url, key, "PUT", "colour", b"blue").is_success
+        snap = api.post(f"/engines/{USER}/snapshots").json()
+        assert memory(url, key, "PUT", "colour", b"red").is_success  # after it: lost with the node
+        lost = json.loads(orch.engine_row(USER)["driver_state"])["node"]
+        stack.node_lost(lost)
+
+        def elsewhere() -> bool:
+            row = orch.engine_row(USER)
+            return row["status"] == "running" and json.loads(row["driver_state"])["node"] != lost
+        wait_for(elsewhere, timeout=60, what="the engine running again on another node")
+        url = api.get(f"/engines/{USER}").json()["url"]
+        assert memory(url, key, "GET", "colour").content == b"blue"  # the snapshot's; same key
+        events = api.get(f"/engines/{USER}/events").json()["events"]
+        reason = next(e for e in events if e["event"] == "restored")["reason"]
+        assert reason.startswith(f"{snap['id']} data_age_s=") and reason.endswith("node_lost")
+        state = json.loads(orch.engine_row(USER)["driver_state"])
+        assert [v["node"] for v in state[LEFTOVERS]] == [lost]  # the stale brain waits for its node
+        assert volumes(orch) == [name, f"{name}-r1"]
+
+        stack.node_up(lost)  # back: its stale volume is deleted, never mounted again
+        wait_for(lambda: volumes(orch) == [f"{name}-r1"], timeout=30, what="the stale volume deleted")
+        wait_for(lambda: LEFTOVERS not in json.loads(orch.engine_row(USER)["driver_state"]),
+                 timeout=30, what="the row without leftovers")
+        assert api.get(f"/engines/{USER}").json()["status"] == "running"
+        assert memory(url, key, "GET", "colour").content == b"blue"
