@@ -24,7 +24,7 @@ import httpx
 from tests.harness import Orchestrator, wait_for
 from tests.s3server import BUCKET, s3_server
 
-MB = int(os.environ.get("BENCH_RECOVERY_MB", "20"))
+MB = int(os.environ.get("BENCH_RECOVERY_MB", "100"))
 RESTORE_AFTER_S = float(os.environ.get("BENCH_NODE_LOST_RESTORE_S", "5"))
 TIMING = os.environ.get("BENCH_RECOVERY_TIMING", "production")
 FILE_KB = 256
