@@ -276,7 +276,9 @@ class Reconciler:
             return
         if self._brains_stale:
             self._brains_stale = False
-            self._lost = [e for e in registry.failed_because("node_lost") if self.mine(e)] if wait > 0 else []
+            # A warm pool's engine has nothing of anyone's to restore: the pool replaces it.
+            lost = registry.failed_because("node_lost") if wait > 0 else []
+            self._lost = [e for e in lost if self.mine(e) and not e.in_pool]
             self._untidy = [e for e in registry.with_state_key(LEFTOVERS) if self.mine(e)]
         for engine in self._lost:
             if now - engine.status_since >= wait:

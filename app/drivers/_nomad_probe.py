@@ -11,7 +11,7 @@ this way, 1.35% once a replica's fixed cost was cut (`BENCH_ONLY=nomad make benc
   the allocation is live unless the stream said otherwise, and Consul's last answer says
   whether the check passes. Passing: healthy, with no call;
 - otherwise (events off, a stream that dropped, an engine not watched yet): the fleet
-  snapshot, at most one per reconciler pass, as before;
+  snapshot, at most one per reconciler pass;
 - bad news from either is confirmed by direct reads of the allocation and the service's
   health, since it may predate a change.
 """

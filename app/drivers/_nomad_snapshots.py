@@ -323,6 +323,13 @@ class Brains:
             log.warning("after restoring %s: clean-up left for later: %s", spec.name, exc)
             return state
 
+    async def available(self, state: State) -> bool:
+        """The brain's node is up, or no volume pins the engine to a node yet."""
+        if not state.get("node"):
+            return True
+        node = await self.io(self.api.node, state["node"])
+        return node is not None and node.get("Status") == "ready"
+
     async def tidy(self, spec: EngineSpec, state: State) -> State:
         entries = state.get(LEFTOVERS)
         if not entries:

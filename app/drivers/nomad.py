@@ -201,13 +201,6 @@ class NomadDriver(Driver):
                 continue  # written meanwhile (a crashed rotation's roll-back): read again
         raise SchedulerUnavailable(f"variable {path} kept changing under us")
 
-    async def brain_available(self, spec: EngineSpec, state: State) -> bool:
-        node_id = state.get("node")
-        if not node_id:
-            return True   # no volume yet: nothing pins the engine to a node
-        node = await self._io(self.api.node, node_id)
-        return node is not None and node.get("Status") == "ready"
-
     async def claimed(self, spec: EngineSpec, state: State) -> None:
         await self._register(_nomad_claim.claimed_job(self.settings, spec, state))
 
@@ -244,6 +237,9 @@ class NomadDriver(Driver):
 
     def remote_snapshots(self) -> bool:
         return self.brains.enabled
+
+    async def brain_available(self, spec: EngineSpec, state: State) -> bool:
+        return await self.brains.available(state)
 
     async def brain_fingerprint(self, spec: EngineSpec, state: State) -> str:
         return await self.brains.fingerprint(spec, state)
