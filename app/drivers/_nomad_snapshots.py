@@ -273,7 +273,7 @@ class Brains:
         return await call_sidecar(self.http, spec, url, token, method, path, timeout)
 
     async def restore(self, spec: EngineSpec, state: State, source: str, snapshot_id: str,
-                      elsewhere: bool) -> State:
+                      elsewhere: bool, save: Callable[[State], None] | None) -> State:
         if not self.enabled:
             raise errors.invalid("the job template has no `snapshot` task: snapshots on "
                                  "Nomad are off")
@@ -282,6 +282,9 @@ class Brains:
         avoid = frozenset([old_node]) if elsewhere and old_node else frozenset()
         generation = await self._next_generation(spec.name, state)
         name = volume_name(spec.name, generation)
+        if save is not None:   # killed before the row learns the new volume: tidy finds it by name
+            planned = {"name": name, "volume": None}
+            save({**state, LEFTOVERS: [*(state.get(LEFTOVERS) or []), planned]})
         volume = await self.io(self.volumes.create_on, name, job, avoid,
                                None if elsewhere else old_node)
         volume = await self.ready(volume)
@@ -342,7 +345,14 @@ class Brains:
         return {**tidied, LEFTOVERS: kept} if kept else tidied
 
     async def _remove(self, entry: dict[str, Any]) -> bool:
-        """Delete one leftover volume; False while its node is down (or it is still held)."""
+        """Delete one leftover volume; False while its node is down (or it is still held).
+        An entry without a volume id names one a restore cut short may have created."""
+        if not entry.get("volume"):
+            found = [v for v in await self.io(self.volumes.find, entry["name"])
+                     if v.get("Name") == entry["name"]]
+            results = [await self._remove({"volume": v["ID"], "node": v.get("NodeID"),
+                                           "name": entry["name"]}) for v in found]
+            return all(results)
         node = await self.io(self.api.node, entry["node"]) if entry.get("node") else None
         if node is not None and node.get("Status") != "ready":
             return False

@@ -92,15 +92,18 @@ class Driver(abc.ABC):
         raise NotImplementedError(f"the {self.name} driver does not take snapshots")
 
     async def restore_brain(self, spec: EngineSpec, state: State, source: str, snapshot_id: str,
-                            *, elsewhere: bool = False) -> State:
+                            *, elsewhere: bool = False,
+                            save: Callable[[State], None] | None = None) -> State:
         """Give the engine a new brain holding snapshot `snapshot_id` of engine `source`.
 
         Called once the engine is stopped (or its node is lost). Creates the new brain (on
         another node when `elsewhere`), and returns a state whose next `launch` fills it before
         the engine starts; every launch fills it again until `wait_ready` succeeds, so a
         restore cut short is redone. The old brain is listed under LEFTOVERS and removed once
-        the restored engine is ready (or by `tidy`, when its node is back). Raises
-        CapacityExhausted when no node can hold the new brain; leaves the state as it was.
+        the restored engine is ready (or by `tidy`, when its node is back). Before creating
+        anything, the driver hands `save` a state that lists the new brain under LEFTOVERS, so
+        an orchestrator killed half-way leaves a row whose `tidy` removes it. Raises
+        CapacityExhausted when no node can hold the new brain.
         """
         raise NotImplementedError(f"the {self.name} driver does not restore brains")
 

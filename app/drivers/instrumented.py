@@ -63,10 +63,11 @@ class Instrumented(Driver):
             return await self.inner.copy_brain(spec, state)
 
     async def restore_brain(self, spec: EngineSpec, state: State, source: str, snapshot_id: str,
-                            *, elsewhere: bool = False) -> State:
+                            *, elsewhere: bool = False,
+                            save: Callable[[State], None] | None = None) -> State:
         with self._measure("restore_brain"):
             return await self.inner.restore_brain(spec, state, source, snapshot_id,
-                                                   elsewhere=elsewhere)
+                                                   elsewhere=elsewhere, save=save)
 
     async def brain_available(self, spec: EngineSpec, state: State) -> bool:
         with self._measure("brain_available"):

@@ -248,8 +248,9 @@ class NomadDriver(Driver):
         return await self.brains.copy(spec, state)
 
     async def restore_brain(self, spec: EngineSpec, state: State, source: str, snapshot_id: str,
-                            *, elsewhere: bool = False) -> State:
-        return await self.brains.restore(spec, state, source, snapshot_id, elsewhere)
+                            *, elsewhere: bool = False,
+                            save: Callable[[State], None] | None = None) -> State:
+        return await self.brains.restore(spec, state, source, snapshot_id, elsewhere, save)
 
     async def tidy(self, spec: EngineSpec, state: State) -> State:
         return await self.brains.tidy(spec, state) if state.get(LEFTOVERS) else state

@@ -141,9 +141,14 @@ async def restore(bodies: Bodies, row: EngineRow, snapshot_id: str, *, elsewhere
     if brain is None:
         await bodies.driver.ping()
         row = await _stop(bodies, row, reason)
+        saved = [row]
+
+        def save(planned: State) -> None:
+            saved[0] = registry.update(saved[0], driver_state=planned)
+
         state = await bodies.driver.restore_brain(bodies.spec(row), row.driver_state, row.name,
-                                                  snapshot_id, elsewhere=elsewhere)
-        row = registry.update(row, driver_state=state)
+                                                  snapshot_id, elsewhere=elsewhere, save=save)
+        row = registry.update(saved[0], driver_state=state)
     else:
         staging = await snaps.stage(row.name, manifest, brain)
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -323,3 +324,38 @@ def test_an_engine_whose_node_is_lost_comes_back_elsewhere_from_its_latest_snaps
                  timeout=30, what="the row without leftovers")
         assert api.get(f"/engines/{USER}").json()["status"] == "running"
         assert memory(url, key, "GET", "colour").content == b"blue"
+
+
+def test_an_orchestrator_killed_mid_restore_leaves_no_volume_and_the_old_brain(
+        tmp_path: Path) -> None:
+    with closing(orchestrator(tmp_path, ORCH_LEASE_S="2")) as orch:
+        stack = needs_double(orch)
+        api = orch.client("acme")
+        url, key = provision(api)
+        name = orch.rows("SELECT name FROM engine")[0][0]
+        assert memory(url, key, "PUT", "colour", b"blue").is_success
+        snap = api.post(f"/engines/{USER}/snapshots").json()
+        assert memory(url, key, "PUT", "colour", b"red").is_success
+        stack.fault(fingerprint_s=30)   # the new volume stays pending: the kill comes meanwhile
+        restoring = threading.Thread(target=lambda: _quietly(
+            api.post, f"/engines/{USER}/restore", json={"snapshot_id": snap["id"]}))
+        restoring.start()
+        wait_for(lambda: len(volumes(orch)) == 2, timeout=30, what="the restore's new volume")
+        orch.kill()
+        restoring.join(timeout=30)
+        stack.fault(fingerprint_s=None)
+        orch.start()
+        # The row named the new volume before it was created: the reconciler removes it.
+        wait_for(lambda: volumes(orch) == [name], timeout=30, what="the cut-short restore's volume removed")
+        wait_for(lambda: LEFTOVERS not in json.loads(orch.engine_row(USER)["driver_state"]),
+                 timeout=30, what="the row without leftovers")
+        started = orch.client("acme").post(f"/engines/{USER}/start")  # the new process's port
+        assert started.status_code == 200, started.text
+        assert memory(started.json()["url"], key, "GET", "colour").content == b"red"  # untouched
+
+
+def _quietly(call: Any, *args: Any, **kwargs: Any) -> None:
+    try:
+        call(*args, **kwargs)
+    except httpx.HTTPError:
+        pass  # the orchestrator was killed under the call
