@@ -199,9 +199,9 @@ class NomadAPI:
         return _maybe(self._http("GET", f"/v1/volume/host/{volume_id}", missing=None,
                                  need="namespace capability host-volume-read"))
 
-    def delete_volume(self, volume_id: str, force: bool = False) -> None:
+    def delete_volume(self, volume_id: str) -> None:
+        # Never force=true: Nomad would forget the volume, and its node would bring it back.
         self._http("DELETE", f"/v1/volume/host/{volume_id}",
-                   params={"force": "true"} if force else None,
                    need="namespace capability host-volume-delete")
 
     def volumes(self, prefix: str = "") -> list[dict[str, Any]]:

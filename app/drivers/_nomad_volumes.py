@@ -23,7 +23,7 @@ from typing import Any
 
 from app.config import Settings
 from app.drivers._nomad_api import NomadAPI, NomadError
-from app.drivers.base import CapacityExhausted, SchedulerUnavailable
+from app.drivers.base import CapacityExhausted
 
 ENGINE_VOLUME = re.compile(r"e-[a-z0-9-]+-[0-9a-f]{12}(?:-r[0-9]+)?")  # any generation
 MKDIR_ATTRIBUTE = "plugins.host_volume.mkdir.version"
@@ -180,10 +180,3 @@ class Volumes:
                 return "node down"
             raise
 
-    def force_delete(self, volume_id: str) -> None:
-        """Forget a volume whose node is down (its directory stays on that node's disk)."""
-        try:
-            self.api.delete_volume(volume_id, force=True)
-        except NomadError as exc:
-            if not exc.text.startswith("no such volume"):
-                raise SchedulerUnavailable(str(exc)) from None

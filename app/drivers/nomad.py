@@ -355,12 +355,12 @@ class NomadDriver(Driver):
             if outcome in ("deleted", "gone"):
                 return
             if outcome == "node down":
-                # Destroy must end: Nomad forgets the volume; its directory stays on the
-                # lost node's disk (logged, for the operator to wipe).
-                log.warning("host volume %s is on a down node: forgotten with force=true, its "
-                            "directory stays on that node", volume_id)
-                await self._io(self.volumes.force_delete, volume_id)
-                return
+                # Not with force=true: Nomad would only forget it, and the node would bring it
+                # back, the user's data in it (the client restores its volumes from its own
+                # state). The destroy is finished once the node is back (the row stays
+                # `destroying`, and recovery runs it again).
+                raise SchedulerUnavailable(f"host volume {volume_id} is on a node that is down: "
+                                           f"it is deleted when the node returns")
             if time.monotonic() > deadline:
                 raise SchedulerUnavailable(f"host volume {volume_id} is still in use")
             await asyncio.sleep(0.1)

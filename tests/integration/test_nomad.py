@@ -190,6 +190,27 @@ def test_node_lost_fails_the_engine_until_its_node_returns(tmp_path: Path) -> No
         assert_consistent(orch)
 
 
+def test_a_destroy_while_the_brains_node_is_down_finishes_when_it_returns(tmp_path: Path) -> None:
+    """Nomad would only forget a volume deleted with force=true while its node is down, and the
+    node would bring it back with the user's data: the destroy waits for the node instead."""
+    with running(tmp_path, "nomad", env={"ORCH_LEASE_S": "2"}) as orch:
+        stack = needs_double(orch)
+        api = orch.client("acme")
+        assert api.post("/engines/provision", json={"user_id": "gus"}).status_code == 200
+        node = json.loads(orch.engine_row("gus")["driver_state"])["node"]
+        stack.node_lost(node)
+        answer = api.delete("/engines/gus")
+        assert answer.status_code == 503, answer.text
+        assert "node" in answer.json()["error"]["message"]
+        assert api.get("/engines/gus").json()["status"] == "destroying"
+        assert len(leftovers(orch.env["NOMAD_ADDR"])["volumes"]) == 1
+        stack.node_up(node)
+        wait_for(lambda: api.get("/engines/gus").status_code == 404, timeout=60,
+                 what="the destroy finished once the node is back")
+        assert leftovers(orch.env["NOMAD_ADDR"]) == {"jobs": [], "volumes": [], "variables": []}
+        assert [v["node"] for v in stack.state()["volumes"]] == []
+
+
 def test_docker_template_on_three_nodes_as_real_nomad_runs_it(tmp_path: Path) -> None:
     """Rows 1-4, 6, 10 and 15 end to end: a non-root image writes its brain and reads its
     key, the image has a real tag, volumes spread over the nodes, a rotation is confirmed
