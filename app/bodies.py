@@ -211,7 +211,9 @@ class Bodies:
     async def fail(self, row: EngineRow, seen: EngineRow, reason: str) -> EngineRow:
         # Only the incarnation that was seen failing: if the row moved on meanwhile (a
         # restart already replaced the process), the observation is stale.
-        if row.status != states.RUNNING or row.row_version != seen.row_version:
+        # A sleeping engine is failed only with its node: its brain has to move.
+        failing = (states.RUNNING, states.SLEEPING) if reason == "node_lost" else (states.RUNNING,)
+        if row.status not in failing or row.row_version != seen.row_version:
             return row
         state = await self.driver.stop(self.spec(row), row.driver_state, self._quick_stop())
         return registry.transition(row, "fail", reason, failure_reason=reason, driver_state=state,

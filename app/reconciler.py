@@ -64,6 +64,7 @@ class Reconciler:
         self._failed: list[EngineRow] = []  # this replica's restartable failed rows, as last read
         self._lost: list[EngineRow] = []  # failed node_lost, as last read
         self._untidy: list[EngineRow] = []  # driver state with leftovers, as last read
+        self._sleeping: list[EngineRow] = []  # sleeping, as last read (their node may be lost)
         self._brains_stale = True
         # Each scheduled engine's row as last read (resync, entered_since), so a
         # check needs no database read; a check that finds trouble reads the row again.
@@ -280,11 +281,26 @@ class Reconciler:
             lost = registry.failed_because("node_lost") if wait > 0 else []
             self._lost = [e for e in lost if self.mine(e) and not e.in_pool]
             self._untidy = [e for e in registry.with_state_key(LEFTOVERS) if self.mine(e)]
+            self._sleeping = [e for e in registry.engines_in([states.SLEEPING])
+                              if self.mine(e) and not e.in_pool] if wait > 0 else []
+        await self._stranded()
         for engine in self._lost:
             if now - engine.status_since >= wait:
                 self._spawn(self.engines.run(Op.RESTORE_ELSEWHERE, engine.key))
         for engine in self._untidy:
             self._spawn(self.engines.run(Op.TIDY, engine.key))
+
+    async def _stranded(self) -> None:
+        """Sleeping engines (which nothing else watches) whose node is down: failed
+        `node_lost`, so that they too are restored elsewhere in time."""
+        try:
+            names = await self.engines.driver.stranded({e.name: e.driver_state for e in self._sleeping})
+        except DriverError as exc:
+            log.debug("stranded engines not looked for: %s", exc)
+            return
+        for engine in self._sleeping:
+            if engine.name in names:
+                self._spawn(self.engines.run(Op.FAIL, engine.key, seen=engine, reason="node_lost"))
 
     def _due(self, chore: str, every: float, now: float) -> bool:
         if now - self._last.get(chore, float("-inf")) < every:

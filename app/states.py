@@ -32,7 +32,8 @@ TABLE: dict[str, tuple[frozenset[str | None], str]] = {
     "start": (frozenset({SLEEPING, STOPPED, FAILED}), STARTING),
     "stop": (frozenset({RUNNING, SLEEPING, STARTING, PROVISIONING, FAILED}), STOPPING),
     "stopped": (frozenset({STOPPING}), STOPPED),
-    "fail": (frozenset({RUNNING}), FAILED),
+    # A sleeping engine fails only with its node (node_lost): its brain must move.
+    "fail": (frozenset({RUNNING, SLEEPING}), FAILED),
     "destroy": (frozenset(STATES), DESTROYING),
     # A running engine is restarted on a new version; it comes back on the new
     # one (upgraded) or, not healthy in time, on its previous one (upgrade_rolled_back).

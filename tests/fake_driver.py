@@ -9,7 +9,7 @@ call until the test releases it, so races are staged deterministically, not time
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,6 +202,10 @@ class FakeDriver(Driver):
     async def brain_available(self, spec: EngineSpec, state: State) -> bool:
         await self._call("brain_available", spec.name)
         return spec.name not in self.lost
+
+    async def stranded(self, states: Mapping[str, State]) -> set[str]:
+        await self._call("stranded", "")
+        return {name for name in states if name in self.lost}
 
     async def tidy(self, spec: EngineSpec, state: State) -> State:
         await self._call("tidy", spec.name)

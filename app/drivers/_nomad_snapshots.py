@@ -25,7 +25,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import httpx
@@ -325,6 +325,11 @@ class Brains:
         except DriverError as exc:   # the engine is up: what is left waits for tidy or destroy
             log.warning("after restoring %s: clean-up left for later: %s", spec.name, exc)
             return state
+
+    async def stranded(self, states: Mapping[str, State]) -> set[str]:
+        """The engines whose brain's node is down (one listing of the nodes)."""
+        down = {n["ID"] for n in await self.io(self.api.nodes) if n.get("Status") == "down"}
+        return {name for name, state in states.items() if state.get("node") in down}
 
     async def available(self, state: State) -> bool:
         """The brain's node is up, or no volume pins the engine to a node yet."""

@@ -11,7 +11,7 @@ status.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -106,6 +106,12 @@ class Driver(abc.ABC):
         CapacityExhausted when no node can hold the new brain.
         """
         raise NotImplementedError(f"the {self.name} driver does not restore brains")
+
+    async def stranded(self, states: Mapping[str, State]) -> set[str]:
+        """Of these engines (name -> state), those whose brain is on a node that is down now:
+        one call for many, cheap when every node is up. Called by the reconciler for engines
+        nothing else watches (sleeping ones). Default: none."""
+        return set()
 
     async def tidy(self, spec: EngineSpec, state: State) -> State:
         """Remove what `state[LEFTOVERS]` lists and can be removed now (its node is back);

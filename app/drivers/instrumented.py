@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,10 @@ class Instrumented(Driver):
         with self._measure("restore_brain"):
             return await self.inner.restore_brain(spec, state, source, snapshot_id,
                                                    elsewhere=elsewhere, save=save)
+
+    async def stranded(self, states: Mapping[str, State]) -> set[str]:
+        with self._measure("stranded"):
+            return await self.inner.stranded(states)
 
     async def brain_available(self, spec: EngineSpec, state: State) -> bool:
         with self._measure("brain_available"):

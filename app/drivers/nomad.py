@@ -16,7 +16,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -240,6 +240,9 @@ class NomadDriver(Driver):
 
     async def brain_available(self, spec: EngineSpec, state: State) -> bool:
         return await self.brains.available(state)
+
+    async def stranded(self, states: Mapping[str, State]) -> set[str]:
+        return await self.brains.stranded(states) if states else set()
 
     async def brain_fingerprint(self, spec: EngineSpec, state: State) -> str:
         return await self.brains.fingerprint(spec, state)

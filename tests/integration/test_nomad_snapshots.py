@@ -359,3 +359,28 @@ def _quietly(call: Any, *args: Any, **kwargs: Any) -> None:
         call(*args, **kwargs)
     except httpx.HTTPError:
         pass  # the orchestrator was killed under the call
+
+
+def test_a_sleeping_engine_whose_node_is_lost_is_restored_elsewhere_without_an_admit(
+        tmp_path: Path) -> None:
+    with closing(orchestrator(tmp_path, ORCH_NODE_LOST_RESTORE_S="1", ORCH_IDLE_SLEEP_S="1")) as orch:
+        stack = needs_double(orch)
+        api = orch.client("acme")
+        url, key = provision(api)
+        assert memory(url, key, "PUT", "colour", b"blue").is_success
+        assert api.post(f"/engines/{USER}/snapshots").status_code == 201
+        wait_for(lambda: api.get(f"/engines/{USER}").json()["status"] == "sleeping", timeout=30,
+                 what="idle sleep")
+        lost = json.loads(orch.engine_row(USER)["driver_state"])["node"]
+        stack.node_lost(lost)
+
+        def elsewhere() -> bool:   # back, and maybe asleep again already (idle for 1 s)
+            row = orch.engine_row(USER)
+            return row["status"] in ("running", "sleeping") \
+                and json.loads(row["driver_state"])["node"] != lost
+        wait_for(elsewhere, timeout=60, what="the sleeping engine restored on another node")
+        trail = [(e["event"], e["reason"]) for e in api.get(f"/engines/{USER}/events").json()["events"]]
+        assert ("fail", "node_lost") in trail
+        admitted = api.post(f"/engines/{USER}/admit", json={"auto_wake": True}).json()
+        assert admitted["admitted"], admitted
+        assert memory(admitted["url"], key, "GET", "colour").content == b"blue"

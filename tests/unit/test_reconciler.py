@@ -273,3 +273,27 @@ def test_what_a_driver_left_on_a_down_node_is_tidied_once_it_is_back(tmp_path: P
         world.run(scenario())
     finally:
         world.close()
+
+
+def test_a_sleeping_engine_whose_node_is_lost_fails_without_an_admit(tmp_path: Path) -> None:
+    world = World(tmp_path, idle_sleep_s=0.05, lease_s=0.05)
+    try:
+        async def scenario() -> None:
+            row, _ = await world.op(Op.PROVISION, "s")
+            await asyncio.sleep(0.06)
+            await world.reconciler.pass_once(wait=True)
+            assert world.status("s") == states.SLEEPING
+            await asyncio.sleep(0.06)
+            await world.reconciler.pass_once(wait=True)
+            assert world.status("s") == states.SLEEPING  # its node is up: it sleeps on
+            world.driver.lost.add(row.name)
+            await asyncio.sleep(0.06)
+            await world.reconciler.pass_once(wait=True)
+
+        world.run(scenario())
+        failed = world.row("s")
+        assert failed is not None and failed.status == states.FAILED
+        assert failed.failure_reason == "node_lost"
+        world.assert_valid_trail("s")
+    finally:
+        world.close()
