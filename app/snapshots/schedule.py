@@ -31,6 +31,9 @@ class SnapshotSchedule:
         self.mine = mine
         self.interval = engines.settings.snapshot_interval_s
         self.plan = HealthSchedule(self.interval)
+        # At rest nothing is read that cannot have changed: the rows again only after a write.
+        self._changes = registry.Changes()
+        self._rows: dict[int, EngineRow] = {}
 
     async def run_forever(self) -> None:
         if self.interval <= 0:
@@ -55,13 +58,14 @@ class SnapshotSchedule:
 
     async def tick(self, now: float) -> list[str]:
         """Take the snapshots due; returns the ids taken."""
-        # A warm pool's engines wait for a user: nothing of anyone's to keep yet.
-        rows = {r.id: r for r in registry.engines_in(WITH_BRAIN)
-                if not r.in_pool and self.mine(r) and self._here(r)}
-        self.plan.replace(set(rows), now)
+        if self._changes.since_last_look():
+            # A warm pool's engines wait for a user: nothing of anyone's to keep yet.
+            self._rows = {r.id: r for r in registry.engines_in(WITH_BRAIN)
+                          if not r.in_pool and self.mine(r) and self._here(r)}
+            self.plan.replace(set(self._rows), now)
         taken = []
         for engine_id in self.plan.due(now):
-            row = rows[engine_id]
+            row = self._rows[engine_id]
             try:
                 manifest = await self.engines.run(Op.SNAPSHOT, row.key, scheduled=True)
             except errors.DomainError as exc:  # busy, gone, the store down: next interval
