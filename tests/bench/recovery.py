@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from tests.bench import plain_tar
 from tests.harness import Orchestrator, wait_for
 from tests.s3server import BUCKET, s3_server
 
@@ -62,7 +61,7 @@ def _measure(orch: Orchestrator, tmp: Path) -> dict[str, Any]:
         (brain / f"f{n:05d}").write_bytes(os.urandom(FILE_KB * 1024))
     snap = api.post(f"/engines/{USER}/snapshots")
     assert snap.status_code == 201, snap.text
-    tar_s = _tar_round_trip(brain, tmp)
+    tar_s = round(plain_tar.tar(brain, tmp)["s"] + plain_tar.untar(tmp), 3)
     lost_node = state["node"]
     started = time.perf_counter()
     orch.stack.node_lost(lost_node)
@@ -88,17 +87,6 @@ def _back_elsewhere(orch: Orchestrator, api: httpx.Client, lost_node: str) -> bo
     if row is None or row["status"] != "running" or json.loads(row["driver_state"]).get("node") == lost_node:
         return False
     return bool(api.post(f"/engines/{USER}/admit").json().get("admitted"))
-
-
-def _tar_round_trip(brain: Path, tmp: Path) -> float:
-    archive, target = tmp / "plain.tar", tmp / "untarred"
-    target.mkdir(exist_ok=True)
-    started = time.perf_counter()
-    subprocess.run(["tar", "-cf", str(archive), "-C", str(brain), "."], check=True)
-    subprocess.run(["tar", "-xf", str(archive), "-C", str(target)], check=True)
-    elapsed = time.perf_counter() - started
-    shutil.rmtree(target, ignore_errors=True)
-    return round(elapsed, 3)
 
 
 def lines(r: dict[str, Any]) -> list[str]:

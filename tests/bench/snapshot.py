@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from app.snapshots import service
 from app.snapshots.store import open_store
-from tests.bench import recovery
+from tests.bench import plain_tar, recovery
 from tests.harness import Orchestrator
 from tests.s3server import BUCKET, s3_server
 
@@ -54,11 +51,11 @@ def _one(tmp: Path, env: dict[str, str]) -> dict[str, Any]:
             (brain / f"f{n:05d}").write_bytes(os.urandom(FILE_KB * 1024))
         store = open_store(env.get("ORCH_SNAPSHOT_STORE") or (orch.state_dir / "snapshots").as_uri())
         first = _snapshot(api, store, brain)
-        tar_first = _tar(brain, tmp)
+        tar_first = plain_tar.tar(brain, tmp)
         for n in range(0, files, 100):  # 1% of the files rewritten
             (brain / f"f{n:05d}").write_bytes(os.urandom(FILE_KB * 1024))
         second = _snapshot(api, store, brain)
-        tar_second = _tar(brain, tmp)
+        tar_second = plain_tar.tar(brain, tmp)
         started = time.perf_counter()
         assert api.post(f"/engines/{USER}/restore", json={"snapshot_id": first["id"]}).status_code == 200
         restore_s = time.perf_counter() - started
@@ -66,7 +63,7 @@ def _one(tmp: Path, env: dict[str, str]) -> dict[str, Any]:
         assert api.post(f"/engines/{USER}/stop").status_code == 200
         assert api.post(f"/engines/{USER}/start").status_code == 200
         restart_s = time.perf_counter() - started
-        untar_s = _untar(tmp)
+        untar_s = plain_tar.untar(tmp)
         return {"mb": MB, "first_s": first["s"], "first_bytes": first["new_bytes"],
                 "next_s": second["s"], "next_bytes": second["new_bytes"],
                 "tar_s": tar_first["s"], "tar_bytes": tar_first["bytes"], "tar_next_s": tar_second["s"],
@@ -89,22 +86,6 @@ def _snapshot(api: Any, store: Any, brain: Path) -> dict[str, Any]:
     snap_id = answer.json()["id"]
     manifest = json.loads(store.get(service.manifest_key(brain.name, snap_id)))
     return {"id": snap_id, "s": round(elapsed, 3), "new_bytes": manifest["new_bytes"]}
-
-
-def _tar(brain: Path, tmp: Path) -> dict[str, Any]:
-    out = tmp / "plain.tar"
-    started = time.perf_counter()
-    subprocess.run(["tar", "-cf", str(out), "-C", str(brain), "."], check=True)
-    return {"s": round(time.perf_counter() - started, 3), "bytes": out.stat().st_size}
-
-
-def _untar(tmp: Path) -> float:
-    target = Path(tempfile.mkdtemp(dir=tmp))
-    started = time.perf_counter()
-    subprocess.run(["tar", "-xf", str(tmp / "plain.tar"), "-C", str(target)], check=True)
-    elapsed = time.perf_counter() - started
-    shutil.rmtree(target, ignore_errors=True)
-    return round(elapsed, 3)
 
 
 def _mkdir(path: Path) -> Path:
