@@ -79,6 +79,29 @@ def volumes(orch: Orchestrator) -> list[str]:
     return sorted(leftovers(orch.env["NOMAD_ADDR"])["volumes"])
 
 
+def driver_state(orch: Orchestrator) -> dict[str, Any]:
+    state: dict[str, Any] = json.loads(orch.engine_row(USER)["driver_state"])
+    return state
+
+
+def blue_snapshot_then_red(orch: Orchestrator,
+                           api: httpx.Client) -> tuple[str, str, str, dict[str, Any]]:
+    """A new engine whose snapshot says `blue` and whose brain says `red` since:
+    (url, key, engine name, the snapshot)."""
+    url, key = provision(api)
+    name = orch.rows("SELECT name FROM engine")[0][0]
+    assert memory(url, key, "PUT", "colour", b"blue").is_success
+    snap = api.post(f"/engines/{USER}/snapshots").json()
+    assert memory(url, key, "PUT", "colour", b"red").is_success
+    return url, key, name, snap
+
+
+def moved_from(orch: Orchestrator, node: str, statuses: tuple[str, ...] = ("running",)) -> bool:
+    """The engine is back in one of `statuses` on another node than `node`."""
+    row = orch.engine_row(USER)
+    return row["status"] in statuses and json.loads(row["driver_state"])["node"] != node
+
+
 def s3_objects(env: dict[str, str], prefix: str) -> dict[str, bytes]:
     import boto3
 
@@ -125,7 +148,7 @@ def test_the_sidecar_copies_the_brain_and_a_restore_fills_a_new_volume(
     events = api.get(f"/engines/{USER}/events").json()["events"]
     reason = next(e for e in events if e["event"] == "restored")["reason"]
     assert reason.startswith(f"{snap['id']} data_age_s=")
-    state = json.loads(orch.engine_row(USER)["driver_state"])
+    state = driver_state(orch)
     assert _nomad_snapshots.RESTORING not in state and LEFTOVERS not in state
 
     assert api.delete(f"/engines/{USER}").status_code == 200
@@ -143,18 +166,14 @@ def test_a_failed_restore_keeps_the_old_brain_and_provision_from_a_snapshot_rest
 def _failed_restore(orch: Orchestrator) -> None:
     stack = needs_double(orch)
     api = orch.client("acme")
-    url, key = provision(api)
-    name = orch.rows("SELECT name FROM engine")[0][0]
-    assert memory(url, key, "PUT", "colour", b"blue").is_success
-    snap = api.post(f"/engines/{USER}/snapshots").json()
-    assert memory(url, key, "PUT", "colour", b"red").is_success
+    _url, key, name, snap = blue_snapshot_then_red(orch, api)
     stack.fault(fail_tasks=["restore"])
     answer = api.post(f"/engines/{USER}/restore", json={"snapshot_id": snap["id"]})
     assert answer.status_code == 504, answer.text
     got = api.get(f"/engines/{USER}").json()
     assert got["status"] == "failed" and got["failure_reason"] == "crashed"
     assert volumes(orch) == [name, f"{name}-r1"]  # the old brain is kept
-    old = json.loads(orch.engine_row(USER)["driver_state"])[LEFTOVERS][0]
+    old = driver_state(orch)[LEFTOVERS][0]
     kept = Path(get(orch.env["NOMAD_ADDR"], f"/v1/volume/host/{old['volume']}")["HostPath"])
     assert [f.read_bytes() for f in kept.iterdir()] == [b"red"]  # untouched
 
@@ -297,30 +316,24 @@ def test_an_engine_whose_node_is_lost_comes_back_elsewhere_from_its_latest_snaps
     with closing(orchestrator(tmp_path, ORCH_NODE_LOST_RESTORE_S="1")) as orch:
         stack = needs_double(orch)
         api = orch.client("acme")
-        url, key = provision(api)
-        name = orch.rows("SELECT name FROM engine")[0][0]
-        assert memory(url, key, "PUT", "colour", b"blue").is_success
-        snap = api.post(f"/engines/{USER}/snapshots").json()
-        assert memory(url, key, "PUT", "colour", b"red").is_success  # after it: lost with the node
-        lost = json.loads(orch.engine_row(USER)["driver_state"])["node"]
+        url, key, name, snap = blue_snapshot_then_red(orch, api)
+        lost = driver_state(orch)["node"]
         stack.node_lost(lost)
 
-        def elsewhere() -> bool:
-            row = orch.engine_row(USER)
-            return row["status"] == "running" and json.loads(row["driver_state"])["node"] != lost
-        wait_for(elsewhere, timeout=60, what="the engine running again on another node")
+        wait_for(lambda: moved_from(orch, lost), timeout=60,
+                 what="the engine running again on another node")
         url = api.get(f"/engines/{USER}").json()["url"]
         assert memory(url, key, "GET", "colour").content == b"blue"  # the snapshot's; same key
         events = api.get(f"/engines/{USER}/events").json()["events"]
         reason = next(e for e in events if e["event"] == "restored")["reason"]
         assert reason.startswith(f"{snap['id']} data_age_s=") and reason.endswith("node_lost")
-        state = json.loads(orch.engine_row(USER)["driver_state"])
+        state = driver_state(orch)
         assert [v["node"] for v in state[LEFTOVERS]] == [lost]  # the stale brain waits for its node
         assert volumes(orch) == [name, f"{name}-r1"]
 
         stack.node_up(lost)  # back: its stale volume is deleted, never mounted again
         wait_for(lambda: volumes(orch) == [f"{name}-r1"], timeout=30, what="the stale volume deleted")
-        wait_for(lambda: LEFTOVERS not in json.loads(orch.engine_row(USER)["driver_state"]),
+        wait_for(lambda: LEFTOVERS not in driver_state(orch),
                  timeout=30, what="the row without leftovers")
         assert api.get(f"/engines/{USER}").json()["status"] == "running"
         assert memory(url, key, "GET", "colour").content == b"blue"
@@ -331,11 +344,7 @@ def test_an_orchestrator_killed_mid_restore_leaves_no_volume_and_the_old_brain(
     with closing(orchestrator(tmp_path, ORCH_LEASE_S="2")) as orch:
         stack = needs_double(orch)
         api = orch.client("acme")
-        url, key = provision(api)
-        name = orch.rows("SELECT name FROM engine")[0][0]
-        assert memory(url, key, "PUT", "colour", b"blue").is_success
-        snap = api.post(f"/engines/{USER}/snapshots").json()
-        assert memory(url, key, "PUT", "colour", b"red").is_success
+        _url, key, name, snap = blue_snapshot_then_red(orch, api)
         stack.fault(fingerprint_s=30)   # the new volume stays pending: the kill comes meanwhile
         restoring = threading.Thread(target=lambda: _quietly(
             api.post, f"/engines/{USER}/restore", json={"snapshot_id": snap["id"]}))
@@ -347,7 +356,7 @@ def test_an_orchestrator_killed_mid_restore_leaves_no_volume_and_the_old_brain(
         orch.start()
         # The row named the new volume before it was created: the reconciler removes it.
         wait_for(lambda: volumes(orch) == [name], timeout=30, what="the cut-short restore's volume removed")
-        wait_for(lambda: LEFTOVERS not in json.loads(orch.engine_row(USER)["driver_state"]),
+        wait_for(lambda: LEFTOVERS not in driver_state(orch),
                  timeout=30, what="the row without leftovers")
         started = orch.client("acme").post(f"/engines/{USER}/start")  # the new process's port
         assert started.status_code == 200, started.text
@@ -371,14 +380,12 @@ def test_a_sleeping_engine_whose_node_is_lost_is_restored_elsewhere_without_an_a
         assert api.post(f"/engines/{USER}/snapshots").status_code == 201
         wait_for(lambda: api.get(f"/engines/{USER}").json()["status"] == "sleeping", timeout=30,
                  what="idle sleep")
-        lost = json.loads(orch.engine_row(USER)["driver_state"])["node"]
+        lost = driver_state(orch)["node"]
         stack.node_lost(lost)
 
-        def elsewhere() -> bool:   # back, and maybe asleep again already (idle for 1 s)
-            row = orch.engine_row(USER)
-            return row["status"] in ("running", "sleeping") \
-                and json.loads(row["driver_state"])["node"] != lost
-        wait_for(elsewhere, timeout=60, what="the sleeping engine restored on another node")
+        # back, and maybe asleep again already (idle for 1 s)
+        wait_for(lambda: moved_from(orch, lost, ("running", "sleeping")), timeout=60,
+                 what="the sleeping engine restored on another node")
         trail = [(e["event"], e["reason"]) for e in api.get(f"/engines/{USER}/events").json()["events"]]
         assert ("fail", "node_lost") in trail
         admitted = api.post(f"/engines/{USER}/admit", json={"auto_wake": True}).json()
