@@ -212,7 +212,7 @@ class Bodies:
         # Only the incarnation that was seen failing: if the row moved on meanwhile (a
         # restart already replaced the process), the observation is stale.
         # A sleeping engine is failed only with its node: its brain has to move.
-        failing = (states.RUNNING, states.SLEEPING) if reason == "node_lost" else (states.RUNNING,)
+        failing = (states.RUNNING, states.SLEEPING) if reason == recovery.NODE_LOST else (states.RUNNING,)
         if row.status not in failing or row.row_version != seen.row_version:
             return row
         state = await self.driver.stop(self.spec(row), row.driver_state, self._quick_stop())

@@ -37,7 +37,7 @@ from typing import Any
 
 from app import errors, registry, states
 from app.drivers.base import LEFTOVERS
-from app.errors import DriverError
+from app.errors import DriverError, NodeLost
 from app.health_schedule import HealthSchedule
 from app.operations import Engines, Op
 from app.registry import EngineRow, shards
@@ -278,7 +278,7 @@ class Reconciler:
         if self._brains_stale:
             self._brains_stale = False
             # A warm pool's engine has nothing of anyone's to restore: the pool replaces it.
-            lost = registry.failed_because("node_lost") if wait > 0 else []
+            lost = registry.failed_because(NodeLost.reason) if wait > 0 else []
             self._lost = [e for e in lost if self.mine(e) and not e.in_pool]
             self._untidy = [e for e in registry.with_state_key(LEFTOVERS) if self.mine(e)]
             self._sleeping = [e for e in registry.engines_in([states.SLEEPING])
@@ -300,7 +300,7 @@ class Reconciler:
             return
         for engine in self._sleeping:
             if engine.name in names:
-                self._spawn(self.engines.run(Op.FAIL, engine.key, seen=engine, reason="node_lost"))
+                self._spawn(self.engines.run(Op.FAIL, engine.key, seen=engine, reason=NodeLost.reason))
 
     def _due(self, chore: str, every: float, now: float) -> bool:
         if now - self._last.get(chore, float("-inf")) < every:

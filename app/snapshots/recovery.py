@@ -19,13 +19,14 @@ from typing import Protocol
 from app import registry, states
 from app.config import Settings
 from app.drivers.base import LEFTOVERS, Driver, EngineSpec
+from app.errors import NodeLost
 from app.registry import EngineRow
 from app.snapshots import bodies as snapshot_bodies
 from app.snapshots.service import Snapshots
 
 log = logging.getLogger("orch.snapshots")
 
-NODE_LOST = "node_lost"
+NODE_LOST = NodeLost.reason
 # How often a failed engine whose node is down looks again for its node.
 NODE_RECHECK_S = 10.0
 
