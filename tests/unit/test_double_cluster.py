@@ -212,7 +212,11 @@ def test_default_template_timing_is_wait_5s_plus_splay(stack: Hashistack) -> Non
 def test_a_paused_task_gets_only_the_kill_signal_then_sigkill(stack: Hashistack) -> None:
     start(stack, "e-row11-0123456789ab", lambda t: t.update(KillTimeout=1000 * MS))
     alloc = one(stack, "e-row11-0123456789ab", "running")
+    [pid] = next(a for a in stack.state()["allocs"] if a["id"] == alloc["ID"])["pids"].values()
     client(stack).client.allocation.signal_allocation(alloc["ID"], "SIGSTOP", task="engine")
+    # kill(2) only queues SIGSTOP; a SIGTERM queued before the process next runs is dequeued
+    # first (lower number), so the purge waits until the kernel has really stopped it.
+    wait_for(lambda: _proc_state(pid) == "T", what="the engine stopped")
     purge(stack, "e-row11-0123456789ab")
     done = wait_for(lambda: allocs(stack, "e-row11-0123456789ab", "complete"), what="stopped")[0]
     terminated = [e for e in done["TaskStates"]["engine"]["Events"] if e["Type"] == "Terminated"]
