@@ -146,6 +146,12 @@ class NomadAPI:
     def node(self, node_id: str) -> dict[str, Any] | None:
         return _maybe(self._http("GET", f"/v1/node/{node_id}", missing=None, need="node read"))
 
+    def node_status(self, node_id: str) -> str | None:
+        """The node's Status ("ready", "down", ...), or None for a node Nomad does not know
+        (each caller says what an unknown node means for it)."""
+        node = self.node(node_id)
+        return None if node is None else str(node.get("Status"))
+
     # ---- variables ----------------------------------------------------------------------------
 
     def put_variable(self, path: str, items: dict[str, str], cas: int | None = None) -> dict[str, Any]:

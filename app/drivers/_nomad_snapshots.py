@@ -335,8 +335,8 @@ class Brains:
         """The brain's node is up, or no volume pins the engine to a node yet."""
         if not state.get("node"):
             return True
-        node = await self.io(self.api.node, state["node"])
-        return node is not None and node.get("Status") == "ready"
+        status: str | None = await self.io(self.api.node_status, state["node"])
+        return status == "ready"
 
     async def tidy(self, spec: EngineSpec, state: State) -> State:
         entries = state.get(LEFTOVERS)
@@ -358,8 +358,8 @@ class Brains:
             results = [await self._remove({"volume": v["ID"], "node": v.get("NodeID"),
                                            "name": entry["name"]}) for v in found]
             return all(results)
-        node = await self.io(self.api.node, entry["node"]) if entry.get("node") else None
-        if node is not None and node.get("Status") != "ready":
+        status = await self.io(self.api.node_status, entry["node"]) if entry.get("node") else None
+        if status not in (None, "ready"):
             return False
         outcome = await self.io(self.volumes.delete, entry["volume"])
         if outcome in ("deleted", "gone"):

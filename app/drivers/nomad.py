@@ -318,10 +318,10 @@ class NomadDriver(Driver):
         if not node_id and state.get("volume"):
             volume = await self._io(self.api.volume, state["volume"])
             node_id = (volume or {}).get("NodeID")
-        node = await self._io(self.api.node, node_id) if node_id else None
-        if node is not None and node.get("Status") != "ready":
+        status = await self._io(self.api.node_status, node_id) if node_id else None
+        if status not in (None, "ready"):
             raise NodeLost(f"the brain of {spec.name} is on node {node_id}, which is "
-                           f"{node.get('Status')}: unavailable until the node returns", state)
+                           f"{status}: unavailable until the node returns", state)
 
     async def _newer_eval(self, job_id: str, evaluation: dict[str, Any]) -> str | None:
         evals = [e for e in await self._io(self.api.evaluations, job_id)
