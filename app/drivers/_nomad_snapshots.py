@@ -53,6 +53,9 @@ _VOLUME = re.compile(r"(e-[a-z0-9-]+-[0-9a-f]{12})(?:-r([0-9]+))?")
 VOLUME_WAIT_S = 30.0
 STORE_SETTINGS_TTL_S = 300.0
 COPY_TIMEOUT_S = 900.0  # a copy of a large brain to a remote bucket
+# The sidecar stops a copy at COPY_TIMEOUT_S and answers; the call waits that long and a margin,
+# so it hears why rather than timing out while the copy still runs.
+ANSWER_MARGIN_S = 30.0
 CALL_TIMEOUT_S = 30.0
 # Never handed to the sidecar: the orchestrator's own environment is not the job's.
 AWS_SETTINGS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
@@ -141,7 +144,8 @@ def _aws() -> dict[str, str]:
 
 
 def sidecar_config(store: dict[str, Any], name: str) -> str:
-    return json.dumps({**store, "prefix": f"engines/{name}/", "token": secrets.token_hex(32)})
+    return json.dumps({**store, "prefix": f"engines/{name}/", "token": secrets.token_hex(32),
+                       "copy_timeout_s": COPY_TIMEOUT_S})
 
 
 def restore_config(store: dict[str, Any], name: str, source: str, snapshot_id: str) -> str:
@@ -256,7 +260,8 @@ class Brains:
         return str((await self.call(spec, state, "GET", "/v1/fingerprint", CALL_TIMEOUT_S))["fingerprint"])
 
     async def copy(self, spec: EngineSpec, state: State) -> dict[str, Any]:
-        return await self.call(spec, state, "POST", "/v1/snapshot", COPY_TIMEOUT_S)
+        return await self.call(spec, state, "POST", "/v1/snapshot",
+                               COPY_TIMEOUT_S + ANSWER_MARGIN_S)
 
     async def call(self, spec: EngineSpec, state: State, method: str, path: str,
                    timeout: float) -> dict[str, Any]:

@@ -9,8 +9,9 @@ client: ~30 MB that would otherwise stay resident beside every engine for good.
 
 Environment: ORCH_SIDECAR_MODE (serve | restore; take is serve's child's, with
 ORCH_SIDECAR_PARENT, serve's pid), ORCH_SIDECAR_BRAIN (the volume's mount), ORCH_SIDECAR_CONFIG
-(the JSON file Nomad renders from the task's variable: store, aws, prefix, token; restore:
-source_prefix, snapshot), ORCH_SIDECAR_HOST and ORCH_SIDECAR_PORT (serve).
+(the JSON file Nomad renders from the task's variable: store, aws, prefix, token,
+copy_timeout_s; restore: source_prefix, snapshot), ORCH_SIDECAR_HOST and ORCH_SIDECAR_PORT
+(serve).
 The config file is read again on every request, so a rewritten variable applies at once.
 """
 
@@ -48,6 +49,16 @@ def read_config(path: Path) -> dict[str, Any]:
     return config
 
 
+def copy_timeout(config: Mapping[str, Any]) -> float | None:
+    """How long a copy may take (`copy_timeout_s`; none given: no limit)."""
+    value = config.get("copy_timeout_s")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise errors.SnapshotStoreFailed(f"the sidecar's config has no valid 'copy_timeout_s': {value!r}")
+    return float(value)
+
+
 def checked_prefix(config: Mapping[str, Any], key: str) -> str:
     value = config.get(key)
     if not isinstance(value, str) or not _PREFIX.fullmatch(value):
@@ -76,13 +87,15 @@ class Sidecar:
             raise Refused(409, "BUSY", "a snapshot of this brain is under way")
         try:
             checked_prefix(config, "prefix")
-            return self._take()
+            return self._take(copy_timeout(config))
         finally:
             self.busy.release()
 
-    def _take(self) -> dict[str, Any]:
+    def _take(self, timeout: float | None) -> dict[str, Any]:
         """`take` mode in a child, with this process's environment (so the same brain and
-        config file); its stdout is the answer, its one stderr line the reason it failed."""
+        config file); its stdout is the answer, its one stderr line the reason it failed.
+        A child still copying after `timeout` is killed: the caller has given up by then, and
+        the brain must not stay BUSY for a copy nobody waits for."""
         with self._guard:
             if self.stopping:
                 raise Stopping
@@ -92,7 +105,12 @@ class Sidecar:
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             child = self.child
         try:
-            out, err = child.communicate()
+            out, err = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
+            raise errors.SnapshotStoreFailed(
+                f"the copy into the store took longer than {timeout:g} s and was stopped") from None
         finally:
             with self._guard:
                 self.child = None

@@ -233,6 +233,30 @@ def test_a_second_snapshot_while_one_runs_is_busy_and_the_sidecars_end_ends_its_
             assert not caller.is_alive() and first == [None]  # cut off by the exit
 
 
+def test_a_copy_longer_than_its_timeout_is_stopped_and_answered_502(tmp_path: Path) -> None:
+    """The store accepts and never answers; past `copy_timeout_s` the child is killed and
+    reaped, the caller hears why, and the brain is free for the next snapshot (not BUSY)."""
+    (tmp_path / "brain").mkdir()
+    (tmp_path / "brain" / "f").write_bytes(b"x")
+    with socket.create_server(("127.0.0.1", 0)) as stuck:
+        stuck.settimeout(20)
+        aws = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{stuck.getsockname()[1]}",
+               "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_REGION": "us-east-1"}
+        config = {"store": f"s3://{BUCKET}/x", "aws": aws, "prefix": PREFIX, "token": "t0",
+                  "copy_timeout_s": 1}
+        with serving(tmp_path, config, tmp_path / "brain") as side:
+            for _ in range(2):
+                answer = side.call("POST", "/v1/snapshot")
+                assert answer.status_code == 502, answer.text
+                error = answer.json()["error"]
+                assert error["code"] == "SNAPSHOT_STORE_FAILED"
+                assert "took longer than 1 s" in error["message"], error
+                assert children(side.proc.pid) == {}   # killed and reaped
+            write_config(side.config, {**config, "copy_timeout_s": "soon"})
+            answer = side.call("POST", "/v1/snapshot")
+            assert answer.status_code == 502 and "copy_timeout_s" in answer.text
+
+
 def _quietly(side: Sidecar, path: str) -> httpx.Response | None:
     try:
         return side.call("POST", path)

@@ -93,6 +93,7 @@ def test_the_sidecar_config_names_the_store_and_a_fresh_token(tmp_path: Path) ->
     assert store == {"store": (tmp_path / "snapshots").resolve().as_uri()}
     first, second = (json.loads(snaps.sidecar_config(store, SPEC.name)) for _ in range(2))
     assert first["prefix"] == f"engines/{SPEC.name}/" and first["token"] != second["token"]
+    assert first["copy_timeout_s"] == snaps.COPY_TIMEOUT_S   # the sidecar stops a copy then
     restore = json.loads(snaps.restore_config(store, SPEC.name, "e-acme-bob-0123456789ab", "s-1"))
     assert restore["source_prefix"] == "engines/e-acme-bob-0123456789ab/" and restore["snapshot"] == "s-1"
     assert "token" not in restore
