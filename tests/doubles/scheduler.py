@@ -7,8 +7,8 @@ in-flight one is acked the newest waiting one runs and the older ones are cancel
 after more recent eval was processed", nomad/leader.go reapCancelableEvaluations),
 scheduler/reconcile.go (allocations on a down node are marked lost, "alloc is lost since its
 node is down", and replaced whatever the reschedule policy), nomad/blocked_evals.go (a
-placement failure leaves a blocked eval, unblocked when a node comes back or a volume turns
-ready).
+placement failure leaves a blocked eval, unblocked when a node comes back, a volume turns
+ready or an allocation finishes, nomad/fsm.go).
 
 An evaluation is processed by a worker after the register call has answered (its reply's eval
 is `pending`), `eval_delay_s` later; a replacement allocation waits for the allocation it
@@ -263,6 +263,7 @@ class Cluster:
 
     def alloc_changed(self, alloc: Alloc, kind: str = "AllocationUpdated") -> None:
         """A task state changed: derive the alloc's ClientStatus as Nomad's client does."""
+        was_live = not alloc.terminal
         if alloc.client_status != "lost":
             states = alloc.task_states.values()
             if any(s["Failed"] for s in states):
@@ -278,6 +279,10 @@ class Cluster:
             self.services.deregister_alloc(alloc)
         alloc.modify_index, alloc.modify_time = self.state.bump(), now_ns()
         self.alloc_event(alloc, kind)   # the client's update (AllocClientUpdateRequestType)
+        if was_live and alloc.client_status in ("complete", "failed"):
+            # nomad/fsm.go applyAllocClientUpdate: an alloc the client finished frees its
+            # node's capacity, so the blocked evals run again (UnblockClassAndQuota).
+            self.unblock()
 
     def task_state_changed(self, alloc: Alloc) -> None:
         """alloc_runner.go handleTaskStateUpdates: kill the live tasks when a task failed,
@@ -342,9 +347,9 @@ class Cluster:
         for vol in self.state.volumes.values():
             if vol["NodeID"] == node_id and vol["State"] != "ready":
                 vol["State"], vol["ModifyIndex"] = "ready", self.state.bump()
-        self.volume_ready()
+        self.unblock()
 
-    def volume_ready(self) -> None:
+    def unblock(self) -> None:
         """Capacity changed: blocked evals run again (blocked_evals.go Unblock)."""
         for jid, blocked in list(self.blocked.items()):
             job = self.state.jobs.get(jid)

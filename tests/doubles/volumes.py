@@ -194,7 +194,7 @@ class Volumes:
             index, now = self.state.bump(), now_ns()
             for vol in pending:
                 vol.update(State="ready", ModifyIndex=index, ModifyTime=now)
-            self.api.cluster.volume_ready()
+            self.api.cluster.unblock()
 
     def _update(self, vol: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
         # validateVolumeUpdate: an update by ID may change capabilities and constraints.

@@ -138,6 +138,11 @@ def test_a_full_node_fails_placement_per_dimension(stack: Hashistack) -> None:
         stub = get(stack, "/v1/nodes", resources="true")[0]
         assert stub["NodeResources"]["Cpu"]["CpuShares"] == 150
         assert get(stack, "/v1/nodes")[0]["NodeResources"] is None   # only when asked
+        # An allocation that finishes frees its room: the blocked eval runs again and places.
+        assert get(stack, f"/v1/job/{jobs[3]}/allocations") == []
+        purge(stack, jobs[0])
+        wait_for(lambda: [a for a in get(stack, f"/v1/job/{jobs[3]}/allocations")
+                          if a["ClientStatus"] == "running"], what="the blocked job placed")
     finally:
         for j in jobs:
             purge(stack, j)
