@@ -5,9 +5,8 @@ before the engine starts.
 
 The sidecar's configuration, store credentials included, is a Nomad Variable at
 `nomad/jobs/<job>/<group>/snapshot`, which Nomad lets only that task read (the engine task
-cannot); the orchestrator writes it before every launch (so rotated store credentials reach
-the next start) and reads it back for the bearer token it calls the sidecar with. A restore's
-is `.../restore`, kept while the engine's state says `restoring`.
+cannot); app/drivers/_nomad_sidecar.py writes it and calls the sidecar. A restore's is
+`.../restore`, kept while the engine's state says `restoring`.
 
 A volume made by a restore is `<engine name>-r<N>`, N counting up, and the job's `Source` names
 it: no job asks for an older generation again, so a node that comes back after its engine was
@@ -19,11 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import json
 import logging
-import os
 import re
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -33,13 +29,13 @@ import httpx
 from app import errors, jobspec
 from app.config import Settings
 from app.drivers._nomad_api import NomadAPI
+from app.drivers._nomad_sidecar import ANSWER_MARGIN_S, CALL_TIMEOUT_S, COPY_TIMEOUT_S, Sidecars
 from app.drivers._nomad_volumes import VolumeGone, Volumes
 from app.drivers.base import (
     LEFTOVERS,
     CapacityExhausted,
     DriverError,
     EngineSpec,
-    SchedulerUnavailable,
     State,
 )
 
@@ -51,15 +47,6 @@ GENERATION = "generation"
 VOLUME_NAME = "volume_name"
 _VOLUME = re.compile(r"(e-[a-z0-9-]+-[0-9a-f]{12})(?:-r([0-9]+))?")
 VOLUME_WAIT_S = 30.0
-STORE_SETTINGS_TTL_S = 300.0
-COPY_TIMEOUT_S = 900.0  # a copy of a large brain to a remote bucket
-# The sidecar stops a copy at COPY_TIMEOUT_S and answers; the call waits that long and a margin,
-# so it hears why rather than timing out while the copy still runs.
-ANSWER_MARGIN_S = 30.0
-CALL_TIMEOUT_S = 30.0
-# Never handed to the sidecar: the orchestrator's own environment is not the job's.
-AWS_SETTINGS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
-                "AWS_ENDPOINT_URL")
 
 
 def volume_name(name: str, generation: int) -> str:
@@ -113,87 +100,6 @@ def with_restore_task(job: dict[str, Any], restore_var: str, snapshot_var: str) 
     raise errors.invalid("the job template has no `snapshot` task: snapshots on Nomad are off")
 
 
-def store_settings(settings: Settings) -> dict[str, Any]:
-    """The store and its credentials as the orchestrator reaches it (boto3's resolution:
-    environment, profile, instance role...), for the sidecar's variable."""
-    url = settings.snapshot_store or (settings.state_dir / "snapshots").resolve().as_uri()
-    found: dict[str, Any] = {"store": url}
-    if url.startswith("s3://"):
-        found["aws"] = _aws()
-    return found
-
-
-def _aws() -> dict[str, str]:
-    import boto3  # only when the store is S3, as app.snapshots.store does
-
-    session = boto3.session.Session()
-    aws: dict[str, str] = {}
-    credentials = session.get_credentials()
-    if credentials is not None:
-        frozen = credentials.get_frozen_credentials()
-        aws.update(AWS_ACCESS_KEY_ID=frozen.access_key or "",
-                   AWS_SECRET_ACCESS_KEY=frozen.secret_key or "", AWS_SESSION_TOKEN=frozen.token or "")
-    # botocore's own name is AWS_DEFAULT_REGION; AWS_REGION is the SDKs' newer one
-    region = session.region_name or os.environ.get("AWS_REGION")
-    if region:
-        aws["AWS_REGION"] = region
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        aws["AWS_ENDPOINT_URL"] = endpoint
-    return {k: v for k, v in aws.items() if k in AWS_SETTINGS and v}
-
-
-def sidecar_config(store: dict[str, Any], name: str) -> str:
-    return json.dumps({**store, "prefix": f"engines/{name}/", "token": secrets.token_hex(32),
-                       "copy_timeout_s": COPY_TIMEOUT_S})
-
-
-def restore_config(store: dict[str, Any], name: str, source: str, snapshot_id: str) -> str:
-    return json.dumps({**store, "prefix": f"engines/{name}/", "source_prefix": f"engines/{source}/",
-                       "snapshot": snapshot_id})
-
-
-def sidecar_url(alloc: dict[str, Any]) -> str | None:
-    """Where the allocation's `snapshot` port is (AllocatedResources.Shared.Ports)."""
-    shared = (alloc.get("AllocatedResources") or {}).get("Shared") or {}
-    for port in shared.get("Ports") or []:
-        if port.get("Label") == jobspec.SNAPSHOT_TASK and port.get("Value"):
-            return f"http://{port.get('HostIP') or '127.0.0.1'}:{port['Value']}"
-    return None
-
-
-def token_of(variable: dict[str, Any] | None) -> str | None:
-    try:
-        token = json.loads(((variable or {}).get("Items") or {}).get("config") or "")["token"]
-    except (ValueError, KeyError, TypeError):
-        return None
-    return token if isinstance(token, str) else None
-
-
-async def call_sidecar(http: httpx.AsyncClient, spec: EngineSpec, url: str, token: str,
-                       method: str, path: str, timeout: float) -> dict[str, Any]:
-    """One call to the sidecar; its refusals as the domain errors they mean."""
-    try:
-        answer = await http.request(method, url + path, timeout=timeout,
-                                    headers={"Authorization": f"Bearer {token}"})
-    except httpx.HTTPError as exc:
-        raise SchedulerUnavailable(f"the snapshot sidecar of {spec.name} did not answer "
-                                   f"({type(exc).__name__})") from None
-    try:
-        body: dict[str, Any] = answer.json()
-    except ValueError:
-        body = {}
-    if answer.status_code == 200:
-        return body
-    error = body.get("error") or {}
-    message = f"the snapshot sidecar of {spec.name}: {error.get('message') or answer.status_code}"
-    if answer.status_code == 409:
-        raise errors.EngineBusy(message)
-    if error.get("code") == "SNAPSHOT_STORE_FAILED":
-        raise errors.SnapshotStoreFailed(message)
-    raise errors.DriverFailed(message)
-
-
 def restored(state: State) -> State:
     """The state once the restored engine is ready: no restore left to run."""
     return {k: v for k, v in state.items() if k != RESTORING}
@@ -214,9 +120,9 @@ class Brains:
 
     def __init__(self, settings: Settings, api: NomadAPI, volumes: Volumes, io: IO,
                  http: httpx.AsyncClient):
-        self.settings, self.api, self.volumes, self.io, self.http = settings, api, volumes, io, http
+        self.settings, self.api, self.volumes, self.io = settings, api, volumes, io
         self.group = jobspec.sidecar_group(settings)
-        self._store: tuple[float, dict[str, Any]] | None = None
+        self.sidecars = Sidecars(settings, api, io, http, self._var)
 
     @property
     def enabled(self) -> bool:
@@ -224,13 +130,6 @@ class Brains:
 
     def _var(self, name: str, task: str) -> str:
         return jobspec.task_var_path(name, self.group or "", task)
-
-    def _store_settings(self) -> dict[str, Any]:
-        # Resolved again now and then (a role's credentials expire): each launch writes the
-        # sidecar's variable with what is current, without paying boto3's resolution each time.
-        if self._store is None or time.monotonic() - self._store[0] > STORE_SETTINGS_TTL_S:
-            self._store = (time.monotonic(), store_settings(self.settings))
-        return self._store[1]
 
     def job(self, spec: EngineSpec, state: State) -> dict[str, Any]:
         """The engine's job on its current brain volume, with the restore task while a
@@ -243,21 +142,13 @@ class Brains:
         return job
 
     async def prepare(self, spec: EngineSpec, state: State) -> None:
-        """Before a launch: the sidecar's variable (a new token, the current credentials),
-        and the restore's while one is due."""
-        if not self.enabled:
-            return
-        store = await self.io(self._store_settings)
-        await self.io(self.api.put_variable, self._var(spec.name, jobspec.SNAPSHOT_TASK),
-                      {"config": sidecar_config(store, spec.name)})
-        restoring = state.get(RESTORING)
-        if restoring:
-            config = restore_config(store, spec.name, restoring["source"], restoring["snapshot"])
-            await self.io(self.api.put_variable, self._var(spec.name, jobspec.RESTORE_TASK),
-                          {"config": config})
+        """Before a launch: the sidecar's variable, and the restore's while one is due."""
+        if self.enabled:
+            await self.sidecars.prepare(spec.name, state.get(RESTORING))
 
     async def fingerprint(self, spec: EngineSpec, state: State) -> str:
-        return str((await self.call(spec, state, "GET", "/v1/fingerprint", CALL_TIMEOUT_S))["fingerprint"])
+        answer = await self.call(spec, state, "GET", "/v1/fingerprint", CALL_TIMEOUT_S)
+        return str(answer["fingerprint"])
 
     async def copy(self, spec: EngineSpec, state: State) -> dict[str, Any]:
         return await self.call(spec, state, "POST", "/v1/snapshot",
@@ -265,17 +156,8 @@ class Brains:
 
     async def call(self, spec: EngineSpec, state: State, method: str, path: str,
                    timeout: float) -> dict[str, Any]:
-        alloc = await self.io(self.api.allocation, state.get("alloc") or "") \
-            if state.get("alloc") else None
-        url = sidecar_url(alloc) if alloc and alloc.get("ClientStatus") == "running" else None
-        if url is None:
-            raise errors.EngineNotRunning(f"engine {spec.name} has no running allocation to "
-                                          f"copy its brain from")
-        variable = await self.io(self.api.variable, self._var(spec.name, jobspec.SNAPSHOT_TASK))
-        token = token_of(variable)
-        if token is None:
-            raise SchedulerUnavailable(f"the snapshot variable of {spec.name} is missing")
-        return await call_sidecar(self.http, spec, url, token, method, path, timeout)
+        alloc = await self.io(self.api.allocation, state["alloc"]) if state.get("alloc") else None
+        return await self.sidecars.call(spec, alloc, method, path, timeout)
 
     async def restore(self, spec: EngineSpec, state: State, source: str, snapshot_id: str,
                       elsewhere: bool, save: Callable[[State], None] | None) -> State:

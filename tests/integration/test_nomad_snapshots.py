@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from app.config import Settings
-from app.drivers import _nomad_snapshots
+from app.drivers import _nomad_sidecar, _nomad_snapshots
 from app.drivers.base import LEFTOVERS, EngineSpec
 from app.drivers.nomad import NomadDriver
 from app.errors import EngineCrashed
@@ -154,6 +154,44 @@ def test_the_sidecar_copies_the_brain_and_a_restore_fills_a_new_volume(
     assert api.delete(f"/engines/{USER}").status_code == 200
     assert leftovers(orch.env["NOMAD_ADDR"]) == {"jobs": [], "volumes": [], "variables": []}
     assert s3_objects(s3, f"{tmp_path.name}/engines/{name}/") == {}
+
+
+def test_renewed_store_credentials_reach_a_running_engines_sidecar_before_its_copy(
+        s3_orch: Orchestrator, s3: dict[str, str]) -> None:
+    """The sidecar's variable still holds credentials that no longer work (expired since the
+    launch): the next snapshot writes the current ones, with a new token, and copies once the
+    sidecar has taken them up."""
+    orch, nomad_addr = s3_orch, s3_orch.env["NOMAD_ADDR"]
+    api = orch.client("acme")
+    url, key = provision(api)
+    name = orch.rows("SELECT name FROM engine")[0][0]
+    assert memory(url, key, "PUT", "colour", b"blue").is_success
+    [path] = [v["Path"] for v in get(nomad_addr, "/v1/vars", prefix=f"nomad/jobs/{name}/")
+              if v["Path"].endswith("/snapshot")]
+    config = json.loads(get(nomad_addr, f"/v1/var/{path}")["Items"]["config"])
+    expired = {**config, "aws": {**config["aws"], "AWS_SECRET_ACCESS_KEY": "expired"}}
+    put = httpx.put(f"{nomad_addr}/v1/var/{path}", trust_env=False, timeout=10,
+                    json={"Path": path, "Items": {"config": json.dumps(expired)}})
+    assert put.status_code == 200, put.text
+    alloc = get(nomad_addr, f"/v1/allocation/{driver_state(orch)['alloc']}")
+    sidecar = _nomad_sidecar.sidecar_url(alloc)
+    assert sidecar is not None
+
+    def refused() -> bool:   # the expired credentials are rendered: a copy with them fails
+        answer = httpx.post(f"{sidecar}/v1/snapshot", trust_env=False, timeout=30,
+                            headers={"Authorization": f"Bearer {config['token']}"})
+        return answer.status_code == 502 and "SignatureDoesNotMatch" in answer.text
+    wait_for(refused, timeout=20, interval=0.3, what="the sidecar to read the expired credentials")
+
+    taken = api.post(f"/engines/{USER}/snapshots")
+    assert taken.status_code == 201, taken.text
+    assert taken.json()["files"] == 1
+    renewed = json.loads(get(nomad_addr, f"/v1/var/{path}")["Items"]["config"])
+    assert renewed["aws"]["AWS_SECRET_ACCESS_KEY"] == s3["AWS_SECRET_ACCESS_KEY"]
+    assert renewed["token"] != config["token"]
+    old_token = httpx.get(f"{sidecar}/v1/fingerprint", trust_env=False, timeout=10,
+                          headers={"Authorization": f"Bearer {config['token']}"})
+    assert old_token.status_code == 401
 
 
 def test_a_failed_restore_keeps_the_old_brain_and_provision_from_a_snapshot_restores(

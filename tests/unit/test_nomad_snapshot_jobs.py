@@ -12,6 +12,7 @@ import pytest
 
 from app import errors, jobspec
 from app.config import Settings
+from app.drivers import _nomad_sidecar as sidecar
 from app.drivers import _nomad_snapshots as snaps
 from app.drivers.base import EngineSpec
 from tests.harness import ROOT
@@ -89,19 +90,26 @@ def test_volume_generations_map_back_to_their_engine() -> None:
 
 
 def test_the_sidecar_config_names_the_store_and_a_fresh_token(tmp_path: Path) -> None:
-    store = snaps.store_settings(Settings(state_dir=tmp_path))
+    store = sidecar.store_settings(Settings(state_dir=tmp_path))
     assert store == {"store": (tmp_path / "snapshots").resolve().as_uri()}
-    first, second = (json.loads(snaps.sidecar_config(store, SPEC.name)) for _ in range(2))
+    first, second = (json.loads(sidecar.sidecar_config(store, SPEC.name)) for _ in range(2))
     assert first["prefix"] == f"engines/{SPEC.name}/" and first["token"] != second["token"]
-    assert first["copy_timeout_s"] == snaps.COPY_TIMEOUT_S   # the sidecar stops a copy then
-    restore = json.loads(snaps.restore_config(store, SPEC.name, "e-acme-bob-0123456789ab", "s-1"))
+    assert first["copy_timeout_s"] == sidecar.COPY_TIMEOUT_S   # the sidecar stops a copy then
+    # Only a change other than the token makes a written config stale (and written again).
+    written = {"Items": {"config": json.dumps(first)}}
+    assert not sidecar.stale(written, store, SPEC.name)
+    assert sidecar.stale(written, {"store": "s3://b/p", "aws": {"AWS_REGION": "x"}}, SPEC.name)
+    assert sidecar.stale({"Items": {"config": json.dumps({**first, "copy_timeout_s": 1})}},
+                         store, SPEC.name)
+    assert sidecar.stale({"Items": {"config": "{"}}, store, SPEC.name)
+    restore = json.loads(sidecar.restore_config(store, SPEC.name, "e-acme-bob-0123456789ab", "s-1"))
     assert restore["source_prefix"] == "engines/e-acme-bob-0123456789ab/" and restore["snapshot"] == "s-1"
     assert "token" not in restore
     alloc = {"AllocatedResources": {"Shared": {"Ports": [
         {"Label": "http", "Value": 31000, "HostIP": "127.0.0.1"},
         {"Label": "snapshot", "Value": 31001, "HostIP": "127.0.0.1"}]}}}
-    assert snaps.sidecar_url(alloc) == "http://127.0.0.1:31001"
-    assert snaps.sidecar_url({"AllocatedResources": None}) is None
+    assert sidecar.sidecar_url(alloc) == "http://127.0.0.1:31001"
+    assert sidecar.sidecar_url({"AllocatedResources": None}) is None
 
 
 def test_store_credentials_are_the_orchestrators_as_boto3_resolves_them(
@@ -112,7 +120,7 @@ def test_store_credentials_are_the_orchestrators_as_boto3_resolves_them(
     monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-    store = snaps.store_settings(Settings(snapshot_store="s3://b/p"))
+    store = sidecar.store_settings(Settings(snapshot_store="s3://b/p"))
     assert store == {"store": "s3://b/p", "aws": {
         "AWS_ACCESS_KEY_ID": "AKIA1", "AWS_SECRET_ACCESS_KEY": "s3cr3t", "AWS_REGION": "eu-west-3",
         "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}}
