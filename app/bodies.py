@@ -84,6 +84,7 @@ class Bodies:
         if row.status == states.STOPPED:
             raise errors.not_running(row.user_id, row.status)
         await self.driver.ping()
+        row = await snapshot_bodies.before_stop(self, row)
         if row.status != states.STOPPING:
             row = registry.transition(row, "stop", "stop")
         state = await self.driver.stop(self.spec(row), row.driver_state, self.settings.stop_grace_s)
@@ -189,6 +190,8 @@ class Bodies:
             return row  # a stopped pooled engine would be no quicker to claim than a new one
         if self.idle_for(row, time.time()) < self.settings.idle_sleep_s:
             return row
+        if self.settings.sleep_mode == "stop":
+            row = await snapshot_bodies.before_stop(self, row)
         row = registry.transition(row, "sleep", "idle")
         spec = self.spec(row)
         if self.settings.sleep_mode == "pause":

@@ -53,10 +53,32 @@ CHECKPOINT_TIMEOUT_S = 10.0
 async def snapshot(bodies: Bodies, row: EngineRow, scheduled: bool = False) -> Manifest | None:
     """Copy the engine's brain into the store. Scheduled: only when it changed since the
     latest snapshot (None when it did not)."""
+    return (await _snapshot(bodies, row, scheduled))[0]
+
+
+async def before_stop(bodies: Bodies, row: EngineRow) -> EngineRow:
+    """Where a stopped engine's brain cannot be copied (Nomad: the sidecar stops with the
+    engine), a running engine's brain that changed since its latest snapshot is copied before
+    it stops, while it can still checkpoint: a stopped engine's newest snapshot is then its
+    brain, and losing its node while it is stopped loses nothing. Not with the schedule off;
+    a failed copy is logged and the stop goes on."""
+    driver = bodies.driver
+    if bodies.settings.snapshot_interval_s <= 0 or row.in_pool or row.status != states.RUNNING \
+            or not driver.remote_snapshots() or driver.brain_dir(bodies.spec(row)) is not None:
+        return row
+    try:
+        return (await _snapshot(bodies, row, scheduled=True))[1]
+    except errors.DomainError as exc:
+        log.warning("engine %s stops without a last snapshot: %s", row.name, exc)
+        return registry.reload(row) or row
+
+
+async def _snapshot(bodies: Bodies, row: EngineRow,
+                    scheduled: bool) -> tuple[Manifest | None, EngineRow]:
     brain = _brain(bodies, row)
     snaps = bodies.snapshots
     if scheduled and not await snaps.changed(row.name, await _fingerprint(bodies, row, brain)):
-        return None
+        return None, row
     held = await _checkpoint(bodies, row)
     try:
         manifest = await _copy(bodies, row, brain, consistent=held or _quiet(bodies, row))
@@ -66,9 +88,9 @@ async def snapshot(bodies: Bodies, row: EngineRow, scheduled: bool = False) -> M
         log.warning("engine %s let its checkpoint go before the copy ended", row.name)
         manifest["consistent"] = False
     await snaps.commit(row.name, manifest)
-    registry.update(row, audit_event="snapshot", reason=manifest["id"])
+    row = registry.update(row, audit_event="snapshot", reason=manifest["id"])
     await snaps.prune(row.name)
-    return manifest
+    return manifest, row
 
 
 async def import_brain(bodies: Bodies, row: EngineRow, archive: IO[bytes]) -> Manifest:

@@ -5,6 +5,10 @@ volume by the prestart task). ORCH_NODE_LOST_RESTORE_S is BENCH_NODE_LOST_RESTOR
 here, 300 s by default), and is reported apart. Beside it, in the same run: a new user's first
 admit on the same cluster, and a plain `tar -cf` plus `tar -xf` of the same brain.
 
+Before the loss, a stop with 1% of the brain changed since its latest snapshot (which copies
+it first, the sidecar stopping with the engine) beside a stop with nothing changed (one
+fingerprint call). The schedule is on (a day, so no scheduled copy falls in the run).
+
 The double's timing is a production client's unless BENCH_RECOVERY_TIMING=dev: a new volume
 is ready at its node's next update, 5-10 s (tests/doubles/README.md, Timing).
 """
@@ -36,7 +40,8 @@ def bench_recovery(tmp: Path) -> dict[str, Any]:
     os.environ["ORCH_TEST_DOUBLE_TIMING"] = TIMING   # read by tests/scheduler.py
     try:
         with s3_server(weed) as s3:
-            env = {**s3, "ORCH_SNAPSHOT_STORE": f"s3://{BUCKET}/recovery", "ORCH_SNAPSHOT_INTERVAL_S": "0",
+            env = {**s3, "ORCH_SNAPSHOT_STORE": f"s3://{BUCKET}/recovery",
+                   "ORCH_SNAPSHOT_INTERVAL_S": "86400",
                    "ORCH_NODE_LOST_RESTORE_S": str(RESTORE_AFTER_S), "ORCH_BOOT_TIMEOUT_S": "60",
                    "ORCH_LOG_LEVEL": "WARNING", "ORCH_TICK_S": "0.1", "ORCH_LEASE_S": "5"}
             orch = Orchestrator(tmp / "orch", env=env, driver="nomad").start()
@@ -62,6 +67,7 @@ def _measure(orch: Orchestrator, tmp: Path) -> dict[str, Any]:
     snap = api.post(f"/engines/{USER}/snapshots")
     assert snap.status_code == 201, snap.text
     tar_s = round(plain_tar.tar(brain, tmp)["s"] + plain_tar.untar(tmp), 3)
+    stop_changed_s, stop_unchanged_s = _stops(api, brain)
     lost_node = state["node"]
     started = time.perf_counter()
     orch.stack.node_lost(lost_node)
@@ -72,7 +78,26 @@ def _measure(orch: Orchestrator, tmp: Path) -> dict[str, Any]:
     files = len(list(moved.iterdir()))
     return {"mb": MB, "timing": TIMING, "restore_after_s": RESTORE_AFTER_S,
             "recovered_s": round(recovered_s, 2), "files": files,
-            "first_admit_s": round(first_admit_s, 2), "tar_s": tar_s}
+            "first_admit_s": round(first_admit_s, 2), "tar_s": tar_s,
+            "stop_changed_s": stop_changed_s, "stop_unchanged_s": stop_unchanged_s}
+
+
+def _stops(api: httpx.Client, brain: Path) -> tuple[float, float]:
+    """A stop with 1% of the brain changed (a copy first), then, started again, one with
+    nothing changed; each leaves exactly the snapshots it should."""
+    def count() -> int:
+        return len(api.get(f"/engines/{USER}/snapshots").json()["snapshots"])
+    for n in range(max(1, MB * 1024 // FILE_KB // 100)):
+        (brain / f"f{n:05d}").write_bytes(os.urandom(FILE_KB * 1024))
+    before, took = count(), []
+    for _ in range(2):
+        started = time.perf_counter()
+        stopped = api.post(f"/engines/{USER}/stop")
+        took.append(round(time.perf_counter() - started, 2))
+        assert stopped.status_code == 200, stopped.text
+        assert api.post(f"/engines/{USER}/start").status_code == 200
+    assert count() == before + 1
+    return took[0], took[1]
 
 
 def _state(orch: Orchestrator) -> dict[str, Any]:
@@ -93,4 +118,7 @@ def lines(r: dict[str, Any]) -> list[str]:
     return [f"node lost  {r['mb']} MB brain, nomad double ({r['timing']} timing, 3 nodes, S3): "
             f"admitted on another node {r['recovered_s']} s after the loss, of which "
             f"ORCH_NODE_LOST_RESTORE_S={r['restore_after_s']:g} s waiting   "
-            f"first admit of a new user {r['first_admit_s']} s   plain tar+untar {r['tar_s']} s"]
+            f"first admit of a new user {r['first_admit_s']} s   plain tar+untar {r['tar_s']} s",
+            f"stop       {r['mb']} MB brain, 1% changed since its latest snapshot (copied first): "
+            f"{r['stop_changed_s']} s   nothing changed (one fingerprint call): "
+            f"{r['stop_unchanged_s']} s"]

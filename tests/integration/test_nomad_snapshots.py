@@ -6,7 +6,9 @@ starts. What a restore brings back is read from the engine with its key."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -245,6 +247,40 @@ def test_scheduled_snapshots_skip_an_unchanged_brain(tmp_path: Path) -> None:
         assert memory(url, key, "PUT", "colour", b"blue").is_success
         wait_for(lambda: len(taken()) == 2, timeout=15, what="a snapshot of the changed brain")
         assert taken()[0]["files"] == 1
+
+
+def test_a_stop_first_copies_a_brain_changed_since_its_latest_snapshot(tmp_path: Path) -> None:
+    """A stopped engine's sidecar is stopped too: what changed since the schedule's last copy
+    is copied before the stop (a scheduled copy in between would hold it as well), and an
+    unchanged brain is not copied again."""
+    with closing(orchestrator(tmp_path, ORCH_SNAPSHOT_INTERVAL_S="3600")) as orch:
+        api = orch.client("acme")
+        url, key = provision(api)
+        assert memory(url, key, "PUT", "colour", b"red").is_success
+        assert api.post(f"/engines/{USER}/stop").status_code == 200
+        [snap] = api.get(f"/engines/{USER}/snapshots").json()["snapshots"]
+        assert snap["consistent"] is True   # checkpointed while still running
+        with tarfile.open(fileobj=io.BytesIO(api.get(f"/engines/{USER}/brain").content)) as tar:
+            [member] = tar.getmembers()
+            assert (extracted := tar.extractfile(member)) is not None and extracted.read() == b"red"
+        events = [e["event"] for e in api.get(f"/engines/{USER}/events").json()["events"]]
+        assert events[:3] == ["stopped", "stop", "snapshot"]   # newest first
+        started = api.post(f"/engines/{USER}/start")
+        assert started.status_code == 200, started.text
+        assert api.post(f"/engines/{USER}/stop").status_code == 200
+        assert len(api.get(f"/engines/{USER}/snapshots").json()["snapshots"]) == 1
+
+
+def test_an_idle_stop_first_copies_a_changed_brain(tmp_path: Path) -> None:
+    env = {"ORCH_SNAPSHOT_INTERVAL_S": "3600", "ORCH_IDLE_SLEEP_S": "3", "ORCH_SLEEP_MODE": "stop"}
+    with closing(orchestrator(tmp_path, **env)) as orch:
+        api = orch.client("acme")
+        url, key = provision(api)
+        assert memory(url, key, "PUT", "colour", b"red").is_success
+        wait_for(lambda: orch.engine_row(USER)["status"] == "sleeping" and
+                 not orch.engine_row(USER)["url"], timeout=30, what="the idle stop")
+        [snap] = api.get(f"/engines/{USER}/snapshots").json()["snapshots"]
+        assert snap["files"] == 1 and snap["consistent"] is True
 
 
 def test_tidy_deletes_a_stale_volume_once_its_node_is_back(tmp_path: Path) -> None:
