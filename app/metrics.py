@@ -39,6 +39,15 @@ DRIVER_SECONDS = Histogram("orch_driver_call_seconds", "Driver calls", ["driver"
                            buckets=FAST + SLOW[5:], registry=REGISTRY)
 DRIVER_ERRORS = Counter("orch_driver_errors_total", "Driver calls that raised", ["driver", "call", "code"],
                         registry=REGISTRY)
+EDGE_REFUSALS = Counter("orch_edge_refusals_total",
+                       "Requests answered by the HTTP edge before any route ran (408, 431, "
+                       "400 malformed, 505, 503 SERVER_BUSY), by error code",
+                       ["code"], registry=REGISTRY)
+EDGE_CLOSES = Counter("orch_edge_closes_total",
+                      "Connections the HTTP edge closed with nothing to answer: no whole head "
+                      "in time (head_timeout), no whole body after an early answer "
+                      "(body_timeout), or closed to make room past the limit (evicted)",
+                      ["why"], registry=REGISTRY)
 POOL_CLAIMS = Counter("orch_pool_claims_total", "New users served from the warm pool",
                       ["product"], registry=REGISTRY)
 POOL_MISSES = Counter("orch_pool_misses_total",

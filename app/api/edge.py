@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import http
+import logging
 from typing import Any
 from urllib.parse import unquote
 
@@ -34,11 +35,14 @@ import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from app import errors
+from app import errors, metrics
 from app.api.middleware import new_request_id, request_id
 from app.api.spec import STATUS_BY_CODE
 
 MAX_HEAD = 64 * 1024
+# Refusals are rare and run no route, so they are logged one by one (not through the access
+# log's batches), with the request line's fields where they apply.
+_requests_log = logging.getLogger("orch.requests")
 _END = b"\r\n\r\n"
 _HEAD, _BODY = 0, 1  # what the connection waits for from its client
 
@@ -223,7 +227,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.headers:
             sent = next((v for n, v in self.headers if n == b"x-request-id"), None)
         rid = new_request_id() if sent is None else request_id(sent)
-        self._held = error_answer(STATUS_BY_CODE[error.code], error.code, message, rid, extra,
+        status = STATUS_BY_CODE[error.code]
+        metrics.EDGE_REFUSALS.labels(error.code).inc()
+        _requests_log.info("refused at the edge: %s", message, extra={
+            "request_id": rid, "status": status, "outcome": error.code})
+        self._held = error_answer(status, error.code, message, rid, extra,
                                   self.server_state.default_headers)
         if not self._answering():
             self._write_held()
@@ -283,6 +291,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         self.logger.info("closing a connection that sent no whole request %s in time",
                          "body" if self._phase == _BODY else "head")
+        metrics.EDGE_CLOSES.labels("head_timeout" if self._phase == _HEAD else "body_timeout").inc()
         self._stopped = True
         self.transport.close()
 
@@ -318,5 +327,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(errors.ServerBusy, "the server needed this connection; try again",
                          ((b"retry-after", b"1"),))
         else:  # idle, or a partial head: nothing to answer
+            metrics.EDGE_CLOSES.labels("evicted").inc()
             self._stopped = True
             self.transport.close()

@@ -219,6 +219,34 @@ def test_a_head_over_64_kib_gets_the_contracts_error(edge: Orchestrator) -> None
         assert_refusal(read_until_closed(sock), 431, "HEADERS_TOO_LARGE")
 
 
+def test_edge_refusals_are_counted_and_logged(edge: Orchestrator) -> None:
+    """No route runs for them, so the edge itself tells the operator: a metric by error code
+    and a request line naming the request id the client was given."""
+    def counted(name: str, label: str) -> float:
+        text = httpx.get(f"http://127.0.0.1:{edge.port}/metrics", trust_env=False).text
+        line = next((line for line in text.splitlines() if line.startswith(f"{name}{{{label}}} ")), "")
+        return float(line.split()[-1]) if line else 0.0
+
+    refused = 'orch_edge_refusals_total', 'code="HEADERS_TOO_LARGE"'
+    closed = 'orch_edge_closes_total', 'why="head_timeout"'
+    before = counted(*refused), counted(*closed)
+    with connect(edge) as sock:
+        try:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server may close before the whole head is sent
+        headers = assert_refusal(read_until_closed(sock), 431, "HEADERS_TOO_LARGE")
+    with connect(edge) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n")   # a head that never ends: closed
+        assert read_until_closed(sock) == b""
+    assert (counted(*refused), counted(*closed)) == (before[0] + 1, before[1] + 1)
+    rid = headers[b"x-request-id"][0].decode()
+    lines = [json.loads(line) for line in edge.log.read_text().splitlines()
+             if line.startswith("{") and rid in line]
+    assert [(x["logger"], x["status"], x["outcome"]) for x in lines] == \
+        [("orch.requests", 431, "HEADERS_TOO_LARGE")]
+
+
 @pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/0.9"])
 def test_other_http_versions_are_refused_with_505(edge: Orchestrator, version: bytes) -> None:
     with connect(edge) as sock:
