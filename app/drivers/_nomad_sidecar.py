@@ -137,7 +137,8 @@ class Sidecars:
         # Resolved again now and then (a role's credentials expire), without paying boto3's
         # resolution on every launch and call.
         if self._store is None or time.monotonic() - self._store[0] > STORE_SETTINGS_TTL_S:
-            self._store = (time.monotonic(), store_settings(self.settings))
+            resolved = {**store_settings(self.settings), "resolved_at": round(time.time(), 3)}
+            self._store = (time.monotonic(), resolved)
         return self._store[1]
 
     async def prepare(self, name: str, restoring: dict[str, Any] | None) -> None:
@@ -202,11 +203,20 @@ class Sidecars:
 
 
 def stale(variable: dict[str, Any], store: dict[str, Any], name: str) -> bool:
-    """The variable's config differs, but for its token, from what would be written now."""
+    """The variable's config differs, but for its token, from what would be written now.
+    When only the credentials differ, the newer resolution wins: replicas with credentials of
+    their own (an instance role each) then rewrite it once per resolution, not on every call."""
     try:
         written = json.loads((variable.get("Items") or {}).get("config") or "")
     except ValueError:
         return True
-    now = json.loads(sidecar_config(store, name))
-    return not isinstance(written, dict) or \
-        {k: v for k, v in written.items() if k != "token"} != {k: v for k, v in now.items() if k != "token"}
+    if not isinstance(written, dict):
+        return True
+    mine = json.loads(sidecar_config(store, name))
+    differs = {k for k in {*written, *mine} - {"token", "resolved_at"} if written.get(k) != mine.get(k)}
+    if differs != {"aws"}:
+        return bool(differs)
+    try:
+        return float(written.get("resolved_at") or 0) < float(mine.get("resolved_at") or 0)
+    except (TypeError, ValueError):
+        return True

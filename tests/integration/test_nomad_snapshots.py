@@ -171,7 +171,8 @@ def test_renewed_store_credentials_reach_a_running_engines_sidecar_before_its_co
     [path] = [v["Path"] for v in get(nomad_addr, "/v1/vars", prefix=f"nomad/jobs/{name}/")
               if v["Path"].endswith("/snapshot")]
     config = json.loads(get(nomad_addr, f"/v1/var/{path}")["Items"]["config"])
-    expired = {**config, "aws": {**config["aws"], "AWS_SECRET_ACCESS_KEY": "expired"}}
+    expired = {**config, "aws": {**config["aws"], "AWS_SECRET_ACCESS_KEY": "expired"},
+               "resolved_at": config["resolved_at"] - 3600}   # resolved before the renewal
     put = httpx.put(f"{nomad_addr}/v1/var/{path}", trust_env=False, timeout=10,
                     json={"Path": path, "Items": {"config": json.dumps(expired)}})
     assert put.status_code == 200, put.text

@@ -102,6 +102,15 @@ def test_the_sidecar_config_names_the_store_and_a_fresh_token(tmp_path: Path) ->
     assert sidecar.stale({"Items": {"config": json.dumps({**first, "copy_timeout_s": 1})}},
                          store, SPEC.name)
     assert sidecar.stale({"Items": {"config": "{"}}, store, SPEC.name)
+    # Other credentials: only a newer resolution than the written one rewrites them.
+    s3 = {"store": "s3://b/p", "aws": {"AWS_ACCESS_KEY_ID": "a"}, "resolved_at": 100.0}
+    config = json.loads(sidecar.sidecar_config(s3, SPEC.name))
+    def renewed(at: float) -> dict[str, Any]:
+        return {**s3, "aws": {"AWS_ACCESS_KEY_ID": "b"}, "resolved_at": at}
+    assert not sidecar.stale({"Items": {"config": json.dumps(config)}}, {**s3, "resolved_at": 400.0},
+                             SPEC.name)
+    assert sidecar.stale({"Items": {"config": json.dumps(config)}}, renewed(400.0), SPEC.name)
+    assert not sidecar.stale({"Items": {"config": json.dumps(config)}}, renewed(50.0), SPEC.name)
     restore = json.loads(sidecar.restore_config(store, SPEC.name, "e-acme-bob-0123456789ab", "s-1"))
     assert restore["source_prefix"] == "engines/e-acme-bob-0123456789ab/" and restore["snapshot"] == "s-1"
     assert "token" not in restore
