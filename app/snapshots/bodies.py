@@ -61,15 +61,19 @@ async def before_stop(bodies: Bodies, row: EngineRow) -> EngineRow:
     engine), a running engine's brain that changed since its latest snapshot is copied before
     it stops, while it can still checkpoint: a stopped engine's newest snapshot is then its
     brain, and losing its node while it is stopped loses nothing. Not with the schedule off;
-    a failed copy is logged and the stop goes on."""
+    a copy that fails or outlasts ORCH_STOP_GRACE_S is logged and the stop goes on."""
     driver = bodies.driver
     if bodies.settings.snapshot_interval_s <= 0 or row.in_pool or row.status != states.RUNNING \
             or not driver.remote_snapshots() or driver.brain_dir(bodies.spec(row)) is not None:
         return row
+    # A store that hangs must not hold a stop for the copy's own 15 minutes: the copy gets
+    # the time the engine gets to exit. One cut off leaves blobs that pruning collects.
+    grace = bodies.settings.stop_grace_s
     try:
-        return (await _snapshot(bodies, row, scheduled=True))[1]
-    except errors.DomainError as exc:
-        log.warning("engine %s stops without a last snapshot: %s", row.name, exc)
+        return (await asyncio.wait_for(_snapshot(bodies, row, scheduled=True), grace))[1]
+    except (errors.DomainError, TimeoutError) as exc:
+        log.warning("engine %s stops without a last snapshot: %s", row.name,
+                    exc if str(exc) else f"the copy took longer than {grace:g} s")
         return registry.reload(row) or row
 
 

@@ -8,12 +8,16 @@ import asyncio
 import inspect
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from app import errors, states
 from app.bodies import Bodies
+from app.drivers.base import EngineSpec, State
 from app.operations import TABLE, Op
+from app.registry import EngineRow
+from tests.fake_driver import FakeDriver
 from tests.inproc import Behaviour, World
 
 
@@ -90,6 +94,39 @@ def test_stop_then_start_from_stopped(world: World) -> None:
 
     world.run(scenario())
     assert [e for e, _, _ in world.trail("s")] == ["provision", "ready", "stop", "stopped", "start", "ready"]
+
+
+class HungCopies(FakeDriver):
+    """A brain that lives elsewhere (as on Nomad), changed, whose copy never ends (a store
+    that accepts and never answers)."""
+
+    def remote_snapshots(self) -> bool:
+        return True
+
+    async def brain_fingerprint(self, spec: EngineSpec, state: State) -> str:
+        return "changed"
+
+    async def copy_brain(self, spec: EngineSpec, state: State) -> dict[str, Any]:
+        self.calls.append(("copy_brain", spec.name))
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+def test_a_stop_waits_for_its_last_copy_no_longer_than_its_grace(tmp_path: Path) -> None:
+    world = World(tmp_path, snapshot_interval_s=900.0, state_dir=tmp_path, stop_grace_s=0.3)
+    world.driver = HungCopies()
+    world.restart()
+    try:
+        async def scenario() -> EngineRow:
+            await world.op(Op.PROVISION, "h")
+            stopped: EngineRow = await world.op(Op.STOP, "h")
+            return stopped
+        stopped = world.run(scenario())
+        assert stopped.status == states.STOPPED
+        assert ("copy_brain", stopped.name) in world.driver.calls
+        assert [e for e, _, _ in world.trail("h")] == ["provision", "ready", "stop", "stopped"]
+    finally:
+        world.close()
 
 
 @pytest.mark.parametrize("source", [states.RUNNING, states.SLEEPING, states.FAILED,
