@@ -199,51 +199,52 @@ def test_only_the_configured_token_is_let_in_and_a_rewritten_config_applies(tmp_
         assert side.call("GET", "/v1/fingerprint", token="t1").status_code == 200
 
 
+@contextmanager
+def stuck_store(tmp: Path) -> Iterator[tuple[socket.socket, dict[str, Any]]]:
+    """A one-file brain at tmp/brain, and a sidecar config whose S3 store is a socket that
+    accepts and never answers: a copy into it is held in its store call."""
+    (tmp / "brain").mkdir()
+    (tmp / "brain" / "f").write_bytes(b"x")
+    with socket.create_server(("127.0.0.1", 0)) as stuck:
+        stuck.settimeout(20)
+        aws = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{stuck.getsockname()[1]}",
+               "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_REGION": "us-east-1"}
+        yield stuck, {"store": f"s3://{BUCKET}/x", "aws": aws, "prefix": PREFIX, "token": "t0"}
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_a_second_snapshot_while_one_runs_is_busy_and_the_sidecars_end_ends_its_child(
         tmp_path: Path, sig: signal.Signals) -> None:
     """The first snapshot's store is a socket that accepts and never answers: its child process
     is held inside the store call until the sidecar ends. SIGTERM: the sidecar kills and reaps
     it, then exits 0; SIGKILL: the kernel kills it (its parent-death signal)."""
-    (tmp_path / "brain").mkdir()
-    (tmp_path / "brain" / "f").write_bytes(b"x")
-    with socket.create_server(("127.0.0.1", 0)) as stuck:
-        stuck.settimeout(20)
-        aws = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{stuck.getsockname()[1]}",
-               "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_REGION": "us-east-1"}
-        config = {"store": f"s3://{BUCKET}/x", "aws": aws, "prefix": PREFIX, "token": "t0"}
-        with serving(tmp_path, config, tmp_path / "brain") as side:
-            first: list[Any] = []
-            caller = threading.Thread(target=lambda: first.append(_quietly(side, "/v1/snapshot")))
-            caller.start()
-            held, _ = stuck.accept()  # the first snapshot is in its store call, holding the lock
-            with held:
-                [(child, started)] = children(side.proc.pid).items()
-                second = side.call("POST", "/v1/snapshot")
-                assert second.status_code == 409 and second.json()["error"]["code"] == "BUSY"
-                assert side.call("GET", "/v1/fingerprint").status_code == 200  # not held up
-                side.proc.send_signal(sig)
-                assert side.proc.wait(timeout=10) == (0 if sig == signal.SIGTERM else -sig)
-                if sig == signal.SIGTERM:
-                    assert state(child, started) is None  # killed and reaped before the exit
-                else:  # an orphan now: gone, or a zombie until whatever adopted it reaps it
-                    wait_for(lambda: state(child, started) in (None, "Z"), timeout=10,
-                             what="the snapshot's child to end with its parent")
-            caller.join(timeout=30)
-            assert not caller.is_alive() and first == [None]  # cut off by the exit
+    with stuck_store(tmp_path) as (stuck, config), \
+            serving(tmp_path, config, tmp_path / "brain") as side:
+        first: list[Any] = []
+        caller = threading.Thread(target=lambda: first.append(_quietly(side, "/v1/snapshot")))
+        caller.start()
+        held, _ = stuck.accept()  # the first snapshot is in its store call, holding the lock
+        with held:
+            [(child, started)] = children(side.proc.pid).items()
+            second = side.call("POST", "/v1/snapshot")
+            assert second.status_code == 409 and second.json()["error"]["code"] == "BUSY"
+            assert side.call("GET", "/v1/fingerprint").status_code == 200  # not held up
+            side.proc.send_signal(sig)
+            assert side.proc.wait(timeout=10) == (0 if sig == signal.SIGTERM else -sig)
+            if sig == signal.SIGTERM:
+                assert state(child, started) is None  # killed and reaped before the exit
+            else:  # an orphan now: gone, or a zombie until whatever adopted it reaps it
+                wait_for(lambda: state(child, started) in (None, "Z"), timeout=10,
+                         what="the snapshot's child to end with its parent")
+        caller.join(timeout=30)
+        assert not caller.is_alive() and first == [None]  # cut off by the exit
 
 
 def test_a_copy_longer_than_its_timeout_is_stopped_and_answered_502(tmp_path: Path) -> None:
     """The store accepts and never answers; past `copy_timeout_s` the child is killed and
     reaped, the caller hears why, and the brain is free for the next snapshot (not BUSY)."""
-    (tmp_path / "brain").mkdir()
-    (tmp_path / "brain" / "f").write_bytes(b"x")
-    with socket.create_server(("127.0.0.1", 0)) as stuck:
-        stuck.settimeout(20)
-        aws = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{stuck.getsockname()[1]}",
-               "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_REGION": "us-east-1"}
-        config = {"store": f"s3://{BUCKET}/x", "aws": aws, "prefix": PREFIX, "token": "t0",
-                  "copy_timeout_s": 1}
+    with stuck_store(tmp_path) as (_, stuck_config):
+        config = {**stuck_config, "copy_timeout_s": 1}
         with serving(tmp_path, config, tmp_path / "brain") as side:
             for _ in range(2):
                 answer = side.call("POST", "/v1/snapshot")
