@@ -14,29 +14,19 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Protocol
 
 from app import registry, states
-from app.config import Settings
-from app.drivers.base import LEFTOVERS, Driver, EngineSpec
+from app.drivers.base import LEFTOVERS
 from app.errors import NodeLost
 from app.registry import EngineRow
 from app.snapshots import bodies as snapshot_bodies
-from app.snapshots.service import Snapshots
+from app.snapshots.bodies import Bodies
 
 log = logging.getLogger("orch.snapshots")
 
 NODE_LOST = NodeLost.reason
 # How often a failed engine whose node is down looks again for its node.
 NODE_RECHECK_S = 10.0
-
-
-class Bodies(snapshot_bodies.Bodies, Protocol):
-    settings: Settings
-    driver: Driver
-    snapshots: Snapshots
-
-    def spec(self, row: EngineRow) -> EngineSpec: ...
 
 
 async def unreachable(bodies: Bodies, row: EngineRow) -> bool:
