@@ -29,7 +29,6 @@ from app.drivers._nomad_events import FleetEvents
 from app.drivers._nomad_probe import Prober
 from app.drivers._nomad_volumes import Volumes
 from app.drivers.base import (
-    LEFTOVERS,
     BootTimeout,
     CapacityExhausted,
     Driver,
@@ -256,7 +255,7 @@ class NomadDriver(Driver):
         return await self.brains.restore(spec, state, source, snapshot_id, elsewhere, save)
 
     async def tidy(self, spec: EngineSpec, state: State) -> State:
-        return await self.brains.tidy(spec, state) if state.get(LEFTOVERS) else state
+        return await self.brains.tidy(spec, state)
 
     def on_exit(self, listener: Callable[[str], None]) -> bool:
         self.events.subscribe(listener)
