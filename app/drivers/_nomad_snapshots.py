@@ -47,6 +47,7 @@ GENERATION = "generation"
 VOLUME_NAME = "volume_name"
 _VOLUME = re.compile(r"(e-[a-z0-9-]+-[0-9a-f]{12})(?:-r([0-9]+))?")
 VOLUME_WAIT_S = 30.0
+SNAPSHOTS_OFF = "the job template has no `snapshot` task: snapshots on Nomad are off"
 
 
 def volume_name(name: str, generation: int) -> str:
@@ -97,7 +98,7 @@ def with_restore_task(job: dict[str, Any], restore_var: str, snapshot_var: str) 
                 f'"{snapshot_var}"', f'"{restore_var}"')
         group["Tasks"] = [task, *tasks]
         return job
-    raise errors.invalid("the job template has no `snapshot` task: snapshots on Nomad are off")
+    raise errors.invalid(SNAPSHOTS_OFF)
 
 
 def restored(state: State) -> State:
@@ -162,8 +163,7 @@ class Brains:
     async def restore(self, spec: EngineSpec, state: State, source: str, snapshot_id: str,
                       elsewhere: bool, save: Callable[[State], None] | None) -> State:
         if not self.enabled:
-            raise errors.invalid("the job template has no `snapshot` task: snapshots on "
-                                 "Nomad are off")
+            raise errors.invalid(SNAPSHOTS_OFF)
         job = jobspec.render_job(self.settings, spec)
         old_node = state.get("node")
         avoid = frozenset([old_node]) if elsewhere and old_node else frozenset()
