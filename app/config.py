@@ -208,6 +208,11 @@ class Settings:
         return self.state_dir / "secret.key"
 
     @property
+    def snapshot_store_url(self) -> str:
+        """ORCH_SNAPSHOT_STORE, or the default directory store under the state directory."""
+        return self.snapshot_store or (self.state_dir / "snapshots").resolve().as_uri()
+
+    @property
     def run_dir(self) -> Path:
         """Per-engine key files and logs of the local driver; never inside a brain."""
         return self.state_dir / "run"

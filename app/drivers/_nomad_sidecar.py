@@ -47,7 +47,7 @@ RENDER_POLL_S = 0.2
 def store_settings(settings: Settings) -> dict[str, Any]:
     """The store and its credentials as the orchestrator reaches it (boto3's resolution:
     environment, profile, instance role...), for the sidecar's variable."""
-    url = settings.snapshot_store or (settings.state_dir / "snapshots").resolve().as_uri()
+    url = settings.snapshot_store_url
     found: dict[str, Any] = {"store": url}
     if url.startswith("s3://"):
         found["aws"] = _aws()

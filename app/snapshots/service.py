@@ -65,9 +65,7 @@ class Snapshots:
     @property
     def store(self) -> Store:
         if self._store is None:  # an S3 client costs ~100 ms; only a snapshot call pays it
-            url = self.settings.snapshot_store or \
-                (self.settings.state_dir / "snapshots").resolve().as_uri()
-            self._store = open_store(url)
+            self._store = open_store(self.settings.snapshot_store_url)
         return self._store
 
     async def take(self, name: str, brain: Path, *, engine_version: str, consistent: bool,
