@@ -34,14 +34,10 @@ COPY_TIMEOUT_S = 900.0  # a copy of a large brain to a remote bucket
 # so it hears why rather than timing out while the copy still runs.
 ANSWER_MARGIN_S = 30.0
 CALL_TIMEOUT_S = 30.0
-# Never handed to the sidecar: the orchestrator's own environment is not the job's.
-AWS_SETTINGS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
-                "AWS_ENDPOINT_URL")
 # How long a rewritten config may take to reach the sidecar: the template's Wait (up to 1 s in
 # our job templates) after Nomad's variable watch fires, with room for an operator's longer one.
 RENDER_WAIT_S = 20.0
 RENDER_POLL_S = 0.2
-
 
 
 def store_settings(settings: Settings) -> dict[str, Any]:
@@ -55,6 +51,8 @@ def store_settings(settings: Settings) -> dict[str, Any]:
 
 
 def _aws() -> dict[str, str]:
+    """The settings app.snapshots.store's AWS_ARGUMENTS names, as boto3 resolves them here:
+    these values, not the orchestrator's environment, are what the sidecar gets."""
     import boto3  # only when the store is S3, as app.snapshots.store does
 
     session = boto3.session.Session()
@@ -71,7 +69,7 @@ def _aws() -> dict[str, str]:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         aws["AWS_ENDPOINT_URL"] = endpoint
-    return {k: v for k, v in aws.items() if k in AWS_SETTINGS and v}
+    return {k: v for k, v in aws.items() if v}
 
 
 def sidecar_config(store: dict[str, Any], name: str) -> str:
